@@ -1,0 +1,181 @@
+/* The contract between graph/ and the format and protocol drivers.
+ *
+ * A node is one vertex of a block graph: a driver, its options, its
+ * children with roles, and its limits.  graph/ owns node lifecycle and
+ * the request path (graph/io.c); drivers implement the vtable below and
+ * reach their children only through the node_* request functions
+ * declared at the end, so that bounds, alignment, splitting and
+ * (later) write notifiers are applied at every level of the graph.
+ *
+ * Threads: a node's I/O callbacks run on worker threads, many at once;
+ * drivers must be thread-safe for concurrent requests.  open/close and
+ * everything else run on the main thread with no I/O in flight.
+ */
+#ifndef NBDD_FORMATS_DRIVER_H
+#define NBDD_FORMATS_DRIVER_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <json-c/json.h>
+
+#include "error.h"
+
+/* Request flags passed down the graph. */
+#define NODE_FUA        (1u << 0)  /* data durable before returning */
+#define NODE_MAY_TRIM   (1u << 1)  /* zero: a hole is acceptable */
+#define NODE_FAST_ZERO  (1u << 2)  /* zero: fail with -ENOTSUP if slow */
+
+/* Extent flags, the same bits as NBD base:allocation. */
+#define EXTENT_HOLE     (1u << 0)  /* not allocated at this level */
+#define EXTENT_ZERO     (1u << 1)  /* reads as zeroes */
+
+struct node_limits {
+  uint32_t request_alignment;   /* power of 2; 1 = byte granular */
+  uint32_t max_transfer;        /* 0 = no limit; multiple of alignment */
+  uint32_t opt_transfer;        /* preferred I/O size; 0 = no opinion */
+};
+
+struct extent {
+  uint64_t length;
+  uint32_t flags;               /* EXTENT_* */
+};
+
+/* A list of extents starting at 'offset', filled by block_status.
+ * Drivers append with extents_add until it returns 1 (full) or the
+ * requested range is covered.  Adjacent extents with equal flags are
+ * merged.
+ */
+struct extent_list {
+  uint64_t offset;              /* where the first extent starts */
+  uint64_t end;                 /* offset + total length so far */
+  struct extent *v;
+  size_t len, cap;
+  size_t max;                   /* stop after this many extents */
+};
+
+/* 0 on success, 1 when the list is full (the extent was not added),
+ * -ENOMEM.
+ */
+int extents_add (struct extent_list *el, uint64_t length, uint32_t flags);
+void extents_init (struct extent_list *el, uint64_t offset, size_t max);
+void extents_reset (struct extent_list *el, uint64_t offset);
+void extents_free (struct extent_list *el);
+
+/* Child roles, as QEMU's BdrvChildRole. */
+#define CHILD_DATA      (1u << 0)  /* guest data lives here */
+#define CHILD_METADATA  (1u << 1)  /* format metadata lives here */
+#define CHILD_FILTERED  (1u << 2)  /* the node a filter passes through to */
+#define CHILD_COW       (1u << 3)  /* backing file */
+#define CHILD_PRIMARY   (1u << 4)
+
+struct node;
+
+struct node_child {
+  char *name;                   /* role name: "file", "backing", ... */
+  struct node *node;            /* holds one reference */
+  unsigned role;                /* CHILD_* */
+};
+
+struct node_driver;
+
+struct node {
+  char *name;                   /* node-name, unique in the daemon */
+  const struct node_driver *drv;
+  void *opaque;                 /* driver state, drv->instance_size */
+  unsigned refcnt;              /* main thread only */
+  struct json_object *spec;     /* the options it was opened with */
+
+  struct node_child *children;
+  size_t nr_children;
+
+  /* Set by the driver's open; constant while the node is open. */
+  uint64_t size;                /* bytes */
+  bool read_only;
+  bool can_flush;
+  bool can_trim;                /* discard does something */
+  bool can_zero;                /* zero is native (else emulated) */
+  bool can_fast_zero;           /* zero can be fast for some requests */
+  bool can_cache;
+  bool is_rotational;
+  bool has_block_status;        /* reports holes (else all data) */
+
+  struct node_limits limits;    /* from refresh_limits */
+
+  /* Serialises read-modify-write against other writes, only on nodes
+   * with request_alignment > 1 (see graph/io.c).
+   */
+  pthread_rwlock_t rmw_lock;
+};
+
+struct node_driver {
+  const char *name;
+  size_t instance_size;
+  bool is_filter;               /* passes data through to one child */
+
+  /* Parse options (node->spec), open children with node_open_child,
+   * set node->size, the can_* flags and read_only.  On failure the
+   * core closes any children that were opened.
+   */
+  int (*open) (struct node *node, struct json_object *options,
+               struct error **errp);
+  void (*close) (struct node *node);
+  void (*refresh_limits) (struct node *node, struct node_limits *limits);
+
+  /* Data path: 0 or -errno.  Requests arrive inside [0, size) and
+   * aligned to limits.request_alignment, no longer than max_transfer.
+   */
+  int (*pread) (struct node *node, void *buf, uint32_t count,
+                uint64_t offset, unsigned flags);
+  int (*pwrite) (struct node *node, const void *buf, uint32_t count,
+                 uint64_t offset, unsigned flags);
+  /* NULL or -ENOTSUP without NODE_FAST_ZERO: the core writes zeroes. */
+  int (*zero) (struct node *node, uint64_t count, uint64_t offset,
+               unsigned flags);
+  /* NULL: discard is ignored (it is advisory). */
+  int (*discard) (struct node *node, uint64_t count, uint64_t offset,
+                  unsigned flags);
+  int (*flush) (struct node *node);
+  int (*cache) (struct node *node, uint64_t count, uint64_t offset);
+  /* NULL: everything is data. */
+  int (*block_status) (struct node *node, uint64_t count, uint64_t offset,
+                       struct extent_list *el);
+};
+
+/* formats/formats.c: the table of drivers.  NULL if unknown. */
+const struct node_driver *format_find_driver (const char *name);
+/* Comma-separated list of driver names, for messages. */
+const char *format_driver_names (void);
+
+/* Implemented by graph/: open the child named @key of @options (an
+ * inline spec object, or a string naming an existing node) and attach
+ * it to @parent with @role.  Returns the child node (borrowed: owned by
+ * the edge) or NULL.
+ */
+struct node *node_open_child (struct node *parent,
+                              struct json_object *options,
+                              const char *key, unsigned role,
+                              struct error **errp);
+
+/* The request path (graph/io.c).  Every I/O, from the export or from a
+ * parent driver, goes through these: bounds are checked, requests are
+ * split at max_transfer, and unaligned requests are handled with
+ * read-modify-write.  0 or -errno.
+ */
+int node_pread (struct node *node, void *buf, uint64_t count,
+                uint64_t offset, unsigned flags);
+int node_pwrite (struct node *node, const void *buf, uint64_t count,
+                 uint64_t offset, unsigned flags);
+int node_zero (struct node *node, uint64_t count, uint64_t offset,
+               unsigned flags);
+int node_discard (struct node *node, uint64_t count, uint64_t offset,
+                  unsigned flags);
+int node_flush (struct node *node);
+int node_cache (struct node *node, uint64_t count, uint64_t offset);
+/* Fills @el from el->offset; at least one extent on success. */
+int node_block_status (struct node *node, uint64_t count,
+                       struct extent_list *el);
+
+#endif /* NBDD_FORMATS_DRIVER_H */

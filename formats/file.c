@@ -1,0 +1,432 @@
+/* The 'file' protocol driver: a host file or block device.
+ *
+ * Reads and writes are pread/pwrite on one descriptor shared by all
+ * worker threads.  Zeroing and discard use fallocate (or the block
+ * device ioctls), latching the absence of each primitive so it is
+ * tried only once; allocation comes from SEEK_DATA/SEEK_HOLE.
+ * cache.direct=on opens with O_DIRECT, and the request path then
+ * aligns every request to the device's logical block size.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifdef HAVE_LINUX_FS_H
+#include <linux/fs.h>
+#endif
+
+#include "driver.h"
+#include "options.h"
+#include "utils.h"
+
+struct file_state {
+  int fd;
+  bool is_block;
+  bool direct;
+  uint32_t alignment;           /* O_DIRECT alignment, else 1 */
+  /* Latched absences of fast primitives (set once, read racily: a
+   * stale 'true' costs one failed syscall).
+   */
+  atomic_bool can_punch_hole;
+  atomic_bool can_zero_range;
+  atomic_bool can_fallocate;
+  atomic_bool can_seek_data;
+  atomic_bool can_dsync_write;
+  /* A failed fdatasync may have dropped dirty pages: once it fails,
+   * every later flush fails too, so no client is told "ok" after data
+   * was lost.
+   */
+  atomic_int flush_error;
+};
+
+static const char *const file_keys[] = {
+  "driver", "node-name", "filename", "cache.direct", "cache.no-flush",
+  "read-only", "auto-read-only", "discard", "detect-zeroes", "aio",
+  "locking", NULL
+};
+
+static int
+file_open (struct node *node, struct json_object *opts, struct error **errp)
+{
+  struct file_state *s = node->opaque;
+  const char *filename;
+  bool direct = false, ro = false;
+  struct json_object *cache;
+  struct stat st;
+  int flags;
+
+  s->fd = -1;
+  if (opt_check_keys (opts, "file", file_keys, errp) == -1 ||
+      opt_get_string (opts, "file", "filename", true, &filename, errp) == -1 ||
+      opt_get_bool (opts, "file", "read-only", false, &ro, errp) == -1)
+    return -1;
+  if (json_object_object_get_ex (opts, "cache", &cache) &&
+      opt_get_bool (cache, "file", "direct", false, &direct, errp) == -1)
+    return -1;
+
+  flags = (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  if (direct)
+    flags |= O_DIRECT;
+  s->fd = open (filename, flags);
+  if (s->fd == -1) {
+    error_setg_errno (errp, errno, "file: cannot open '%s'%s", filename,
+                      direct ? " with cache.direct=on" : "");
+    return -1;
+  }
+  if (fstat (s->fd, &st) == -1) {
+    error_setg_errno (errp, errno, "file: stat '%s'", filename);
+    return -1;
+  }
+  if (S_ISREG (st.st_mode))
+    node->size = st.st_size;
+#ifdef BLKGETSIZE64
+  else if (S_ISBLK (st.st_mode)) {
+    uint64_t size;
+    if (ioctl (s->fd, BLKGETSIZE64, &size) == -1) {
+      error_setg_errno (errp, errno, "file: %s: BLKGETSIZE64", filename);
+      return -1;
+    }
+    node->size = size;
+    s->is_block = true;
+  }
+#endif
+  else {
+    error_setg (errp, "file: '%s' is not a regular file or block device",
+                filename);
+    return -1;
+  }
+
+  s->direct = direct;
+  s->alignment = 1;
+  if (direct) {
+    int ssz = 0;
+    s->alignment = 4096;        /* safe for every device we know */
+#ifdef BLKSSZGET
+    if (s->is_block && ioctl (s->fd, BLKSSZGET, &ssz) == 0 &&
+        ssz >= 512 && IS_POWER_OF_2 (ssz))
+      s->alignment = ssz;
+#endif
+    /* An aligned write of the last partial block would grow the file. */
+    if (!IS_ALIGNED (node->size, s->alignment)) {
+      error_setg (errp, "file: '%s': size %" PRIu64 " is not a multiple "
+                  "of %" PRIu32 ", required with cache.direct=on",
+                  filename, node->size, s->alignment);
+      return -1;
+    }
+  }
+
+  atomic_init (&s->can_punch_hole, true);
+  atomic_init (&s->can_zero_range, true);
+  atomic_init (&s->can_fallocate, true);
+  atomic_init (&s->can_seek_data, !s->is_block);
+  atomic_init (&s->can_dsync_write, true);
+  atomic_init (&s->flush_error, 0);
+
+  node->read_only = ro;
+  node->can_flush = true;
+  node->can_trim = true;
+  node->can_zero = true;
+  node->can_fast_zero = true;
+  node->can_cache = true;
+  node->has_block_status = !s->is_block;
+  node->is_rotational = false;
+#ifdef BLKROTATIONAL
+  if (s->is_block) {
+    unsigned short rot = 0;
+    if (ioctl (s->fd, BLKROTATIONAL, &rot) == 0)
+      node->is_rotational = rot != 0;
+  }
+#endif
+  return 0;
+}
+
+static void
+file_close (struct node *node)
+{
+  struct file_state *s = node->opaque;
+
+  if (s->fd >= 0)
+    close (s->fd);
+  s->fd = -1;
+}
+
+static void
+file_refresh_limits (struct node *node, struct node_limits *limits)
+{
+  struct file_state *s = node->opaque;
+
+  limits->request_alignment = s->alignment;
+  limits->max_transfer = 0;
+  limits->opt_transfer = MAX (s->alignment, 4096u);
+}
+
+static int
+file_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
+            unsigned flags)
+{
+  struct file_state *s = node->opaque;
+  int r = full_pread (s->fd, buf, count, offset);
+
+  /* The file may have been truncated under us: past its end reads as
+   * zeroes, like a sparse region, rather than failing.
+   */
+  if (r == -EIO && !s->is_block) {
+    struct stat st;
+    if (fstat (s->fd, &st) == 0 && (uint64_t) st.st_size < offset + count) {
+      uint64_t have = st.st_size > (off_t) offset ? st.st_size - offset : 0;
+      if (have > 0 && (r = full_pread (s->fd, buf, have, offset)) < 0)
+        return r;
+      memset ((char *) buf + have, 0, count - have);
+      return 0;
+    }
+  }
+  return r;
+}
+
+static int
+file_flush_now (struct file_state *s)
+{
+  int err = atomic_load (&s->flush_error);
+
+  if (err)
+    return -err;
+  if (fdatasync (s->fd) == -1) {
+    err = errno;
+    atomic_store (&s->flush_error, err == EINTR ? EIO : err);
+    return -err;
+  }
+  return 0;
+}
+
+static int
+file_pwrite (struct node *node, const void *buf, uint32_t count,
+             uint64_t offset, unsigned flags)
+{
+  struct file_state *s = node->opaque;
+
+#ifdef RWF_DSYNC
+  /* FUA in one syscall where the kernel can do it. */
+  if ((flags & NODE_FUA) && atomic_load (&s->can_dsync_write)) {
+    const char *p = buf;
+    while (count > 0) {
+      struct iovec iov = { .iov_base = (void *) p, .iov_len = count };
+      ssize_t r = pwritev2 (s->fd, &iov, 1, offset, RWF_DSYNC);
+      if (r == -1) {
+        if (errno == EINTR)
+          continue;
+        if (errno == EOPNOTSUPP || errno == ENOSYS) {
+          atomic_store (&s->can_dsync_write, false);
+          break;
+        }
+        return -errno;
+      }
+      p += r;
+      offset += r;
+      count -= r;
+    }
+    if (count == 0)
+      return 0;
+    buf = p;
+  }
+#endif
+  int r = full_pwrite (s->fd, buf, count, offset);
+  if (r == 0 && (flags & NODE_FUA))
+    r = file_flush_now (s);
+  return r;
+}
+
+/* Try one fallocate mode; latch EOPNOTSUPP.  1 = not supported. */
+static int
+try_fallocate (struct file_state *s, atomic_bool *can, int mode,
+               uint64_t offset, uint64_t count)
+{
+  if (!atomic_load (can))
+    return 1;
+  if (fallocate (s->fd, mode, offset, count) == 0)
+    return 0;
+  if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+    atomic_store (can, false);
+    return 1;
+  }
+  return -errno;
+}
+
+static int
+file_zero (struct node *node, uint64_t count, uint64_t offset,
+           unsigned flags)
+{
+  struct file_state *s = node->opaque;
+  int r;
+
+#ifdef BLKZEROOUT
+  if (s->is_block) {
+    uint64_t range[2] = { offset, count };
+    if (flags & NODE_FAST_ZERO)
+      return -ENOTSUP;          /* BLKZEROOUT may write zeroes slowly */
+    if (ioctl (s->fd, BLKZEROOUT, range) == 0)
+      goto done;
+    return -ENOTSUP;            /* the core writes zeroes */
+  }
+#endif
+
+  if (flags & NODE_MAY_TRIM) {
+    r = try_fallocate (s, &s->can_punch_hole,
+                       FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       offset, count);
+    if (r <= 0) {
+      if (r < 0)
+        return r;
+      goto done;
+    }
+  }
+  r = try_fallocate (s, &s->can_zero_range, FALLOC_FL_ZERO_RANGE,
+                     offset, count);
+  if (r < 0)
+    return r;
+  if (r == 0)
+    goto done;
+  /* No ZERO_RANGE: punch a hole and allocate it again, which leaves an
+   * allocated, zeroed range (what NO_HOLE asks for).
+   */
+  r = try_fallocate (s, &s->can_punch_hole,
+                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     offset, count);
+  if (r < 0)
+    return r;
+  if (r == 0) {
+    r = try_fallocate (s, &s->can_fallocate, 0, offset, count);
+    if (r < 0)
+      return r;
+    goto done;
+  }
+  return -ENOTSUP;              /* nothing fast: the core writes zeroes */
+
+ done:
+  if (flags & NODE_FUA)
+    return file_flush_now (s);
+  return 0;
+}
+
+static int
+file_discard (struct node *node, uint64_t count, uint64_t offset,
+              unsigned flags)
+{
+  struct file_state *s = node->opaque;
+  int r = 0;
+
+#ifdef BLKDISCARD
+  if (s->is_block) {
+    uint64_t range[2] = { offset, count };
+    ioctl (s->fd, BLKDISCARD, range);   /* advisory: errors ignored */
+    goto done;
+  }
+#endif
+  r = try_fallocate (s, &s->can_punch_hole,
+                     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     offset, count);
+  if (r < 0)
+    return r;
+  goto done;                    /* not supported: discard is advisory */
+
+ done:
+  if (flags & NODE_FUA)
+    return file_flush_now (s);
+  return 0;
+}
+
+static int
+file_flush (struct node *node)
+{
+  return file_flush_now (node->opaque);
+}
+
+static int
+file_cache (struct node *node, uint64_t count, uint64_t offset)
+{
+  struct file_state *s = node->opaque;
+
+#ifdef HAVE_POSIX_FADVISE
+  int r = posix_fadvise (s->fd, offset, count, POSIX_FADV_WILLNEED);
+  if (r != 0 && r != ENOSYS)
+    return -r;
+#endif
+  return 0;
+}
+
+static int
+file_block_status (struct node *node, uint64_t count, uint64_t offset,
+                   struct extent_list *el)
+{
+  struct file_state *s = node->opaque;
+  uint64_t end = offset + count;
+
+  if (!atomic_load (&s->can_seek_data))
+    return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
+
+  while (offset < end) {
+    off_t data, hole;
+    int r;
+
+    data = lseek (s->fd, offset, SEEK_DATA);
+    if (data == -1) {
+      if (errno == ENXIO)         /* no data after offset */
+        data = node->size;
+      else if (errno == EINVAL || errno == EOPNOTSUPP) {
+        atomic_store (&s->can_seek_data, false);
+        return extents_add (el, end - offset, 0) < 0 ? -ENOMEM : 0;
+      }
+      else
+        return -errno;
+    }
+    if ((uint64_t) data > offset) {
+      uint64_t len = MIN ((uint64_t) data, end) - offset;
+      r = extents_add (el, len, EXTENT_HOLE | EXTENT_ZERO);
+      if (r != 0)
+        return r < 0 ? r : 0;
+      offset += len;
+      if (offset >= end)
+        break;
+    }
+    hole = lseek (s->fd, offset, SEEK_HOLE);
+    if (hole == -1) {
+      if (errno != ENXIO)
+        return -errno;
+      hole = node->size;          /* file shrank: rest reads as zero */
+    }
+    if ((uint64_t) hole <= offset)  /* raced with a write: call it data */
+      hole = offset + 1;
+    {
+      uint64_t len = MIN ((uint64_t) hole, end) - offset;
+      r = extents_add (el, len, 0);
+      if (r != 0)
+        return r < 0 ? r : 0;
+      offset += len;
+    }
+  }
+  return 0;
+}
+
+const struct node_driver file_driver = {
+  .name           = "file",
+  .instance_size  = sizeof (struct file_state),
+  .open           = file_open,
+  .close          = file_close,
+  .refresh_limits = file_refresh_limits,
+  .pread          = file_pread,
+  .pwrite         = file_pwrite,
+  .zero           = file_zero,
+  .discard        = file_discard,
+  .flush          = file_flush,
+  .cache          = file_cache,
+  .block_status   = file_block_status,
+};

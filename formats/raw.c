@@ -1,0 +1,169 @@
+/* The 'raw' format driver: the guest sees its child's bytes, or the
+ * window [offset, offset + size) of them.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+
+#include "driver.h"
+#include "options.h"
+#include "utils.h"
+
+struct raw_state {
+  struct node *file;            /* borrowed from node->children */
+  uint64_t offset;
+};
+
+static const char *const raw_keys[] = {
+  "driver", "node-name", "file", "offset", "size", "read-only",
+  "auto-read-only", "cache.direct", "cache.no-flush", "discard",
+  "detect-zeroes", NULL
+};
+
+static int
+raw_open (struct node *node, struct json_object *opts, struct error **errp)
+{
+  struct raw_state *s = node->opaque;
+  uint64_t offset = 0, size = 0, end;
+  bool ro = false;
+  int has_size;
+
+  if (opt_check_keys (opts, "raw", raw_keys, errp) == -1 ||
+      opt_get_size (opts, "raw", "offset", false, &offset, errp) == -1 ||
+      (has_size = opt_get_size (opts, "raw", "size", false, &size,
+                                errp)) == -1 ||
+      opt_get_bool (opts, "raw", "read-only", false, &ro, errp) == -1)
+    return -1;
+
+  s->file = node_open_child (node, opts, "file",
+                             CHILD_DATA | CHILD_FILTERED | CHILD_PRIMARY,
+                             errp);
+  if (s->file == NULL)
+    return -1;
+
+  if (offset > s->file->size) {
+    error_setg (errp, "raw: offset %" PRIu64 " is past the end of '%s' "
+                "(%" PRIu64 " bytes)", offset, s->file->name,
+                s->file->size);
+    return -1;
+  }
+  if (has_size == 1)
+    size = s->file->size - offset;
+  if (ADD_OVERFLOW (offset, size, &end) || end > s->file->size) {
+    error_setg (errp, "raw: offset %" PRIu64 " + size %" PRIu64
+                " is past the end of '%s' (%" PRIu64 " bytes)",
+                offset, size, s->file->name, s->file->size);
+    return -1;
+  }
+
+  s->offset = offset;
+  node->size = size;
+  node->read_only = ro || s->file->read_only;
+  node->can_flush = s->file->can_flush;
+  node->can_trim = s->file->can_trim;
+  node->can_zero = s->file->can_zero;
+  node->can_fast_zero = s->file->can_fast_zero;
+  node->can_cache = s->file->can_cache;
+  node->is_rotational = s->file->is_rotational;
+  node->has_block_status = s->file->has_block_status;
+  return 0;
+}
+
+static void
+raw_refresh_limits (struct node *node, struct node_limits *limits)
+{
+  struct raw_state *s = node->opaque;
+
+  /* The child aligns for itself; our offset may be unaligned to it, so
+   * only pass its alignment up when the window keeps it aligned.
+   */
+  *limits = s->file->limits;
+  if (!IS_ALIGNED (s->offset, limits->request_alignment))
+    limits->request_alignment = 1;
+}
+
+static int
+raw_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
+           unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_pread (s->file, buf, count, s->offset + offset, flags);
+}
+
+static int
+raw_pwrite (struct node *node, const void *buf, uint32_t count,
+            uint64_t offset, unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_pwrite (s->file, buf, count, s->offset + offset, flags);
+}
+
+static int
+raw_zero (struct node *node, uint64_t count, uint64_t offset,
+          unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_zero (s->file, count, s->offset + offset, flags);
+}
+
+static int
+raw_discard (struct node *node, uint64_t count, uint64_t offset,
+             unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_discard (s->file, count, s->offset + offset, flags);
+}
+
+static int
+raw_flush (struct node *node)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_flush (s->file);
+}
+
+static int
+raw_cache (struct node *node, uint64_t count, uint64_t offset)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_cache (s->file, count, s->offset + offset);
+}
+
+static int
+raw_block_status (struct node *node, uint64_t count, uint64_t offset,
+                  struct extent_list *el)
+{
+  struct raw_state *s = node->opaque;
+  int r;
+
+  /* Extents are lengths, so the list only needs its origin shifted
+   * into the child's coordinates and back.
+   */
+  el->offset += s->offset;
+  el->end += s->offset;
+  r = node_block_status (s->file, count, el);
+  el->offset -= s->offset;
+  el->end -= s->offset;
+  return r;
+}
+
+const struct node_driver raw_driver = {
+  .name           = "raw",
+  .instance_size  = sizeof (struct raw_state),
+  .is_filter      = true,
+  .open           = raw_open,
+  .refresh_limits = raw_refresh_limits,
+  .pread          = raw_pread,
+  .pwrite         = raw_pwrite,
+  .zero           = raw_zero,
+  .discard        = raw_discard,
+  .flush          = raw_flush,
+  .cache          = raw_cache,
+  .block_status   = raw_block_status,
+};

@@ -1,0 +1,359 @@
+/* The request path.  Every I/O on a node, from an export or from a
+ * parent driver, passes through here, so drivers only ever see
+ * requests that are in bounds, aligned to their request_alignment and
+ * no longer than their max_transfer.
+ *
+ * Unaligned requests on nodes that need alignment (O_DIRECT files) are
+ * served by read-modify-write through an aligned bounce buffer.  An
+ * RMW write must not interleave with another write to the same blocks,
+ * so on such nodes RMW takes node->rmw_lock exclusively and every
+ * aligned write takes it shared.  Nodes with alignment 1 (the common
+ * case) never touch the lock.  Unaligned writes are rare (old clients,
+ * partial sectors), so serialising them is an acceptable cost.
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "driver.h"
+#include "utils.h"
+
+/* Drivers take uint32_t counts: split at this when max_transfer is 0. */
+#define DEFAULT_MAX_TRANSFER (UINT32_C (1) << 30)
+
+/* Zeroes for emulated write-zeroes, allocated once, never written. */
+#define ZERO_BUF_SIZE (UINT32_C (1) << 20)
+static void *zero_buf;
+static pthread_once_t zero_buf_once = PTHREAD_ONCE_INIT;
+
+static void
+zero_buf_alloc (void)
+{
+  if (posix_memalign (&zero_buf, 4096, ZERO_BUF_SIZE) == 0)
+    memset (zero_buf, 0, ZERO_BUF_SIZE);
+  else
+    zero_buf = NULL;
+}
+
+static int
+check_range (const struct node *node, uint64_t count, uint64_t offset)
+{
+  if (offset > node->size || count > node->size - offset)
+    return -EINVAL;
+  return 0;
+}
+
+static uint32_t
+max_chunk (const struct node *node)
+{
+  uint32_t m = node->limits.max_transfer;
+
+  if (m == 0)
+    m = ROUND_DOWN (DEFAULT_MAX_TRANSFER, node->limits.request_alignment);
+  return m;
+}
+
+static bool
+needs_bounce (const struct node *node, const void *buf, uint64_t count,
+              uint64_t offset)
+{
+  uint32_t align = node->limits.request_alignment;
+
+  return align > 1 &&
+    (!IS_ALIGNED (offset, align) || !IS_ALIGNED (count, align) ||
+     !IS_ALIGNED ((uintptr_t) buf, align));
+}
+
+/* Aligned, in-range: split at max_transfer. */
+static int
+pread_aligned (struct node *node, void *buf, uint64_t count,
+               uint64_t offset, unsigned flags)
+{
+  uint32_t chunk = max_chunk (node);
+
+  while (count > 0) {
+    uint32_t n = MIN (count, (uint64_t) chunk);
+    int r = node->drv->pread (node, buf, n, offset, flags);
+    if (r < 0)
+      return r;
+    buf = (char *) buf + n;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+static int
+pwrite_aligned (struct node *node, const void *buf, uint64_t count,
+                uint64_t offset, unsigned flags)
+{
+  uint32_t chunk = max_chunk (node);
+
+  while (count > 0) {
+    uint32_t n = MIN (count, (uint64_t) chunk);
+    /* FUA applies to the whole request: pass it on the last piece only
+     * when the driver's FUA is a flush of everything before it.
+     */
+    int r = node->drv->pwrite (node, buf, n, offset,
+                               n == count ? flags : flags & ~NODE_FUA);
+    if (r < 0)
+      return r;
+    buf = (const char *) buf + n;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+/* The aligned window around [offset, offset + count). */
+static void
+align_window (const struct node *node, uint64_t count, uint64_t offset,
+              uint64_t *start, uint64_t *len)
+{
+  uint32_t align = node->limits.request_alignment;
+  uint64_t end = ROUND_UP (offset + count, (uint64_t) align);
+
+  *start = ROUND_DOWN (offset, (uint64_t) align);
+  *len = end - *start;
+}
+
+static int
+pread_bounce (struct node *node, void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  uint64_t start, len;
+  void *bounce;
+  int r;
+
+  align_window (node, count, offset, &start, &len);
+  if (posix_memalign (&bounce, node->limits.request_alignment, len) != 0)
+    return -ENOMEM;
+  r = pread_aligned (node, bounce, len, start, flags);
+  if (r == 0)
+    memcpy (buf, (char *) bounce + (offset - start), count);
+  free (bounce);
+  return r;
+}
+
+/* Read-modify-write: read the partial blocks at both ends, patch in the
+ * new data (or zeroes when @buf is NULL), write the window.
+ */
+static int
+pwrite_rmw (struct node *node, const void *buf, uint64_t count,
+            uint64_t offset, unsigned flags)
+{
+  uint32_t align = node->limits.request_alignment;
+  uint64_t start, len;
+  char *bounce;
+  int r;
+
+  align_window (node, count, offset, &start, &len);
+  if (posix_memalign ((void **) &bounce, align, len) != 0)
+    return -ENOMEM;
+
+  pthread_rwlock_wrlock (&node->rmw_lock);
+  r = pread_aligned (node, bounce, align, start, 0);
+  if (r == 0 && len > align)
+    r = pread_aligned (node, bounce + len - align, align,
+                       start + len - align, 0);
+  if (r == 0) {
+    if (buf)
+      memcpy (bounce + (offset - start), buf, count);
+    else
+      memset (bounce + (offset - start), 0, count);
+    r = pwrite_aligned (node, bounce, len, start, flags);
+  }
+  pthread_rwlock_unlock (&node->rmw_lock);
+  free (bounce);
+  return r;
+}
+
+int
+node_pread (struct node *node, void *buf, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0 || count == 0)
+    return r;
+  if (needs_bounce (node, buf, count, offset))
+    return pread_bounce (node, buf, count, offset, flags);
+  return pread_aligned (node, buf, count, offset, flags);
+}
+
+int
+node_pwrite (struct node *node, const void *buf, uint64_t count,
+             uint64_t offset, unsigned flags)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r == -EINVAL ? -ENOSPC : r;
+  if (node->read_only)
+    return -EROFS;
+  if (count == 0)
+    return 0;
+  if (needs_bounce (node, buf, count, offset))
+    return pwrite_rmw (node, buf, count, offset, flags);
+  if (node->limits.request_alignment > 1) {
+    pthread_rwlock_rdlock (&node->rmw_lock);
+    r = pwrite_aligned (node, buf, count, offset, flags);
+    pthread_rwlock_unlock (&node->rmw_lock);
+    return r;
+  }
+  return pwrite_aligned (node, buf, count, offset, flags);
+}
+
+/* Write zeroes from the shared zero buffer, for drivers that cannot. */
+static int
+zero_by_writing (struct node *node, uint64_t count, uint64_t offset,
+                 unsigned flags)
+{
+  pthread_once (&zero_buf_once, zero_buf_alloc);
+  if (zero_buf == NULL)
+    return -ENOMEM;
+  while (count > 0) {
+    uint64_t n = MIN (count, (uint64_t) ZERO_BUF_SIZE);
+    int r = node_pwrite (node, zero_buf, n, offset,
+                         n == count ? flags & NODE_FUA : 0);
+    if (r < 0)
+      return r;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+/* Aligned zeroing through the driver, falling back to writing. */
+static int
+zero_aligned (struct node *node, uint64_t count, uint64_t offset,
+              unsigned flags)
+{
+  int r = -ENOTSUP;
+
+  if (count == 0)
+    return 0;
+  if (node->drv->zero) {
+    if (node->limits.request_alignment > 1)
+      pthread_rwlock_rdlock (&node->rmw_lock);
+    r = node->drv->zero (node, count, offset, flags);
+    if (node->limits.request_alignment > 1)
+      pthread_rwlock_unlock (&node->rmw_lock);
+  }
+  if (r != -ENOTSUP && r != -EOPNOTSUPP)
+    return r;
+  if (flags & NODE_FAST_ZERO)
+    return -ENOTSUP;
+  return zero_by_writing (node, count, offset, flags);
+}
+
+int
+node_zero (struct node *node, uint64_t count, uint64_t offset,
+           unsigned flags)
+{
+  uint32_t align = node->limits.request_alignment;
+  uint64_t head_end, tail_start, end;
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r == -EINVAL ? -ENOSPC : r;
+  if (node->read_only)
+    return -EROFS;
+  if (count == 0)
+    return 0;
+  if ((flags & NODE_FAST_ZERO) && !node->can_fast_zero)
+    return -ENOTSUP;
+  if (align == 1)
+    return zero_aligned (node, count, offset, flags);
+
+  /* Unaligned ends are zeroed by RMW, the aligned middle natively. */
+  end = offset + count;
+  head_end = MIN (ROUND_UP (offset, (uint64_t) align), end);
+  tail_start = MAX (ROUND_DOWN (end, (uint64_t) align), head_end);
+  if ((head_end > offset || tail_start < end) && (flags & NODE_FAST_ZERO))
+    return -ENOTSUP;
+  if (head_end > offset &&
+      (r = pwrite_rmw (node, NULL, head_end - offset, offset, 0)) < 0)
+    return r;
+  if ((r = zero_aligned (node, tail_start - head_end, head_end,
+                         tail_start < end ? flags & ~NODE_FUA
+                         : flags)) < 0)
+    return r;
+  if (tail_start < end)
+    return pwrite_rmw (node, NULL, end - tail_start, tail_start,
+                       flags & NODE_FUA);
+  return 0;
+}
+
+int
+node_discard (struct node *node, uint64_t count, uint64_t offset,
+              unsigned flags)
+{
+  uint32_t align = node->limits.request_alignment;
+  uint64_t start, end;
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r;
+  if (node->read_only)
+    return -EROFS;
+  /* Discard is advisory: only the aligned interior is passed down. */
+  start = ROUND_UP (offset, (uint64_t) align);
+  end = ROUND_DOWN (offset + count, (uint64_t) align);
+  if (node->drv->discard == NULL || start >= end)
+    return (flags & NODE_FUA) ? node_flush (node) : 0;
+  if (align > 1)
+    pthread_rwlock_rdlock (&node->rmw_lock);
+  r = node->drv->discard (node, end - start, start, flags);
+  if (align > 1)
+    pthread_rwlock_unlock (&node->rmw_lock);
+  return r;
+}
+
+int
+node_flush (struct node *node)
+{
+  if (node->drv->flush == NULL)
+    return 0;
+  return node->drv->flush (node);
+}
+
+int
+node_cache (struct node *node, uint64_t count, uint64_t offset)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0 || node->drv->cache == NULL)
+    return r;
+  return node->drv->cache (node, count, offset);
+}
+
+int
+node_block_status (struct node *node, uint64_t count,
+                   struct extent_list *el)
+{
+  uint64_t offset = el->end;
+  size_t before = el->len;
+  uint64_t end_before = el->end;
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r;
+  if (count == 0)
+    return 0;
+  if (node->drv->block_status == NULL)
+    return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
+  r = node->drv->block_status (node, count, offset, el);
+  if (r < 0)
+    return r;
+  /* A driver that made no progress would make the client loop: call
+   * the range data, which is always a safe answer.
+   */
+  if (el->len == before && el->end == end_before)
+    return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
+  return 0;
+}

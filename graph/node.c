@@ -1,0 +1,276 @@
+/* Node lifecycle: open from a spec, children, registry, refcounts.
+ *
+ * Main thread only.  Each owning edge (registry, parent, export) holds
+ * one reference; a node is closed when the last one goes.
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cleanup.h"
+#include "graph.h"
+#include "options.h"
+#include "utils.h"
+
+#define MAX_NODE_NAME 128
+
+/* Registered nodes, in creation order.  The registry owns one ref. */
+static struct node **registry;
+static size_t nr_registry;
+static unsigned anon_counter;
+
+struct node *
+node_lookup (const char *name)
+{
+  for (size_t i = 0; i < nr_registry; ++i)
+    if (strcmp (registry[i]->name, name) == 0)
+      return registry[i];
+  return NULL;
+}
+
+void
+node_foreach (void (*fn) (struct node *node, void *opaque), void *opaque)
+{
+  for (size_t i = 0; i < nr_registry; ++i)
+    fn (registry[i], opaque);
+}
+
+void
+node_ref (struct node *node)
+{
+  node->refcnt++;
+}
+
+static void
+node_free (struct node *node)
+{
+  if (node->drv && node->drv->close)
+    node->drv->close (node);
+  for (size_t i = 0; i < node->nr_children; ++i) {
+    free (node->children[i].name);
+    node_unref (node->children[i].node);
+  }
+  free (node->children);
+  pthread_rwlock_destroy (&node->rmw_lock);
+  json_object_put (node->spec);
+  free (node->opaque);
+  free (node->name);
+  free (node);
+}
+
+void
+node_unref (struct node *node)
+{
+  if (node == NULL)
+    return;
+  assert (node->refcnt > 0);
+  if (--node->refcnt == 0)
+    node_free (node);
+}
+
+/* QEMU's rule: a node-name starts with a letter and holds letters,
+ * digits, '-', '.', '_'.  Generated names start with '#', so they can
+ * never collide with a user's.
+ */
+static bool
+node_name_is_valid (const char *name)
+{
+  size_t len = strlen (name);
+
+  if (len == 0 || len > MAX_NODE_NAME)
+    return false;
+  if (!((name[0] >= 'a' && name[0] <= 'z') ||
+        (name[0] >= 'A' && name[0] <= 'Z')))
+    return false;
+  for (size_t i = 1; i < len; ++i) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
+      return false;
+  }
+  return true;
+}
+
+static int
+registry_add (struct node *node, struct error **errp)
+{
+  struct node **n = realloc (registry, (nr_registry + 1) * sizeof *n);
+
+  if (n == NULL) {
+    error_setg_errno (errp, errno, "node registry");
+    return -1;
+  }
+  registry = n;
+  registry[nr_registry++] = node;
+  return 0;
+}
+
+static void
+sanitize_limits (struct node *node)
+{
+  struct node_limits *l = &node->limits;
+
+  if (l->request_alignment == 0 || !IS_POWER_OF_2 (l->request_alignment))
+    l->request_alignment = 1;
+  if (l->max_transfer)
+    l->max_transfer = MAX (ROUND_DOWN (l->max_transfer,
+                                       l->request_alignment),
+                           l->request_alignment);
+}
+
+struct node *
+node_new (const struct node_driver *drv, const char *name,
+          struct json_object *spec, struct error **errp)
+{
+  CLEANUP_FREE struct node *node = calloc (1, sizeof *node);
+
+  if (node == NULL) {
+    error_setg_errno (errp, errno, "blockdev: allocating node");
+    return NULL;
+  }
+  node->drv = drv;
+  if (name)
+    node->name = strdup (name);
+  else if (asprintf (&node->name, "#%s%u", drv->name, anon_counter++) == -1)
+    node->name = NULL;
+  node->opaque = calloc (1, drv->instance_size ?: 1);
+  if (node->name == NULL || node->opaque == NULL) {
+    error_setg_errno (errp, ENOMEM, "blockdev: allocating node");
+    free (node->name);
+    free (node->opaque);
+    return NULL;
+  }
+  node->refcnt = 1;
+  node->spec = json_object_get (spec);
+  pthread_rwlock_init (&node->rmw_lock, NULL);
+
+  if (drv->open (node, spec, errp) == -1) {
+    error_prepend (errp, "node '%s'", node->name);
+    node->refcnt = 0;
+    node_free (steal_pointer (&node));
+    return NULL;
+  }
+  node->limits.request_alignment = 1;
+  if (drv->refresh_limits)
+    drv->refresh_limits (node, &node->limits);
+  sanitize_limits (node);
+  return steal_pointer (&node);
+}
+
+/* Create and open a node from a spec, without registering it. */
+static struct node *
+node_create (struct json_object *spec, struct error **errp)
+{
+  const struct node_driver *drv;
+  const char *driver, *name = NULL;
+  int has_name;
+
+  if (opt_get_string (spec, "blockdev", "driver", true, &driver,
+                      errp) == -1)
+    return NULL;
+  has_name = opt_get_string (spec, "blockdev", "node-name", false, &name,
+                             errp);
+  if (has_name == -1)
+    return NULL;
+  if (has_name == 0) {
+    if (!node_name_is_valid (name)) {
+      error_setg (errp, "blockdev: invalid node-name '%.80s': use letters, "
+                  "digits, '-', '.' and '_', starting with a letter", name);
+      return NULL;
+    }
+    if (node_lookup (name)) {
+      error_setg (errp, "blockdev: node-name '%s' is already in use", name);
+      return NULL;
+    }
+  }
+  drv = format_find_driver (driver);
+  if (drv == NULL) {
+    error_setg (errp, "blockdev: unknown driver '%.80s' (known: %s)",
+                driver, format_driver_names ());
+    return NULL;
+  }
+  return node_new (drv, has_name == 0 ? name : NULL, spec, errp);
+}
+
+struct node *
+node_open_spec (struct json_object *spec, struct error **errp)
+{
+  struct node *node = node_create (spec, errp);
+
+  if (node == NULL)
+    return NULL;
+  if (registry_add (node, errp) == -1) {
+    node_unref (node);
+    return NULL;
+  }
+  return node;
+}
+
+struct node *
+node_open_child (struct node *parent, struct json_object *options,
+                 const char *key, unsigned role, struct error **errp)
+{
+  struct json_object *v;
+  struct node *child;
+  struct node_child *nc;
+
+  if (!json_object_object_get_ex (options, key, &v) || v == NULL) {
+    error_setg (errp, "%s: parameter '%s' is missing", parent->drv->name,
+                key);
+    return NULL;
+  }
+  if (json_object_is_type (v, json_type_string)) {
+    const char *ref = json_object_get_string (v);
+    child = node_lookup (ref);
+    if (child == NULL) {
+      error_setg (errp, "%s: '%s' refers to node '%.80s', which does not "
+                  "exist", parent->drv->name, key, ref);
+      return NULL;
+    }
+    node_ref (child);
+  }
+  else if (json_object_is_type (v, json_type_object)) {
+    child = node_create (v, errp);
+    if (child == NULL)
+      return NULL;
+  }
+  else {
+    error_setg (errp, "%s: '%s' must be a node-name or a blockdev spec",
+                parent->drv->name, key);
+    return NULL;
+  }
+
+  nc = realloc (parent->children,
+                (parent->nr_children + 1) * sizeof *nc);
+  if (nc == NULL) {
+    error_setg_errno (errp, errno, "%s: attaching child", parent->name);
+    node_unref (child);
+    return NULL;
+  }
+  parent->children = nc;
+  nc = &parent->children[parent->nr_children];
+  nc->name = strdup (key);
+  nc->node = child;
+  nc->role = role;
+  if (nc->name == NULL) {
+    error_setg_errno (errp, errno, "%s: attaching child", parent->name);
+    node_unref (child);
+    return NULL;
+  }
+  parent->nr_children++;
+  return child;
+}
+
+void
+node_close_all (void)
+{
+  /* Newest first: parents were registered after their children. */
+  while (nr_registry > 0)
+    node_unref (registry[--nr_registry]);
+  free (registry);
+  registry = NULL;
+}

@@ -1,0 +1,644 @@
+/* Client connections: buffered non-blocking input, the output queue,
+ * back-pressure and lifetime.
+ *
+ * Input is read into a 64 KiB buffer, so one recv picks up many
+ * pipelined request headers; a WRITE payload is copied out of it and
+ * the rest is received straight into the request's buffer.  Output is
+ * a queue of iovec runs sent with one writev per event.
+ *
+ * Lifetime: a connection whose client went away is 'dead' (fds closed,
+ * watchers stopped) but lives on until its last request comes back
+ * from the workers; conn_reap frees it then.  Nothing frees a conn
+ * from inside its own callbacks: closing only marks it.
+ */
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "internal.h"
+#include "log.h"
+
+#define MAX_IOV 64
+#define MAX_SEND_PER_EVENT (8u << 20)  /* fairness between clients */
+#define MAX_FREE_REQS 64
+#define KEEP_BUF_CAP (1u << 20)         /* larger buffers are not kept */
+#define RECV_BUDGET 16                  /* reads per readable event */
+
+static struct conn *conns;              /* all live or dying conns */
+static unsigned nr_conns;
+static struct conn *dirty_list;
+
+static void conn_io_cb (struct ev_loop *loop, ev_io *w, int revents);
+static void conn_write_cb (struct ev_loop *loop, ev_io *w, int revents);
+static void conn_timeout_cb (struct ev_loop *loop, ev_timer *w,
+                             int revents);
+
+unsigned
+conn_count (void)
+{
+  return nr_conns;
+}
+
+struct conn *
+conn_new (struct ev_loop *loop, int in_fd, int out_fd, const char *peer,
+          struct error **errp)
+{
+  struct conn *c = calloc (1, sizeof *c);
+
+  if (c == NULL)
+    goto out_err;
+  c->inbuf = malloc (CONN_INBUF_SIZE);
+  c->peer = strdup (peer);
+  if (c->inbuf == NULL || c->peer == NULL)
+    goto out_free;
+
+  c->loop = loop;
+  c->in_fd = in_fd;
+  c->out_fd = out_fd;
+  c->is_stdio = in_fd != out_fd;
+  c->state = CS_CFLAGS;
+  ev_io_init (&c->rio, conn_io_cb, in_fd, EV_READ);
+  ev_io_init (&c->wio, conn_write_cb, out_fd, EV_WRITE);
+  ev_timer_init (&c->handshake_timer, conn_timeout_cb,
+                 config.handshake_timeout, 0);
+  if (config.handshake_timeout > 0)
+    ev_timer_start (loop, &c->handshake_timer);
+
+  c->next = conns;
+  if (conns)
+    conns->prev = c;
+  conns = c;
+  nr_conns++;
+
+  c->reading = true;
+  ev_io_start (loop, &c->rio);
+  hs_start (c);
+  return c;
+
+ out_free:
+  free (c->inbuf);
+  free (c->peer);
+  free (c);
+ out_err:
+  error_setg_errno (errp, ENOMEM, "allocating connection");
+  return NULL;
+}
+
+static void
+conn_free (struct conn *c)
+{
+  struct request *r;
+  struct out_item *it;
+
+  assert (c->in_flight == 0);
+  while ((it = c->out_head) != NULL) {
+    c->out_head = it->next;
+    it->release (c, it);
+  }
+  while ((r = c->free_reqs) != NULL) {
+    c->free_reqs = r->next;
+    extents_free (&r->extents);
+    free (r->buf);
+    free (r);
+  }
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  nr_conns--;
+  free (c->optbuf);
+  free (c->meta_export);
+  free (c->inbuf);
+  free (c->peer);
+  free (c);
+}
+
+/* Free the conn if it is dead and nothing refers to it any more. */
+static void
+conn_reap (struct conn *c)
+{
+  if (!c->dead || c->in_flight > 0 || c->in_dirty_list)
+    return;
+  bool exit_loop = c->exit_loop_on_close;
+  struct ev_loop *loop = c->loop;
+  conn_free (c);
+  listeners_pause (loop, false);
+  if (exit_loop)
+    ev_break (loop, EVBREAK_ALL);
+}
+
+void
+conn_close (struct conn *c, const char *why)
+{
+  struct out_item *it;
+
+  if (c->dead)
+    return;
+  if (why)
+    debug ("%s: closing connection: %s", c->peer, why);
+  if (c->reading)
+    c->reading = false;
+  c->dead = true;
+  ev_io_stop (c->loop, &c->rio);
+  ev_io_stop (c->loop, &c->wio);
+  ev_timer_stop (c->loop, &c->handshake_timer);
+  close (c->in_fd);
+  if (c->out_fd != c->in_fd)
+    close (c->out_fd);
+  c->in_fd = c->out_fd = -1;
+  /* Queued output will never be sent. */
+  while ((it = c->out_head) != NULL) {
+    c->out_head = it->next;
+    it->release (c, it);
+  }
+  c->out_tail = NULL;
+  if (c->cur) {
+    conn_request_put (c, c->cur);
+    c->cur = NULL;
+  }
+  conn_mark_dirty (c);          /* reaped at a safe point */
+}
+
+void
+conns_close_all (const char *why)
+{
+  struct conn *c, *next;
+
+  for (c = conns; c; c = next) {
+    next = c->next;
+    conn_close (c, why);
+  }
+}
+
+void
+conn_drain (struct conn *c)
+{
+  c->state = CS_DRAIN;
+  if (c->reading) {
+    ev_io_stop (c->loop, &c->rio);
+    c->reading = false;
+  }
+  if (c->in_flight == 0 && c->out_head == NULL)
+    conn_close (c, "finished");
+}
+
+void
+conn_queue (struct conn *c, struct out_item *item)
+{
+  if (c->dead) {
+    item->release (c, item);
+    return;
+  }
+  item->next = NULL;
+  item->pos = 0;
+  if (c->out_tail)
+    c->out_tail->next = item;
+  else
+    c->out_head = item;
+  c->out_tail = item;
+  conn_mark_dirty (c);
+}
+
+struct copied_item {
+  struct out_item out;
+  struct iovec iov;
+  unsigned char data[];
+};
+
+static void
+copied_item_release (struct conn *c, struct out_item *item)
+{
+  free (container_of (item, struct copied_item, out));
+}
+
+int
+conn_queue_copy (struct conn *c, const void *data, size_t len)
+{
+  struct copied_item *ci = malloc (sizeof *ci + len);
+
+  if (ci == NULL) {
+    conn_close (c, "out of memory");
+    return -1;
+  }
+  memcpy (ci->data, data, len);
+  ci->iov.iov_base = ci->data;
+  ci->iov.iov_len = len;
+  ci->out.iov = &ci->iov;
+  ci->out.niov = 1;
+  ci->out.release = copied_item_release;
+  conn_queue (c, &ci->out);
+  return 0;
+}
+
+void
+conn_mark_dirty (struct conn *c)
+{
+  if (c->in_dirty_list)
+    return;
+  c->in_dirty_list = true;
+  c->dirty_next = dirty_list;
+  dirty_list = c;
+}
+
+void
+conns_flush_dirty (void)
+{
+  while (dirty_list) {
+    struct conn *c = dirty_list;
+    dirty_list = c->dirty_next;
+    c->in_dirty_list = false;
+    if (!c->dead)
+      conn_flush (c);
+    conn_reap (c);
+  }
+}
+
+/* Send queued output: one writev of up to MAX_IOV iovecs, repeated
+ * while the socket takes everything, up to MAX_SEND_PER_EVENT bytes.
+ */
+void
+conn_flush (struct conn *c)
+{
+  size_t sent_total = 0;
+
+  while (c->out_head && !c->dead) {
+    struct iovec iov[MAX_IOV];
+    int n = 0;
+    size_t want = 0;
+    ssize_t r;
+
+    for (struct out_item *it = c->out_head; it && n < MAX_IOV;
+         it = it->next)
+      for (unsigned i = it->pos; i < it->niov && n < MAX_IOV; ++i) {
+        if (it->iov[i].iov_len == 0)
+          continue;
+        iov[n++] = it->iov[i];
+        want += it->iov[i].iov_len;
+      }
+
+    if (n == 0)
+      r = 0;
+    else {
+      do
+        r = writev (c->out_fd, iov, n);
+      while (r == -1 && errno == EINTR);
+    }
+    if (r == -1) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        break;
+      conn_close (c, "write error");
+      return;
+    }
+
+    /* Consume r bytes from the head of the queue. */
+    size_t left = r;
+    while (c->out_head) {
+      struct out_item *it = c->out_head;
+      while (it->pos < it->niov) {
+        struct iovec *v = &it->iov[it->pos];
+        if (v->iov_len > left) {
+          v->iov_base = (char *) v->iov_base + left;
+          v->iov_len -= left;
+          left = 0;
+          break;
+        }
+        left -= v->iov_len;
+        v->iov_len = 0;
+        it->pos++;
+      }
+      if (it->pos < it->niov)
+        break;
+      c->out_head = it->next;
+      if (c->out_head == NULL)
+        c->out_tail = NULL;
+      it->release (c, it);
+    }
+    sent_total += r;
+    if ((size_t) r < want || sent_total >= MAX_SEND_PER_EVENT)
+      break;
+  }
+
+  if (c->dead)
+    return;
+  if (c->out_head) {
+    if (!ev_is_active (&c->wio))
+      ev_io_start (c->loop, &c->wio);
+  }
+  else {
+    if (ev_is_active (&c->wio))
+      ev_io_stop (c->loop, &c->wio);
+    if (c->state == CS_DRAIN && c->in_flight == 0)
+      conn_close (c, "finished");
+  }
+  if (!c->dead)
+    conn_update_reading (c);
+}
+
+/* Requests are recycled per connection, with their buffers. */
+struct request *
+conn_request_get (struct conn *c, uint64_t count)
+{
+  struct request *req = c->free_reqs;
+
+  if (req) {
+    c->free_reqs = req->next;
+    c->nr_free_reqs--;
+  }
+  else {
+    req = malloc (sizeof *req);
+    if (req == NULL)
+      return NULL;
+    req->buf = NULL;
+    req->buf_cap = 0;
+    extents_init (&req->extents, 0, 1);
+  }
+  req->next = NULL;
+  req->conn = c;
+  req->nbd_err = 0;
+  req->err = 0;
+  req->errmsg = NULL;
+  req->payload_got = 0;
+  req->bytes = 0;
+  if (count > req->buf_cap) {
+    void *nb;
+    size_t cap = ROUND_UP (count, (uint64_t) 4096);
+    free (req->buf);
+    req->buf = NULL;
+    req->buf_cap = 0;
+    if (posix_memalign (&nb, 4096, cap) != 0) {
+      extents_free (&req->extents);
+      free (req);
+      return NULL;
+    }
+    req->buf = nb;
+    req->buf_cap = cap;
+  }
+  c->in_flight++;
+  req->bytes = count;
+  c->in_flight_bytes += count;
+  return req;
+}
+
+void
+conn_request_put (struct conn *c, struct request *req)
+{
+  assert (c->in_flight > 0);
+  c->in_flight--;
+  c->in_flight_bytes -= req->bytes;
+  if (c->nr_free_reqs < MAX_FREE_REQS && !c->dead) {
+    if (req->buf_cap > KEEP_BUF_CAP) {
+      free (req->buf);
+      req->buf = NULL;
+      req->buf_cap = 0;
+    }
+    req->next = c->free_reqs;
+    c->free_reqs = req;
+    c->nr_free_reqs++;
+  }
+  else {
+    extents_free (&req->extents);
+    free (req->buf);
+    free (req);
+  }
+}
+
+static void
+request_release (struct conn *c, struct out_item *item)
+{
+  struct request *req = container_of (item, struct request, out);
+
+  conn_request_put (c, req);
+}
+
+void
+conn_request_done (struct request *req)
+{
+  struct conn *c = req->conn;
+
+  req->out.iov = req->iov;
+  req->out.release = request_release;
+  conn_queue (c, &req->out);
+  if (c->dead)
+    conn_mark_dirty (c);        /* maybe the last one: reap */
+}
+
+void
+request_reply_now (struct conn *c, struct request *req)
+{
+  reply_encode (req);
+  conn_request_done (req);
+}
+
+/* Back-pressure: read more only while in-flight work is bounded. */
+void
+conn_update_reading (struct conn *c)
+{
+  bool want = !c->dead && c->state != CS_DRAIN &&
+    c->in_flight < MAX_IN_FLIGHT &&
+    c->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
+
+  if (want && !c->reading) {
+    c->reading = true;
+    ev_io_start (c->loop, &c->rio);
+    /* Input may already be buffered: parse it now. */
+    if (conn_process_input (c) == -1)
+      return;
+  }
+  else if (!want && c->reading) {
+    c->reading = false;
+    ev_io_stop (c->loop, &c->rio);
+  }
+}
+
+static size_t
+in_avail (const struct conn *c)
+{
+  return c->in_end - c->in_start;
+}
+
+/* Drop up to c->skip buffered bytes. */
+static void
+skip_buffered (struct conn *c)
+{
+  size_t n = MIN ((uint64_t) in_avail (c), c->skip);
+
+  c->in_start += n;
+  c->skip -= n;
+}
+
+/* Parse as much buffered input as the state allows.  Returns 1 when it
+ * needs more input, 0 when it must stop (back-pressure, drain), -1 if
+ * the connection was closed.
+ */
+int
+conn_process_input (struct conn *c)
+{
+  for (;;) {
+    size_t avail = in_avail (c);
+    const unsigned char *p = c->inbuf + c->in_start;
+    int r;
+
+    if (c->dead)
+      return -1;
+    switch (c->state) {
+    case CS_CFLAGS:
+      if (avail < 4)
+        return 1;
+      c->in_start += 4;
+      r = hs_on_cflags (c, p);
+      break;
+    case CS_OPTION:
+      if (avail < sizeof (struct nbd_new_option))
+        return 1;
+      c->in_start += sizeof (struct nbd_new_option);
+      r = hs_on_option_header (c, p);
+      break;
+    case CS_OPTION_DATA: {
+      size_t n = MIN (avail, (size_t) (c->optlen - c->opt_got));
+      memcpy (c->optbuf + c->opt_got, p, n);
+      c->in_start += n;
+      c->opt_got += n;
+      if (c->opt_got < c->optlen)
+        return 1;
+      r = hs_on_option_data (c);
+      break;
+    }
+    case CS_OPTION_SKIP:
+      skip_buffered (c);
+      if (c->skip > 0)
+        return 1;
+      hs_option_skipped (c);
+      r = 0;
+      break;
+    case CS_REQUEST: {
+      size_t hlen = c->mode == MODE_EXTENDED
+        ? sizeof (struct nbd_extended_request)
+        : sizeof (struct nbd_request);
+      if (!c->reading)
+        return 0;               /* back-pressure */
+      if (avail < hlen)
+        return 1;
+      c->in_start += hlen;
+      r = tx_on_request_header (c, p);
+      break;
+    }
+    case CS_PAYLOAD: {
+      struct request *req = c->cur;
+      size_t n = MIN ((uint64_t) avail, req->count - req->payload_got);
+      memcpy ((char *) req->buf + req->payload_got, p, n);
+      c->in_start += n;
+      req->payload_got += n;
+      if (req->payload_got < req->count)
+        return 1;
+      tx_on_payload_done (c);
+      r = 0;
+      break;
+    }
+    case CS_PAYLOAD_SKIP:
+      skip_buffered (c);
+      if (c->skip > 0)
+        return 1;
+      tx_on_payload_skipped (c);
+      r = 0;
+      break;
+    case CS_DRAIN:
+      c->in_start = c->in_end = 0;      /* nothing after DISC counts */
+      return 0;
+    default:
+      abort ();
+    }
+    if (r < 0 || c->dead)
+      return -1;
+  }
+}
+
+static void
+conn_on_readable (struct conn *c)
+{
+  for (int budget = 0; budget < RECV_BUDGET; ++budget) {
+    ssize_t r;
+    int pr = conn_process_input (c);
+
+    if (pr <= 0)
+      break;                    /* closed, or stopped by back-pressure */
+
+    /* A large WRITE payload goes straight into its buffer. */
+    if (c->state == CS_PAYLOAD && in_avail (c) == 0) {
+      struct request *req = c->cur;
+      do
+        r = read (c->in_fd, (char *) req->buf + req->payload_got,
+                  req->count - req->payload_got);
+      while (r == -1 && errno == EINTR);
+      if (r > 0) {
+        req->payload_got += r;
+        if (req->payload_got == req->count)
+          tx_on_payload_done (c);
+        continue;
+      }
+    }
+    else {
+      if (c->in_start == c->in_end)
+        c->in_start = c->in_end = 0;
+      else if (c->in_start > 0 && CONN_INBUF_SIZE - c->in_end < 4096) {
+        memmove (c->inbuf, c->inbuf + c->in_start, in_avail (c));
+        c->in_end -= c->in_start;
+        c->in_start = 0;
+      }
+      do
+        r = read (c->in_fd, c->inbuf + c->in_end,
+                  CONN_INBUF_SIZE - c->in_end);
+      while (r == -1 && errno == EINTR);
+      if (r > 0) {
+        c->in_end += r;
+        continue;
+      }
+    }
+    if (r == 0) {
+      conn_close (c, "client closed the connection");
+      break;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+      break;
+    conn_close (c, "read error");
+    break;
+  }
+  conns_flush_dirty ();
+}
+
+static void
+conn_io_cb (struct ev_loop *loop, ev_io *w, int revents)
+{
+  struct conn *c = container_of (w, struct conn, rio);
+
+  conn_on_readable (c);
+}
+
+static void
+conn_write_cb (struct ev_loop *loop, ev_io *w, int revents)
+{
+  struct conn *c = container_of (w, struct conn, wio);
+
+  conn_flush (c);
+  conns_flush_dirty ();
+}
+
+static void
+conn_timeout_cb (struct ev_loop *loop, ev_timer *w, int revents)
+{
+  struct conn *c = container_of (w, struct conn, handshake_timer);
+
+  nbdd_info ("%s: handshake not finished after %g seconds: closing",
+             c->peer, config.handshake_timeout);
+  conn_close (c, NULL);
+  conns_flush_dirty ();
+}

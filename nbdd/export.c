@@ -1,0 +1,183 @@
+/* NBD exports: a name clients ask for, bound to a node. */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cleanup.h"
+#include "internal.h"
+#include "options.h"
+
+static struct export **exports;
+static size_t nr_exports;
+
+size_t
+export_count (void)
+{
+  return nr_exports;
+}
+
+struct export *
+export_nth (size_t i)
+{
+  return i < nr_exports ? exports[i] : NULL;
+}
+
+struct export *
+export_find (const char *name)
+{
+  for (size_t i = 0; i < nr_exports; ++i)
+    if (strcmp (exports[i]->name, name) == 0)
+      return exports[i];
+  /* The default export: with one export, "" means it. */
+  if (name[0] == '\0' && nr_exports == 1)
+    return exports[0];
+  return NULL;
+}
+
+static void
+export_free (struct export *exp)
+{
+  if (exp == NULL)
+    return;
+  node_unref (exp->node);
+  free (exp->id);
+  free (exp->name);
+  free (exp->description);
+  free (exp);
+}
+
+static const char *const export_keys[] = {
+  "type", "id", "node-name", "name", "writable", "description",
+  "writethrough", NULL
+};
+
+static bool
+export_string_ok (const char *s)
+{
+  return strlen (s) <= NBD_MAX_STRING;
+}
+
+int
+export_add_spec (const char *spec, struct error **errp)
+{
+  struct json_object *o = spec_parse (spec, errp);
+  const char *type, *id = NULL, *node_name, *name = NULL, *desc = NULL;
+  struct export *exp = NULL, **ne;
+  struct node *node;
+  bool writable = false;
+
+  if (o == NULL) {
+    error_prepend (errp, "export");
+    return -1;
+  }
+  if (opt_check_keys (o, "export", export_keys, errp) == -1 ||
+      opt_get_string (o, "export", "type", true, &type, errp) == -1 ||
+      opt_get_string (o, "export", "id", false, &id, errp) == -1 ||
+      opt_get_string (o, "export", "node-name", true, &node_name,
+                      errp) == -1 ||
+      opt_get_string (o, "export", "name", false, &name, errp) == -1 ||
+      opt_get_string (o, "export", "description", false, &desc,
+                      errp) == -1 ||
+      opt_get_bool (o, "export", "writable", false, &writable, errp) == -1)
+    goto err;
+  if (strcmp (type, "nbd") != 0) {
+    error_setg (errp, "export: type '%.80s' is not supported (only 'nbd')",
+                type);
+    goto err;
+  }
+  if (name == NULL)
+    name = node_name;           /* as qemu-storage-daemon does */
+  if (!export_string_ok (name) || (desc && !export_string_ok (desc))) {
+    error_setg (errp, "export: name and description are limited to %d "
+                "bytes", NBD_MAX_STRING);
+    goto err;
+  }
+  if (id == NULL)
+    id = name;
+  for (size_t i = 0; i < nr_exports; ++i) {
+    if (strcmp (exports[i]->name, name) == 0) {
+      error_setg (errp, "export: name '%.80s' is already exported", name);
+      goto err;
+    }
+    if (strcmp (exports[i]->id, id) == 0) {
+      error_setg (errp, "export: id '%.80s' is already in use", id);
+      goto err;
+    }
+  }
+  node = node_lookup (node_name);
+  if (node == NULL) {
+    error_setg (errp, "export: node '%.80s' does not exist", node_name);
+    goto err;
+  }
+  if (writable && node->read_only) {
+    error_setg (errp, "export: node '%s' is read-only, cannot export it "
+                "writable", node_name);
+    goto err;
+  }
+
+  ne = realloc (exports, (nr_exports + 1) * sizeof *ne);
+  if (ne == NULL) {
+    error_setg_errno (errp, ENOMEM, "export");
+    goto err;
+  }
+  exports = ne;
+  exp = calloc (1, sizeof *exp);
+  if (exp == NULL) {
+    error_setg_errno (errp, ENOMEM, "export");
+    goto err;
+  }
+  exp->id = strdup (id);
+  exp->name = strdup (name);
+  exp->description = desc ? strdup (desc) : NULL;
+  if (exp->id == NULL || exp->name == NULL || (desc && !exp->description)) {
+    error_setg_errno (errp, ENOMEM, "export");
+    goto err;
+  }
+  exp->writable = writable;
+  exp->node = node;
+  node_ref (node);
+  exports[nr_exports++] = exp;
+  json_object_put (o);
+  return 0;
+
+ err:
+  export_free (exp);
+  json_object_put (o);
+  return -1;
+}
+
+void
+export_close_all (void)
+{
+  while (nr_exports > 0)
+    export_free (exports[--nr_exports]);
+  free (exports);
+  exports = NULL;
+}
+
+uint16_t
+export_tx_flags (const struct export *exp, bool structured)
+{
+  const struct node *node = exp->node;
+  /* Every connection shares the node and its one descriptor, so a
+   * flush on any connection covers writes acknowledged on all of them:
+   * multi-conn is honest.
+   */
+  uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
+    NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN;
+
+  if (!exp->writable)
+    f |= NBD_FLAG_READ_ONLY;
+  else {
+    f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+    if (node->can_fast_zero)
+      f |= NBD_FLAG_SEND_FAST_ZERO;
+  }
+  if (node->is_rotational)
+    f |= NBD_FLAG_ROTATIONAL;
+  if (structured)
+    f |= NBD_FLAG_SEND_DF;
+  return f;
+}

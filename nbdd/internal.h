@@ -1,0 +1,262 @@
+/* nbdd/: the daemon.  Declarations shared between its files, grouped
+ * by the file that defines them.
+ *
+ * Threads: everything here runs on the main thread (the libev loop)
+ * except what worker.c runs on worker threads: a request's I/O and the
+ * encoding of its reply (transmit.c:request_run, reply.c).  A request
+ * belongs to exactly one thread at a time and moves between them
+ * through worker.c's two locked queues.
+ */
+#ifndef NBDD_INTERNAL_H
+#define NBDD_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <ev.h>
+
+#include "error.h"
+#include "graph.h"
+#include "nbd-protocol.h"
+#include "utils.h"
+
+/* Largest READ/WRITE payload, advertised in NBD_INFO_BLOCK_SIZE. */
+#define MAX_PAYLOAD             (32u << 20)
+/* A rejected WRITE's payload up to this size is read and dropped to
+ * keep the stream in sync; anything larger ends the connection.
+ */
+#define MAX_SKIP_PAYLOAD        (2 * (uint64_t) MAX_PAYLOAD)
+/* Handshake bounds. */
+#define MAX_OPTION_LEN          (1u << 20)
+#define MAX_OPTIONS_BASE        64
+#define MAX_OPTIONS_PER_EXPORT  8
+/* Per-connection back-pressure: stop reading requests past these. */
+#define MAX_IN_FLIGHT           256
+#define MAX_IN_FLIGHT_BYTES     (128u << 20)
+/* Block status: descriptors per reply. */
+#define MAX_EXTENTS             (1u << 16)
+/* Sparse READ replies: at most this many chunks per reply. */
+#define MAX_READ_CHUNKS         16
+/* Meta context ids. */
+#define META_ID_BASE_ALLOCATION 1
+
+/* config.c: the daemon's settings, parsed from the command line. */
+struct listen_spec {
+  char *spec;                   /* "unix:PATH" or "tcp:HOST:PORT" */
+};
+
+struct config {
+  struct listen_spec *listen;
+  size_t nr_listen;
+  char **blockdevs;             /* --blockdev specs, in order */
+  size_t nr_blockdevs;
+  char **exports;               /* --export specs, in order */
+  size_t nr_exports;
+  bool stdio;
+  bool foreground;
+  bool exit_with_parent;
+  char *state_dir;
+  char *pidfile;
+  unsigned threads;
+  unsigned max_connections;
+  double handshake_timeout;     /* seconds; 0 = none */
+};
+
+extern struct config config;
+/* Exits on --help/--version (0) and on bad options (1, with a message). */
+void config_parse (int argc, char **argv);
+void config_free (void);
+
+/* export.c */
+struct export {
+  char *id;
+  char *name;
+  char *description;            /* NULL if none */
+  struct node *node;            /* holds a reference */
+  bool writable;
+};
+
+int export_add_spec (const char *spec, struct error **errp);
+/* Resolve a client's export name; "" is the only export if there is
+ * exactly one.  Borrowed.
+ */
+struct export *export_find (const char *name);
+size_t export_count (void);
+struct export *export_nth (size_t i);
+void export_close_all (void);
+/* Transmission flags for a connection in the given reply mode. */
+uint16_t export_tx_flags (const struct export *exp, bool structured);
+
+/* worker.c */
+struct request;
+int workers_start (struct ev_loop *loop, unsigned nr, struct error **errp);
+void workers_submit (struct request *req);
+void workers_stop (void);
+
+/* listen.c */
+int listeners_open (struct ev_loop *loop, struct error **errp);
+void listeners_close (struct ev_loop *loop);
+/* Stop or resume accepting (max-connections, EMFILE). */
+void listeners_pause (struct ev_loop *loop, bool pause);
+
+/* conn.c: one client connection. */
+enum reply_mode {
+  MODE_SIMPLE = 0,
+  MODE_STRUCTURED,
+  MODE_EXTENDED,
+};
+
+struct conn;
+
+/* Something queued for sending: a run of iovecs, released when sent. */
+struct out_item {
+  struct out_item *next;
+  struct iovec *iov;
+  unsigned niov;
+  unsigned pos;                 /* first iovec not yet fully sent */
+  void (*release) (struct conn *c, struct out_item *item);
+};
+
+enum conn_state {
+  CS_CFLAGS,                    /* waiting for the client flags */
+  CS_OPTION,                    /* waiting for an option header */
+  CS_OPTION_DATA,               /* reading an option's payload */
+  CS_OPTION_SKIP,               /* dropping an option's payload */
+  CS_REQUEST,                   /* waiting for a request header */
+  CS_PAYLOAD,                   /* reading a WRITE payload */
+  CS_PAYLOAD_SKIP,              /* dropping a rejected payload */
+  CS_DRAIN,                     /* no more input: finish and close */
+};
+
+#define CONN_INBUF_SIZE 65536
+
+struct conn {
+  struct conn *next, *prev;     /* all connections */
+  struct ev_loop *loop;
+  ev_io rio;                    /* readable (in_fd) */
+  ev_io wio;                    /* writable (out_fd), when output waits */
+  ev_timer handshake_timer;
+  int in_fd, out_fd;            /* the same socket, or stdin/stdout */
+  bool is_stdio;
+  char *peer;                   /* "unix", "127.0.0.1:4567", for logs */
+  bool exit_loop_on_close;      /* --stdio: the daemon ends with it */
+
+  enum conn_state state;
+  bool dead;                    /* fds closed; waiting for in_flight */
+  bool reading;                 /* rio started */
+  bool in_dirty_list;           /* output waits for a flush */
+  struct conn *dirty_next;
+
+  /* Buffered input: bytes [in_start, in_end) of inbuf are unread. */
+  unsigned char *inbuf;
+  size_t in_start, in_end;
+
+  /* Handshake state. */
+  uint32_t cflags;
+  bool fixed_newstyle, no_zeroes;
+  unsigned nr_options;
+  uint32_t opt, optlen;         /* the option being read */
+  unsigned char *optbuf;        /* its payload */
+  size_t opt_got;
+  uint64_t skip;                /* bytes still to drop */
+  bool structured;              /* NBD_OPT_STRUCTURED_REPLY acked */
+  bool extended;                /* NBD_OPT_EXTENDED_HEADERS acked */
+  bool meta_base_allocation;    /* selected by SET_META_CONTEXT */
+  char *meta_export;            /* export the contexts were set for */
+
+  /* Transmission state. */
+  struct export *exp;           /* borrowed; exports outlive conns */
+  enum reply_mode mode;
+  uint16_t eflags;
+  struct request *cur;          /* request whose payload is arriving */
+  struct request *free_reqs;    /* recycled requests */
+  unsigned nr_free_reqs;
+  unsigned in_flight;           /* requests not yet fully sent */
+  uint64_t in_flight_bytes;
+
+  /* Output queue. */
+  struct out_item *out_head, *out_tail;
+};
+
+/* Accept a connection on fd (or in_fd/out_fd for --stdio).  The conn
+ * owns the fds.
+ */
+struct conn *conn_new (struct ev_loop *loop, int in_fd, int out_fd,
+                       const char *peer, struct error **errp);
+void conn_queue (struct conn *c, struct out_item *item);
+/* Queue @len bytes (copied). */
+int conn_queue_copy (struct conn *c, const void *data, size_t len);
+/* Send what is queued, as far as the socket takes it. */
+void conn_flush (struct conn *c);
+/* Close the connection now (fds shut, requests in flight finish). */
+void conn_close (struct conn *c, const char *why);
+/* Stop reading; close once every reply has gone out. */
+void conn_drain (struct conn *c);
+/* Request back to the connection's pool (or freed). */
+struct request *conn_request_get (struct conn *c, uint64_t count);
+void conn_request_put (struct conn *c, struct request *req);
+/* A completed request comes back from the workers (main thread). */
+void conn_request_done (struct request *req);
+/* Called once per loop iteration after completions: flush output. */
+void conns_flush_dirty (void);
+unsigned conn_count (void);
+void conns_close_all (const char *why);
+void conn_mark_dirty (struct conn *c);
+/* Resume reading if back-pressure allows it. */
+void conn_update_reading (struct conn *c);
+/* Parse buffered input.  Return -1 if the conn was closed. */
+int conn_process_input (struct conn *c);
+
+/* handshake.c */
+void hs_start (struct conn *c);
+/* Input in the handshake states; returns 1 if more input is needed,
+ * 0 to continue parsing, -1 if the connection was closed.
+ */
+int hs_on_cflags (struct conn *c, const unsigned char *buf);
+int hs_on_option_header (struct conn *c, const unsigned char *buf);
+int hs_on_option_data (struct conn *c);
+void hs_option_skipped (struct conn *c);
+
+/* transmit.c */
+struct request {
+  struct request *next;         /* in whichever queue holds it */
+  struct conn *conn;
+  uint16_t type;
+  uint16_t flags;               /* NBD_CMD_FLAG_* */
+  uint64_t cookie;
+  uint64_t offset;
+  uint64_t count;
+  uint32_t nbd_err;             /* set by validation: no I/O, just reply */
+  int err;                      /* -errno from the node */
+  const char *errmsg;           /* static message for validation errors */
+  void *buf;                    /* payload; aligned for O_DIRECT */
+  size_t buf_cap;
+  uint64_t payload_got;         /* WRITE payload bytes read so far */
+  struct extent_list extents;   /* BLOCK_STATUS result (kept for reuse) */
+  uint64_t bytes;               /* counted in conn->in_flight_bytes */
+
+  /* The encoded reply. */
+  struct out_item out;
+  struct iovec iov[2 * MAX_READ_CHUNKS + 4];
+  unsigned char hdr[MAX_READ_CHUNKS * 48 + 320];
+};
+
+/* Input in CS_REQUEST: buf holds a full header (28 or 32 bytes). */
+int tx_on_request_header (struct conn *c, const unsigned char *buf);
+/* The WRITE payload of c->cur is complete. */
+void tx_on_payload_done (struct conn *c);
+/* A rejected payload has been dropped: reply to c->cur. */
+void tx_on_payload_skipped (struct conn *c);
+/* Worker thread: do the I/O and encode the reply. */
+void request_run (struct request *req);
+/* Main thread: encode an error reply for a request that did no I/O. */
+void request_reply_now (struct conn *c, struct request *req);
+
+/* reply.c (called on worker threads and the main thread) */
+void reply_encode (struct request *req);
+
+/* main.c */
+extern bool shutting_down;
+
+#endif /* NBDD_INTERNAL_H */

@@ -1,0 +1,209 @@
+/* nbdd: serve block graphs over NBD.
+ *
+ * Start-up order matters: nodes and exports are opened first (so a bad
+ * --blockdev fails before anything listens), then the listeners, then
+ * the daemon forks (threads would not survive the fork), then the
+ * workers start and the pidfile announces that clients may connect.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifdef HAVE_SYS_PRCTL_H
+#include <sys/prctl.h>
+#endif
+
+#include "internal.h"
+#include "log.h"
+#include "options.h"
+
+bool shutting_down;
+
+static void
+die (struct error *err)
+{
+  nbdd_error ("%s", err->msg);
+  error_free (err);
+  exit (EXIT_FAILURE);
+}
+
+static void
+open_graph (void)
+{
+  struct error *err = NULL;
+
+  for (size_t i = 0; i < config.nr_blockdevs; ++i) {
+    struct json_object *spec = spec_parse (config.blockdevs[i], &err);
+    struct node *node;
+
+    if (spec == NULL) {
+      error_prepend (&err, "--blockdev");
+      die (err);
+    }
+    node = node_open_spec (spec, &err);
+    json_object_put (spec);
+    if (node == NULL) {
+      error_prepend (&err, "--blockdev");
+      die (err);
+    }
+  }
+  for (size_t i = 0; i < config.nr_exports; ++i)
+    if (export_add_spec (config.exports[i], &err) == -1) {
+      error_prepend (&err, "--export");
+      die (err);
+    }
+}
+
+static void
+make_state_dir (void)
+{
+  if (config.state_dir == NULL)
+    return;
+  if (mkdir (config.state_dir, 0700) == -1 && errno != EEXIST) {
+    nbdd_error ("--state-dir: cannot create '%s': %m", config.state_dir);
+    exit (EXIT_FAILURE);
+  }
+}
+
+static void
+write_pidfile (void)
+{
+  char tmp[4096], buf[32];
+  int fd, len;
+
+  if (config.pidfile == NULL)
+    return;
+  /* Written whole under a temporary name, then renamed: a reader never
+   * sees a partial pid.
+   */
+  snprintf (tmp, sizeof tmp, "%s.tmp", config.pidfile);
+  len = snprintf (buf, sizeof buf, "%d\n", (int) getpid ());
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd == -1 || full_write (fd, buf, len) < 0 || close (fd) == -1 ||
+      rename (tmp, config.pidfile) == -1) {
+    nbdd_error ("--pidfile: cannot write '%s': %m", config.pidfile);
+    exit (EXIT_FAILURE);
+  }
+}
+
+static void
+daemonize (void)
+{
+  pid_t pid = fork ();
+  int fd;
+
+  if (pid == -1) {
+    nbdd_error ("fork: %m");
+    exit (EXIT_FAILURE);
+  }
+  if (pid > 0)
+    _exit (EXIT_SUCCESS);
+  setsid ();
+  fd = open ("/dev/null", O_RDWR);
+  if (fd >= 0) {
+    dup2 (fd, 0);
+    dup2 (fd, 1);
+    dup2 (fd, 2);
+    if (fd > 2)
+      close (fd);
+  }
+}
+
+static void
+signal_cb (struct ev_loop *loop, ev_signal *w, int revents)
+{
+  nbdd_info ("received signal %d: shutting down", w->signum);
+  shutting_down = true;
+  ev_break (loop, EVBREAK_ALL);
+}
+
+int
+main (int argc, char **argv)
+{
+  struct ev_loop *loop;
+  ev_signal sigterm, sigint;
+  struct error *err = NULL;
+
+  signal (SIGPIPE, SIG_IGN);
+  config_parse (argc, argv);
+  log_init ("nbdd", false);
+
+#if defined (HAVE_SYS_PRCTL_H) && defined (PR_SET_PDEATHSIG)
+  if (config.exit_with_parent) {
+    prctl (PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid () == 1)        /* the parent is already gone */
+      exit (EXIT_SUCCESS);
+  }
+#endif
+
+  make_state_dir ();
+  open_graph ();
+
+  loop = ev_default_loop (EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+  if (loop == NULL) {
+    nbdd_error ("cannot initialise the event loop");
+    exit (EXIT_FAILURE);
+  }
+
+  if (!config.stdio && listeners_open (loop, &err) == -1)
+    die (err);
+  if (!config.foreground) {
+    daemonize ();
+    log_init ("nbdd", true);
+  }
+  if (workers_start (loop, config.threads, &err) == -1)
+    die (err);
+
+  ev_signal_init (&sigterm, signal_cb, SIGTERM);
+  ev_signal_start (loop, &sigterm);
+  ev_unref (loop);
+  ev_signal_init (&sigint, signal_cb, SIGINT);
+  ev_signal_start (loop, &sigint);
+  ev_unref (loop);
+
+  if (config.stdio) {
+    int fl0 = fcntl (0, F_GETFL), fl1 = fcntl (1, F_GETFL);
+    struct conn *c;
+    if (fl0 != -1)
+      fcntl (0, F_SETFL, fl0 | O_NONBLOCK);
+    if (fl1 != -1)
+      fcntl (1, F_SETFL, fl1 | O_NONBLOCK);
+    c = conn_new (loop, 0, 1, "stdio", &err);
+    if (c == NULL)
+      die (err);
+    c->exit_loop_on_close = true;
+    conns_flush_dirty ();
+  }
+  write_pidfile ();
+  debug ("ready: %zu node specs, %zu exports", config.nr_blockdevs,
+         export_count ());
+
+  ev_run (loop, 0);
+
+  /* Orderly shutdown: stop accepting, drop clients, let the workers
+   * finish what they hold, then close exports and nodes.
+   */
+  shutting_down = true;
+  listeners_close (loop);
+  conns_close_all ("shutting down");
+  workers_stop ();
+  conns_flush_dirty ();
+  export_close_all ();
+  node_close_all ();
+  ev_ref (loop);
+  ev_signal_stop (loop, &sigterm);
+  ev_ref (loop);
+  ev_signal_stop (loop, &sigint);
+  ev_loop_destroy (loop);
+  if (config.pidfile)
+    unlink (config.pidfile);
+  config_free ();
+  return EXIT_SUCCESS;
+}

@@ -1,0 +1,307 @@
+/* The transmission phase: request headers are parsed and validated
+ * once, here at the edge; valid requests go to the workers, invalid
+ * ones are answered at once (after their payload, if any, has been
+ * consumed so the stream stays in sync).
+ */
+#include <config.h>
+
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "log.h"
+
+/* Flags each command accepts; FUA is valid on all of them once
+ * SEND_FUA is advertised (it always is).
+ */
+static uint16_t
+allowed_flags (const struct conn *c, uint16_t type)
+{
+  uint16_t f = NBD_CMD_FLAG_FUA;
+
+  switch (type) {
+  case NBD_CMD_READ:
+    if (c->eflags & NBD_FLAG_SEND_DF)
+      f |= NBD_CMD_FLAG_DF;
+    break;
+  case NBD_CMD_WRITE:
+    if (c->mode == MODE_EXTENDED)
+      f |= NBD_CMD_FLAG_PAYLOAD_LEN;
+    break;
+  case NBD_CMD_WRITE_ZEROES:
+    f |= NBD_CMD_FLAG_NO_HOLE;
+    if (c->eflags & NBD_FLAG_SEND_FAST_ZERO)
+      f |= NBD_CMD_FLAG_FAST_ZERO;
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    f |= NBD_CMD_FLAG_REQ_ONE;
+    break;
+  default:
+    break;
+  }
+  return f;
+}
+
+static bool
+in_range (const struct conn *c, uint64_t offset, uint64_t count)
+{
+  uint64_t size = c->exp->node->size;
+
+  return offset <= size && count <= size - offset;
+}
+
+/* Validate a request.  Returns NBD_SUCCESS or the error to reply with,
+ * and sets *msg.
+ */
+static uint32_t
+validate (const struct conn *c, const struct request *req, const char **msg)
+{
+  bool writable = !(c->eflags & NBD_FLAG_READ_ONLY);
+
+  if (req->flags & ~allowed_flags (c, req->type)) {
+    *msg = "invalid flags for this command";
+    return NBD_EINVAL;
+  }
+  switch (req->type) {
+  case NBD_CMD_READ:
+  case NBD_CMD_WRITE:
+    if (req->count > MAX_PAYLOAD) {
+      *msg = "request larger than the maximum payload";
+      return NBD_EINVAL;
+    }
+    if (req->type == NBD_CMD_WRITE && !writable) {
+      *msg = "export is read-only";
+      return NBD_EPERM;
+    }
+    if (!in_range (c, req->offset, req->count)) {
+      *msg = "request past the end of the export";
+      return req->type == NBD_CMD_WRITE ? NBD_ENOSPC : NBD_EINVAL;
+    }
+    return NBD_SUCCESS;
+  case NBD_CMD_FLUSH:
+    if (req->offset != 0 || req->count != 0) {
+      *msg = "flush offset and length must be 0";
+      return NBD_EINVAL;
+    }
+    return NBD_SUCCESS;
+  case NBD_CMD_TRIM:
+  case NBD_CMD_WRITE_ZEROES:
+    if (!writable) {
+      *msg = "export is read-only";
+      return NBD_EPERM;
+    }
+    if (!in_range (c, req->offset, req->count)) {
+      *msg = "request past the end of the export";
+      return req->type == NBD_CMD_TRIM ? NBD_EINVAL : NBD_ENOSPC;
+    }
+    return NBD_SUCCESS;
+  case NBD_CMD_CACHE:
+    if (!in_range (c, req->offset, req->count)) {
+      *msg = "request past the end of the export";
+      return NBD_EINVAL;
+    }
+    return NBD_SUCCESS;
+  case NBD_CMD_BLOCK_STATUS:
+    if (c->mode == MODE_SIMPLE || !c->meta_base_allocation) {
+      *msg = "no meta context negotiated";
+      return NBD_EINVAL;
+    }
+    if (req->count == 0) {
+      *msg = "block status of length 0";
+      return NBD_EINVAL;
+    }
+    if (!in_range (c, req->offset, req->count)) {
+      *msg = "request past the end of the export";
+      return NBD_EINVAL;
+    }
+    return NBD_SUCCESS;
+  default:
+    *msg = "unknown command";
+    return NBD_EINVAL;
+  }
+}
+
+/* Bytes of payload that follow this header on the wire. */
+static uint64_t
+payload_length (const struct conn *c, const struct request *req)
+{
+  if (c->mode == MODE_EXTENDED)
+    return (req->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ||
+      req->type == NBD_CMD_WRITE ? req->count : 0;
+  return req->type == NBD_CMD_WRITE ? req->count : 0;
+}
+
+int
+tx_on_request_header (struct conn *c, const unsigned char *buf)
+{
+  uint16_t flags, type;
+  uint64_t cookie, offset, count, payload;
+  uint32_t magic;
+  struct request *req;
+  const char *msg = NULL;
+  uint32_t err;
+
+  if (c->mode == MODE_EXTENDED) {
+    struct nbd_extended_request h;
+    memcpy (&h, buf, sizeof h);
+    magic = be32toh (h.magic);
+    flags = be16toh (h.flags);
+    type = be16toh (h.type);
+    cookie = h.cookie;          /* opaque: echoed as received */
+    offset = be64toh (h.offset);
+    count = be64toh (h.count);
+    if (magic != NBD_EXTENDED_REQUEST_MAGIC)
+      goto bad_magic;
+  }
+  else {
+    struct nbd_request h;
+    memcpy (&h, buf, sizeof h);
+    magic = be32toh (h.magic);
+    flags = be16toh (h.flags);
+    type = be16toh (h.type);
+    cookie = h.cookie;
+    offset = be64toh (h.offset);
+    count = be32toh (h.count);
+    if (magic != NBD_REQUEST_MAGIC)
+      goto bad_magic;
+  }
+
+  datapath_debug ("%s: %s flags 0x%x offset %" PRIu64 " count %" PRIu64,
+                  c->peer, nbd_cmd_name (type), flags, offset, count);
+
+  if (type == NBD_CMD_DISC) {
+    debug ("%s: client sent NBD_CMD_DISC", c->peer);
+    conn_drain (c);
+    return 0;
+  }
+
+  /* Payload bytes must be consumed whatever happens to the request. */
+  payload = 0;
+  {
+    struct request tmp = { .type = type, .flags = flags, .count = count };
+    payload = payload_length (c, &tmp);
+    err = validate (c, &tmp, &msg);
+    if (err == NBD_SUCCESS && payload > 0 && type != NBD_CMD_WRITE) {
+      err = NBD_EINVAL;
+      msg = "unexpected payload";
+    }
+  }
+  if (payload > MAX_SKIP_PAYLOAD) {
+    nbdd_info ("%s: %s: payload of %" PRIu64 " bytes is too large: closing",
+               c->peer, nbd_cmd_name (type), payload);
+    conn_close (c, NULL);
+    return -1;
+  }
+
+  req = conn_request_get (c, err == NBD_SUCCESS ? payload : 0);
+  if (req == NULL) {
+    conn_close (c, "out of memory");
+    return -1;
+  }
+  req->type = type;
+  req->flags = flags;
+  req->cookie = cookie;
+  req->offset = offset;
+  req->count = count;
+  req->nbd_err = err;
+  req->errmsg = msg;
+
+  if (err != NBD_SUCCESS) {
+    datapath_debug ("%s: %s: %s", c->peer, nbd_cmd_name (type), msg);
+    if (payload > 0) {
+      c->cur = req;
+      c->skip = payload;
+      c->state = CS_PAYLOAD_SKIP;
+      return 0;
+    }
+    request_reply_now (c, req);
+    conn_update_reading (c);
+    return 0;
+  }
+  if (type == NBD_CMD_WRITE && count > 0) {
+    c->cur = req;
+    c->state = CS_PAYLOAD;
+    return 0;
+  }
+  workers_submit (req);
+  conn_update_reading (c);
+  return 0;
+
+ bad_magic:
+  nbdd_info ("%s: bad request magic 0x%08" PRIx32 ": closing", c->peer,
+             magic);
+  conn_close (c, NULL);
+  return -1;
+}
+
+void
+tx_on_payload_done (struct conn *c)
+{
+  struct request *req = c->cur;
+
+  c->cur = NULL;
+  c->state = CS_REQUEST;
+  workers_submit (req);
+  conn_update_reading (c);
+}
+
+void
+tx_on_payload_skipped (struct conn *c)
+{
+  struct request *req = c->cur;
+
+  c->cur = NULL;
+  c->state = CS_REQUEST;
+  request_reply_now (c, req);
+  conn_update_reading (c);
+}
+
+/* Worker thread: the I/O of one request, then its reply encoding. */
+void
+request_run (struct request *req)
+{
+  struct node *node = req->conn->exp->node;
+  unsigned fua = (req->flags & NBD_CMD_FLAG_FUA) ? NODE_FUA : 0;
+  int r = 0;
+
+  switch (req->type) {
+  case NBD_CMD_READ:
+    r = node_pread (node, req->buf, req->count, req->offset, 0);
+    /* FUA on a read asks nothing of us once the read is done. */
+    break;
+  case NBD_CMD_WRITE:
+    r = node_pwrite (node, req->buf, req->count, req->offset, fua);
+    break;
+  case NBD_CMD_FLUSH:
+    r = node_flush (node);
+    break;
+  case NBD_CMD_TRIM:
+    r = node_discard (node, req->count, req->offset, fua);
+    break;
+  case NBD_CMD_WRITE_ZEROES: {
+    unsigned f = fua;
+    if (!(req->flags & NBD_CMD_FLAG_NO_HOLE))
+      f |= NODE_MAY_TRIM;
+    if (req->flags & NBD_CMD_FLAG_FAST_ZERO)
+      f |= NODE_FAST_ZERO;
+    r = node_zero (node, req->count, req->offset, f);
+    break;
+  }
+  case NBD_CMD_CACHE:
+    r = node_cache (node, req->count, req->offset);
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    extents_reset (&req->extents, req->offset);
+    req->extents.max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
+    r = node_block_status (node, req->count, &req->extents);
+    break;
+  default:
+    r = -EINVAL;
+    break;
+  }
+  req->err = r;
+  reply_encode (req);
+}
