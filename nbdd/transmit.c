@@ -181,7 +181,8 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
   /* Payload bytes must be consumed whatever happens to the request. */
   payload = 0;
   {
-    struct request tmp = { .type = type, .flags = flags, .count = count };
+    struct request tmp = { .type = type, .flags = flags, .offset = offset,
+                           .count = count };
     payload = payload_length (c, &tmp);
     err = validate (c, &tmp, &msg);
     if (err == NBD_SUCCESS && payload > 0 && type != NBD_CMD_WRITE) {
@@ -196,7 +197,9 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
     return -1;
   }
 
-  req = conn_request_get (c, err == NBD_SUCCESS ? payload : 0);
+  /* READ needs room for the data, WRITE for its payload. */
+  req = conn_request_get (c, err != NBD_SUCCESS ? 0
+                          : type == NBD_CMD_READ ? count : payload);
   if (req == NULL) {
     conn_close (c, "out of memory");
     return -1;
