@@ -128,11 +128,10 @@ data_chunk (struct enc *e, uint16_t flags, uint64_t off, uint64_t len)
 {
   struct request *req = e->req;
   unsigned char *start = req->hdr + e->hpos;
-  uint64_t *o;
+  uint64_t o = htobe64 (req->offset + off);
 
   chunk_header (e, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
-  o = hdr_alloc (e, 8);
-  *o = htobe64 (req->offset + off);
+  memcpy (hdr_alloc (e, 8), &o, 8);
   add_iov (req, start, e->hpos - (start - req->hdr));
   add_iov (req, (char *) req->buf + off, len);
 }
