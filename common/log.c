@@ -13,6 +13,7 @@
 
 int log_verbose;
 bool log_to_syslog;
+bool log_quiet;
 static const char *log_progname = "nbdd";
 
 void
@@ -64,6 +65,8 @@ nbdd_info (const char *fs, ...)
 {
   va_list args;
 
+  if (log_quiet)
+    return;
   va_start (args, fs);
   log_verror (LOG_INFO, "", fs, args);
   va_end (args);

@@ -8,6 +8,7 @@
 
 extern int log_verbose;         /* -v count */
 extern bool log_to_syslog;
+extern bool log_quiet;           /* errors and warnings only */
 
 void log_init (const char *progname, bool use_syslog);
 void nbdd_error (const char *fs, ...) __attribute__ ((format (printf, 1, 2)));

@@ -383,7 +383,11 @@ conn_request_get (struct conn *c, uint64_t count)
     req->buf = nb;
     req->buf_cap = cap;
   }
-  c->in_flight++;
+  /* Requests in flight keep the loop running, even after the client
+   * went away, so their completions are always collected.
+   */
+  if (c->in_flight++ == 0)
+    ev_ref (c->loop);
   req->bytes = count;
   c->in_flight_bytes += count;
   return req;
@@ -393,7 +397,8 @@ void
 conn_request_put (struct conn *c, struct request *req)
 {
   assert (c->in_flight > 0);
-  c->in_flight--;
+  if (--c->in_flight == 0)
+    ev_unref (c->loop);
   c->in_flight_bytes -= req->bytes;
   if (c->nr_free_reqs < MAX_FREE_REQS && !c->dead) {
     if (req->buf_cap > KEEP_BUF_CAP) {

@@ -256,7 +256,7 @@ void request_reply_now (struct conn *c, struct request *req);
 /* reply.c (called on worker threads and the main thread) */
 void reply_encode (struct request *req);
 
-/* main.c */
+/* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;
 
 #endif /* NBDD_INTERNAL_H */

@@ -30,6 +30,8 @@ struct listener {
   char *unix_path;              /* to unlink at exit; NULL otherwise */
 };
 
+bool shutting_down;
+
 static struct listener *listeners;
 static size_t nr_listeners;
 static ev_timer retry_timer;    /* resume accepting after EMFILE */

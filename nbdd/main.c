@@ -24,8 +24,6 @@
 #include "log.h"
 #include "options.h"
 
-bool shutting_down;
-
 static void
 die (struct error *err)
 {
