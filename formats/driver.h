@@ -131,6 +131,11 @@ struct node_driver {
                 uint64_t offset, unsigned flags);
   int (*pwrite) (struct node *node, const void *buf, uint32_t count,
                  uint64_t offset, unsigned flags);
+  /* Optional: read only if it cannot block (data in the page cache),
+   * else -EAGAIN.  Called on the event loop thread.
+   */
+  int (*pread_nowait) (struct node *node, void *buf, uint32_t count,
+                       uint64_t offset);
   /* NULL or -ENOTSUP without NODE_FAST_ZERO: the core writes zeroes. */
   int (*zero) (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
@@ -168,6 +173,11 @@ int node_pread (struct node *node, void *buf, uint64_t count,
                 uint64_t offset, unsigned flags);
 int node_pwrite (struct node *node, const void *buf, uint64_t count,
                  uint64_t offset, unsigned flags);
+/* A read that never blocks: 0, -EAGAIN if it would (the caller then
+ * uses node_pread on a worker), or another -errno.
+ */
+int node_pread_nowait (struct node *node, void *buf, uint64_t count,
+                       uint64_t offset);
 int node_zero (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
 int node_discard (struct node *node, uint64_t count, uint64_t offset,

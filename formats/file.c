@@ -42,6 +42,7 @@ struct file_state {
   atomic_bool can_fallocate;
   atomic_bool can_seek_data;
   atomic_bool can_dsync_write;
+  atomic_bool can_nowait;
   /* A failed fdatasync may have dropped dirty pages: once it fails,
    * every later flush fails too, so no client is told "ok" after data
    * was lost.
@@ -130,6 +131,7 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   atomic_init (&s->can_fallocate, true);
   atomic_init (&s->can_seek_data, !s->is_block);
   atomic_init (&s->can_dsync_write, true);
+  atomic_init (&s->can_nowait, !direct);
   atomic_init (&s->flush_error, 0);
 
   node->read_only = ro;
@@ -191,6 +193,31 @@ file_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
     }
   }
   return r;
+}
+
+/* Buffered reads of cached data: preadv2 with RWF_NOWAIT returns what
+ * the page cache holds without waiting for the disk.  Anything short
+ * of the whole request is left to a worker.
+ */
+static int
+file_pread_nowait (struct node *node, void *buf, uint32_t count,
+                   uint64_t offset)
+{
+#ifdef RWF_NOWAIT
+  struct file_state *s = node->opaque;
+  struct iovec iov = { .iov_base = buf, .iov_len = count };
+  ssize_t r;
+
+  if (!atomic_load (&s->can_nowait))
+    return -EAGAIN;
+  r = preadv2 (s->fd, &iov, 1, offset, RWF_NOWAIT);
+  if (r == (ssize_t) count)
+    return 0;
+  if (r == -1 && (errno == EOPNOTSUPP || errno == ENOSYS ||
+                  errno == EINVAL))
+    atomic_store (&s->can_nowait, false);
+#endif
+  return -EAGAIN;
 }
 
 static int
@@ -424,6 +451,7 @@ const struct node_driver file_driver = {
   .refresh_limits = file_refresh_limits,
   .pread          = file_pread,
   .pwrite         = file_pwrite,
+  .pread_nowait   = file_pread_nowait,
   .zero           = file_zero,
   .discard        = file_discard,
   .flush          = file_flush,

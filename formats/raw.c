@@ -93,6 +93,15 @@ raw_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
 }
 
 static int
+raw_pread_nowait (struct node *node, void *buf, uint32_t count,
+                  uint64_t offset)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_pread_nowait (s->file, buf, count, s->offset + offset);
+}
+
+static int
 raw_pwrite (struct node *node, const void *buf, uint32_t count,
             uint64_t offset, unsigned flags)
 {
@@ -161,6 +170,7 @@ const struct node_driver raw_driver = {
   .refresh_limits = raw_refresh_limits,
   .pread          = raw_pread,
   .pwrite         = raw_pwrite,
+  .pread_nowait   = raw_pread_nowait,
   .zero           = raw_zero,
   .discard        = raw_discard,
   .flush          = raw_flush,

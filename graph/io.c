@@ -186,6 +186,20 @@ node_pread (struct node *node, void *buf, uint64_t count, uint64_t offset,
 }
 
 int
+node_pread_nowait (struct node *node, void *buf, uint64_t count,
+                   uint64_t offset)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0 || count == 0)
+    return r;
+  if (node->drv->pread_nowait == NULL || count > max_chunk (node) ||
+      needs_bounce (node, buf, count, offset))
+    return -EAGAIN;
+  return node->drv->pread_nowait (node, buf, count, offset);
+}
+
+int
 node_pwrite (struct node *node, const void *buf, uint64_t count,
              uint64_t offset, unsigned flags)
 {

@@ -149,7 +149,8 @@ node_new (const struct node_driver *drv, const char *name,
   pthread_rwlock_init (&node->rmw_lock, NULL);
 
   if (drv->open (node, spec, errp) == -1) {
-    error_prepend (errp, "node '%s'", node->name);
+    if (node->name[0] != '#')     /* generated names mean nothing */
+      error_prepend (errp, "node '%s'", node->name);
     node->refcnt = 0;
     node_free (steal_pointer (&node));
     return NULL;

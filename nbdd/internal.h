@@ -38,6 +38,10 @@
 #define MAX_EXTENTS             (1u << 16)
 /* Sparse READ replies: at most this many chunks per reply. */
 #define MAX_READ_CHUNKS         16
+/* Reads up to this size are tried on the loop thread without blocking
+ * (RWF_NOWAIT) before going to a worker.
+ */
+#define MAX_INLINE_READ         (256u << 10)
 /* Meta context ids. */
 #define META_ID_BASE_ALLOCATION 1
 
@@ -173,6 +177,7 @@ struct conn {
   struct request *free_reqs;    /* recycled requests */
   unsigned nr_free_reqs;
   unsigned in_flight;           /* requests not yet fully sent */
+  unsigned writes_in_flight;    /* WRITE/ZERO/TRIM at the workers */
   uint64_t in_flight_bytes;
 
   /* Output queue. */
@@ -248,6 +253,8 @@ int tx_on_request_header (struct conn *c, const unsigned char *buf);
 void tx_on_payload_done (struct conn *c);
 /* A rejected payload has been dropped: reply to c->cur. */
 void tx_on_payload_skipped (struct conn *c);
+/* Main thread: a request came back from the workers. */
+void tx_request_completed (struct conn *c, struct request *req);
 /* Worker thread: do the I/O and encode the reply. */
 void request_run (struct request *req);
 /* Main thread: encode an error reply for a request that did no I/O. */

@@ -91,23 +91,57 @@ write_pidfile (void)
   }
 }
 
-static void
+/* Fork into the background.  The parent waits until the child says it
+ * is ready (or dies), so that "nbdd --pidfile P; cat P" works and a
+ * start-up failure is the parent's exit status.  Returns the pipe the
+ * child writes its readiness to.
+ */
+static int
 daemonize (void)
 {
-  pid_t pid = fork ();
-  int fd;
+  int ready[2], fd;
+  pid_t pid;
+  char c;
 
+  if (pipe2 (ready, O_CLOEXEC) == -1) {
+    nbdd_error ("pipe: %m");
+    exit (EXIT_FAILURE);
+  }
+  pid = fork ();
   if (pid == -1) {
     nbdd_error ("fork: %m");
     exit (EXIT_FAILURE);
   }
-  if (pid > 0)
-    _exit (EXIT_SUCCESS);
+  if (pid > 0) {
+    close (ready[1]);
+    _exit (read (ready[0], &c, 1) == 1 ? EXIT_SUCCESS : EXIT_FAILURE);
+  }
+  close (ready[0]);
   setsid ();
   fd = open ("/dev/null", O_RDWR);
   if (fd >= 0) {
     dup2 (fd, 0);
     dup2 (fd, 1);
+    if (fd > 2)
+      close (fd);
+  }
+  return ready[1];
+}
+
+/* Tell the waiting parent we are serving; errors go to syslog now. */
+static void
+daemon_ready (int ready_fd)
+{
+  int fd;
+
+  if (ready_fd < 0)
+    return;
+  if (write (ready_fd, "", 1) != 1)
+    nbdd_warn ("cannot signal readiness to the parent: %m");
+  close (ready_fd);
+  log_init ("nbdd", true);
+  fd = open ("/dev/null", O_RDWR);
+  if (fd >= 0) {
     dup2 (fd, 2);
     if (fd > 2)
       close (fd);
@@ -128,6 +162,7 @@ main (int argc, char **argv)
   struct ev_loop *loop;
   ev_signal sigterm, sigint;
   struct error *err = NULL;
+  int ready_fd = -1;
 
   signal (SIGPIPE, SIG_IGN);
   config_parse (argc, argv);
@@ -152,10 +187,8 @@ main (int argc, char **argv)
 
   if (!config.stdio && listeners_open (loop, &err) == -1)
     die (err);
-  if (!config.foreground) {
-    daemonize ();
-    log_init ("nbdd", true);
-  }
+  if (!config.foreground)
+    ready_fd = daemonize ();
   if (workers_start (loop, config.threads, &err) == -1)
     die (err);
 
@@ -180,6 +213,7 @@ main (int argc, char **argv)
     conns_flush_dirty ();
   }
   write_pidfile ();
+  daemon_ready (ready_fd);
   debug ("ready: %zu node specs, %zu exports", config.nr_blockdevs,
          export_count ());
 

@@ -124,6 +124,28 @@ validate (const struct conn *c, const struct request *req, const char **msg)
   }
 }
 
+static bool
+changes_data (uint16_t type)
+{
+  return type == NBD_CMD_WRITE || type == NBD_CMD_WRITE_ZEROES ||
+    type == NBD_CMD_TRIM;
+}
+
+static void
+submit (struct conn *c, struct request *req)
+{
+  if (changes_data (req->type))
+    c->writes_in_flight++;
+  workers_submit (req);
+}
+
+void
+tx_request_completed (struct conn *c, struct request *req)
+{
+  if (req->nbd_err == NBD_SUCCESS && changes_data (req->type))
+    c->writes_in_flight--;
+}
+
 /* Bytes of payload that follow this header on the wire. */
 static uint64_t
 payload_length (const struct conn *c, const struct request *req)
@@ -229,7 +251,19 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
     c->state = CS_PAYLOAD;
     return 0;
   }
-  workers_submit (req);
+  /* A small read whose data is in the page cache is served right here:
+   * two thread hand-offs cost more than the copy.  It cannot block.
+   * Not while this client has writes queued: a read must not overtake
+   * them, which the workers' FIFO would not do either.
+   */
+  if (type == NBD_CMD_READ && count <= MAX_INLINE_READ &&
+      c->writes_in_flight == 0 &&
+      node_pread_nowait (c->exp->node, req->buf, count, offset) == 0) {
+    request_reply_now (c, req);
+    conn_update_reading (c);
+    return 0;
+  }
+  submit (c, req);
   conn_update_reading (c);
   return 0;
 
@@ -247,7 +281,7 @@ tx_on_payload_done (struct conn *c)
 
   c->cur = NULL;
   c->state = CS_REQUEST;
-  workers_submit (req);
+  submit (c, req);
   conn_update_reading (c);
 }
 

@@ -81,6 +81,7 @@ done_cb (struct ev_loop *l, ev_async *w, int revents)
 
   for (; req; req = next) {
     next = req->next;
+    tx_request_completed (req->conn, req);
     conn_request_done (req);
   }
   conns_flush_dirty ();
