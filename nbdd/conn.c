@@ -60,6 +60,7 @@ conn_new (struct ev_loop *loop, int in_fd, int out_fd, const char *peer,
   if (c->inbuf == NULL || c->peer == NULL)
     goto out_free;
 
+  pthread_mutex_init (&c->send_lock, NULL);
   c->loop = loop;
   c->in_fd = in_fd;
   c->out_fd = out_fd;
@@ -116,6 +117,7 @@ conn_free (struct conn *c)
   if (c->next)
     c->next->prev = c->prev;
   nr_conns--;
+  pthread_mutex_destroy (&c->send_lock);
   free (c->optbuf);
   free (c->meta_export);
   free (c->inbuf);
@@ -148,20 +150,25 @@ conn_close (struct conn *c, const char *why)
     debug ("%s: closing connection: %s", c->peer, why);
   if (c->reading)
     c->reading = false;
-  c->dead = true;
   ev_io_stop (c->loop, &c->rio);
   ev_io_stop (c->loop, &c->wio);
   ev_timer_stop (c->loop, &c->handshake_timer);
+  /* Under the lock: a worker may be about to send on these fds. */
+  pthread_mutex_lock (&c->send_lock);
+  c->dead = true;
   close (c->in_fd);
   if (c->out_fd != c->in_fd)
     close (c->out_fd);
   c->in_fd = c->out_fd = -1;
+  it = c->out_head;
+  c->out_head = c->out_tail = NULL;
+  pthread_mutex_unlock (&c->send_lock);
   /* Queued output will never be sent. */
-  while ((it = c->out_head) != NULL) {
-    c->out_head = it->next;
+  while (it != NULL) {
+    struct out_item *next = it->next;
     it->release (c, it);
+    it = next;
   }
-  c->out_tail = NULL;
   if (c->cur) {
     conn_request_put (c, c->cur);
     c->cur = NULL;
@@ -201,11 +208,29 @@ conn_queue (struct conn *c, struct out_item *item)
   }
   item->next = NULL;
   item->pos = 0;
+  pthread_mutex_lock (&c->send_lock);
   if (c->out_tail)
     c->out_tail->next = item;
   else
     c->out_head = item;
   c->out_tail = item;
+  pthread_mutex_unlock (&c->send_lock);
+  conn_mark_dirty (c);
+}
+
+/* The rest of a reply a worker sent in part goes out before anything
+ * else.  Its iovecs already say how far it got.
+ */
+static void
+conn_queue_head (struct conn *c, struct out_item *item)
+{
+  pthread_mutex_lock (&c->send_lock);
+  item->next = c->out_head;
+  c->out_head = item;
+  if (c->out_tail == NULL)
+    c->out_tail = item;
+  c->out_partial = false;
+  pthread_mutex_unlock (&c->send_lock);
   conn_mark_dirty (c);
 }
 
@@ -270,8 +295,10 @@ void
 conn_flush (struct conn *c)
 {
   size_t sent_total = 0;
+  bool write_error = false;
 
-  while (c->out_head && !c->dead) {
+  pthread_mutex_lock (&c->send_lock);
+  while (c->out_head && !c->dead && !c->out_partial) {
     struct iovec iov[MAX_IOV];
     int n = 0;
     size_t want = 0;
@@ -294,10 +321,9 @@ conn_flush (struct conn *c)
       while (r == -1 && errno == EINTR);
     }
     if (r == -1) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        break;
-      conn_close (c, "write error");
-      return;
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        write_error = true;
+      break;
     }
 
     /* Consume r bytes from the head of the queue. */
@@ -321,16 +347,21 @@ conn_flush (struct conn *c)
       c->out_head = it->next;
       if (c->out_head == NULL)
         c->out_tail = NULL;
-      it->release (c, it);
+      it->release (c, it);      /* only recycles: takes no lock */
     }
     sent_total += r;
     if ((size_t) r < want || sent_total >= MAX_SEND_PER_EVENT)
       break;
   }
+  pthread_mutex_unlock (&c->send_lock);
 
+  if (write_error) {
+    conn_close (c, "write error");
+    return;
+  }
   if (c->dead)
     return;
-  if (c->out_head) {
+  if (c->out_head && !c->out_partial) {
     if (!ev_is_active (&c->wio))
       ev_io_start (c->loop, &c->wio);
   }
@@ -368,6 +399,7 @@ conn_request_get (struct conn *c, uint64_t count)
   req->err = 0;
   req->errmsg = NULL;
   req->payload_got = 0;
+  req->sent = req->partial = false;
   req->bytes = 0;
   if (count > req->buf_cap) {
     void *nb;
@@ -432,9 +464,64 @@ conn_request_done (struct request *req)
 
   req->out.iov = req->iov;
   req->out.release = request_release;
+  if (req->sent) {
+    /* A worker sent it: only the bookkeeping is left. */
+    conn_request_put (c, req);
+    conn_mark_dirty (c);        /* drain, reap, or read more */
+    return;
+  }
+  if (req->partial && !c->dead) {
+    conn_queue_head (c, &req->out);
+    return;
+  }
   conn_queue (c, &req->out);
   if (c->dead)
     conn_mark_dirty (c);        /* maybe the last one: reap */
+}
+
+void
+conn_send_direct (struct request *req)
+{
+  struct conn *c = req->conn;
+  struct iovec *iov = req->iov;
+  unsigned niov = req->out.niov, i = 0;
+  size_t want = 0;
+  ssize_t r;
+
+  req->sent = req->partial = false;
+  for (unsigned k = 0; k < niov; ++k)
+    want += iov[k].iov_len;
+
+  pthread_mutex_lock (&c->send_lock);
+  if (c->dead || c->out_head != NULL || c->out_partial) {
+    pthread_mutex_unlock (&c->send_lock);
+    return;                     /* the loop will queue it */
+  }
+  do
+    r = writev (c->out_fd, iov, MIN (niov, (unsigned) MAX_IOV));
+  while (r == -1 && errno == EINTR);
+  if (r == (ssize_t) want)
+    req->sent = true;
+  else if (r > 0) {
+    /* Mark how far it got; the loop sends the rest before anything
+     * else.
+     */
+    size_t left = r;
+    for (i = 0; i < niov && left >= iov[i].iov_len; ++i) {
+      left -= iov[i].iov_len;
+      iov[i].iov_len = 0;
+    }
+    if (i < niov) {
+      iov[i].iov_base = (char *) iov[i].iov_base + left;
+      iov[i].iov_len -= left;
+    }
+    req->partial = true;
+    c->out_partial = true;
+  }
+  /* EAGAIN or an error: nothing went out; the loop queues it and finds
+   * any error itself.
+   */
+  pthread_mutex_unlock (&c->send_lock);
 }
 
 void

@@ -10,6 +10,7 @@
 #ifndef NBDD_INTERNAL_H
 #define NBDD_INTERNAL_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -180,8 +181,16 @@ struct conn {
   unsigned writes_in_flight;    /* WRITE/ZERO/TRIM at the workers */
   uint64_t in_flight_bytes;
 
-  /* Output queue. */
+  /* Output.  Replies are written by the loop (conn_flush) or, when
+   * nothing is queued, straight from the worker that finished the
+   * request (worker.c), saving a trip through the loop.  send_lock
+   * makes each reply's bytes contiguous on the wire and protects the
+   * fields below it.  A reply a worker could send only in part blocks
+   * all other output until the loop has queued its rest at the head.
+   */
+  pthread_mutex_t send_lock;
   struct out_item *out_head, *out_tail;
+  bool out_partial;             /* a partly sent reply is in transit */
 };
 
 /* Accept a connection on fd (or in_fd/out_fd for --stdio).  The conn
@@ -203,6 +212,8 @@ struct request *conn_request_get (struct conn *c, uint64_t count);
 void conn_request_put (struct conn *c, struct request *req);
 /* A completed request comes back from the workers (main thread). */
 void conn_request_done (struct request *req);
+/* Worker thread: try to send a finished request's reply at once. */
+void conn_send_direct (struct request *req);
 /* Called once per loop iteration after completions: flush output. */
 void conns_flush_dirty (void);
 unsigned conn_count (void);
@@ -240,6 +251,8 @@ struct request {
   uint64_t payload_got;         /* WRITE payload bytes read so far */
   struct extent_list extents;   /* BLOCK_STATUS result (kept for reuse) */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
+  bool sent;                    /* a worker sent the whole reply */
+  bool partial;                 /* a worker sent part of it */
 
   /* The encoded reply. */
   struct out_item out;

@@ -38,6 +38,7 @@ worker_main (void *arg)
 {
   for (;;) {
     struct request *req;
+    bool busy;
 
     pthread_mutex_lock (&todo_lock);
     while (todo_head == NULL && !quit) {
@@ -53,9 +54,16 @@ worker_main (void *arg)
     todo_head = req->next;
     if (todo_head == NULL)
       todo_tail = NULL;
+    busy = todo_head != NULL;
     pthread_mutex_unlock (&todo_lock);
 
     request_run (req);
+    /* When requests trickle in (low queue depth), latency is all, and
+     * the reply goes straight out.  Under load the loop gathers many
+     * replies into one writev, which is cheaper.
+     */
+    if (!busy)
+      conn_send_direct (req);
 
     req->next = NULL;
     pthread_mutex_lock (&done_lock);
