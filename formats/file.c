@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -43,11 +44,15 @@ struct file_state {
   atomic_bool can_seek_data;
   atomic_bool can_dsync_write;
   atomic_bool can_nowait;
-  /* A failed fdatasync may have dropped dirty pages: once it fails,
-   * every later flush fails too, so no client is told "ok" after data
-   * was lost.
+  /* A failed fdatasync (or RWF_DSYNC write) may have dropped dirty
+   * pages, and the kernel reports that only once per descriptor: once
+   * anything fails, every later flush fails too, so no client is told
+   * "ok" after data was lost.  flush_lock makes check, sync and latch
+   * one step, so two connections flushing at once cannot split the
+   * one error report between them.
    */
-  atomic_int flush_error;
+  pthread_mutex_t flush_lock;
+  int flush_error;              /* protected by flush_lock */
 };
 
 static const char *const file_keys[] = {
@@ -67,6 +72,7 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   int flags;
 
   s->fd = -1;
+  pthread_mutex_init (&s->flush_lock, NULL);
   if (opt_check_keys (opts, "file", file_keys, errp) == -1 ||
       opt_get_string (opts, "file", "filename", true, &filename, errp) == -1 ||
       opt_get_bool (opts, "file", "read-only", false, &ro, errp) == -1)
@@ -132,13 +138,12 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   atomic_init (&s->can_seek_data, !s->is_block);
   atomic_init (&s->can_dsync_write, true);
   atomic_init (&s->can_nowait, !direct);
-  atomic_init (&s->flush_error, 0);
 
   node->read_only = ro;
   node->can_flush = true;
   node->can_trim = true;
   node->can_zero = true;
-  node->can_fast_zero = true;
+  node->can_fast_zero = !s->is_block;  /* BLKZEROOUT may be slow */
   node->can_cache = true;
   node->has_block_status = !s->is_block;
   node->is_rotational = false;
@@ -160,6 +165,7 @@ file_close (struct node *node)
   if (s->fd >= 0)
     close (s->fd);
   s->fd = -1;
+  pthread_mutex_destroy (&s->flush_lock);
 }
 
 static void
@@ -220,19 +226,26 @@ file_pread_nowait (struct node *node, void *buf, uint32_t count,
   return -EAGAIN;
 }
 
+static void
+latch_flush_error (struct file_state *s, int err)
+{
+  pthread_mutex_lock (&s->flush_lock);
+  if (s->flush_error == 0)
+    s->flush_error = err;
+  pthread_mutex_unlock (&s->flush_lock);
+}
+
 static int
 file_flush_now (struct file_state *s)
 {
-  int err = atomic_load (&s->flush_error);
+  int err;
 
-  if (err)
-    return -err;
-  if (fdatasync (s->fd) == -1) {
-    err = errno;
-    atomic_store (&s->flush_error, err == EINTR ? EIO : err);
-    return -err;
-  }
-  return 0;
+  pthread_mutex_lock (&s->flush_lock);
+  err = s->flush_error;
+  if (err == 0 && fdatasync (s->fd) == -1)
+    err = s->flush_error = (errno == EINTR ? EIO : errno);
+  pthread_mutex_unlock (&s->flush_lock);
+  return -err;
 }
 
 static int
@@ -255,7 +268,10 @@ file_pwrite (struct node *node, const void *buf, uint32_t count,
           atomic_store (&s->can_dsync_write, false);
           break;
         }
-        return -errno;
+        /* The failed sync consumed the kernel's error report. */
+        int err = errno;
+        latch_flush_error (s, err);
+        return -err;
       }
       p += r;
       offset += r;
@@ -323,20 +339,22 @@ file_zero (struct node *node, uint64_t count, uint64_t offset,
   if (r == 0)
     goto done;
   /* No ZERO_RANGE: punch a hole and allocate it again, which leaves an
-   * allocated, zeroed range (what NO_HOLE asks for).
+   * allocated, zeroed range (what NO_HOLE asks for).  Only when both
+   * are known to work; if allocating turns out unsupported after the
+   * punch, the range reads as zeroes and the core writes them to
+   * allocate it.
    */
+  if (!atomic_load (&s->can_fallocate) || !atomic_load (&s->can_punch_hole))
+    return -ENOTSUP;            /* nothing fast: the core writes zeroes */
   r = try_fallocate (s, &s->can_punch_hole,
                      FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                      offset, count);
-  if (r < 0)
-    return r;
-  if (r == 0) {
-    r = try_fallocate (s, &s->can_fallocate, 0, offset, count);
-    if (r < 0)
-      return r;
-    goto done;
-  }
-  return -ENOTSUP;              /* nothing fast: the core writes zeroes */
+  if (r != 0)
+    return r < 0 ? r : -ENOTSUP;
+  r = try_fallocate (s, &s->can_fallocate, 0, offset, count);
+  if (r != 0)
+    return r < 0 ? r : -ENOTSUP;
+  goto done;
 
  done:
   if (flags & NODE_FUA)

@@ -87,26 +87,35 @@ pread_aligned (struct node *node, void *buf, uint64_t count,
   return 0;
 }
 
+/* FUA covers a whole request.  A driver's FUA may cover only the
+ * range of that one call (pwritev2 RWF_DSYNC does), so a request that
+ * goes down in several pieces sends them without FUA and ends with one
+ * flush.
+ */
+static int
+fua_flush (struct node *node, unsigned flags)
+{
+  return (flags & NODE_FUA) ? node_flush (node) : 0;
+}
+
 static int
 pwrite_aligned (struct node *node, const void *buf, uint64_t count,
                 uint64_t offset, unsigned flags)
 {
   uint32_t chunk = max_chunk (node);
 
+  if (count <= chunk)
+    return node->drv->pwrite (node, buf, count, offset, flags);
   while (count > 0) {
     uint32_t n = MIN (count, (uint64_t) chunk);
-    /* FUA applies to the whole request: pass it on the last piece only
-     * when the driver's FUA is a flush of everything before it.
-     */
-    int r = node->drv->pwrite (node, buf, n, offset,
-                               n == count ? flags : flags & ~NODE_FUA);
+    int r = node->drv->pwrite (node, buf, n, offset, flags & ~NODE_FUA);
     if (r < 0)
       return r;
     buf = (const char *) buf + n;
     count -= n;
     offset += n;
   }
-  return 0;
+  return fua_flush (node, flags);
 }
 
 /* The aligned window around [offset, offset + count). */
@@ -232,14 +241,13 @@ zero_by_writing (struct node *node, uint64_t count, uint64_t offset,
     return -ENOMEM;
   while (count > 0) {
     uint64_t n = MIN (count, (uint64_t) ZERO_BUF_SIZE);
-    int r = node_pwrite (node, zero_buf, n, offset,
-                         n == count ? flags & NODE_FUA : 0);
+    int r = node_pwrite (node, zero_buf, n, offset, 0);
     if (r < 0)
       return r;
     count -= n;
     offset += n;
   }
-  return 0;
+  return fua_flush (node, flags);
 }
 
 /* Aligned zeroing through the driver, falling back to writing. */
@@ -294,13 +302,12 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
       (r = pwrite_rmw (node, NULL, head_end - offset, offset, 0)) < 0)
     return r;
   if ((r = zero_aligned (node, tail_start - head_end, head_end,
-                         tail_start < end ? flags & ~NODE_FUA
-                         : flags)) < 0)
+                         flags & ~NODE_FUA)) < 0)
     return r;
-  if (tail_start < end)
-    return pwrite_rmw (node, NULL, end - tail_start, tail_start,
-                       flags & NODE_FUA);
-  return 0;
+  if (tail_start < end &&
+      (r = pwrite_rmw (node, NULL, end - tail_start, tail_start, 0)) < 0)
+    return r;
+  return fua_flush (node, flags);
 }
 
 int

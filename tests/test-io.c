@@ -25,6 +25,8 @@
 struct mem {
   unsigned char data[MEM_SIZE];
   unsigned requests;
+  unsigned fua_writes;          /* pwrite calls that carried FUA */
+  unsigned flushes;
 };
 
 static int
@@ -74,6 +76,17 @@ mem_pwrite (struct node *node, const void *buf, uint32_t count,
 
   check (node, buf, count, offset);
   memcpy (m->data + offset, buf, count);
+  if (flags & NODE_FUA)
+    m->fua_writes++;
+  return 0;
+}
+
+static int
+mem_flush (struct node *node)
+{
+  struct mem *m = node->opaque;
+
+  m->flushes++;
   return 0;
 }
 
@@ -104,6 +117,7 @@ static const struct node_driver mem_driver = {
   .pread = mem_pread,
   .pwrite = mem_pwrite,
   .block_status = mem_block_status,
+  .flush = mem_flush,
   /* no .zero: the core must emulate it by writing */
 };
 
@@ -186,6 +200,37 @@ test_zero (struct node *node)
   extents_free (&el);
 }
 
+/* FUA covers the whole request: one driver call may carry it, but a
+ * request split into pieces must end with a flush instead (a driver's
+ * FUA may cover only its own range).
+ */
+static void
+test_fua (struct node *node)
+{
+  struct mem *m = node->opaque;
+  void *big;
+
+  assert (posix_memalign (&big, 4096, 4 * MAX_XFER) == 0);
+  memset (big, 1, 4 * MAX_XFER);
+
+  m->fua_writes = m->flushes = 0;
+  assert (node_pwrite (node, big, 4096, 0, NODE_FUA) == 0);
+  assert (m->fua_writes == 1 && m->flushes == 0);
+
+  m->fua_writes = m->flushes = 0;
+  assert (node_pwrite (node, big, 4 * MAX_XFER, 0, NODE_FUA) == 0);
+  assert (m->fua_writes == 0 && m->flushes == 1);
+
+  /* Emulated zeroes (several pieces) and unaligned zeroes (RMW ends). */
+  m->fua_writes = m->flushes = 0;
+  assert (node_zero (node, 3 * MAX_XFER, 0, NODE_FUA) == 0);
+  assert (m->fua_writes == 0 && m->flushes == 1);
+  m->fua_writes = m->flushes = 0;
+  assert (node_zero (node, 200, 100, NODE_FUA) == 0);
+  assert (m->fua_writes == 0 && m->flushes == 1);
+  free (big);
+}
+
 int
 main (void)
 {
@@ -199,6 +244,7 @@ main (void)
   test_split (node);
   test_bounds (node);
   test_zero (node);
+  test_fua (node);
   node_unref (node);
   json_object_put (spec);
   printf ("test-io: ok\n");
