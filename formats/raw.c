@@ -75,12 +75,13 @@ raw_refresh_limits (struct node *node, struct node_limits *limits)
 {
   struct raw_state *s = node->opaque;
 
-  /* The child aligns for itself; our offset may be unaligned to it, so
-   * only pass its alignment up when the window keeps it aligned.
+  /* The child aligns for itself, under its own lock: read-modify-write
+   * must happen in the node that needs it, or a write through another
+   * parent of the same child could be lost in between.
    */
-  *limits = s->file->limits;
-  if (!IS_ALIGNED (s->offset, limits->request_alignment))
-    limits->request_alignment = 1;
+  limits->request_alignment = 1;
+  limits->max_transfer = 0;
+  limits->opt_transfer = s->file->limits.opt_transfer;
 }
 
 static int
