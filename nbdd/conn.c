@@ -30,10 +30,12 @@
 #define MAX_SEND_PER_EVENT (8u << 20)  /* fairness between clients */
 #define MAX_FREE_REQS 64
 #define KEEP_BUF_CAP (1u << 20)         /* larger buffers are not kept */
+#define MAX_FREE_BYTES (4u << 20)       /* buffers kept per connection */
+#define KEEP_EXTENTS 256                /* larger extent arrays freed */
 #define RECV_BUDGET 16                  /* reads per readable event */
 
 static struct conn *conns;              /* all live or dying conns */
-static unsigned nr_conns;
+static unsigned nr_conns;               /* live ones: not yet closed */
 static struct conn *dirty_list;
 
 static void conn_io_cb (struct ev_loop *loop, ev_io *w, int revents);
@@ -45,6 +47,30 @@ unsigned
 conn_count (void)
 {
   return nr_conns;
+}
+
+static bool
+in_handshake (const struct conn *c)
+{
+  return c->state == CS_CFLAGS || c->state == CS_OPTION ||
+    c->state == CS_OPTION_DATA || c->state == CS_OPTION_SKIP;
+}
+
+bool
+conn_evict_handshake (void)
+{
+  struct conn *oldest = NULL;
+
+  /* New connections go to the head: the last match is the oldest. */
+  for (struct conn *c = conns; c; c = c->next)
+    if (!c->dead && in_handshake (c))
+      oldest = c;
+  if (oldest == NULL)
+    return false;
+  nbdd_info ("%s: closing a connection still in the handshake to make "
+             "room for a new client", oldest->peer);
+  conn_close (oldest, NULL);
+  return true;
 }
 
 struct conn *
@@ -116,7 +142,6 @@ conn_free (struct conn *c)
     conns = c->next;
   if (c->next)
     c->next->prev = c->prev;
-  nr_conns--;
   pthread_mutex_destroy (&c->send_lock);
   free (c->optbuf);
   free (c->meta_export);
@@ -148,8 +173,8 @@ conn_close (struct conn *c, const char *why)
     return;
   if (why)
     debug ("%s: closing connection: %s", c->peer, why);
-  if (c->reading)
-    c->reading = false;
+  c->reading = false;
+  nr_conns--;
   ev_io_stop (c->loop, &c->rio);
   ev_io_stop (c->loop, &c->wio);
   ev_timer_stop (c->loop, &c->handshake_timer);
@@ -295,7 +320,7 @@ void
 conn_flush (struct conn *c)
 {
   size_t sent_total = 0;
-  bool write_error = false;
+  bool write_error = false, waiting, empty;
 
   pthread_mutex_lock (&c->send_lock);
   while (c->out_head && !c->dead && !c->out_partial) {
@@ -353,6 +378,8 @@ conn_flush (struct conn *c)
     if ((size_t) r < want || sent_total >= MAX_SEND_PER_EVENT)
       break;
   }
+  waiting = c->out_head != NULL && !c->out_partial;
+  empty = c->out_head == NULL && !c->out_partial;
   pthread_mutex_unlock (&c->send_lock);
 
   if (write_error) {
@@ -361,14 +388,14 @@ conn_flush (struct conn *c)
   }
   if (c->dead)
     return;
-  if (c->out_head && !c->out_partial) {
+  if (waiting) {
     if (!ev_is_active (&c->wio))
       ev_io_start (c->loop, &c->wio);
   }
   else {
     if (ev_is_active (&c->wio))
       ev_io_stop (c->loop, &c->wio);
-    if (c->state == CS_DRAIN && c->in_flight == 0)
+    if (empty && c->state == CS_DRAIN && c->in_flight == 0)
       conn_close (c, "finished");
   }
   if (!c->dead)
@@ -384,6 +411,7 @@ conn_request_get (struct conn *c, uint64_t count)
   if (req) {
     c->free_reqs = req->next;
     c->nr_free_reqs--;
+    c->free_bytes -= req->buf_cap;
   }
   else {
     req = malloc (sizeof *req);
@@ -426,6 +454,13 @@ conn_request_get (struct conn *c, uint64_t count)
 }
 
 void
+conn_request_charge (struct conn *c, struct request *req, uint64_t bytes)
+{
+  req->bytes += bytes;
+  c->in_flight_bytes += bytes;
+}
+
+void
 conn_request_put (struct conn *c, struct request *req)
 {
   assert (c->in_flight > 0);
@@ -433,11 +468,18 @@ conn_request_put (struct conn *c, struct request *req)
     ev_unref (c->loop);
   c->in_flight_bytes -= req->bytes;
   if (c->nr_free_reqs < MAX_FREE_REQS && !c->dead) {
-    if (req->buf_cap > KEEP_BUF_CAP) {
+    /* An idle connection holds little: big buffers and extent arrays
+     * go back to the allocator.
+     */
+    if (req->buf_cap > KEEP_BUF_CAP ||
+        c->free_bytes + req->buf_cap > MAX_FREE_BYTES) {
       free (req->buf);
       req->buf = NULL;
       req->buf_cap = 0;
     }
+    if (req->extents.cap > KEEP_EXTENTS)
+      extents_free (&req->extents);
+    c->free_bytes += req->buf_cap;
     req->next = c->free_reqs;
     c->free_reqs = req;
     c->nr_free_reqs++;
@@ -657,6 +699,7 @@ conn_process_input (struct conn *c)
 static void
 conn_on_readable (struct conn *c)
 {
+  c->inline_bytes = 0;
   for (int budget = 0; budget < RECV_BUDGET; ++budget) {
     ssize_t r;
     int pr = conn_process_input (c);

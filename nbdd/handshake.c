@@ -340,7 +340,7 @@ static int
 handle_info_go (struct conn *c)
 {
   char name[NBD_MAX_STRING + 1], safe[100];
-  bool want_name = false, want_desc = false;
+  bool want_name = false;
   struct export *exp;
   size_t pos;
   uint16_t nr;
@@ -361,8 +361,7 @@ handle_info_go (struct conn *c)
     memcpy (&t, c->optbuf + pos + 2 * i, 2);
     switch (be16toh (t)) {
     case NBD_INFO_NAME:        want_name = true; break;
-    case NBD_INFO_DESCRIPTION: want_desc = true; break;
-    default: break;             /* EXPORT and BLOCK_SIZE always go */
+    default: break;             /* the others always go */
     }
   }
 
@@ -375,7 +374,8 @@ handle_info_go (struct conn *c)
   if (send_info_export (c, exp) == -1 ||
       send_info_block_size (c, exp) == -1 ||
       (want_name && send_info_string (c, NBD_INFO_NAME, exp->name) == -1) ||
-      ((want_desc || exp->description) && exp->description &&
+      /* Sent whether asked or not, as qemu does: it is cheap. */
+      (exp->description &&
        send_info_string (c, NBD_INFO_DESCRIPTION, exp->description) == -1) ||
       send_ack (c) == -1)
     return -1;

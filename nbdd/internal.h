@@ -43,6 +43,10 @@
  * (RWF_NOWAIT) before going to a worker.
  */
 #define MAX_INLINE_READ         (256u << 10)
+/* ...and at most this much per readable event, so one client cannot
+ * hold the loop.
+ */
+#define MAX_INLINE_PER_EVENT    (4u << 20)
 /* Meta context ids. */
 #define META_ID_BASE_ALLOCATION 1
 
@@ -102,7 +106,7 @@ void workers_stop (void);
 /* listen.c */
 int listeners_open (struct ev_loop *loop, struct error **errp);
 void listeners_close (struct ev_loop *loop);
-/* Stop or resume accepting (max-connections, EMFILE). */
+/* Stop or resume accepting (while accept fails with EMFILE). */
 void listeners_pause (struct ev_loop *loop, bool pause);
 
 /* conn.c: one client connection. */
@@ -177,8 +181,10 @@ struct conn {
   struct request *cur;          /* request whose payload is arriving */
   struct request *free_reqs;    /* recycled requests */
   unsigned nr_free_reqs;
+  size_t free_bytes;            /* buffer bytes held by free_reqs */
   unsigned in_flight;           /* requests not yet fully sent */
   unsigned writes_in_flight;    /* WRITE/ZERO/TRIM at the workers */
+  uint64_t inline_bytes;        /* read inline in this readable event */
   uint64_t in_flight_bytes;
 
   /* Output.  Replies are written by the loop (conn_flush) or, when
@@ -210,6 +216,9 @@ void conn_drain (struct conn *c);
 /* Request back to the connection's pool (or freed). */
 struct request *conn_request_get (struct conn *c, uint64_t count);
 void conn_request_put (struct conn *c, struct request *req);
+/* Count memory a request will use beyond its buffer (block status). */
+void conn_request_charge (struct conn *c, struct request *req,
+                          uint64_t bytes);
 /* A completed request comes back from the workers (main thread). */
 void conn_request_done (struct request *req);
 /* Worker thread: try to send a finished request's reply at once. */
@@ -217,6 +226,10 @@ void conn_send_direct (struct request *req);
 /* Called once per loop iteration after completions: flush output. */
 void conns_flush_dirty (void);
 unsigned conn_count (void);
+/* Close the oldest connection still in the handshake, to make room.
+ * False if every connection is past it.
+ */
+bool conn_evict_handshake (void);
 void conns_close_all (const char *why);
 void conn_mark_dirty (struct conn *c);
 /* Resume reading if back-pressure allows it. */

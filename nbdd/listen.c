@@ -36,6 +36,8 @@ static struct listener *listeners;
 static size_t nr_listeners;
 static ev_timer retry_timer;    /* resume accepting after EMFILE */
 static bool paused;
+static bool backing_off;        /* retry_timer is pending */
+static bool emfile_warned;      /* until the next successful accept */
 
 static void
 set_nonblock_cloexec (int fd)
@@ -81,17 +83,29 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
         continue;
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
           errno == ENOMEM) {
-        nbdd_warn ("accept: %m: pausing for 100 ms");
-        listeners_pause (loop, true);
-        ev_timer_again (loop, &retry_timer);
+        if (!backing_off) {
+          /* Once per episode, not every 100 ms. */
+          if (!emfile_warned)
+            nbdd_warn ("accept: %m: pausing for 100 ms at a time");
+          emfile_warned = true;
+          listeners_pause (loop, true);
+          backing_off = true;
+          ev_timer_set (&retry_timer, 0.1, 0.);
+          ev_timer_start (loop, &retry_timer);
+        }
       }
       break;
     }
+    emfile_warned = false;
     if (shutting_down) {
       close (fd);
       continue;
     }
-    if (config.max_connections && conn_count () >= config.max_connections) {
+    /* At the limit, a client still in the handshake makes room: idle
+     * handshakes must not lock real clients out.
+     */
+    if (config.max_connections && conn_count () >= config.max_connections &&
+        !conn_evict_handshake ()) {
       nbdd_info ("refusing a connection: %u connections already "
                  "(--max-connections)", conn_count ());
       close (fd);
@@ -100,6 +114,8 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
     if (l->is_tcp) {
       int one = 1;
       setsockopt (fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      /* Vanished peers are noticed and their slot freed. */
+      setsockopt (fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     }
     peer_name (fd, l->is_tcp, peer, sizeof peer);
     if (conn_new (loop, fd, fd, peer, &err) == NULL) {
@@ -115,6 +131,7 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
 static void
 retry_cb (struct ev_loop *loop, ev_timer *w, int revents)
 {
+  backing_off = false;
   listeners_pause (loop, false);
 }
 
@@ -123,7 +140,7 @@ listeners_pause (struct ev_loop *loop, bool pause)
 {
   if (pause == paused)
     return;
-  if (!pause && ev_is_active (&retry_timer))
+  if (!pause && backing_off)
     return;                     /* still backing off after EMFILE */
   paused = pause;
   for (size_t i = 0; i < nr_listeners; ++i) {
@@ -149,7 +166,12 @@ listener_add (int fd, bool is_tcp, const char *unix_path,
   nl = &listeners[nr_listeners++];
   nl->fd = fd;
   nl->is_tcp = is_tcp;
-  nl->unix_path = unix_path ? strdup (unix_path) : NULL;
+  nl->unix_path = NULL;
+  if (unix_path && (nl->unix_path = strdup (unix_path)) == NULL) {
+    error_setg_errno (errp, errno, "listen");
+    nr_listeners--;
+    return NULL;
+  }
   return nl;
 }
 
@@ -326,8 +348,8 @@ listeners_open (struct ev_loop *loop, struct error **errp)
                 "socket activation");
     return -1;
   }
-  ev_init (&retry_timer, retry_cb);
-  retry_timer.repeat = 0.1;
+  /* One-shot: inactive again by the time its callback runs. */
+  ev_timer_init (&retry_timer, retry_cb, 0.1, 0.);
   for (size_t i = 0; i < nr_listeners; ++i) {
     ev_io_init (&listeners[i].io, accept_cb, listeners[i].fd, EV_READ);
     ev_io_start (loop, &listeners[i].io);

@@ -110,7 +110,7 @@ error_reply (struct enc *e, uint32_t error, const char *msg)
 
   if (req->conn->mode == MODE_SIMPLE) {
     simple_reply (e, error);
-    add_iov (req, start, e->hpos);
+    add_iov (req, start, e->hpos - (start - req->hdr));
     return;
   }
   len = MIN (strlen (msg), (size_t) 200);
@@ -162,7 +162,7 @@ read_chunks (struct enc *e)
   if (count == 0) {
     unsigned char *start = req->hdr + e->hpos;
     chunk_header (e, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
-    add_iov (req, start, e->hpos);
+    add_iov (req, start, e->hpos - (start - req->hdr));
     return;
   }
   if ((req->flags & NBD_CMD_FLAG_DF) || count < 8192) {
@@ -252,7 +252,7 @@ block_status_chunk (struct enc *e)
                 ext ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
                 : NBD_REPLY_TYPE_BLOCK_STATUS,
                 hsize + n * dsize);
-  add_iov (req, start, e->hpos);
+  add_iov (req, start, e->hpos - (start - req->hdr));
   add_iov (req, req->buf, hsize + n * dsize);
   return 0;
 }

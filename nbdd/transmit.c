@@ -226,6 +226,13 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
     conn_close (c, "out of memory");
     return -1;
   }
+  /* Block status builds its reply on the worker: count the worst case
+   * (extents and descriptors) against the in-flight budget now.
+   */
+  if (type == NBD_CMD_BLOCK_STATUS && err == NBD_SUCCESS)
+    conn_request_charge (c, req, (flags & NBD_CMD_FLAG_REQ_ONE) ? 64
+                         : MAX_EXTENTS * (sizeof (struct extent) +
+                                          sizeof (struct nbd_block_descriptor_ext)));
   req->type = type;
   req->flags = flags;
   req->cookie = cookie;
@@ -257,8 +264,9 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
    * them, which the workers' FIFO would not do either.
    */
   if (type == NBD_CMD_READ && count <= MAX_INLINE_READ &&
-      c->writes_in_flight == 0 &&
+      c->writes_in_flight == 0 && c->inline_bytes < MAX_INLINE_PER_EVENT &&
       node_pread_nowait (c->exp->node, req->buf, count, offset) == 0) {
+    c->inline_bytes += count;
     request_reply_now (c, req);
     conn_update_reading (c);
     return 0;
