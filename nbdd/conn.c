@@ -303,6 +303,7 @@ conn_mark_dirty (struct conn *c)
 void
 conns_flush_dirty (void)
 {
+  workers_kick ();
   while (dirty_list) {
     struct conn *c = dirty_list;
     dirty_list = c->dirty_next;
@@ -311,6 +312,7 @@ conns_flush_dirty (void)
       conn_flush (c);
     conn_reap (c);
   }
+  workers_kick ();              /* what flushing let us read */
 }
 
 /* Send queued output: one writev of up to MAX_IOV iovecs, repeated
@@ -699,22 +701,31 @@ conn_process_input (struct conn *c)
 static void
 conn_on_readable (struct conn *c)
 {
+  bool drained = false;
+
   c->inline_bytes = 0;
   for (int budget = 0; budget < RECV_BUDGET; ++budget) {
     ssize_t r;
+    size_t want;
     int pr = conn_process_input (c);
 
     if (pr <= 0)
       break;                    /* closed, or stopped by back-pressure */
+    /* A read that came back short emptied the socket: another would
+     * only say EAGAIN.
+     */
+    if (drained)
+      break;
 
     /* A large WRITE payload goes straight into its buffer. */
     if (c->state == CS_PAYLOAD && in_avail (c) == 0) {
       struct request *req = c->cur;
+      want = req->count - req->payload_got;
       do
-        r = read (c->in_fd, (char *) req->buf + req->payload_got,
-                  req->count - req->payload_got);
+        r = read (c->in_fd, (char *) req->buf + req->payload_got, want);
       while (r == -1 && errno == EINTR);
       if (r > 0) {
+        drained = (size_t) r < want;
         req->payload_got += r;
         if (req->payload_got == req->count)
           tx_on_payload_done (c);
@@ -729,11 +740,12 @@ conn_on_readable (struct conn *c)
         c->in_end -= c->in_start;
         c->in_start = 0;
       }
+      want = CONN_INBUF_SIZE - c->in_end;
       do
-        r = read (c->in_fd, c->inbuf + c->in_end,
-                  CONN_INBUF_SIZE - c->in_end);
+        r = read (c->in_fd, c->inbuf + c->in_end, want);
       while (r == -1 && errno == EINTR);
       if (r > 0) {
+        drained = (size_t) r < want;
         c->in_end += r;
         continue;
       }

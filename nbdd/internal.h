@@ -100,7 +100,11 @@ uint16_t export_tx_flags (const struct export *exp, bool structured);
 /* worker.c */
 struct request;
 int workers_start (struct ev_loop *loop, unsigned nr, struct error **errp);
+/* Queue a request; it reaches the workers at the next workers_kick,
+ * which conns_flush_dirty calls at the end of every loop callback.
+ */
 void workers_submit (struct request *req);
+void workers_kick (void);
 void workers_stop (void);
 
 /* listen.c */
