@@ -30,13 +30,19 @@
 #define MAX_SEND_PER_EVENT (8u << 20)  /* fairness between clients */
 #define MAX_FREE_REQS 64
 #define KEEP_BUF_CAP (1u << 20)         /* larger buffers are not kept */
-#define MAX_FREE_BYTES (4u << 20)       /* buffers kept per connection */
+#define MAX_FREE_BYTES (16u << 20)      /* buffers kept per connection */
+#define MAX_KEPT_BYTES (128u << 20)     /* ...and by all connections */
 #define KEEP_EXTENTS 256                /* larger extent arrays freed */
 #define RECV_BUDGET 16                  /* reads per readable event */
 
 static struct conn *conns;              /* all live or dying conns */
 static unsigned nr_conns;               /* live ones: not yet closed */
 static struct conn *dirty_list;
+/* Buffer bytes held in all connections' free lists.  Reusing buffers
+ * matters: a fresh 256 KiB buffer is a fresh mapping, and faulting its
+ * pages in costs more than the read that fills it.
+ */
+static size_t kept_bytes;
 
 static void conn_io_cb (struct ev_loop *loop, ev_io *w, int revents);
 static void conn_write_cb (struct ev_loop *loop, ev_io *w, int revents);
@@ -130,6 +136,7 @@ conn_free (struct conn *c)
     c->out_head = it->next;
     it->release (c, it);
   }
+  kept_bytes -= c->free_bytes;
   while ((r = c->free_reqs) != NULL) {
     c->free_reqs = r->next;
     extents_free (&r->extents);
@@ -414,6 +421,7 @@ conn_request_get (struct conn *c, uint64_t count)
     c->free_reqs = req->next;
     c->nr_free_reqs--;
     c->free_bytes -= req->buf_cap;
+    kept_bytes -= req->buf_cap;
   }
   else {
     req = malloc (sizeof *req);
@@ -474,7 +482,8 @@ conn_request_put (struct conn *c, struct request *req)
      * go back to the allocator.
      */
     if (req->buf_cap > KEEP_BUF_CAP ||
-        c->free_bytes + req->buf_cap > MAX_FREE_BYTES) {
+        c->free_bytes + req->buf_cap > MAX_FREE_BYTES ||
+        kept_bytes + req->buf_cap > MAX_KEPT_BYTES) {
       free (req->buf);
       req->buf = NULL;
       req->buf_cap = 0;
@@ -482,6 +491,7 @@ conn_request_put (struct conn *c, struct request *req)
     if (req->extents.cap > KEEP_EXTENTS)
       extents_free (&req->extents);
     c->free_bytes += req->buf_cap;
+    kept_bytes += req->buf_cap;
     req->next = c->free_reqs;
     c->free_reqs = req;
     c->nr_free_reqs++;
@@ -523,49 +533,73 @@ conn_request_done (struct request *req)
     conn_mark_dirty (c);        /* maybe the last one: reap */
 }
 
-void
-conn_send_direct (struct request *req)
+unsigned
+conn_send_direct (struct request *first)
 {
-  struct conn *c = req->conn;
-  struct iovec *iov = req->iov;
-  unsigned niov = req->out.niov, i = 0;
+  struct conn *c = first->conn;
+  struct iovec iov[MAX_IOV];
+  struct request *req, *end;
+  unsigned n = 0, nreq = 0;
   size_t want = 0;
   ssize_t r;
 
-  req->sent = req->partial = false;
-  for (unsigned k = 0; k < niov; ++k)
-    want += iov[k].iov_len;
+  /* Gather the run of requests for this connection, whole replies
+   * only, up to MAX_IOV iovecs.
+   */
+  for (req = first; req && req->conn == c; req = req->next) {
+    req->sent = req->partial = false;
+    if (n + req->out.niov > MAX_IOV)
+      break;
+    for (unsigned k = 0; k < req->out.niov; ++k) {
+      iov[n++] = req->iov[k];
+      want += req->iov[k].iov_len;
+    }
+    nreq++;
+  }
+  end = req;
+  for (; req && req->conn == c; req = req->next) {
+    req->sent = req->partial = false;
+    nreq++;
+  }
+  if (n == 0)
+    return nreq;
 
   pthread_mutex_lock (&c->send_lock);
   if (c->dead || c->out_head != NULL || c->out_partial) {
     pthread_mutex_unlock (&c->send_lock);
-    return;                     /* the loop will queue it */
+    return nreq;                /* the loop will queue them */
   }
   do
-    r = writev (c->out_fd, iov, MIN (niov, (unsigned) MAX_IOV));
+    r = writev (c->out_fd, iov, n);
   while (r == -1 && errno == EINTR);
-  if (r == (ssize_t) want)
-    req->sent = true;
-  else if (r > 0) {
-    /* Mark how far it got; the loop sends the rest before anything
-     * else.
+  if (r > 0) {
+    /* Mark what went out; a reply cut short is finished by the loop
+     * before anything else.
      */
     size_t left = r;
-    for (i = 0; i < niov && left >= iov[i].iov_len; ++i) {
-      left -= iov[i].iov_len;
-      iov[i].iov_len = 0;
+    for (req = first; req != end && left > 0; req = req->next) {
+      unsigned i;
+      for (i = 0; i < req->out.niov && left >= req->iov[i].iov_len; ++i) {
+        left -= req->iov[i].iov_len;
+        req->iov[i].iov_len = 0;
+      }
+      if (i == req->out.niov) {
+        req->sent = true;
+        continue;
+      }
+      req->iov[i].iov_base = (char *) req->iov[i].iov_base + left;
+      req->iov[i].iov_len -= left;
+      req->partial = true;
+      c->out_partial = true;
+      break;
     }
-    if (i < niov) {
-      iov[i].iov_base = (char *) iov[i].iov_base + left;
-      iov[i].iov_len -= left;
-    }
-    req->partial = true;
-    c->out_partial = true;
   }
-  /* EAGAIN or an error: nothing went out; the loop queues it and finds
-   * any error itself.
+  /* EAGAIN or an error: what did not go out is queued by the loop,
+   * which finds any error itself.
    */
   pthread_mutex_unlock (&c->send_lock);
+  (void) want;
+  return nreq;
 }
 
 void
@@ -704,7 +738,10 @@ conn_on_readable (struct conn *c)
   bool drained = false;
 
   c->inline_bytes = 0;
-  for (int budget = 0; budget < RECV_BUDGET; ++budget) {
+  /* Parse, then read: every byte read is parsed before returning, as
+   * the socket will not say again that it is there.
+   */
+  for (int reads = 0; ; ++reads) {
     ssize_t r;
     size_t want;
     int pr = conn_process_input (c);
@@ -712,9 +749,10 @@ conn_on_readable (struct conn *c)
     if (pr <= 0)
       break;                    /* closed, or stopped by back-pressure */
     /* A read that came back short emptied the socket: another would
-     * only say EAGAIN.
+     * only say EAGAIN.  Past the budget, other clients get a turn
+     * (the socket is level-triggered, so what is left wakes us again).
      */
-    if (drained)
+    if (drained || reads >= RECV_BUDGET)
       break;
 
     /* A large WRITE payload goes straight into its buffer. */

@@ -42,7 +42,7 @@
 /* Reads up to this size are tried on the loop thread without blocking
  * (RWF_NOWAIT) before going to a worker.
  */
-#define MAX_INLINE_READ         (256u << 10)
+#define MAX_INLINE_READ         (64u << 10)
 /* ...and at most this much per readable event, so one client cannot
  * hold the loop.
  */
@@ -225,8 +225,12 @@ void conn_request_charge (struct conn *c, struct request *req,
                           uint64_t bytes);
 /* A completed request comes back from the workers (main thread). */
 void conn_request_done (struct request *req);
-/* Worker thread: try to send a finished request's reply at once. */
-void conn_send_direct (struct request *req);
+/* Worker thread: send the replies of the run of finished requests
+ * starting at @first (linked by ->next) that belong to its connection,
+ * if nothing else is queued there.  Marks each sent, partly sent, or
+ * neither; returns the length of the run.
+ */
+unsigned conn_send_direct (struct request *first);
 /* Called once per loop iteration after completions: flush output. */
 void conns_flush_dirty (void);
 unsigned conn_count (void);

@@ -117,6 +117,14 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
       /* Vanished peers are noticed and their slot freed. */
       setsockopt (fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     }
+    /* Room for a few large replies, so a worker's writev of a 256 KiB
+     * read goes out whole instead of in pieces through the loop.  The
+     * kernel caps it at net.core.wmem_max.
+     */
+    {
+      int sndbuf = 2 << 20;
+      setsockopt (fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    }
     peer_name (fd, l->is_tcp, peer, sizeof peer);
     if (conn_new (loop, fd, fd, peer, &err) == NULL) {
       nbdd_error ("%s", err->msg);

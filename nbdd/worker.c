@@ -10,9 +10,10 @@
  * request.  On 2 cores this is what keeps context switches, not I/O,
  * from being the cost of a 4k write.
  *
- * When a worker finds nothing else queued (low queue depth), it sends
- * the reply itself (conn_send_direct): latency then matters more than
- * batching.
+ * Workers send the replies of their batch themselves, one writev per
+ * connection (conn_send_direct), when nothing else is queued there:
+ * that takes the copy into the socket off the loop thread and saves a
+ * trip through it.
  *
  * Locking: todo_lock protects todo, quit and idle_workers; done_lock
  * protects done.  A request is owned by exactly one side at a time.
@@ -28,6 +29,7 @@
 #include "log.h"
 
 #define WORKER_BATCH 8
+#define WORKER_BATCH_BYTES (128u << 10)
 
 static pthread_mutex_t todo_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t todo_cond = PTHREAD_COND_INITIALIZER;
@@ -54,7 +56,7 @@ worker_main (void *arg)
   for (;;) {
     struct request *batch, *last, *req, *next;
     unsigned n;
-    bool more;
+    uint64_t bytes;
 
     pthread_mutex_lock (&todo_lock);
     while (todo_head == NULL && !quit) {
@@ -66,24 +68,32 @@ worker_main (void *arg)
       pthread_mutex_unlock (&todo_lock);
       return NULL;
     }
+    /* Small requests in batches; big ones one at a time, so that
+     * several workers copy in parallel.
+     */
     batch = last = todo_head;
-    for (n = 1; n < WORKER_BATCH && last->next; ++n)
+    bytes = last->bytes;
+    for (n = 1; n < WORKER_BATCH && last->next &&
+           bytes + last->next->bytes <= WORKER_BATCH_BYTES; ++n) {
       last = last->next;
+      bytes += last->bytes;
+    }
     todo_head = last->next;
     if (todo_head == NULL)
       todo_tail = NULL;
     todo_len -= n;
-    more = todo_head != NULL;
     pthread_mutex_unlock (&todo_lock);
     last->next = NULL;
 
-    for (req = batch; req; req = req->next) {
+    for (req = batch; req; req = req->next)
       request_run (req);
-      /* Alone in the queue: send the reply now rather than wait for
-       * the loop to gather it with others.
-       */
-      if (n == 1 && !more)
-        conn_send_direct (req);
+    /* Send the replies from here, one writev per connection: the loop
+     * thread has enough to do, and this saves a trip through it.
+     */
+    for (req = batch; req; ) {
+      unsigned run = conn_send_direct (req);
+      while (run-- > 0)
+        req = req->next;
     }
 
     pthread_mutex_lock (&done_lock);
