@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -50,21 +51,20 @@ int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size);
 int
 LLVMFuzzerInitialize (int *argc, char ***argv)
 {
-  char path[] = "/tmp/nbdd-fuzz-XXXXXX";
   char spec[256];
   struct error *err = NULL;
   struct json_object *o;
-  int fd = mkstemp (path);
+  /* The image lives in memory; the file node opens it through /proc. */
+  int fd = memfd_create ("nbdd-fuzz-image", 0);
 
   if (fd == -1 || ftruncate (fd, 1 << 20) == -1) {
-    perror ("fuzz: temporary image");
+    perror ("fuzz: image");
     exit (EXIT_FAILURE);
   }
-  close (fd);
   log_quiet = true;
   config.handshake_timeout = 0;
   snprintf (spec, sizeof spec, "driver=raw,node-name=disk0,"
-            "file.driver=file,file.filename=%s", path);
+            "file.driver=file,file.filename=/proc/self/fd/%d", fd);
   o = spec_parse (spec, &err);
   if (o == NULL || node_open_spec (o, &err) == NULL ||
       export_add_spec ("type=nbd,id=e0,node-name=disk0,writable=on,"
@@ -74,7 +74,7 @@ LLVMFuzzerInitialize (int *argc, char ***argv)
     exit (EXIT_FAILURE);
   }
   json_object_put (o);
-  unlink (path);                /* the node keeps it open */
+  close (fd);                   /* the node has its own descriptor */
 
   loop = ev_default_loop (EVFLAG_AUTO);
   if (workers_start (loop, 2, &err) == -1) {
