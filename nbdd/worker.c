@@ -2,7 +2,7 @@
  *
  * Submission is batched: while the loop parses a burst of pipelined
  * requests it collects them in 'pending' (loop thread only), and at
- * the end of the event workers_kick moves them all to 'todo' under one
+ * the end of the event workers_kick moves them all to 'runq' under one
  * lock and wakes one worker per WORKER_BATCH of them.  A worker takes
  * up to WORKER_BATCH requests at a time, runs each (I/O and reply
  * encoding), and hands them back through 'done' with one ev_async_send,
@@ -15,7 +15,7 @@
  * that takes the copy into the socket off the loop thread and saves a
  * trip through it.
  *
- * Locking: todo_lock protects todo, quit and idle_workers; done_lock
+ * Locking: runq_lock protects runq, quit and idle_workers; done_lock
  * protects done.  A request is owned by exactly one side at a time.
  */
 #include <config.h>
@@ -31,10 +31,10 @@
 #define WORKER_BATCH 8
 #define WORKER_BATCH_BYTES (128u << 10)
 
-static pthread_mutex_t todo_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t todo_cond = PTHREAD_COND_INITIALIZER;
-static struct request *todo_head, *todo_tail;
-static unsigned todo_len;
+static pthread_mutex_t runq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t runq_cond = PTHREAD_COND_INITIALIZER;
+static struct request *runq_head, *runq_tail;
+static unsigned runq_len;
 static bool quit;
 static unsigned idle_workers;
 
@@ -50,39 +50,51 @@ static ev_async done_async;
 static pthread_t *threads;
 static unsigned nr_threads;
 
+/* Append the chain first..last (linked by ->next) to a queue. */
+static void
+chain_append (struct request **head, struct request **tail,
+              struct request *first, struct request *last)
+{
+  if (*tail)
+    (*tail)->next = first;
+  else
+    *head = first;
+  *tail = last;
+}
+
 static void *
 worker_main (void *arg)
 {
   for (;;) {
-    struct request *batch, *last, *req, *next;
+    struct request *batch, *last, *req;
     unsigned n;
     uint64_t bytes;
 
-    pthread_mutex_lock (&todo_lock);
-    while (todo_head == NULL && !quit) {
+    pthread_mutex_lock (&runq_lock);
+    while (runq_head == NULL && !quit) {
       idle_workers++;
-      pthread_cond_wait (&todo_cond, &todo_lock);
+      pthread_cond_wait (&runq_cond, &runq_lock);
       idle_workers--;
     }
-    if (todo_head == NULL) {    /* quit, and nothing left to do */
-      pthread_mutex_unlock (&todo_lock);
+    if (runq_head == NULL) {    /* quit, and nothing left to do */
+      pthread_mutex_unlock (&runq_lock);
       return NULL;
     }
     /* Small requests in batches; big ones one at a time, so that
      * several workers copy in parallel.
      */
-    batch = last = todo_head;
+    batch = last = runq_head;
     bytes = last->bytes;
     for (n = 1; n < WORKER_BATCH && last->next &&
            bytes + last->next->bytes <= WORKER_BATCH_BYTES; ++n) {
       last = last->next;
       bytes += last->bytes;
     }
-    todo_head = last->next;
-    if (todo_head == NULL)
-      todo_tail = NULL;
-    todo_len -= n;
-    pthread_mutex_unlock (&todo_lock);
+    runq_head = last->next;
+    if (runq_head == NULL)
+      runq_tail = NULL;
+    runq_len -= n;
+    pthread_mutex_unlock (&runq_lock);
     last->next = NULL;
 
     for (req = batch; req; req = req->next)
@@ -97,15 +109,7 @@ worker_main (void *arg)
     }
 
     pthread_mutex_lock (&done_lock);
-    for (req = batch; req; req = next) {
-      next = req->next;
-      req->next = NULL;
-      if (done_tail)
-        done_tail->next = req;
-      else
-        done_head = req;
-      done_tail = req;
-    }
+    chain_append (&done_head, &done_tail, batch, last);
     pthread_mutex_unlock (&done_lock);
     ev_async_send (loop, &done_async);
   }
@@ -133,11 +137,7 @@ void
 workers_submit (struct request *req)
 {
   req->next = NULL;
-  if (pending_tail)
-    pending_tail->next = req;
-  else
-    pending_head = req;
-  pending_tail = req;
+  chain_append (&pending_head, &pending_tail, req, req);
   pending_len++;
 }
 
@@ -148,19 +148,15 @@ workers_kick (void)
 
   if (pending_head == NULL)
     return;
-  pthread_mutex_lock (&todo_lock);
-  if (todo_tail)
-    todo_tail->next = pending_head;
-  else
-    todo_head = pending_head;
-  todo_tail = pending_tail;
-  todo_len += pending_len;
-  wake = MIN (idle_workers, (todo_len + WORKER_BATCH - 1) / WORKER_BATCH);
-  pthread_mutex_unlock (&todo_lock);
+  pthread_mutex_lock (&runq_lock);
+  chain_append (&runq_head, &runq_tail, pending_head, pending_tail);
+  runq_len += pending_len;
+  wake = MIN (idle_workers, (runq_len + WORKER_BATCH - 1) / WORKER_BATCH);
+  pthread_mutex_unlock (&runq_lock);
   pending_head = pending_tail = NULL;
   pending_len = 0;
   while (wake-- > 0)
-    pthread_cond_signal (&todo_cond);
+    pthread_cond_signal (&runq_cond);
 }
 
 int
@@ -202,10 +198,10 @@ void
 workers_stop (void)
 {
   workers_kick ();
-  pthread_mutex_lock (&todo_lock);
+  pthread_mutex_lock (&runq_lock);
   quit = true;
-  pthread_cond_broadcast (&todo_cond);
-  pthread_mutex_unlock (&todo_lock);
+  pthread_cond_broadcast (&runq_cond);
+  pthread_mutex_unlock (&runq_lock);
   for (unsigned i = 0; i < nr_threads; ++i)
     pthread_join (threads[i], NULL);
   free (threads);
