@@ -142,6 +142,8 @@ class Server:
         self.log.close()
         out = self.output()
         assert "ERROR: AddressSanitizer" not in out, out
+        assert "ERROR: LeakSanitizer" not in out, out
+        assert "WARNING: ThreadSanitizer" not in out, out
         assert "runtime error:" not in out, out
         assert self.proc.returncode == 0, \
             f"nbdd exited with {self.proc.returncode}:\n{out}"
