@@ -4,7 +4,8 @@
  * Input is read into a 64 KiB buffer, so one recv picks up many
  * pipelined request headers; a WRITE payload is copied out of it and
  * the rest is received straight into the request's buffer.  Output is
- * a queue of iovec runs sent with one writev per event.
+ * a queue of iovec runs sent with one writev per event; workers may
+ * also write replies directly (conn_send_direct), under send_lock.
  *
  * Lifetime: a connection whose client went away is 'dead' (fds closed,
  * watchers stopped) but lives on until its last request comes back
