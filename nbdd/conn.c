@@ -541,7 +541,6 @@ conn_send_direct (struct request *first)
   struct iovec iov[MAX_IOV];
   struct request *req, *end;
   unsigned n = 0, nreq = 0;
-  size_t want = 0;
   ssize_t r;
 
   /* Gather the run of requests for this connection, whole replies
@@ -551,10 +550,8 @@ conn_send_direct (struct request *first)
     req->sent = req->partial = false;
     if (n + req->out.niov > MAX_IOV)
       break;
-    for (unsigned k = 0; k < req->out.niov; ++k) {
+    for (unsigned k = 0; k < req->out.niov; ++k)
       iov[n++] = req->iov[k];
-      want += req->iov[k].iov_len;
-    }
     nreq++;
   }
   end = req;
@@ -599,7 +596,6 @@ conn_send_direct (struct request *first)
    * which finds any error itself.
    */
   pthread_mutex_unlock (&c->send_lock);
-  (void) want;
   return nreq;
 }
 

@@ -45,6 +45,14 @@ allowed_flags (const struct conn *c, uint16_t type)
   return f;
 }
 
+/* The fields of a request header that validation looks at. */
+struct cmd {
+  uint16_t type;
+  uint16_t flags;
+  uint64_t offset;
+  uint64_t count;
+};
+
 static bool
 in_range (const struct conn *c, uint64_t offset, uint64_t count)
 {
@@ -57,32 +65,32 @@ in_range (const struct conn *c, uint64_t offset, uint64_t count)
  * and sets *msg.
  */
 static uint32_t
-validate (const struct conn *c, const struct request *req, const char **msg)
+validate (const struct conn *c, const struct cmd *cmd, const char **msg)
 {
   bool writable = !(c->eflags & NBD_FLAG_READ_ONLY);
 
-  if (req->flags & ~allowed_flags (c, req->type)) {
+  if (cmd->flags & ~allowed_flags (c, cmd->type)) {
     *msg = "invalid flags for this command";
     return NBD_EINVAL;
   }
-  switch (req->type) {
+  switch (cmd->type) {
   case NBD_CMD_READ:
   case NBD_CMD_WRITE:
-    if (req->count > MAX_PAYLOAD) {
+    if (cmd->count > MAX_PAYLOAD) {
       *msg = "request larger than the maximum payload";
       return NBD_EINVAL;
     }
-    if (req->type == NBD_CMD_WRITE && !writable) {
+    if (cmd->type == NBD_CMD_WRITE && !writable) {
       *msg = "export is read-only";
       return NBD_EPERM;
     }
-    if (!in_range (c, req->offset, req->count)) {
+    if (!in_range (c, cmd->offset, cmd->count)) {
       *msg = "request past the end of the export";
-      return req->type == NBD_CMD_WRITE ? NBD_ENOSPC : NBD_EINVAL;
+      return cmd->type == NBD_CMD_WRITE ? NBD_ENOSPC : NBD_EINVAL;
     }
     return NBD_SUCCESS;
   case NBD_CMD_FLUSH:
-    if (req->offset != 0 || req->count != 0) {
+    if (cmd->offset != 0 || cmd->count != 0) {
       *msg = "flush offset and length must be 0";
       return NBD_EINVAL;
     }
@@ -93,13 +101,13 @@ validate (const struct conn *c, const struct request *req, const char **msg)
       *msg = "export is read-only";
       return NBD_EPERM;
     }
-    if (!in_range (c, req->offset, req->count)) {
+    if (!in_range (c, cmd->offset, cmd->count)) {
       *msg = "request past the end of the export";
-      return req->type == NBD_CMD_TRIM ? NBD_EINVAL : NBD_ENOSPC;
+      return cmd->type == NBD_CMD_TRIM ? NBD_EINVAL : NBD_ENOSPC;
     }
     return NBD_SUCCESS;
   case NBD_CMD_CACHE:
-    if (!in_range (c, req->offset, req->count)) {
+    if (!in_range (c, cmd->offset, cmd->count)) {
       *msg = "request past the end of the export";
       return NBD_EINVAL;
     }
@@ -109,11 +117,11 @@ validate (const struct conn *c, const struct request *req, const char **msg)
       *msg = "no meta context negotiated";
       return NBD_EINVAL;
     }
-    if (req->count == 0) {
+    if (cmd->count == 0) {
       *msg = "block status of length 0";
       return NBD_EINVAL;
     }
-    if (!in_range (c, req->offset, req->count)) {
+    if (!in_range (c, cmd->offset, cmd->count)) {
       *msg = "request past the end of the export";
       return NBD_EINVAL;
     }
@@ -148,12 +156,12 @@ tx_request_completed (struct conn *c, struct request *req)
 
 /* Bytes of payload that follow this header on the wire. */
 static uint64_t
-payload_length (const struct conn *c, const struct request *req)
+payload_length (const struct conn *c, const struct cmd *cmd)
 {
   if (c->mode == MODE_EXTENDED)
-    return (req->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ||
-      req->type == NBD_CMD_WRITE ? req->count : 0;
-  return req->type == NBD_CMD_WRITE ? req->count : 0;
+    return (cmd->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ||
+      cmd->type == NBD_CMD_WRITE ? cmd->count : 0;
+  return cmd->type == NBD_CMD_WRITE ? cmd->count : 0;
 }
 
 int
@@ -203,10 +211,10 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
   /* Payload bytes must be consumed whatever happens to the request. */
   payload = 0;
   {
-    struct request tmp = { .type = type, .flags = flags, .offset = offset,
-                           .count = count };
-    payload = payload_length (c, &tmp);
-    err = validate (c, &tmp, &msg);
+    struct cmd cmd = { .type = type, .flags = flags, .offset = offset,
+                       .count = count };
+    payload = payload_length (c, &cmd);
+    err = validate (c, &cmd, &msg);
     if (err == NBD_SUCCESS && payload > 0 && type != NBD_CMD_WRITE) {
       err = NBD_EINVAL;
       msg = "unexpected payload";
