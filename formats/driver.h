@@ -136,6 +136,14 @@ struct node_driver {
    */
   int (*pread_nowait) (struct node *node, void *buf, uint32_t count,
                        uint64_t offset);
+  /* Optional: move @count bytes into the empty pipe @pipe_fd, of
+   * @pipe_size bytes (a page per slot), without copying them through
+   * user memory.  0, -ENOTSUP if this node or range cannot, or -errno.
+   * On failure the pipe may hold part of the data; the caller empties
+   * it.
+   */
+  int (*read_splice) (struct node *node, int pipe_fd, size_t pipe_size,
+                      uint32_t count, uint64_t offset);
   /* NULL or -ENOTSUP without NODE_FAST_ZERO: the core writes zeroes. */
   int (*zero) (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
@@ -178,6 +186,12 @@ int node_pwrite (struct node *node, const void *buf, uint64_t count,
  */
 int node_pread_nowait (struct node *node, void *buf, uint64_t count,
                        uint64_t offset);
+/* Zero-copy read into an empty pipe of @pipe_size bytes: 0, -ENOTSUP
+ * if the graph cannot do it for this range (the caller then uses
+ * node_pread), or another -errno.
+ */
+int node_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
+                      uint64_t count, uint64_t offset);
 int node_zero (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
 int node_discard (struct node *node, uint64_t count, uint64_t offset,

@@ -43,6 +43,8 @@ struct file_state {
   atomic_bool can_fallocate;
   atomic_bool can_seek_data;
   atomic_bool can_dsync_write;
+  atomic_bool can_splice;
+  uint32_t page_size;
   atomic_bool can_nowait;
   /* A failed fdatasync (or RWF_DSYNC write) may have dropped dirty
    * pages, and the kernel reports that only once per descriptor: once
@@ -138,6 +140,8 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   atomic_init (&s->can_seek_data, !s->is_block);
   atomic_init (&s->can_dsync_write, true);
   atomic_init (&s->can_nowait, !direct);
+  atomic_init (&s->can_splice, !direct);
+  s->page_size = sysconf (_SC_PAGESIZE) > 0 ? sysconf (_SC_PAGESIZE) : 4096;
 
   node->read_only = ro;
   node->can_flush = true;
@@ -224,6 +228,45 @@ file_pread_nowait (struct node *node, void *buf, uint32_t count,
     atomic_store (&s->can_nowait, false);
 #endif
   return -EAGAIN;
+}
+
+/* Page-cache pages go into the pipe by reference; the reply then moves
+ * them into the socket, so read data is never copied by the server.
+ * Short of the whole range (a file truncated under us, a signal) the
+ * caller falls back to file_pread, which knows what to do.
+ */
+static int
+file_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
+                  uint32_t count, uint64_t offset)
+{
+  struct file_state *s = node->opaque;
+  uint64_t page = s->page_size;
+  loff_t off = offset;
+
+  if (s->direct || !atomic_load (&s->can_splice))
+    return -ENOTSUP;
+  /* The pipe takes a slot per page the range touches. */
+  if (((offset & (page - 1)) + count + page - 1) / page > pipe_size / page)
+    return -ENOTSUP;
+  while (count > 0) {
+    /* NONBLOCK is for the pipe: it must never wait for room. */
+    ssize_t r = splice (s->fd, &off, pipe_fd, NULL, count,
+                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1 && errno == EAGAIN)
+      return -ENOTSUP;
+    if (r == -1 && (errno == EINVAL || errno == ENOSYS)) {
+      atomic_store (&s->can_splice, false);
+      return -ENOTSUP;
+    }
+    if (r == -1)
+      return -errno;
+    if (r == 0)
+      return -ENOTSUP;          /* end of file: truncated */
+    count -= r;
+  }
+  return 0;
 }
 
 static void
@@ -470,6 +513,7 @@ const struct node_driver file_driver = {
   .pread          = file_pread,
   .pwrite         = file_pwrite,
   .pread_nowait   = file_pread_nowait,
+  .read_splice    = file_read_splice,
   .zero           = file_zero,
   .discard        = file_discard,
   .flush          = file_flush,

@@ -103,6 +103,16 @@ raw_pread_nowait (struct node *node, void *buf, uint32_t count,
 }
 
 static int
+raw_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
+                 uint32_t count, uint64_t offset)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_read_splice (s->file, pipe_fd, pipe_size, count,
+                           s->offset + offset);
+}
+
+static int
 raw_pwrite (struct node *node, const void *buf, uint32_t count,
             uint64_t offset, unsigned flags)
 {
@@ -172,6 +182,7 @@ const struct node_driver raw_driver = {
   .pread          = raw_pread,
   .pwrite         = raw_pwrite,
   .pread_nowait   = raw_pread_nowait,
+  .read_splice    = raw_read_splice,
   .zero           = raw_zero,
   .discard        = raw_discard,
   .flush          = raw_flush,

@@ -58,6 +58,10 @@ SEEDS = {
     opt(9, meta("disk0", [])) + opt(99, b"junk") + opt(5) + opt(2),
     "export-name": struct.pack(">I", 1) + opt(1, b"disk0") +
     req(0, 1000, 100) + req(1, 0, 2, data=b"hi"),
+    # zero-length requests, and reads large enough to be spliced
+    "lengths": CFLAGS + opt(7, name_infos("disk0")) +
+    req(0, 0, 0) + req(1, 0, 0) + req(0, 0, 128 << 10) +
+    req(0, 4095, 256 << 10) + req(0, 0, 256 << 10),
 }
 
 out = sys.argv[1] if len(sys.argv) > 1 else "corpus"

@@ -209,6 +209,23 @@ node_pread_nowait (struct node *node, void *buf, uint64_t count,
 }
 
 int
+node_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
+                  uint64_t count, uint64_t offset)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r;
+  /* Only what the driver takes in one piece, and never where the
+   * request path would have to bounce through a buffer.
+   */
+  if (node->drv->read_splice == NULL || count == 0 ||
+      count > max_chunk (node) || node->limits.request_alignment > 1)
+    return -ENOTSUP;
+  return node->drv->read_splice (node, pipe_fd, pipe_size, count, offset);
+}
+
+int
 node_pwrite (struct node *node, const void *buf, uint64_t count,
              uint64_t offset, unsigned flags)
 {

@@ -16,9 +16,12 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -166,6 +169,8 @@ conn_reap (struct conn *c)
     return;
   bool exit_loop = c->exit_loop_on_close;
   struct ev_loop *loop = c->loop;
+  debug ("%s: connection ended: %" PRIu64 " requests, %" PRIu64
+         " reads zero-copy", c->peer, c->nr_requests, c->nr_spliced);
   conn_free (c);
   listeners_pause (loop, false);
   if (exit_loop)
@@ -293,6 +298,8 @@ conn_queue_copy (struct conn *c, const void *data, size_t len)
   ci->iov.iov_len = len;
   ci->out.iov = &ci->iov;
   ci->out.niov = 1;
+  ci->out.pipe = NULL;
+  ci->out.pipe_left = 0;
   ci->out.release = copied_item_release;
   conn_queue (c, &ci->out);
   return 0;
@@ -323,8 +330,71 @@ conns_flush_dirty (void)
   workers_kick ();              /* what flushing let us read */
 }
 
-/* Send queued output: one writev of up to MAX_IOV iovecs, repeated
- * while the socket takes everything, up to MAX_SEND_PER_EVENT bytes.
+/* Move pipe data into the socket: bytes moved, or -1 with errno. */
+static ssize_t
+splice_out (struct conn *c, struct out_item *it)
+{
+  size_t moved = 0;
+
+  while (it->pipe_left > 0) {
+    ssize_t r = splice (it->pipe->rd, NULL, c->out_fd, NULL, it->pipe_left,
+                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1 && errno == EAGAIN) {
+      /* The socket is full, or (never expected) the pipe is empty: the
+       * pipe's write end is open, so that too reads as EAGAIN, and
+       * waiting for the socket would then spin.
+       */
+      int held;
+      if (ioctl (it->pipe->rd, FIONREAD, &held) == 0 && held == 0) {
+        errno = EIO;
+        return -1;
+      }
+      if (moved > 0)
+        break;
+    }
+    if (r == -1)
+      return -1;
+    it->pipe_left -= r;
+    moved += r;
+  }
+  return moved;
+}
+
+/* Drop @sent bytes from the head of the queue, releasing the items
+ * that are now wholly sent.  Called with send_lock held.
+ */
+static void
+consume (struct conn *c, size_t sent)
+{
+  while (c->out_head) {
+    struct out_item *it = c->out_head;
+    while (it->pos < it->niov) {
+      struct iovec *v = &it->iov[it->pos];
+      if (v->iov_len > sent) {
+        v->iov_base = (char *) v->iov_base + sent;
+        v->iov_len -= sent;
+        sent = 0;
+        break;
+      }
+      sent -= v->iov_len;
+      v->iov_len = 0;
+      it->pos++;
+    }
+    if (it->pos < it->niov || it->pipe_left > 0)
+      break;
+    c->out_head = it->next;
+    if (c->out_head == NULL)
+      c->out_tail = NULL;
+    it->release (c, it);        /* only recycles: takes no lock */
+  }
+}
+
+/* Send queued output: one writev of up to MAX_IOV iovecs, up to and
+ * including the header of the first spliced READ, whose data then goes
+ * from its pipe; repeated while the socket takes everything, up to
+ * MAX_SEND_PER_EVENT bytes.
  */
 void
 conn_flush (struct conn *c)
@@ -335,57 +405,54 @@ conn_flush (struct conn *c)
   pthread_mutex_lock (&c->send_lock);
   while (c->out_head && !c->dead && !c->out_partial) {
     struct iovec iov[MAX_IOV];
+    struct out_item *head;
     int n = 0;
     size_t want = 0;
     ssize_t r;
 
     for (struct out_item *it = c->out_head; it && n < MAX_IOV;
-         it = it->next)
+         it = it->next) {
       for (unsigned i = it->pos; i < it->niov && n < MAX_IOV; ++i) {
         if (it->iov[i].iov_len == 0)
           continue;
         iov[n++] = it->iov[i];
         want += it->iov[i].iov_len;
       }
+      if (it->pipe_left > 0)
+        break;
+    }
 
-    if (n == 0)
-      r = 0;
-    else {
+    if (n > 0) {
       do
         r = writev (c->out_fd, iov, n);
       while (r == -1 && errno == EINTR);
-    }
-    if (r == -1) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK)
-        write_error = true;
-      break;
-    }
-
-    /* Consume r bytes from the head of the queue. */
-    size_t left = r;
-    while (c->out_head) {
-      struct out_item *it = c->out_head;
-      while (it->pos < it->niov) {
-        struct iovec *v = &it->iov[it->pos];
-        if (v->iov_len > left) {
-          v->iov_base = (char *) v->iov_base + left;
-          v->iov_len -= left;
-          left = 0;
-          break;
-        }
-        left -= v->iov_len;
-        v->iov_len = 0;
-        it->pos++;
-      }
-      if (it->pos < it->niov)
+      if (r == -1) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+          write_error = true;
         break;
-      c->out_head = it->next;
-      if (c->out_head == NULL)
-        c->out_tail = NULL;
-      it->release (c, it);      /* only recycles: takes no lock */
+      }
+      consume (c, r);
+      sent_total += r;
+      if ((size_t) r < want)
+        break;
     }
-    sent_total += r;
-    if ((size_t) r < want || sent_total >= MAX_SEND_PER_EVENT)
+    else
+      consume (c, 0);
+
+    head = c->out_head;
+    if (head && head->pos == head->niov && head->pipe_left > 0) {
+      r = splice_out (c, head);
+      if (r == -1) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+          write_error = true;
+        break;
+      }
+      sent_total += r;
+      if (head->pipe_left > 0)
+        break;
+      consume (c, 0);
+    }
+    if (sent_total >= MAX_SEND_PER_EVENT)
       break;
   }
   waiting = c->out_head != NULL && !c->out_partial;
@@ -438,7 +505,9 @@ conn_request_get (struct conn *c, uint64_t count)
   req->err = 0;
   req->errmsg = NULL;
   req->payload_got = 0;
-  req->sent = req->partial = false;
+  req->spliced = req->sent = req->partial = false;
+  req->out.pipe = NULL;
+  req->out.pipe_left = 0;
   req->bytes = 0;
   if (count > req->buf_cap) {
     void *nb;
@@ -475,6 +544,10 @@ void
 conn_request_put (struct conn *c, struct request *req)
 {
   assert (c->in_flight > 0);
+  if (req->out.pipe) {
+    pipe_put (req->out.pipe);
+    req->out.pipe = NULL;
+  }
   if (--c->in_flight == 0)
     ev_unref (c->loop);
   c->in_flight_bytes -= req->bytes;
@@ -534,6 +607,38 @@ conn_request_done (struct request *req)
     conn_mark_dirty (c);        /* maybe the last one: reap */
 }
 
+/* Mark up to @sent bytes of req's reply as gone and return how many
+ * it took.  If that is not all of it, the rest is a partial reply the
+ * loop must send before anything else.  Called with send_lock held.
+ */
+static size_t
+mark_sent (struct conn *c, struct request *req, size_t sent)
+{
+  size_t took = 0;
+  unsigned i;
+
+  for (i = 0; i < req->out.niov; ++i) {
+    struct iovec *v = &req->iov[i];
+    if (v->iov_len > sent - took) {
+      v->iov_base = (char *) v->iov_base + (sent - took);
+      v->iov_len -= sent - took;
+      took = sent;
+      break;
+    }
+    took += v->iov_len;
+    v->iov_len = 0;
+  }
+  if (i == req->out.niov && req->out.pipe_left == 0) {
+    req->sent = true;
+    return took;
+  }
+  if (took > 0) {
+    req->partial = true;
+    c->out_partial = true;
+  }
+  return took;
+}
+
 unsigned
 conn_send_direct (struct request *first)
 {
@@ -547,6 +652,10 @@ conn_send_direct (struct request *first)
    * only, up to MAX_IOV iovecs.
    */
   for (req = first; req && req->conn == c; req = req->next) {
+    if (req->spliced) {         /* dealt with by conn_send_spliced */
+      nreq++;
+      continue;
+    }
     req->sent = req->partial = false;
     if (n + req->out.niov > MAX_IOV)
       break;
@@ -556,7 +665,8 @@ conn_send_direct (struct request *first)
   }
   end = req;
   for (; req && req->conn == c; req = req->next) {
-    req->sent = req->partial = false;
+    if (!req->spliced)
+      req->sent = req->partial = false;
     nreq++;
   }
   if (n == 0)
@@ -575,28 +685,47 @@ conn_send_direct (struct request *first)
      * before anything else.
      */
     size_t left = r;
-    for (req = first; req != end && left > 0; req = req->next) {
-      unsigned i;
-      for (i = 0; i < req->out.niov && left >= req->iov[i].iov_len; ++i) {
-        left -= req->iov[i].iov_len;
-        req->iov[i].iov_len = 0;
-      }
-      if (i == req->out.niov) {
-        req->sent = true;
-        continue;
-      }
-      req->iov[i].iov_base = (char *) req->iov[i].iov_base + left;
-      req->iov[i].iov_len -= left;
-      req->partial = true;
-      c->out_partial = true;
-      break;
-    }
+    for (req = first; req != end && left > 0; req = req->next)
+      if (!req->spliced)
+        left -= mark_sent (c, req, left);
   }
   /* EAGAIN or an error: what did not go out is queued by the loop,
    * which finds any error itself.
    */
   pthread_mutex_unlock (&c->send_lock);
   return nreq;
+}
+
+void
+conn_send_spliced (struct request *req)
+{
+  struct conn *c = req->conn;
+  size_t hdr_len = 0;
+  ssize_t r;
+
+  req->sent = req->partial = false;
+  for (unsigned i = 0; i < req->out.niov; ++i)
+    hdr_len += req->iov[i].iov_len;
+
+  pthread_mutex_lock (&c->send_lock);
+  c->nr_spliced++;
+  if (c->dead || c->out_head != NULL || c->out_partial)
+    goto out;                   /* the loop queues it, pipe and all */
+  /* The header, held back by MSG_MORE to leave with the data. */
+  do {
+    struct msghdr m = { .msg_iov = req->iov, .msg_iovlen = req->out.niov };
+    r = sendmsg (c->out_fd, &m, MSG_MORE | MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (r == -1 && errno == EINTR);
+  if (r <= 0 || mark_sent (c, req, r) < hdr_len)
+    goto out;                   /* the loop finds any error itself */
+  splice_out (c, &req->out);
+  if (req->out.pipe_left == 0) {
+    req->sent = true;
+    req->partial = false;
+    c->out_partial = false;
+  }
+ out:
+  pthread_mutex_unlock (&c->send_lock);
 }
 
 void

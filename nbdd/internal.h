@@ -47,6 +47,10 @@
  * hold the loop.
  */
 #define MAX_INLINE_PER_EVENT    (4u << 20)
+/* Reads from this size up (to SPLICE_PIPE_SIZE) are spliced from the
+ * page cache into the socket where the node allows it.
+ */
+#define MIN_SPLICE_READ         (64u << 10)
 /* Meta context ids. */
 #define META_ID_BASE_ALLOCATION 1
 
@@ -99,6 +103,7 @@ uint16_t export_tx_flags (const struct export *exp, bool structured);
 
 /* worker.c */
 struct request;
+
 int workers_start (struct ev_loop *loop, unsigned nr, struct error **errp);
 /* Queue a request; it reaches the workers at the next workers_kick,
  * which conns_flush_dirty calls at the end of every loop callback.
@@ -106,6 +111,22 @@ int workers_start (struct ev_loop *loop, unsigned nr, struct error **errp);
 void workers_submit (struct request *req);
 void workers_kick (void);
 void workers_stop (void);
+
+/* pipes.c: pooled pipes for zero-copy reads. */
+#define SPLICE_PIPE_SIZE        (256u << 10)
+struct splice_pipe {
+  struct splice_pipe *next;     /* in the pool */
+  int rd, wr;
+};
+/* A pipe with room for SPLICE_PIPE_SIZE bytes, or NULL if the pool is
+ * exhausted.  Any thread.
+ */
+struct splice_pipe *pipe_get (void);
+/* Back to the pool, or closed if it still holds data (its client went
+ * away, or a splice failed half-way).
+ */
+void pipe_put (struct splice_pipe *p);
+void pipes_free_all (void);
 
 /* listen.c */
 int listeners_open (struct ev_loop *loop, struct error **errp);
@@ -128,6 +149,9 @@ struct out_item {
   struct iovec *iov;
   unsigned niov;
   unsigned pos;                 /* first iovec not yet fully sent */
+  /* After the iovecs, this many bytes from a pipe (READ data). */
+  struct splice_pipe *pipe;
+  size_t pipe_left;
   void (*release) (struct conn *c, struct out_item *item);
 };
 
@@ -190,6 +214,7 @@ struct conn {
   unsigned writes_in_flight;    /* WRITE/ZERO/TRIM at the workers */
   uint64_t inline_bytes;        /* read inline in this readable event */
   uint64_t in_flight_bytes;
+  uint64_t nr_requests;         /* requests received, for the logs */
 
   /* Output.  Replies are written by the loop (conn_flush) or, when
    * nothing is queued, straight from the worker that finished the
@@ -201,6 +226,7 @@ struct conn {
   pthread_mutex_t send_lock;
   struct out_item *out_head, *out_tail;
   bool out_partial;             /* a partly sent reply is in transit */
+  uint64_t nr_spliced;          /* READs whose data was spliced */
 };
 
 /* Accept a connection on fd (or in_fd/out_fd for --stdio).  The conn
@@ -231,6 +257,11 @@ void conn_request_done (struct request *req);
  * neither; returns the length of the run.
  */
 unsigned conn_send_direct (struct request *first);
+/* Worker thread: send a READ reply whose data waits in req->out.pipe,
+ * splicing it into the socket, if nothing else is queued there.  Marks
+ * the request sent, partly sent, or neither; the loop sends the rest.
+ */
+void conn_send_spliced (struct request *req);
 /* Called once per loop iteration after completions: flush output. */
 void conns_flush_dirty (void);
 unsigned conn_count (void);
@@ -272,6 +303,7 @@ struct request {
   uint64_t payload_got;         /* WRITE payload bytes read so far */
   struct extent_list extents;   /* BLOCK_STATUS result (kept for reuse) */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
+  bool spliced;                 /* READ data went through a pipe */
   bool sent;                    /* a worker sent the whole reply */
   bool partial;                 /* a worker sent part of it */
 
@@ -289,7 +321,9 @@ void tx_on_payload_done (struct conn *c);
 void tx_on_payload_skipped (struct conn *c);
 /* Main thread: a request came back from the workers. */
 void tx_request_completed (struct conn *c, struct request *req);
-/* Worker thread: do the I/O and encode the reply. */
+/* Worker thread: do the I/O and encode the reply (a READ may be
+ * spliced and sent already, see req->spliced).
+ */
 void request_run (struct request *req);
 /* Main thread: encode an error reply for a request that did no I/O. */
 void request_reply_now (struct conn *c, struct request *req);

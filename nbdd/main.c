@@ -227,6 +227,7 @@ main (int argc, char **argv)
   conns_close_all ("shutting down");
   workers_stop ();
   conns_flush_dirty ();
+  pipes_free_all ();
   export_close_all ();
   node_close_all ();
   ev_ref (loop);

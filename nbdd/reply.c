@@ -2,11 +2,14 @@
  * chunks.  Runs on the worker thread that did the request's I/O (or on
  * the main thread for requests refused at validation), and only fills
  * the request's own iovec and header storage: no locks, no copies of
- * read data, which is sent from the request buffer.
+ * read data, which is sent from the request buffer or, for a spliced
+ * READ, from its pipe.
  *
  * READ replies in structured and extended mode are sparse: runs of
  * zeroes become OFFSET_HOLE chunks, so a client copying a sparse disk
- * neither receives nor writes them.  With DF they are one OFFSET_DATA.
+ * neither receives nor writes them.  With DF they are one OFFSET_DATA,
+ * and so is a spliced READ, which is only done for ranges the node
+ * reports as data.
  */
 #include <config.h>
 
@@ -49,6 +52,18 @@ add_iov (struct request *req, void *base, size_t len)
   req->iov[req->out.niov].iov_base = base;
   req->iov[req->out.niov].iov_len = len;
   req->out.niov++;
+}
+
+/* READ data: from the request buffer, or spliced from its pipe after
+ * the header iovecs.
+ */
+static void
+add_data (struct request *req, uint64_t off, size_t len)
+{
+  if (req->spliced)
+    req->out.pipe_left += len;
+  else if (len > 0)             /* a 0-byte READ may have no buffer */
+    add_iov (req, (char *) req->buf + off, len);
 }
 
 static void *
@@ -133,7 +148,7 @@ data_chunk (struct enc *e, uint16_t flags, uint64_t off, uint64_t len)
   chunk_header (e, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
   memcpy (hdr_alloc (e, 8), &o, 8);
   add_iov (req, start, e->hpos - (start - req->hdr));
-  add_iov (req, (char *) req->buf + off, len);
+  add_data (req, off, len);
 }
 
 static void
@@ -165,8 +180,12 @@ read_chunks (struct enc *e)
     add_iov (req, start, e->hpos - (start - req->hdr));
     return;
   }
-  if ((req->flags & NBD_CMD_FLAG_DF) || count < 8192) {
-    if (!(req->flags & NBD_CMD_FLAG_DF) && is_zero (req->buf, count))
+  if ((req->flags & NBD_CMD_FLAG_DF) || req->spliced) {
+    data_chunk (e, NBD_REPLY_FLAG_DONE, 0, count);
+    return;
+  }
+  if (count < 8192) {
+    if (is_zero (req->buf, count))
       hole_chunk (e, NBD_REPLY_FLAG_DONE, 0, count);
     else
       data_chunk (e, NBD_REPLY_FLAG_DONE, 0, count);
@@ -268,6 +287,7 @@ reply_encode (struct request *req)
 
   req->out.niov = 0;
   req->out.pos = 0;
+  req->out.pipe_left = 0;
 
   if (error == NBD_SUCCESS && req->err < 0) {
     error = nbd_errno (-req->err, req->flags);
@@ -290,7 +310,7 @@ reply_encode (struct request *req)
     if (mode == MODE_SIMPLE) {
       simple_reply (&e, NBD_SUCCESS);
       add_iov (req, req->hdr, e.hpos);
-      add_iov (req, req->buf, req->count);
+      add_data (req, 0, req->count);
     }
     else
       read_chunks (&e);

@@ -199,6 +199,7 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
       goto bad_magic;
   }
 
+  c->nr_requests++;
   datapath_debug ("%s: %s flags 0x%x offset %" PRIu64 " count %" PRIu64,
                   c->peer, nbd_cmd_name (type), flags, offset, count);
 
@@ -312,6 +313,57 @@ tx_on_payload_skipped (struct conn *c)
   conn_update_reading (c);
 }
 
+/* In structured mode a READ answers zeroes with hole chunks, found by
+ * looking at the data.  Spliced data cannot be looked at, so it is
+ * spliced only where the node says the whole range is data.
+ */
+static bool
+splice_allowed (struct request *req)
+{
+  struct node *node = req->conn->exp->node;
+  struct extent_list *el = &req->extents;
+
+  if (req->conn->mode == MODE_SIMPLE || (req->flags & NBD_CMD_FLAG_DF) ||
+      !node->has_block_status)
+    return true;
+  extents_reset (el, req->offset);
+  el->max = 1;
+  return node_block_status (node, req->count, el) == 0 && el->len > 0 &&
+    el->v[0].length >= req->count && !(el->v[0].flags & EXTENT_ZERO);
+}
+
+/* Worker thread: a large READ straight from the page cache into the
+ * socket, the data never copied by us.  False if the request was left
+ * untouched for node_pread.
+ */
+static bool
+read_spliced (struct request *req)
+{
+  struct node *node = req->conn->exp->node;
+  struct splice_pipe *p;
+  int r;
+
+  if (req->count < MIN_SPLICE_READ || req->count > SPLICE_PIPE_SIZE ||
+      req->conn->is_stdio || !splice_allowed (req) ||
+      (p = pipe_get ()) == NULL)
+    return false;
+  r = node_read_splice (node, p->wr, SPLICE_PIPE_SIZE, req->count,
+                        req->offset);
+  if (r < 0) {
+    /* node_pread reads it again, and reports any error; a pipe left
+     * holding part of the data is closed, not pooled.
+     */
+    pipe_put (p);
+    return false;
+  }
+  req->err = 0;
+  req->spliced = true;
+  req->out.pipe = p;
+  reply_encode (req);
+  conn_send_spliced (req);
+  return true;
+}
+
 /* Worker thread: the I/O of one request, then its reply encoding. */
 void
 request_run (struct request *req)
@@ -322,6 +374,8 @@ request_run (struct request *req)
 
   switch (req->type) {
   case NBD_CMD_READ:
+    if (read_spliced (req))
+      return;
     r = node_pread (node, req->buf, req->count, req->offset, 0);
     /* FUA on a read asks nothing of us once the read is done. */
     break;
