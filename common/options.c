@@ -2,6 +2,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -179,6 +180,74 @@ opt_get_string (struct json_object *o, const char *what, const char *key,
   }
   *r = json_object_get_string (v);
   return 0;
+}
+
+void
+opt_free_strings (char **v)
+{
+  if (v == NULL)
+    return;
+  for (char **p = v; *p; ++p)
+    free (*p);
+  free (v);
+}
+
+int
+opt_get_strings (struct json_object *o, const char *what, const char *key,
+                 char ***r, size_t *n, struct error **errp)
+{
+  struct json_object *v, *item;
+  size_t len, i;
+  char **out;
+
+  *r = NULL;
+  *n = 0;
+  if (!json_object_object_get_ex (o, key, &v) || v == NULL)
+    return 1;
+  if (json_object_is_type (v, json_type_string))
+    len = 1;
+  else if (json_object_is_type (v, json_type_array))
+    len = json_object_array_length (v);
+  else if (json_object_is_type (v, json_type_object))
+    len = json_object_object_length (v);
+  else
+    goto bad;
+  out = calloc (len + 1, sizeof *out);
+  if (out == NULL) {
+    error_setg_errno (errp, ENOMEM, "%s", what);
+    return -1;
+  }
+  for (i = 0; i < len; ++i) {
+    if (json_object_is_type (v, json_type_string))
+      item = v;
+    else if (json_object_is_type (v, json_type_array))
+      item = json_object_array_get_idx (v, i);
+    else {
+      /* keyval lists are numbered from 0, with no gaps */
+      char idx[24];
+      snprintf (idx, sizeof idx, "%zu", i);
+      if (!json_object_object_get_ex (v, idx, &item))
+        item = NULL;
+    }
+    if (item == NULL || !json_object_is_type (item, json_type_string)) {
+      opt_free_strings (out);
+      goto bad;
+    }
+    out[i] = strdup (json_object_get_string (item));
+    if (out[i] == NULL) {
+      opt_free_strings (out);
+      error_setg_errno (errp, ENOMEM, "%s", what);
+      return -1;
+    }
+  }
+  *r = out;
+  *n = len;
+  return 0;
+
+ bad:
+  error_setg (errp, "%s: parameter '%s' must be a string or a list of "
+              "strings (%s.0=..., %s.1=...)", what, key, key, key);
+  return -1;
 }
 
 static int

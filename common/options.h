@@ -36,6 +36,14 @@ int opt_get_size (struct json_object *o, const char *what,
 int opt_get_bool (struct json_object *o, const char *what,
                   const char *key, bool required, bool *r,
                   struct error **errp);
+/* A list of strings: a JSON array, its keyval form (key.0=a,key.1=b),
+ * or a single string.  *r is a NULL-terminated array the caller frees
+ * with opt_free_strings (NULL if the key is absent: returns 1).
+ */
+int opt_get_strings (struct json_object *o, const char *what,
+                     const char *key, char ***r, size_t *n,
+                     struct error **errp);
+void opt_free_strings (char **v);
 
 /* Fail if @o has a key not in the NULL-terminated @allowed list.  A
  * key "a.b" in @allowed permits key "a" holding an object with "b",

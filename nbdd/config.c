@@ -36,6 +36,14 @@ usage (FILE *fp)
 "                                   file.driver=file,file.filename=x.img\n"
 "  --export SPEC               type=nbd,id=ID,node-name=NODE[,name=NAME]\n"
 "                                   [,writable=on][,description=TEXT]\n"
+"                                   [,tls-required=on][,tls-allow=IDENTITY]\n"
+"\n"
+"TLS (reload credentials with SIGHUP):\n"
+"  --tls off|on|require        offer STARTTLS (on) or insist on it (require)\n"
+"  --tls-certificates DIR      ca-cert.pem, server-cert.pem, server-key.pem\n"
+"                              [, ca-crl.pem]\n"
+"  --tls-verify-peer           require a client certificate signed by the CA\n"
+"  --tls-psk FILE              PSK keys in psktool's format (user:hexkey)\n"
 "\n"
 "Daemon:\n"
 "  -f, --foreground            do not fork into the background\n"
@@ -81,7 +89,8 @@ append (char **v, size_t *n, const char *s)
 enum {
   OPT_LISTEN = 256, OPT_STDIO, OPT_STATE_DIR, OPT_PIDFILE, OPT_THREADS,
   OPT_MAX_CONNECTIONS, OPT_HANDSHAKE_TIMEOUT, OPT_EXIT_WITH_PARENT,
-  OPT_BLOCKDEV, OPT_EXPORT, OPT_VERSION, OPT_HELP,
+  OPT_BLOCKDEV, OPT_EXPORT, OPT_VERSION, OPT_HELP, OPT_TLS,
+  OPT_TLS_CERTIFICATES, OPT_TLS_VERIFY_PEER, OPT_TLS_PSK,
 };
 
 static const struct option long_options[] = {
@@ -96,6 +105,10 @@ static const struct option long_options[] = {
   { "exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT },
   { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
   { "export", required_argument, NULL, OPT_EXPORT },
+  { "tls", required_argument, NULL, OPT_TLS },
+  { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES },
+  { "tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER },
+  { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
   { "verbose", no_argument, NULL, 'v' },
   { "version", no_argument, NULL, OPT_VERSION },
   { "help", no_argument, NULL, OPT_HELP },
@@ -173,6 +186,27 @@ config_parse (int argc, char **argv)
     case OPT_EXPORT:
       config.exports = append (config.exports, &config.nr_exports, optarg);
       break;
+    case OPT_TLS:
+      if (strcmp (optarg, "off") == 0)
+        config.tls = TLS_OFF;
+      else if (strcmp (optarg, "on") == 0)
+        config.tls = TLS_ON;
+      else if (strcmp (optarg, "require") == 0)
+        config.tls = TLS_REQUIRE;
+      else
+        bad_option ("--tls: expected off, on or require, got '%s'", optarg);
+      break;
+    case OPT_TLS_CERTIFICATES:
+      free (config.tls_certificates);
+      config.tls_certificates = strdup (optarg);
+      break;
+    case OPT_TLS_VERIFY_PEER:
+      config.tls_verify_peer = true;
+      break;
+    case OPT_TLS_PSK:
+      free (config.tls_psk);
+      config.tls_psk = strdup (optarg);
+      break;
     case 'v':
       log_verbose++;
       break;
@@ -193,6 +227,14 @@ config_parse (int argc, char **argv)
     bad_option ("--stdio cannot be combined with --listen");
   if (config.stdio)
     config.foreground = true;
+  if (config.tls != TLS_OFF && !config.tls_certificates && !config.tls_psk)
+    bad_option ("--tls=%s needs --tls-certificates or --tls-psk",
+                config.tls == TLS_ON ? "on" : "require");
+  if (config.tls == TLS_OFF && (config.tls_certificates || config.tls_psk))
+    bad_option ("TLS credentials given but --tls is off (use --tls=on or "
+                "--tls=require)");
+  if (config.tls_verify_peer && !config.tls_certificates)
+    bad_option ("--tls-verify-peer needs --tls-certificates");
 }
 
 void
@@ -209,4 +251,6 @@ config_free (void)
   free (config.exports);
   free (config.state_dir);
   free (config.pidfile);
+  free (config.tls_certificates);
+  free (config.tls_psk);
 }

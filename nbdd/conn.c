@@ -153,6 +153,7 @@ conn_free (struct conn *c)
     conns = c->next;
   if (c->next)
     c->next->prev = c->prev;
+  tls_free (c);
   pthread_mutex_destroy (&c->send_lock);
   free (c->optbuf);
   free (c->meta_export);
@@ -225,6 +226,27 @@ conns_close_all (const char *why)
   }
 }
 
+/* Every reply has gone: say goodbye (TLS close_notify) and close once
+ * that has gone too.
+ */
+static void
+conn_finish (struct conn *c)
+{
+  bool empty;
+
+  pthread_mutex_lock (&c->send_lock);
+  if (c->tls_up && !c->tls_bye_sent) {
+    c->tls_bye_sent = true;
+    tls_bye (c);
+  }
+  empty = c->out_head == NULL && !c->out_partial;
+  pthread_mutex_unlock (&c->send_lock);
+  if (empty)
+    conn_close (c, "finished");
+  else
+    conn_mark_dirty (c);
+}
+
 void
 conn_drain (struct conn *c)
 {
@@ -234,7 +256,7 @@ conn_drain (struct conn *c)
     c->reading = false;
   }
   if (c->in_flight == 0 && c->out_head == NULL)
-    conn_close (c, "finished");
+    conn_finish (c);
 }
 
 void
@@ -247,6 +269,17 @@ conn_queue (struct conn *c, struct out_item *item)
   item->next = NULL;
   item->pos = 0;
   pthread_mutex_lock (&c->send_lock);
+  if (c->tls_up) {
+    /* Encrypted now, in order; the records go out or wait as bytes. */
+    int r = tls_send (c, item->iov, item->niov);
+    pthread_mutex_unlock (&c->send_lock);
+    item->release (c, item);
+    if (r == -1)
+      conn_close (c, "TLS send failed");
+    else
+      conn_mark_dirty (c);
+    return;
+  }
   if (c->out_tail)
     c->out_tail->next = item;
   else
@@ -303,6 +336,101 @@ conn_queue_copy (struct conn *c, const void *data, size_t len)
   ci->out.release = copied_item_release;
   conn_queue (c, &ci->out);
   return 0;
+}
+
+/* Bytes queued by conn_send_locked: TLS records the socket did not
+ * take at once.  Later records are appended while there is room.
+ */
+#define BYTE_CHUNK_SIZE (64u << 10)
+
+struct byte_chunk {
+  struct out_item out;
+  struct iovec iov;
+  size_t cap, used;
+  unsigned char data[];
+};
+
+static void
+byte_chunk_release (struct conn *c, struct out_item *item)
+{
+  struct byte_chunk *bc = container_of (item, struct byte_chunk, out);
+
+  c->queued_bytes -= bc->used;  /* send_lock is held, or c is dying */
+  free (bc);
+}
+
+static int
+queue_bytes_locked (struct conn *c, const void *data, size_t len)
+{
+  struct out_item *tail = c->out_tail;
+  struct byte_chunk *bc;
+
+  if (tail && tail->release == byte_chunk_release) {
+    bc = container_of (tail, struct byte_chunk, out);
+    if (bc->cap - bc->used >= len) {
+      memcpy (bc->data + bc->used, data, len);
+      bc->used += len;
+      bc->iov.iov_len += len;   /* a queued chunk is never empty */
+      c->queued_bytes += len;
+      return 0;
+    }
+  }
+  bc = malloc (sizeof *bc + MAX (len, (size_t) BYTE_CHUNK_SIZE));
+  if (bc == NULL)
+    return -1;
+  bc->cap = MAX (len, (size_t) BYTE_CHUNK_SIZE);
+  bc->used = len;
+  memcpy (bc->data, data, len);
+  bc->iov.iov_base = bc->data;
+  bc->iov.iov_len = len;
+  bc->out.iov = &bc->iov;
+  bc->out.niov = 1;
+  bc->out.pos = 0;
+  bc->out.pipe = NULL;
+  bc->out.pipe_left = 0;
+  bc->out.release = byte_chunk_release;
+  bc->out.next = NULL;
+  if (c->out_tail)
+    c->out_tail->next = &bc->out;
+  else
+    c->out_head = &bc->out;
+  c->out_tail = &bc->out;
+  c->queued_bytes += len;
+  return 0;
+}
+
+int
+conn_send_locked (struct conn *c, const struct iovec *iov, int niov)
+{
+  size_t sent = 0;
+
+  if (c->dead)
+    return 0;                   /* nobody to send to */
+  if (c->out_head == NULL && !c->out_partial) {
+    ssize_t r;
+    do
+      r = writev (c->out_fd, iov, niov);
+    while (r == -1 && errno == EINTR);
+    if (r > 0)
+      sent = r;                 /* on error the loop finds it at flush */
+  }
+  for (int i = 0; i < niov; ++i) {
+    if (sent >= iov[i].iov_len) {
+      sent -= iov[i].iov_len;
+      continue;
+    }
+    if (queue_bytes_locked (c, (const char *) iov[i].iov_base + sent,
+                            iov[i].iov_len - sent) == -1)
+      return -1;
+    sent = 0;
+  }
+  return 0;
+}
+
+size_t
+conn_input_buffered (const struct conn *c)
+{
+  return c->in_end - c->in_start;
 }
 
 void
@@ -473,7 +601,7 @@ conn_flush (struct conn *c)
     if (ev_is_active (&c->wio))
       ev_io_stop (c->loop, &c->wio);
     if (empty && c->state == CS_DRAIN && c->in_flight == 0)
-      conn_close (c, "finished");
+      conn_finish (c);
   }
   if (!c->dead)
     conn_update_reading (c);
@@ -672,6 +800,18 @@ conn_send_direct (struct request *first)
   if (n == 0)
     return nreq;
 
+  if (c->tls_up) {
+    /* Encrypt each reply whole, in turn: the records go out at once or
+     * are queued in order, so every reply counts as sent.
+     */
+    pthread_mutex_lock (&c->send_lock);
+    for (req = first; req != end && !c->dead; req = req->next)
+      if (!req->spliced && tls_send (c, req->iov, req->out.niov) == 0)
+        req->sent = true;
+    pthread_mutex_unlock (&c->send_lock);
+    return nreq;
+  }
+
   pthread_mutex_lock (&c->send_lock);
   if (c->dead || c->out_head != NULL || c->out_partial) {
     pthread_mutex_unlock (&c->send_lock);
@@ -743,12 +883,27 @@ conn_update_reading (struct conn *c)
     c->in_flight < MAX_IN_FLIGHT &&
     c->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
 
+  /* Encrypted replies waiting for the client count too. */
+  if (want && c->tls) {
+    pthread_mutex_lock (&c->send_lock);
+    want = c->queued_bytes < MAX_QUEUED_BYTES;
+    pthread_mutex_unlock (&c->send_lock);
+  }
+
   if (want && !c->reading) {
     c->reading = true;
     ev_io_start (c->loop, &c->rio);
     /* Input may already be buffered: parse it now. */
     if (conn_process_input (c) == -1)
       return;
+    if (c->tls_up && !c->dead) {
+      bool pending;
+      pthread_mutex_lock (&c->send_lock);
+      pending = tls_pending (c);
+      pthread_mutex_unlock (&c->send_lock);
+      if (pending)              /* the socket will not say so */
+        ev_feed_event (c->loop, &c->rio, EV_READ);
+    }
   }
   else if (!want && c->reading) {
     c->reading = false;
@@ -847,6 +1002,8 @@ conn_process_input (struct conn *c)
       tx_on_payload_skipped (c);
       r = 0;
       break;
+    case CS_TLS_HANDSHAKE:
+      return 1;                 /* gnutls reads the socket itself */
     case CS_DRAIN:
       c->in_start = c->in_end = 0;      /* nothing after DISC counts */
       return 0;
@@ -856,6 +1013,49 @@ conn_process_input (struct conn *c)
     if (r < 0 || c->dead)
       return -1;
   }
+}
+
+/* read(2) from the client, through TLS once it is up. */
+static ssize_t
+conn_recv (struct conn *c, void *buf, size_t len)
+{
+  ssize_t r;
+
+  if (!c->tls_up) {
+    do
+      r = read (c->in_fd, buf, len);
+    while (r == -1 && errno == EINTR);
+    return r;
+  }
+  pthread_mutex_lock (&c->send_lock);
+  do
+    r = tls_recv (c, buf, len);
+  while (r == -1 && errno == EINTR);
+  pthread_mutex_unlock (&c->send_lock);
+  return r;
+}
+
+/* One step of the TLS handshake.  False if the connection was closed
+ * or must wait for the client.
+ */
+static bool
+conn_tls_handshake (struct conn *c)
+{
+  int r;
+
+  pthread_mutex_lock (&c->send_lock);
+  r = tls_handshake (c);
+  pthread_mutex_unlock (&c->send_lock);
+  conn_mark_dirty (c);          /* handshake records to send */
+  if (r < 0) {
+    conn_close (c, NULL);
+    return false;
+  }
+  if (r == 0)
+    return false;
+  c->tls_up = true;
+  c->state = CS_OPTION;         /* negotiation starts afresh */
+  return true;
 }
 
 static void
@@ -880,16 +1080,22 @@ conn_on_readable (struct conn *c)
      */
     if (drained || reads >= RECV_BUDGET)
       break;
+    if (c->state == CS_TLS_HANDSHAKE) {
+      if (!conn_tls_handshake (c))
+        break;
+      continue;
+    }
 
     /* A large WRITE payload goes straight into its buffer. */
     if (c->state == CS_PAYLOAD && in_avail (c) == 0) {
       struct request *req = c->cur;
       want = req->count - req->payload_got;
-      do
-        r = read (c->in_fd, (char *) req->buf + req->payload_got, want);
-      while (r == -1 && errno == EINTR);
+      r = conn_recv (c, (char *) req->buf + req->payload_got, want);
       if (r > 0) {
-        drained = (size_t) r < want;
+        /* A TLS read returns a record at a time: only EAGAIN says the
+         * socket is empty.
+         */
+        drained = (size_t) r < want && !c->tls_up;
         req->payload_got += r;
         if (req->payload_got == req->count)
           tx_on_payload_done (c);
@@ -905,11 +1111,9 @@ conn_on_readable (struct conn *c)
         c->in_start = 0;
       }
       want = CONN_INBUF_SIZE - c->in_end;
-      do
-        r = read (c->in_fd, c->inbuf + c->in_end, want);
-      while (r == -1 && errno == EINTR);
+      r = conn_recv (c, c->inbuf + c->in_end, want);
       if (r > 0) {
-        drained = (size_t) r < want;
+        drained = (size_t) r < want && !c->tls_up;
         c->in_end += r;
         continue;
       }
@@ -922,6 +1126,15 @@ conn_on_readable (struct conn *c)
       break;
     conn_close (c, "read error");
     break;
+  }
+  /* Decrypted input left in the session when the budget ran out. */
+  if (c->tls_up && c->reading && !c->dead) {
+    bool pending;
+    pthread_mutex_lock (&c->send_lock);
+    pending = tls_pending (c);
+    pthread_mutex_unlock (&c->send_lock);
+    if (pending)
+      ev_feed_event (c->loop, &c->rio, EV_READ);
   }
   conns_flush_dirty ();
 }

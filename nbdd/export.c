@@ -45,12 +45,13 @@ export_free (struct export *exp)
   free (exp->id);
   free (exp->name);
   free (exp->description);
+  opt_free_strings (exp->tls_allow);
   free (exp);
 }
 
 static const char *const export_keys[] = {
   "type", "id", "node-name", "name", "writable", "description",
-  "writethrough", NULL
+  "writethrough", "tls-required", "tls-allow", NULL
 };
 
 static bool
@@ -66,7 +67,9 @@ export_add_spec (const char *spec, struct error **errp)
   const char *type, *id = NULL, *node_name, *name = NULL, *desc = NULL;
   struct export *exp = NULL, **ne;
   struct node *node;
-  bool writable = false;
+  bool writable = false, tls_required = false;
+  char **allow = NULL;
+  size_t nr_allow = 0;
 
   if (o == NULL) {
     error_prepend (errp, "export");
@@ -80,8 +83,17 @@ export_add_spec (const char *spec, struct error **errp)
       opt_get_string (o, "export", "name", false, &name, errp) == -1 ||
       opt_get_string (o, "export", "description", false, &desc,
                       errp) == -1 ||
-      opt_get_bool (o, "export", "writable", false, &writable, errp) == -1)
+      opt_get_bool (o, "export", "writable", false, &writable, errp) == -1 ||
+      opt_get_bool (o, "export", "tls-required", false, &tls_required,
+                    errp) == -1 ||
+      opt_get_strings (o, "export", "tls-allow", &allow, &nr_allow,
+                       errp) == -1)
     goto err;
+  if ((tls_required || allow) && config.tls == TLS_OFF) {
+    error_setg (errp, "export: tls-required and tls-allow need --tls=on "
+                "or --tls=require");
+    goto err;
+  }
   if (strcmp (type, "nbd") != 0) {
     error_setg (errp, "export: type '%.80s' is not supported (only 'nbd')",
                 type);
@@ -136,6 +148,10 @@ export_add_spec (const char *spec, struct error **errp)
     goto err;
   }
   exp->writable = writable;
+  exp->tls_required = tls_required || allow != NULL;
+  exp->tls_allow = allow;
+  exp->nr_tls_allow = nr_allow;
+  allow = NULL;
   exp->node = node;
   node_ref (node);
   exports[nr_exports++] = exp;
@@ -143,9 +159,30 @@ export_add_spec (const char *spec, struct error **errp)
   return 0;
 
  err:
+  opt_free_strings (allow);
   export_free (exp);
   json_object_put (o);
   return -1;
+}
+
+enum export_access
+export_access (const struct export *exp, const struct conn *c)
+{
+  const char *id;
+
+  /* Before TLS the spec wants TLS_REQD for a TLS-only export, whoever
+   * the client turns out to be.
+   */
+  if ((exp->tls_required || config.tls == TLS_REQUIRE) && !c->tls_up)
+    return EXPORT_TLS_REQUIRED;
+  if (exp->tls_allow == NULL)
+    return EXPORT_OK;
+  id = tls_identity (c);
+  if (id)
+    for (size_t i = 0; i < exp->nr_tls_allow; ++i)
+      if (strcmp (exp->tls_allow[i], id) == 0)
+        return EXPORT_OK;
+  return EXPORT_HIDDEN;
 }
 
 void

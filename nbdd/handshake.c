@@ -184,7 +184,21 @@ hs_on_option_header (struct conn *c, const unsigned char *buf)
   datapath_debug ("%s: option %s length %" PRIu32, c->peer,
                   nbd_opt_name (c->opt), c->optlen);
 
-  if (option_needs_payload (c->opt)) {
+  /* --tls=require: before TLS only STARTTLS and ABORT; everything else
+   * is refused with its payload dropped, so the stream stays in sync.
+   */
+  c->refuse_tls_reqd = false;
+  if (config.tls == TLS_REQUIRE && !c->tls_up &&
+      c->opt != NBD_OPT_STARTTLS && c->opt != NBD_OPT_ABORT) {
+    if (c->opt == NBD_OPT_EXPORT_NAME) {
+      nbdd_info ("%s: NBD_OPT_EXPORT_NAME without TLS: closing", c->peer);
+      conn_close (c, NULL);
+      return -1;
+    }
+    c->refuse_tls_reqd = true;
+  }
+
+  if (option_needs_payload (c->opt) && !c->refuse_tls_reqd) {
     unsigned char *nb = realloc (c->optbuf, c->optlen + 1);
     if (nb == NULL) {
       conn_close (c, "out of memory");
@@ -244,10 +258,13 @@ handle_export_name (struct conn *c)
   memcpy (name, c->optbuf, c->optlen);
   name[c->optlen] = '\0';
   exp = export_find (name);
-  if (exp == NULL) {
+  if (exp == NULL || export_access (exp, c) != EXPORT_OK) {
+    /* No way to say why: an error here ends the session. */
     sanitize (safe, sizeof safe, name, c->optlen);
-    nbdd_info ("%s: NBD_OPT_EXPORT_NAME: unknown export '%s': closing",
-               c->peer, safe);
+    nbdd_info ("%s: NBD_OPT_EXPORT_NAME: %s '%s': closing", c->peer,
+               exp == NULL ? "unknown export"
+               : export_access (exp, c) == EXPORT_TLS_REQUIRED
+               ? "TLS required for export" : "export not allowed", safe);
     conn_close (c, NULL);
     return -1;
   }
@@ -366,8 +383,17 @@ handle_info_go (struct conn *c)
   }
 
   exp = export_find (name);
-  if (exp == NULL) {
-    sanitize (safe, sizeof safe, name, strlen (name));
+  sanitize (safe, sizeof safe, name, strlen (name));
+  if (exp && export_access (exp, c) == EXPORT_TLS_REQUIRED)
+    return send_err (c, NBD_REP_ERR_TLS_REQD,
+                     "export '%s' requires TLS", safe);
+  if (exp == NULL || export_access (exp, c) == EXPORT_HIDDEN) {
+    if (exp && tls_identity (c))
+      nbdd_info ("%s: client '%s' is not allowed export '%s'", c->peer,
+                 tls_identity (c), safe);
+    else if (exp)
+      nbdd_info ("%s: an anonymous client is not allowed export '%s'",
+                 c->peer, safe);
     return send_err (c, NBD_REP_ERR_UNKNOWN, "export '%s' not found", safe);
   }
 
@@ -440,7 +466,7 @@ handle_meta_context (struct conn *c)
                      "trailing bytes after the queries");
 
   exp = export_find (name);
-  if (exp == NULL) {
+  if (exp == NULL || export_access (exp, c) != EXPORT_OK) {
     sanitize (safe, sizeof safe, name, strlen (name));
     return send_err (c, NBD_REP_ERR_UNKNOWN, "export '%s' not found", safe);
   }
@@ -511,11 +537,17 @@ handle_list (struct conn *c)
 {
   for (size_t i = 0; i < export_count (); ++i) {
     struct export *exp = export_nth (i);
-    size_t nlen = strlen (exp->name);
-    size_t dlen = exp->description ? strlen (exp->description) : 0;
-    unsigned char *buf = malloc (4 + nlen + dlen);
-    uint32_t len = htobe32 (nlen);
+    size_t nlen, dlen;
+    unsigned char *buf;
+    uint32_t len;
     int r;
+
+    if (export_access (exp, c) != EXPORT_OK)
+      continue;                 /* what a client may not use, it does not see */
+    nlen = strlen (exp->name);
+    dlen = exp->description ? strlen (exp->description) : 0;
+    buf = malloc (4 + nlen + dlen);
+    len = htobe32 (nlen);
 
     if (buf == NULL) {
       conn_close (c, "out of memory");
@@ -533,6 +565,35 @@ handle_list (struct conn *c)
   send_ack (c);
 }
 
+/* STARTTLS: acknowledge, forget everything negotiated in plaintext,
+ * and hand the socket to gnutls.
+ */
+static void
+start_tls (struct conn *c)
+{
+  /* Anything after the option arrived before our ACK, in plaintext:
+   * a client that waits for the ACK cannot have sent it.  Taking it
+   * as TLS data, or as options, would let it be injected.
+   */
+  if (conn_input_buffered (c) > 0) {
+    nbdd_info ("%s: data after NBD_OPT_STARTTLS, before the TLS "
+               "handshake: closing", c->peer);
+    conn_close (c, NULL);
+    return;
+  }
+  if (send_ack (c) == -1)
+    return;
+  c->structured = c->extended = false;
+  c->meta_base_allocation = false;
+  free (c->meta_export);
+  c->meta_export = NULL;
+  if (tls_start (c) == -1) {
+    conn_close (c, NULL);
+    return;
+  }
+  c->state = CS_TLS_HANDSHAKE;
+}
+
 /* Options whose payload was dropped unread. */
 void
 hs_option_skipped (struct conn *c)
@@ -540,6 +601,11 @@ hs_option_skipped (struct conn *c)
   bool has_data = c->optlen > 0;
 
   option_done (c);
+  if (c->refuse_tls_reqd) {
+    c->refuse_tls_reqd = false;
+    send_err (c, NBD_REP_ERR_TLS_REQD, "TLS is required (STARTTLS)");
+    return;
+  }
   switch (c->opt) {
   case NBD_OPT_ABORT:
     /* Any payload is ignored; the client may already be gone. */
@@ -555,8 +621,12 @@ hs_option_skipped (struct conn *c)
   case NBD_OPT_STARTTLS:
     if (has_data)
       send_err (c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS with a payload");
-    else
+    else if (config.tls == TLS_OFF || c->is_stdio)
       send_err (c, NBD_REP_ERR_POLICY, "TLS is not configured");
+    else if (c->tls)
+      send_err (c, NBD_REP_ERR_INVALID, "TLS is already negotiated");
+    else
+      start_tls (c);
     return;
   case NBD_OPT_STRUCTURED_REPLY:
     if (has_data)

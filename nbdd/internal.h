@@ -22,6 +22,8 @@
 #include "nbd-protocol.h"
 #include "utils.h"
 
+struct conn;
+
 /* Largest READ/WRITE payload, advertised in NBD_INFO_BLOCK_SIZE. */
 #define MAX_PAYLOAD             (32u << 20)
 /* A rejected WRITE's payload up to this size is read and dropped to
@@ -35,6 +37,8 @@
 /* Per-connection back-pressure: stop reading requests past these. */
 #define MAX_IN_FLIGHT           256
 #define MAX_IN_FLIGHT_BYTES     (128u << 20)
+/* ...and encrypted replies not yet taken by the socket. */
+#define MAX_QUEUED_BYTES        (32u << 20)
 /* Block status: descriptors per reply. */
 #define MAX_EXTENTS             (1u << 16)
 /* Sparse READ replies: at most this many chunks per reply. */
@@ -59,6 +63,8 @@ struct listen_spec {
   char *spec;                   /* "unix:PATH" or "tcp:HOST:PORT" */
 };
 
+enum tls_mode { TLS_OFF = 0, TLS_ON, TLS_REQUIRE };
+
 struct config {
   struct listen_spec *listen;
   size_t nr_listen;
@@ -74,6 +80,10 @@ struct config {
   unsigned threads;
   unsigned max_connections;
   double handshake_timeout;     /* seconds; 0 = none */
+  enum tls_mode tls;
+  char *tls_certificates;       /* directory, or NULL */
+  char *tls_psk;                /* psktool file, or NULL */
+  bool tls_verify_peer;
 };
 
 extern struct config config;
@@ -88,6 +98,18 @@ struct export {
   char *description;            /* NULL if none */
   struct node *node;            /* holds a reference */
   bool writable;
+  bool tls_required;            /* only over TLS, even with --tls=on */
+  char **tls_allow;             /* identities allowed; NULL = anyone */
+  size_t nr_tls_allow;
+};
+
+/* What a connection, at this point of its handshake, may do with an
+ * export.
+ */
+enum export_access {
+  EXPORT_OK,
+  EXPORT_TLS_REQUIRED,          /* not before TLS */
+  EXPORT_HIDDEN,                /* not for this client at all */
 };
 
 int export_add_spec (const char *spec, struct error **errp);
@@ -96,6 +118,8 @@ int export_add_spec (const char *spec, struct error **errp);
  */
 struct export *export_find (const char *name);
 size_t export_count (void);
+enum export_access export_access (const struct export *exp,
+                                  const struct conn *c);
 struct export *export_nth (size_t i);
 void export_close_all (void);
 /* Transmission flags for a connection in the given reply mode. */
@@ -163,6 +187,7 @@ enum conn_state {
   CS_REQUEST,                   /* waiting for a request header */
   CS_PAYLOAD,                   /* reading a WRITE payload */
   CS_PAYLOAD_SKIP,              /* dropping a rejected payload */
+  CS_TLS_HANDSHAKE,             /* STARTTLS acknowledged: TLS handshake */
   CS_DRAIN,                     /* no more input: finish and close */
 };
 
@@ -194,6 +219,7 @@ struct conn {
   bool fixed_newstyle, no_zeroes;
   unsigned nr_options;
   uint32_t opt, optlen;         /* the option being read */
+  bool refuse_tls_reqd;         /* answer it ERR_TLS_REQD once skipped */
   unsigned char *optbuf;        /* its payload */
   size_t opt_got;
   uint64_t skip;                /* bytes still to drop */
@@ -227,6 +253,14 @@ struct conn {
   struct out_item *out_head, *out_tail;
   bool out_partial;             /* a partly sent reply is in transit */
   uint64_t nr_spliced;          /* READs whose data was spliced */
+  size_t queued_bytes;          /* in byte chunks (TLS records) */
+
+  /* TLS: set by STARTTLS; every byte in and out goes through it once
+   * tls_up.  Calls into the session are made under send_lock.
+   */
+  struct tls_session *tls;
+  bool tls_up;                  /* handshake done */
+  bool tls_bye_sent;
 };
 
 /* Accept a connection on fd (or in_fd/out_fd for --stdio).  The conn
@@ -237,6 +271,13 @@ struct conn *conn_new (struct ev_loop *loop, int in_fd, int out_fd,
 void conn_queue (struct conn *c, struct out_item *item);
 /* Queue @len bytes (copied). */
 int conn_queue_copy (struct conn *c, const void *data, size_t len);
+/* With send_lock held: send these bytes now if nothing is queued,
+ * and queue (a copy of) what does not go out.  -1 only if out of
+ * memory.
+ */
+int conn_send_locked (struct conn *c, const struct iovec *iov, int niov);
+/* Bytes of input read but not yet parsed. */
+size_t conn_input_buffered (const struct conn *c);
 /* Send what is queued, as far as the socket takes it. */
 void conn_flush (struct conn *c);
 /* Close the connection now (fds shut, requests in flight finish). */
@@ -285,6 +326,32 @@ int hs_on_cflags (struct conn *c, const unsigned char *buf);
 int hs_on_option_header (struct conn *c, const unsigned char *buf);
 int hs_on_option_data (struct conn *c);
 void hs_option_skipped (struct conn *c);
+
+/* tls.c */
+struct tls_session;
+int tls_init (struct error **errp);
+void tls_reload (void);
+void tls_deinit (void);
+/* Main thread: a session for @c (c->tls), after the STARTTLS ACK is
+ * queued.  -1 on failure (logged).
+ */
+int tls_start (struct conn *c);
+/* With send_lock held: advance the handshake.  1 done, 0 waiting for
+ * the client, -1 failed (logged).
+ */
+int tls_handshake (struct conn *c);
+/* With send_lock held.  As read(2): bytes, 0 at EOF, -1 with errno. */
+ssize_t tls_recv (struct conn *c, void *buf, size_t len);
+/* Decrypted input is buffered in the session (the socket will not
+ * say so).
+ */
+bool tls_pending (struct conn *c);
+/* With send_lock held: encrypt and send (or queue) a reply. */
+int tls_send (struct conn *c, const struct iovec *iov, unsigned niov);
+void tls_bye (struct conn *c);
+/* The client's PSK username or certificate subject, or NULL. */
+const char *tls_identity (const struct conn *c);
+void tls_free (struct conn *c);
 
 /* transmit.c */
 struct request {

@@ -149,6 +149,12 @@ daemon_ready (int ready_fd)
 }
 
 static void
+sighup_cb (struct ev_loop *loop, ev_signal *w, int revents)
+{
+  tls_reload ();
+}
+
+static void
 signal_cb (struct ev_loop *loop, ev_signal *w, int revents)
 {
   nbdd_info ("received signal %d: shutting down", w->signum);
@@ -160,7 +166,7 @@ int
 main (int argc, char **argv)
 {
   struct ev_loop *loop;
-  ev_signal sigterm, sigint;
+  ev_signal sigterm, sigint, sighup;
   struct error *err = NULL;
   int ready_fd = -1;
 
@@ -177,6 +183,8 @@ main (int argc, char **argv)
 #endif
 
   make_state_dir ();
+  if (tls_init (&err) == -1)
+    die (err);
   open_graph ();
 
   loop = ev_default_loop (EVFLAG_AUTO | EVFLAG_NOSIGMASK);
@@ -197,6 +205,9 @@ main (int argc, char **argv)
   ev_unref (loop);
   ev_signal_init (&sigint, signal_cb, SIGINT);
   ev_signal_start (loop, &sigint);
+  ev_unref (loop);
+  ev_signal_init (&sighup, sighup_cb, SIGHUP);
+  ev_signal_start (loop, &sighup);
   ev_unref (loop);
 
   if (config.stdio) {
@@ -234,7 +245,10 @@ main (int argc, char **argv)
   ev_signal_stop (loop, &sigterm);
   ev_ref (loop);
   ev_signal_stop (loop, &sigint);
+  ev_ref (loop);
+  ev_signal_stop (loop, &sighup);
   ev_loop_destroy (loop);
+  tls_deinit ();
   if (config.pidfile)
     unlink (config.pidfile);
   config_free ();

@@ -344,7 +344,7 @@ read_spliced (struct request *req)
   int r;
 
   if (req->count < MIN_SPLICE_READ || req->count > SPLICE_PIPE_SIZE ||
-      req->conn->is_stdio || !splice_allowed (req) ||
+      req->conn->is_stdio || req->conn->tls_up || !splice_allowed (req) ||
       (p = pipe_get ()) == NULL)
     return false;
   r = node_read_splice (node, p->wr, SPLICE_PIPE_SIZE, req->count,

@@ -113,11 +113,62 @@ test_json (void)
   }
 }
 
+/* Identity lists (tls-allow): one string, keyval's numbered form, or
+ * a JSON array; anything else is refused with the key named.
+ */
+static void
+strings_are (const char *spec, size_t n, const char *first,
+             const char *last)
+{
+  struct json_object *o = parse_ok (spec);
+  char **v;
+  size_t len;
+
+  assert (opt_get_strings (o, "t", "k", &v, &len, NULL) == 0);
+  assert (len == n && v[n] == NULL);
+  assert (strcmp (v[0], first) == 0 && strcmp (v[n - 1], last) == 0);
+  opt_free_strings (v);
+  json_object_put (o);
+}
+
+static void
+test_strings (void)
+{
+  struct json_object *o;
+  struct error *err = NULL;
+  char **v;
+  size_t n;
+
+  strings_are ("k=alice", 1, "alice", "alice");
+  strings_are ("k=CN=c1,,O=Example", 1, "CN=c1,O=Example",
+               "CN=c1,O=Example");
+  strings_are ("k.0=alice,k.1=bob,k.2=carol", 3, "alice", "carol");
+  strings_are ("{\"k\": [\"CN=a,O=b\", \"bob\"]}", 2, "CN=a,O=b", "bob");
+
+  o = parse_ok ("x=1");
+  assert (opt_get_strings (o, "t", "k", &v, &n, NULL) == 1);
+  assert (v == NULL && n == 0);
+  json_object_put (o);
+
+  /* A gap in the numbering, a number, a nested list. */
+  const char *bad[] = { "k.0=a,k.2=b", "{\"k\": 5}", "{\"k\": [[\"a\"]]}",
+                        "k.1=a" };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; ++i) {
+    o = parse_ok (bad[i]);
+    assert (opt_get_strings (o, "t", "k", &v, &n, &err) == -1);
+    assert (strstr (err->msg, "'k'") != NULL);
+    error_free (err);
+    err = NULL;
+    json_object_put (o);
+  }
+}
+
 int
 main (void)
 {
   test_keyval ();
   test_json ();
+  test_strings ();
   printf ("test-options: ok\n");
   return EXIT_SUCCESS;
 }
