@@ -63,7 +63,8 @@ static bool
 in_handshake (const struct conn *c)
 {
   return c->state == CS_CFLAGS || c->state == CS_OPTION ||
-    c->state == CS_OPTION_DATA || c->state == CS_OPTION_SKIP;
+    c->state == CS_OPTION_DATA || c->state == CS_OPTION_SKIP ||
+    c->state == CS_TLS_HANDSHAKE;
 }
 
 bool
@@ -802,13 +803,20 @@ conn_send_direct (struct request *first)
 
   if (c->tls_up) {
     /* Encrypt each reply whole, in turn: the records go out at once or
-     * are queued in order, so every reply counts as sent.
+     * are queued in order, so every reply counts as sent.  The lock is
+     * taken per reply so that the loop never waits for a whole batch.
+     * A reply that fails is left to the loop, which finds the session
+     * broken and closes the connection.
      */
-    pthread_mutex_lock (&c->send_lock);
-    for (req = first; req != end && !c->dead; req = req->next)
-      if (!req->spliced && tls_send (c, req->iov, req->out.niov) == 0)
-        req->sent = true;
-    pthread_mutex_unlock (&c->send_lock);
+    for (req = first; req != end; req = req->next) {
+      int e;
+      pthread_mutex_lock (&c->send_lock);
+      e = c->dead ? -1 : tls_send (c, req->iov, req->out.niov);
+      pthread_mutex_unlock (&c->send_lock);
+      if (e == -1)
+        break;
+      req->sent = true;
+    }
     return nreq;
   }
 
@@ -883,10 +891,12 @@ conn_update_reading (struct conn *c)
     c->in_flight < MAX_IN_FLIGHT &&
     c->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
 
-  /* Encrypted replies waiting for the client count too. */
+  /* Encrypted replies waiting for the client count too: their
+   * requests are gone, their bytes are not.
+   */
   if (want && c->tls) {
     pthread_mutex_lock (&c->send_lock);
-    want = c->queued_bytes < MAX_QUEUED_BYTES;
+    want = c->in_flight_bytes + c->queued_bytes < MAX_IN_FLIGHT_BYTES;
     pthread_mutex_unlock (&c->send_lock);
   }
 

@@ -165,6 +165,15 @@ export_add_spec (const char *spec, struct error **errp)
   return -1;
 }
 
+bool
+export_any_tls_only (void)
+{
+  for (size_t i = 0; i < nr_exports; ++i)
+    if (exports[i]->tls_required)
+      return true;
+  return config.tls == TLS_REQUIRE;
+}
+
 enum export_access
 export_access (const struct export *exp, const struct conn *c)
 {

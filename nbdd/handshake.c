@@ -384,7 +384,11 @@ handle_info_go (struct conn *c)
 
   exp = export_find (name);
   sanitize (safe, sizeof safe, name, strlen (name));
-  if (exp && export_access (exp, c) == EXPORT_TLS_REQUIRED)
+  /* Before TLS, an unknown name gets the same answer as a TLS-only
+   * export, so that those cannot be found by trying names.
+   */
+  if ((exp && export_access (exp, c) == EXPORT_TLS_REQUIRED) ||
+      (!exp && !c->tls_up && export_any_tls_only ()))
     return send_err (c, NBD_REP_ERR_TLS_REQD,
                      "export '%s' requires TLS", safe);
   if (exp == NULL || export_access (exp, c) == EXPORT_HIDDEN) {

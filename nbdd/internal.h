@@ -37,8 +37,6 @@ struct conn;
 /* Per-connection back-pressure: stop reading requests past these. */
 #define MAX_IN_FLIGHT           256
 #define MAX_IN_FLIGHT_BYTES     (128u << 20)
-/* ...and encrypted replies not yet taken by the socket. */
-#define MAX_QUEUED_BYTES        (32u << 20)
 /* Block status: descriptors per reply. */
 #define MAX_EXTENTS             (1u << 16)
 /* Sparse READ replies: at most this many chunks per reply. */
@@ -120,6 +118,10 @@ struct export *export_find (const char *name);
 size_t export_count (void);
 enum export_access export_access (const struct export *exp,
                                   const struct conn *c);
+/* Whether any export needs TLS (then, before TLS, unknown names are
+ * answered like TLS-only ones).
+ */
+bool export_any_tls_only (void);
 struct export *export_nth (size_t i);
 void export_close_all (void);
 /* Transmission flags for a connection in the given reply mode. */
@@ -260,6 +262,7 @@ struct conn {
    */
   struct tls_session *tls;
   bool tls_up;                  /* handshake done */
+  bool tls_broken;              /* a send failed: the session is unusable */
   bool tls_bye_sent;
 };
 

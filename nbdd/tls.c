@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 
+#include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 
@@ -50,6 +51,7 @@ struct tls_creds {
 };
 
 #define MAX_PSK_FILE (1u << 20)
+#define MIN_PSK_BYTES 16u               /* psktool makes 32 */
 
 struct tls_session {
   gnutls_session_t s;
@@ -59,6 +61,15 @@ struct tls_session {
 
 static struct tls_creds *current;
 static gnutls_priority_t priority;
+
+/* Only a certificate made for TLS clients names a client (not, say,
+ * another server's, from the same CA).
+ */
+static gnutls_typed_vdata_st client_purpose = {
+  .type = GNUTLS_DT_KEY_PURPOSE_OID,
+  .data = (unsigned char *) GNUTLS_KP_TLS_WWW_CLIENT,
+};
+
 
 static void
 creds_unref (struct tls_creds *cr)
@@ -159,11 +170,26 @@ add_psk_line (struct tls_creds *cr, const char *line, size_t len,
   }
   ulen = colon - line;
   hlen = len - ulen - 1;
-  if (hlen == 0 || hlen % 2 != 0) {
-    error_setg (errp, "%s:%u: the key must be an even number of hex "
-                "digits", file, lineno);
+  /* '=' would let a username pass for a certificate subject in
+   * tls-allow lists.
+   */
+  if (memchr (line, '\0', ulen) || memchr (line, '=', ulen)) {
+    error_setg (errp, "%s:%u: a username cannot contain '=' or NUL", file,
+                lineno);
     return -1;
   }
+  if (hlen % 2 != 0 || hlen < 2 * MIN_PSK_BYTES) {
+    error_setg (errp, "%s:%u: the key must be at least %u bytes, in hex "
+                "digits", file, lineno, MIN_PSK_BYTES);
+    return -1;
+  }
+  for (size_t i = 0; i < cr->nr_keys; ++i)
+    if (strlen (cr->keys[i].user) == ulen &&
+        memcmp (cr->keys[i].user, line, ulen) == 0) {
+      error_setg (errp, "%s:%u: user '%.*s' is there twice", file, lineno,
+                  (int) MIN (ulen, (size_t) 80), line);
+      return -1;
+    }
   nk = realloc (cr->keys, (cr->nr_keys + 1) * sizeof *nk);
   if (nk == NULL)
     goto nomem;
@@ -205,7 +231,15 @@ psk_lookup (gnutls_session_t s, const char *user, gnutls_datum_t *key)
       key->size = cr->keys[i].len;
       return 0;
     }
-  return -1;                            /* unknown user */
+  /* An unknown user gets a random key, so the handshake fails just as
+   * for a wrong key and usernames cannot be probed.
+   */
+  key->data = gnutls_malloc (32);
+  if (key->data == NULL)
+    return -1;
+  key->size = 32;
+  gnutls_rnd (GNUTLS_RND_NONCE, key->data, 32);
+  return 0;
 }
 
 static int
@@ -285,11 +319,12 @@ creds_load (struct error **errp)
 int
 tls_init (struct error **errp)
 {
-  /* PSK needs its key exchanges named; certificates need nothing more
-   * than gnutls's defaults (TLS 1.2 and 1.3).
+  /* TLS 1.2 and 1.3 only.  PSK key exchanges are named, and only
+   * those with forward secrecy.
    */
-  const char *prio = config.tls_psk ? "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
-    : "NORMAL";
+  const char *prio = config.tls_psk
+    ? "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1:+ECDHE-PSK:+DHE-PSK"
+    : "NORMAL:-VERS-TLS1.0:-VERS-TLS1.1";
   int r;
 
   if (config.tls == TLS_OFF)
@@ -338,16 +373,54 @@ tls_deinit (void)
   gnutls_priority_deinit (priority);
 }
 
+/* While tls_send encrypts a reply, its records gather here and go to
+ * the socket together, a write per 64 KiB instead of one per 16 KiB
+ * record.  They are sent before send_lock is dropped, so no record
+ * encrypted later can overtake them.
+ */
+#define STAGE_SIZE (64u << 10)
+static __thread struct {
+  struct conn *c;                       /* staging for this conn */
+  size_t len;
+  unsigned char buf[STAGE_SIZE];
+} stage;
+
+static int
+stage_flush (void)
+{
+  struct iovec iov = { .iov_base = stage.buf, .iov_len = stage.len };
+
+  if (stage.len == 0)
+    return 0;
+  stage.len = 0;
+  return conn_send_locked (stage.c, &iov, 1);
+}
+
 /* Ciphertext out.  Called inside gnutls with send_lock held. */
 static ssize_t
 tls_push (gnutls_transport_ptr_t ptr, const giovec_t *iov, int iovcnt)
 {
   struct conn *c = ptr;
   size_t total = 0;
+  int r = 0;
 
   for (int i = 0; i < iovcnt; ++i)
     total += iov[i].iov_len;
-  if (conn_send_locked (c, (const struct iovec *) iov, iovcnt) == -1) {
+  if (stage.c == c && total <= STAGE_SIZE) {
+    if (stage.len + total > STAGE_SIZE)
+      r = stage_flush ();
+    for (int i = 0; i < iovcnt && r == 0; ++i) {
+      memcpy (stage.buf + stage.len, iov[i].iov_base, iov[i].iov_len);
+      stage.len += iov[i].iov_len;
+    }
+  }
+  else {
+    if (stage.c == c)
+      r = stage_flush ();
+    if (r == 0)
+      r = conn_send_locked (c, (const struct iovec *) iov, iovcnt);
+  }
+  if (r == -1) {
     gnutls_transport_set_errno (c->tls->s, ENOMEM);
     return -1;
   }
@@ -382,7 +455,7 @@ tls_start (struct conn *c)
                                            ? GNUTLS_CERT_REQUIRE
                                            : GNUTLS_CERT_REQUEST);
     if (config.tls_verify_peer)
-      gnutls_session_set_verify_cert (t->s, NULL, 0);
+      gnutls_session_set_verify_cert2 (t->s, &client_purpose, 1, 0);
   }
   if (r == 0 && t->creds->psk)
     r = gnutls_credentials_set (t->s, GNUTLS_CRD_PSK, t->creds->psk);
@@ -419,7 +492,8 @@ peer_identity (gnutls_session_t s)
     return strdup (user);
   certs = gnutls_certificate_get_peers (s, &n);
   if (certs == NULL || n == 0 ||
-      gnutls_certificate_verify_peers2 (s, &status) < 0 || status != 0)
+      gnutls_certificate_verify_peers (s, &client_purpose, 1,
+                                       &status) < 0 || status != 0)
     return NULL;
   if (gnutls_x509_crt_init (&crt) < 0)
     return NULL;
@@ -489,22 +563,54 @@ int
 tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 {
   gnutls_session_t s = c->tls->s;
+  unsigned char small[4096];
+  size_t n = 0;
+  unsigned i = 0;
+  size_t off = 0;
+  int r = 0;
 
-  /* One run of records per call, whatever the number of iovecs. */
-  gnutls_record_cork (s);
-  for (unsigned i = 0; i < niov; ++i) {
-    const char *p = iov[i].iov_base;
-    size_t left = iov[i].iov_len;
+  /* A session that failed once may have sent half a record: it is
+   * never used again.
+   */
+  if (c->tls_broken)
+    return -1;
+  stage.c = c;
+  stage.len = 0;
+
+  /* The header and the start of the data make one record (a small
+   * reply is a single record), rather than a record of a few bytes.
+   */
+  for (; i < niov && n < sizeof small; ++i, off = 0) {
+    size_t take = MIN (iov[i].iov_len, sizeof small - n);
+    memcpy (small + n, iov[i].iov_base, take);
+    n += take;
+    off = take;
+    if (take < iov[i].iov_len)
+      break;
+  }
+  if (n > 0 && gnutls_record_send (s, small, n) != (ssize_t) n)
+    r = -1;
+  /* The rest straight from the caller's buffers. */
+  for (; i < niov && r == 0; ++i, off = 0) {
+    const char *p = (const char *) iov[i].iov_base + off;
+    size_t left = iov[i].iov_len - off;
     while (left > 0) {
-      ssize_t r = gnutls_record_send (s, p, left);
-      if (r < 0)
-        return -1;
-      p += r;
-      left -= r;
+      ssize_t w = gnutls_record_send (s, p, left);
+      if (w <= 0) {
+        r = -1;
+        break;
+      }
+      p += w;
+      left -= w;
     }
   }
-  /* The push function never says EAGAIN, so this completes. */
-  return gnutls_record_uncork (s, GNUTLS_RECORD_WAIT) < 0 ? -1 : 0;
+  if (r == 0)
+    r = stage_flush ();
+  stage.c = NULL;
+  stage.len = 0;
+  if (r == -1)
+    c->tls_broken = true;
+  return r;
 }
 
 void

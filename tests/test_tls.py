@@ -164,6 +164,11 @@ class PKI:
         self.certs = {name: self.sub(name) for name in
                       ("client1", "client2", "expired", "revoked",
                        "impostor")}
+        # The server's own certificate offered by a client: signed by
+        # CA A, but made for a TLS server, so it names no client.
+        self.certs["wrong-purpose"] = self._dir("wrong-purpose", {
+            "ca-cert.pem": a[0], "client-cert.pem": srv_a[0],
+            "client-key.pem": srv_a[1]})
         self.certs["anon"] = self._dir("anon", {"ca-cert.pem": a[0]})
         self.certs["trust-b"] = self._dir("trust-b", {"ca-cert.pem": b[0]})
         self.client1 = c1
@@ -626,7 +631,8 @@ def test_tls_required_export_plaintext(mixed, pki, image):
     ack(c.structured_reply())
     _, reps = c.set_meta_context("secure", ["base:allocation"])
     assert reps[-1].is_error, reps
-    only_error(c.go("nosuch"), nr.REP_ERR_UNKNOWN)
+    # Unknown names look TLS-only too, so those cannot be probed.
+    only_error(c.go("nosuch"), nr.REP_ERR_TLS_REQD)
     assert c.go_ok("plain")[0] == MiB
     c.send_request(nr.CMD_READ, offset=0, length=10)
     data, _ = nr.assemble_read(c.read_chunks(10), 0, 10)
@@ -717,6 +723,7 @@ ALLOWED = {
     "expired": ("x509", None, ["pub"]),
     "revoked": ("x509", None, ["pub"]),
     "impostor": ("x509", None, ["pub"]),
+    "wrong-purpose": ("x509", None, ["pub"]),
 }
 
 
@@ -846,7 +853,7 @@ def test_bad_psk(nbdd_server, pki, image, bad, tcp):
 
 
 @pytest.mark.parametrize("client", ["impostor", "expired", "revoked",
-                                    "anon", "trust-b"])
+                                    "anon", "trust-b", "wrong-purpose"])
 def test_verify_peer_refuses(nbdd_server, pki, image, client):
     """--tls-verify-peer: a certificate from another CA, an expired or
     revoked one, or none at all is refused at the handshake; so is a
@@ -1479,3 +1486,40 @@ def test_bad_config(tmp_path, pki, image, case):
     p = run_nbdd(tmp_path, args + blockdev_args(image) + ["--export", spec])
     assert p.returncode != 0, p
     assert any(w in p.stderr for w in words), p.stderr
+
+
+PSK_FILES = {
+    "short-key": ("alice:" + "ab" * 15 + "\n", "at least 16 bytes"),
+    "odd-digits": ("alice:" + "a" * 65 + "\n", "hex digits"),
+    "not-hex": ("alice:" + "zz" * 32 + "\n", "hex digits"),
+    "no-colon": ("alice" + "ab" * 32 + "\n", "username:hexkey"),
+    "equals-in-user": ("CN=alice:" + "ab" * 32 + "\n", "'='"),
+    "twice": ("alice:" + "ab" * 32 + "\nalice:" + "cd" * 32 + "\n",
+              "twice"),
+    "empty": ("\n\n", "no keys"),
+}
+
+
+@pytest.mark.parametrize("case", PSK_FILES)
+def test_bad_psk_file(tmp_path, image, case):
+    """A PSK file nbdd cannot trust is a start-up error naming the file
+    and line: keys shorter than 128 bits, usernames that could pass for
+    a certificate subject in tls-allow, a user given twice."""
+    text, word = PSK_FILES[case]
+    f = tmp_path / "keys.psk"
+    f.write_text(text)
+    p = run_nbdd(tmp_path, ["--tls", "require", "--tls-psk", str(f)] +
+                 blockdev_args(image) + export_args())
+    assert p.returncode != 0, p
+    assert word in p.stderr and str(f) in p.stderr, p.stderr
+
+
+def test_unknown_names_look_tls_only(mixed):
+    """Before TLS, an export name that does not exist is answered like a
+    TLS-only one (ERR_TLS_REQD), so TLS-only exports cannot be found by
+    trying names; the plain export is still served."""
+    c = raw(mixed)
+    ack(c.structured_reply())
+    only_error(c.go("no-such-export"), nr.REP_ERR_TLS_REQD)
+    only_error(c.info("secure"), nr.REP_ERR_TLS_REQD)
+    c.go_ok("plain")
