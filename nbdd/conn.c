@@ -269,9 +269,10 @@ conn_queue (struct conn *c, struct out_item *item)
   }
   item->next = NULL;
   item->pos = 0;
+  item->encrypt = false;
   pthread_mutex_lock (&c->send_lock);
-  if (c->tls_up) {
-    /* Encrypted now, in order; the records go out or wait as bytes. */
+  if (c->tls_up && c->out_head == NULL) {
+    /* The socket is free: encrypt now, the records go straight out. */
     int r = tls_send (c, item->iov, item->niov);
     pthread_mutex_unlock (&c->send_lock);
     item->release (c, item);
@@ -281,6 +282,11 @@ conn_queue (struct conn *c, struct out_item *item)
       conn_mark_dirty (c);
     return;
   }
+  /* Behind other output a reply waits in plaintext, and conn_flush
+   * encrypts it when its turn comes: nothing is encrypted (and copied)
+   * ahead of what the socket takes.
+   */
+  item->encrypt = c->tls_up;
   if (c->out_tail)
     c->out_tail->next = item;
   else
@@ -334,6 +340,7 @@ conn_queue_copy (struct conn *c, const void *data, size_t len)
   ci->out.niov = 1;
   ci->out.pipe = NULL;
   ci->out.pipe_left = 0;
+  ci->out.encrypt = false;
   ci->out.release = copied_item_release;
   conn_queue (c, &ci->out);
   return 0;
@@ -360,14 +367,44 @@ byte_chunk_release (struct conn *c, struct out_item *item)
   free (bc);
 }
 
+/* Link a new chunk where conn_send_locked's overflow goes: at the
+ * tail, or, while conn_flush encrypts the reply it took from the head
+ * (c->push_front), in front of everything still queued, after what
+ * that reply already put there (c->push_after).
+ */
+static void
+link_chunk (struct conn *c, struct out_item *item)
+{
+  if (c->push_front) {
+    if (c->push_after) {
+      item->next = c->push_after->next;
+      c->push_after->next = item;
+    }
+    else {
+      item->next = c->out_head;
+      c->out_head = item;
+    }
+    if (item->next == NULL)
+      c->out_tail = item;
+    c->push_after = item;
+    return;
+  }
+  item->next = NULL;
+  if (c->out_tail)
+    c->out_tail->next = item;
+  else
+    c->out_head = item;
+  c->out_tail = item;
+}
+
 static int
 queue_bytes_locked (struct conn *c, const void *data, size_t len)
 {
-  struct out_item *tail = c->out_tail;
+  struct out_item *at = c->push_front ? c->push_after : c->out_tail;
   struct byte_chunk *bc;
 
-  if (tail && tail->release == byte_chunk_release) {
-    bc = container_of (tail, struct byte_chunk, out);
+  if (at && at->release == byte_chunk_release) {
+    bc = container_of (at, struct byte_chunk, out);
     if (bc->cap - bc->used >= len) {
       memcpy (bc->data + bc->used, data, len);
       bc->used += len;
@@ -389,13 +426,9 @@ queue_bytes_locked (struct conn *c, const void *data, size_t len)
   bc->out.pos = 0;
   bc->out.pipe = NULL;
   bc->out.pipe_left = 0;
+  bc->out.encrypt = false;
   bc->out.release = byte_chunk_release;
-  bc->out.next = NULL;
-  if (c->out_tail)
-    c->out_tail->next = &bc->out;
-  else
-    c->out_head = &bc->out;
-  c->out_tail = &bc->out;
+  link_chunk (c, &bc->out);
   c->queued_bytes += len;
   return 0;
 }
@@ -403,11 +436,12 @@ queue_bytes_locked (struct conn *c, const void *data, size_t len)
 int
 conn_send_locked (struct conn *c, const struct iovec *iov, int niov)
 {
+  bool first = c->push_front ? c->push_after == NULL : c->out_head == NULL;
   size_t sent = 0;
 
   if (c->dead)
     return 0;                   /* nobody to send to */
-  if (c->out_head == NULL && !c->out_partial) {
+  if (first && !c->out_partial) {
     ssize_t r;
     do
       r = writev (c->out_fd, iov, niov);
@@ -534,13 +568,41 @@ conn_flush (struct conn *c)
   pthread_mutex_lock (&c->send_lock);
   while (c->out_head && !c->dead && !c->out_partial) {
     struct iovec iov[MAX_IOV];
-    struct out_item *head;
+    struct out_item *head = c->out_head;
     int n = 0;
     size_t want = 0;
     ssize_t r;
 
+    if (head->encrypt) {
+      /* A TLS reply's turn: encrypt it now.  Its records go to the
+       * socket, and what does not fit goes back to the head.
+       */
+      bool full;
+      c->out_head = head->next;
+      if (c->out_head == NULL)
+        c->out_tail = NULL;
+      c->push_front = true;
+      c->push_after = NULL;
+      r = tls_send (c, head->iov, head->niov);
+      full = c->push_after != NULL;
+      c->push_front = false;
+      c->push_after = NULL;
+      for (unsigned i = 0; i < head->niov; ++i)
+        sent_total += head->iov[i].iov_len;
+      head->release (c, head);
+      if (r == -1) {
+        write_error = true;
+        break;
+      }
+      if (full || sent_total >= MAX_SEND_PER_EVENT)
+        break;
+      continue;
+    }
+
     for (struct out_item *it = c->out_head; it && n < MAX_IOV;
          it = it->next) {
+      if (it->encrypt)
+        break;                  /* bytes before it go first */
       for (unsigned i = it->pos; i < it->niov && n < MAX_IOV; ++i) {
         if (it->iov[i].iov_len == 0)
           continue;
@@ -569,7 +631,8 @@ conn_flush (struct conn *c)
       consume (c, 0);
 
     head = c->out_head;
-    if (head && head->pos == head->niov && head->pipe_left > 0) {
+    if (head && !head->encrypt && head->pos == head->niov &&
+        head->pipe_left > 0) {
       r = splice_out (c, head);
       if (r == -1) {
         if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -637,6 +700,7 @@ conn_request_get (struct conn *c, uint64_t count)
   req->spliced = req->sent = req->partial = false;
   req->out.pipe = NULL;
   req->out.pipe_left = 0;
+  req->out.encrypt = false;
   req->bytes = 0;
   if (count > req->buf_cap) {
     void *nb;
@@ -811,7 +875,9 @@ conn_send_direct (struct request *first)
     for (req = first; req != end; req = req->next) {
       int e;
       pthread_mutex_lock (&c->send_lock);
-      e = c->dead ? -1 : tls_send (c, req->iov, req->out.niov);
+      /* Behind queued output it is for the loop to encrypt later. */
+      e = c->dead || c->out_head != NULL ? -1
+        : tls_send (c, req->iov, req->out.niov);
       pthread_mutex_unlock (&c->send_lock);
       if (e == -1)
         break;
@@ -1025,9 +1091,11 @@ conn_process_input (struct conn *c)
   }
 }
 
-/* read(2) from the client, through TLS once it is up. */
+/* read(2) from the client, through TLS once it is up.  *drained says
+ * whether another read would only find nothing.
+ */
 static ssize_t
-conn_recv (struct conn *c, void *buf, size_t len)
+conn_recv (struct conn *c, void *buf, size_t len, bool *drained)
 {
   ssize_t r;
 
@@ -1035,12 +1103,14 @@ conn_recv (struct conn *c, void *buf, size_t len)
     do
       r = read (c->in_fd, buf, len);
     while (r == -1 && errno == EINTR);
+    *drained = r >= 0 && (size_t) r < len;
     return r;
   }
   pthread_mutex_lock (&c->send_lock);
   do
     r = tls_recv (c, buf, len);
   while (r == -1 && errno == EINTR);
+  *drained = r > 0 && tls_drained (c);
   pthread_mutex_unlock (&c->send_lock);
   return r;
 }
@@ -1100,12 +1170,9 @@ conn_on_readable (struct conn *c)
     if (c->state == CS_PAYLOAD && in_avail (c) == 0) {
       struct request *req = c->cur;
       want = req->count - req->payload_got;
-      r = conn_recv (c, (char *) req->buf + req->payload_got, want);
+      r = conn_recv (c, (char *) req->buf + req->payload_got, want,
+                     &drained);
       if (r > 0) {
-        /* A TLS read returns a record at a time: only EAGAIN says the
-         * socket is empty.
-         */
-        drained = (size_t) r < want && !c->tls_up;
         req->payload_got += r;
         if (req->payload_got == req->count)
           tx_on_payload_done (c);
@@ -1121,9 +1188,8 @@ conn_on_readable (struct conn *c)
         c->in_start = 0;
       }
       want = CONN_INBUF_SIZE - c->in_end;
-      r = conn_recv (c, c->inbuf + c->in_end, want);
+      r = conn_recv (c, c->inbuf + c->in_end, want, &drained);
       if (r > 0) {
-        drained = (size_t) r < want && !c->tls_up;
         c->in_end += r;
         continue;
       }

@@ -178,6 +178,7 @@ struct out_item {
   /* After the iovecs, this many bytes from a pipe (READ data). */
   struct splice_pipe *pipe;
   size_t pipe_left;
+  bool encrypt;                 /* TLS: plaintext, encrypted at its turn */
   void (*release) (struct conn *c, struct out_item *item);
 };
 
@@ -263,6 +264,11 @@ struct conn {
   struct tls_session *tls;
   bool tls_up;                  /* handshake done */
   bool tls_broken;              /* a send failed: the session is unusable */
+  /* While conn_flush encrypts the head reply, overflow goes in front
+   * of the queue, after push_after (see conn_send_locked).
+   */
+  bool push_front;
+  struct out_item *push_after;
   bool tls_bye_sent;
 };
 
@@ -349,6 +355,10 @@ ssize_t tls_recv (struct conn *c, void *buf, size_t len);
  * say so).
  */
 bool tls_pending (struct conn *c);
+/* With send_lock held: nothing left to read, neither in the session
+ * nor in the socket (as far as the last read could tell).
+ */
+bool tls_drained (struct conn *c);
 /* With send_lock held: encrypt and send (or queue) a reply. */
 int tls_send (struct conn *c, const struct iovec *iov, unsigned niov);
 void tls_bye (struct conn *c);

@@ -5,8 +5,9 @@
  * function: records go straight to the socket when nothing is queued
  * there, and into the connection's queue otherwise, so replies keep
  * their order and a slow client never blocks a thread.  Decryption
- * reads the socket directly, after STARTTLS has been acknowledged with
- * nothing else buffered (no plaintext is ever taken for TLS data).
+ * reads the socket through a small read-ahead buffer, only after
+ * STARTTLS has been acknowledged with nothing else buffered (no
+ * plaintext is ever taken for TLS data).
  *
  * Every call into a session is made with the connection's send_lock
  * held, from whichever thread: gnutls then never sees two threads at
@@ -22,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 
@@ -53,10 +55,18 @@ struct tls_creds {
 #define MAX_PSK_FILE (1u << 20)
 #define MIN_PSK_BYTES 16u               /* psktool makes 32 */
 
+/* Ciphertext read ahead from the socket: gnutls asks for a record's
+ * header and then its body, two reads where one will do.
+ */
+#define READ_AHEAD (32u << 10)
+
 struct tls_session {
   gnutls_session_t s;
   struct tls_creds *creds;
   char *identity;                       /* NULL: anonymous */
+  unsigned char *rbuf;                  /* READ_AHEAD bytes */
+  size_t rstart, rend;
+  bool socket_empty;                    /* the last recv came back short */
 };
 
 static struct tls_creds *current;
@@ -374,11 +384,11 @@ tls_deinit (void)
 }
 
 /* While tls_send encrypts a reply, its records gather here and go to
- * the socket together, a write per 64 KiB instead of one per 16 KiB
+ * the socket together, a write per 256 KiB instead of one per 16 KiB
  * record.  They are sent before send_lock is dropped, so no record
  * encrypted later can overtake them.
  */
-#define STAGE_SIZE (64u << 10)
+#define STAGE_SIZE (256u << 10)
 static __thread struct {
   struct conn *c;                       /* staging for this conn */
   size_t len;
@@ -427,17 +437,49 @@ tls_push (gnutls_transport_ptr_t ptr, const giovec_t *iov, int iovcnt)
   return total;
 }
 
+/* Ciphertext in.  Called inside gnutls with send_lock held, on the
+ * loop thread.
+ */
+static ssize_t
+tls_pull (gnutls_transport_ptr_t ptr, void *buf, size_t len)
+{
+  struct conn *c = ptr;
+  struct tls_session *t = c->tls;
+  ssize_t r;
+
+  if (t->rstart == t->rend) {
+    t->rstart = t->rend = 0;
+    do
+      r = recv (c->in_fd, t->rbuf, READ_AHEAD, 0);
+    while (r == -1 && errno == EINTR);
+    if (r <= 0) {
+      t->socket_empty = r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK);
+      gnutls_transport_set_errno (t->s, r == 0 ? 0 : errno);
+      return r;
+    }
+    t->rend = r;
+    t->socket_empty = (size_t) r < READ_AHEAD;
+  }
+  r = MIN (len, t->rend - t->rstart);
+  memcpy (buf, t->rbuf + t->rstart, r);
+  t->rstart += r;
+  return r;
+}
+
 int
 tls_start (struct conn *c)
 {
   struct tls_session *t = calloc (1, sizeof *t);
   int r;
 
-  if (t == NULL)
+  if (t == NULL || (t->rbuf = malloc (READ_AHEAD)) == NULL) {
+    free (t);
     return -1;
+  }
   r = gnutls_init (&t->s, GNUTLS_SERVER | GNUTLS_NONBLOCK);
   if (r < 0) {
     nbdd_error ("%s: TLS session: %s", c->peer, gnutls_strerror (r));
+    free (t->rbuf);
     free (t);
     return -1;
   }
@@ -465,9 +507,8 @@ tls_start (struct conn *c)
     tls_free (c);
     return -1;
   }
-  /* gnutls reads the socket itself; writes come to tls_push. */
-  gnutls_transport_set_ptr2 (t->s, (gnutls_transport_ptr_t) (intptr_t)
-                             c->in_fd, c);
+  gnutls_transport_set_ptr (t->s, c);
+  gnutls_transport_set_pull_function (t->s, tls_pull);
   gnutls_transport_set_vec_push_function (t->s, tls_push);
   gnutls_handshake_set_timeout (t->s, 0);  /* ours covers it */
   c->tls = t;
@@ -554,16 +595,23 @@ tls_recv (struct conn *c, void *buf, size_t len)
 }
 
 bool
+tls_drained (struct conn *c)
+{
+  return c->tls->socket_empty && !tls_pending (c);
+}
+
+bool
 tls_pending (struct conn *c)
 {
-  return gnutls_record_check_pending (c->tls->s) > 0;
+  return c->tls->rstart < c->tls->rend ||
+    gnutls_record_check_pending (c->tls->s) > 0;
 }
 
 int
 tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 {
   gnutls_session_t s = c->tls->s;
-  unsigned char small[4096];
+  unsigned char small[16384];   /* one full record */
   size_t n = 0;
   unsigned i = 0;
   size_t off = 0;
@@ -635,6 +683,7 @@ tls_free (struct conn *c)
   gnutls_deinit (t->s);
   creds_unref (t->creds);
   free (t->identity);
+  free (t->rbuf);
   free (t);
   c->tls = NULL;
 }
