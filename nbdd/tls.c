@@ -389,21 +389,52 @@ tls_deinit (void)
  * encrypted later can overtake them.
  */
 #define STAGE_SIZE (256u << 10)
-static __thread struct {
+struct stage {
   struct conn *c;                       /* staging for this conn */
   size_t len;
   unsigned char buf[STAGE_SIZE];
-} stage;
+};
+
+/* Allocated by the threads that encrypt, when they first do: a static
+ * thread-local buffer would cost every thread its size in memory.
+ */
+static __thread struct stage *stage_p;
+static pthread_key_t stage_key;
+static pthread_once_t stage_once = PTHREAD_ONCE_INIT;
+
+static void
+stage_key_make (void)
+{
+  pthread_key_create (&stage_key, free);
+}
+
+/* This thread's stage, or NULL (out of memory: records go out one by
+ * one).
+ */
+static struct stage *
+stage_get (void)
+{
+  if (stage_p == NULL) {
+    pthread_once (&stage_once, stage_key_make);
+    stage_p = malloc (sizeof *stage_p);
+    if (stage_p == NULL)
+      return NULL;
+    stage_p->c = NULL;
+    stage_p->len = 0;
+    pthread_setspecific (stage_key, stage_p);
+  }
+  return stage_p;
+}
 
 static int
-stage_flush (void)
+stage_flush (struct stage *st)
 {
-  struct iovec iov = { .iov_base = stage.buf, .iov_len = stage.len };
+  struct iovec iov = { .iov_base = st->buf, .iov_len = st->len };
 
-  if (stage.len == 0)
+  if (st->len == 0)
     return 0;
-  stage.len = 0;
-  return conn_send_locked (stage.c, &iov, 1);
+  st->len = 0;
+  return conn_send_locked (st->c, &iov, 1);
 }
 
 /* Ciphertext out.  Called inside gnutls with send_lock held. */
@@ -414,19 +445,22 @@ tls_push (gnutls_transport_ptr_t ptr, const giovec_t *iov, int iovcnt)
   size_t total = 0;
   int r = 0;
 
+  struct stage *st = stage_p;
+  bool staging = st && st->c == c;
+
   for (int i = 0; i < iovcnt; ++i)
     total += iov[i].iov_len;
-  if (stage.c == c && total <= STAGE_SIZE) {
-    if (stage.len + total > STAGE_SIZE)
-      r = stage_flush ();
+  if (staging && total <= STAGE_SIZE) {
+    if (st->len + total > STAGE_SIZE)
+      r = stage_flush (st);
     for (int i = 0; i < iovcnt && r == 0; ++i) {
-      memcpy (stage.buf + stage.len, iov[i].iov_base, iov[i].iov_len);
-      stage.len += iov[i].iov_len;
+      memcpy (st->buf + st->len, iov[i].iov_base, iov[i].iov_len);
+      st->len += iov[i].iov_len;
     }
   }
   else {
-    if (stage.c == c)
-      r = stage_flush ();
+    if (staging)
+      r = stage_flush (st);
     if (r == 0)
       r = conn_send_locked (c, (const struct iovec *) iov, iovcnt);
   }
@@ -612,6 +646,7 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 {
   gnutls_session_t s = c->tls->s;
   unsigned char small[16384];   /* one full record */
+  struct stage *st;
   size_t n = 0;
   unsigned i = 0;
   size_t off = 0;
@@ -622,8 +657,11 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
    */
   if (c->tls_broken)
     return -1;
-  stage.c = c;
-  stage.len = 0;
+  st = stage_get ();
+  if (st) {
+    st->c = c;
+    st->len = 0;
+  }
 
   /* The header and the start of the data make one record (a small
    * reply is a single record), rather than a record of a few bytes.
@@ -652,10 +690,12 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
       left -= w;
     }
   }
-  if (r == 0)
-    r = stage_flush ();
-  stage.c = NULL;
-  stage.len = 0;
+  if (st) {
+    if (r == 0)
+      r = stage_flush (st);
+    st->c = NULL;
+    st->len = 0;
+  }
   if (r == -1)
     c->tls_broken = true;
   return r;
