@@ -312,6 +312,14 @@ conn_queue_head (struct conn *c, struct out_item *item)
   conn_mark_dirty (c);
 }
 
+/* An item sending the one buffer @iov describes. */
+static void
+out_item_init (struct out_item *it, struct iovec *iov,
+               void (*release) (struct conn *c, struct out_item *item))
+{
+  *it = (struct out_item) { .iov = iov, .niov = 1, .release = release };
+}
+
 struct copied_item {
   struct out_item out;
   struct iovec iov;
@@ -336,12 +344,7 @@ conn_queue_copy (struct conn *c, const void *data, size_t len)
   memcpy (ci->data, data, len);
   ci->iov.iov_base = ci->data;
   ci->iov.iov_len = len;
-  ci->out.iov = &ci->iov;
-  ci->out.niov = 1;
-  ci->out.pipe = NULL;
-  ci->out.pipe_left = 0;
-  ci->out.encrypt = false;
-  ci->out.release = copied_item_release;
+  out_item_init (&ci->out, &ci->iov, copied_item_release);
   conn_queue (c, &ci->out);
   return 0;
 }
@@ -421,13 +424,7 @@ queue_bytes_locked (struct conn *c, const void *data, size_t len)
   memcpy (bc->data, data, len);
   bc->iov.iov_base = bc->data;
   bc->iov.iov_len = len;
-  bc->out.iov = &bc->iov;
-  bc->out.niov = 1;
-  bc->out.pos = 0;
-  bc->out.pipe = NULL;
-  bc->out.pipe_left = 0;
-  bc->out.encrypt = false;
-  bc->out.release = byte_chunk_release;
+  out_item_init (&bc->out, &bc->iov, byte_chunk_release);
   link_chunk (c, &bc->out);
   c->queued_bytes += len;
   return 0;
