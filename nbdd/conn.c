@@ -946,6 +946,24 @@ request_reply_now (struct conn *c, struct request *req)
   conn_request_done (req);
 }
 
+/* Input the TLS session holds (decrypted, or read ahead) is not in
+ * the socket, so the socket will not say it is there: queue a readable
+ * event for it while the connection reads.
+ */
+static void
+wake_if_tls_pending (struct conn *c)
+{
+  bool pending;
+
+  if (!c->tls_up || !c->reading || c->dead)
+    return;
+  pthread_mutex_lock (&c->send_lock);
+  pending = tls_pending (c);
+  pthread_mutex_unlock (&c->send_lock);
+  if (pending)
+    ev_feed_event (c->loop, &c->rio, EV_READ);
+}
+
 /* Back-pressure: read more only while in-flight work is bounded. */
 void
 conn_update_reading (struct conn *c)
@@ -969,14 +987,7 @@ conn_update_reading (struct conn *c)
     /* Input may already be buffered: parse it now. */
     if (conn_process_input (c) == -1)
       return;
-    if (c->tls_up && !c->dead) {
-      bool pending;
-      pthread_mutex_lock (&c->send_lock);
-      pending = tls_pending (c);
-      pthread_mutex_unlock (&c->send_lock);
-      if (pending)              /* the socket will not say so */
-        ev_feed_event (c->loop, &c->rio, EV_READ);
-    }
+    wake_if_tls_pending (c);
   }
   else if (!want && c->reading) {
     c->reading = false;
@@ -1200,15 +1211,8 @@ conn_on_readable (struct conn *c)
     conn_close (c, "read error");
     break;
   }
-  /* Decrypted input left in the session when the budget ran out. */
-  if (c->tls_up && c->reading && !c->dead) {
-    bool pending;
-    pthread_mutex_lock (&c->send_lock);
-    pending = tls_pending (c);
-    pthread_mutex_unlock (&c->send_lock);
-    if (pending)
-      ev_feed_event (c->loop, &c->rio, EV_READ);
-  }
+  /* Input left in the session when the budget ran out. */
+  wake_if_tls_pending (c);
   conns_flush_dirty ();
 }
 
