@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -45,6 +46,10 @@ struct file_state {
   atomic_bool can_dsync_write;
   atomic_bool can_splice;
   uint32_t page_size;
+  /* The whole file mapped read-only, for readers that encrypt straight
+   * from the page cache (file_map); NULL if it could not be.
+   */
+  void *map;
   atomic_bool can_nowait;
   /* A failed fdatasync (or RWF_DSYNC write) may have dropped dirty
    * pages, and the kernel reports that only once per descriptor: once
@@ -141,6 +146,15 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   atomic_init (&s->can_dsync_write, true);
   atomic_init (&s->can_nowait, !direct);
   atomic_init (&s->can_splice, !direct);
+  /* No mapping for O_DIRECT (it would read around it) nor for block
+   * devices (their size can change under us without a file to stat).
+   * Mapping costs nothing until it is read.
+   */
+  if (!direct && !s->is_block && node->size > 0 && node->size <= SIZE_MAX) {
+    s->map = mmap (NULL, node->size, PROT_READ, MAP_SHARED, s->fd, 0);
+    if (s->map == MAP_FAILED)
+      s->map = NULL;
+  }
   s->page_size = sysconf (_SC_PAGESIZE) > 0 ? sysconf (_SC_PAGESIZE) : 4096;
 
   node->read_only = ro;
@@ -166,6 +180,9 @@ file_close (struct node *node)
 {
   struct file_state *s = node->opaque;
 
+  if (s->map)
+    munmap (s->map, node->size);
+  s->map = NULL;
   if (s->fd >= 0)
     close (s->fd);
   s->fd = -1;
@@ -235,6 +252,14 @@ file_pread_nowait (struct node *node, void *buf, uint32_t count,
  * Short of the whole range (a file truncated under us, a signal) the
  * caller falls back to file_pread, which knows what to do.
  */
+static const void *
+file_map (struct node *node, uint32_t count, uint64_t offset)
+{
+  struct file_state *s = node->opaque;
+
+  return s->map ? (const char *) s->map + offset : NULL;
+}
+
 static int
 file_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
                   uint32_t count, uint64_t offset)
@@ -513,6 +538,7 @@ const struct node_driver file_driver = {
   .pread          = file_pread,
   .pwrite         = file_pwrite,
   .pread_nowait   = file_pread_nowait,
+  .map            = file_map,
   .read_splice    = file_read_splice,
   .zero           = file_zero,
   .discard        = file_discard,

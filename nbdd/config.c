@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +17,7 @@ struct config config = {
   .threads = 16,
   .max_connections = 100,
   .handshake_timeout = 10,
+  .poll_max_ns = 64000,
 };
 
 static void
@@ -52,12 +54,15 @@ usage (FILE *fp)
 "  --threads N                 I/O worker threads (default %u)\n"
 "  --max-connections N         0 = unlimited (default %u)\n"
 "  --handshake-timeout SECONDS 0 = none (default %g)\n"
+"  --poll-max-ns N             poll this long at most before sleeping,\n"
+"                              adapting to the clients; 0 = never\n"
+"                              (default %" PRIu64 ")\n"
 "  --exit-with-parent          exit when the parent process exits\n"
 "  -v, --verbose               more messages (repeat for per-request)\n"
 "  --version                   print the version and exit\n"
 "  --help                      print this help and exit\n",
            config.threads, config.max_connections,
-           config.handshake_timeout);
+           config.handshake_timeout, config.poll_max_ns);
 }
 
 static void __attribute__ ((noreturn, format (printf, 1, 2)))
@@ -90,7 +95,7 @@ enum {
   OPT_LISTEN = 256, OPT_STDIO, OPT_STATE_DIR, OPT_PIDFILE, OPT_THREADS,
   OPT_MAX_CONNECTIONS, OPT_HANDSHAKE_TIMEOUT, OPT_EXIT_WITH_PARENT,
   OPT_BLOCKDEV, OPT_EXPORT, OPT_VERSION, OPT_HELP, OPT_TLS,
-  OPT_TLS_CERTIFICATES, OPT_TLS_VERIFY_PEER, OPT_TLS_PSK,
+  OPT_TLS_CERTIFICATES, OPT_TLS_VERIFY_PEER, OPT_TLS_PSK, OPT_POLL_MAX_NS,
 };
 
 static const struct option long_options[] = {
@@ -103,6 +108,7 @@ static const struct option long_options[] = {
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT },
+  { "poll-max-ns", required_argument, NULL, OPT_POLL_MAX_NS },
   { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
   { "export", required_argument, NULL, OPT_EXPORT },
   { "tls", required_argument, NULL, OPT_TLS },
@@ -176,6 +182,12 @@ config_parse (int argc, char **argv)
       config.handshake_timeout = d;
       break;
     }
+    case OPT_POLL_MAX_NS:
+      if (parse_uint32 (optarg, &u) == -1 || u > 10000000)
+        bad_option ("--poll-max-ns: expected nanoseconds from 0 to "
+                    "10000000, got '%s'", optarg);
+      config.poll_max_ns = u;
+      break;
     case OPT_EXIT_WITH_PARENT:
       config.exit_with_parent = true;
       break;

@@ -11,6 +11,7 @@
 #define NBDD_INTERNAL_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -53,6 +54,10 @@ struct conn;
  * page cache into the socket where the node allows it.
  */
 #define MIN_SPLICE_READ         (64u << 10)
+/* Over TLS, reads from this size up are encrypted straight from the
+ * node's mapping of the page cache where it has one.
+ */
+#define MIN_MAPPED_READ         (64u << 10)
 /* Meta context ids. */
 #define META_ID_BASE_ALLOCATION 1
 
@@ -82,6 +87,7 @@ struct config {
   char *tls_certificates;       /* directory, or NULL */
   char *tls_psk;                /* psktool file, or NULL */
   bool tls_verify_peer;
+  uint64_t poll_max_ns;         /* adaptive polling limit; 0 = off */
 };
 
 extern struct config config;
@@ -137,6 +143,13 @@ int workers_start (struct ev_loop *loop, unsigned nr, struct error **errp);
 void workers_submit (struct request *req);
 void workers_kick (void);
 void workers_stop (void);
+/* Requests submitted whose completion the loop has not yet seen. */
+unsigned workers_outstanding (void);
+
+/* loop.c: the event loop, polling adaptively before it sleeps. */
+void loop_run (struct ev_loop *loop);
+/* Make loop_run return (ev_break alone would only end one pass). */
+void loop_quit (struct ev_loop *loop);
 
 /* pipes.c: pooled pipes for zero-copy reads. */
 #define SPLICE_PIPE_SIZE        (256u << 10)
@@ -256,6 +269,7 @@ struct conn {
   struct out_item *out_head, *out_tail;
   bool out_partial;             /* a partly sent reply is in transit */
   uint64_t nr_spliced;          /* READs whose data was spliced */
+  atomic_uint_fast64_t nr_mapped; /* READs encrypted from a mapping */
   size_t queued_bytes;          /* in byte chunks (TLS records) */
 
   /* TLS: set by STARTTLS; every byte in and out goes through it once
@@ -384,6 +398,7 @@ struct request {
   struct extent_list extents;   /* BLOCK_STATUS result (kept for reuse) */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
   bool spliced;                 /* READ data went through a pipe */
+  const void *mapped;           /* READ data in the node's mapping */
   bool sent;                    /* a worker sent the whole reply */
   bool partial;                 /* a worker sent part of it */
 

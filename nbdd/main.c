@@ -20,6 +20,7 @@
 #include <sys/prctl.h>
 #endif
 
+#include "bus-guard.h"
 #include "internal.h"
 #include "log.h"
 #include "options.h"
@@ -159,7 +160,7 @@ signal_cb (struct ev_loop *loop, ev_signal *w, int revents)
 {
   nbdd_info ("received signal %d: shutting down", w->signum);
   shutting_down = true;
-  ev_break (loop, EVBREAK_ALL);
+  loop_quit (loop);
 }
 
 int
@@ -183,6 +184,10 @@ main (int argc, char **argv)
 #endif
 
   make_state_dir ();
+  if (bus_guard_install () < 0) {
+    nbdd_error ("installing the SIGBUS handler: %m");
+    exit (EXIT_FAILURE);
+  }
   if (tls_init (&err) == -1)
     die (err);
   open_graph ();
@@ -228,7 +233,7 @@ main (int argc, char **argv)
   debug ("ready: %zu node specs, %zu exports", config.nr_blockdevs,
          export_count ());
 
-  ev_run (loop, 0);
+  loop_run (loop);
 
   /* Orderly shutdown: stop accepting, drop clients, let the workers
    * finish what they hold, then close exports and nodes.

@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,7 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 
+#include "bus-guard.h"
 #include "internal.h"
 #include "log.h"
 
@@ -646,27 +648,14 @@ tls_pending (struct conn *c)
     gnutls_record_check_pending (c->tls->s) > 0;
 }
 
-int
-tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
+/* Encrypt and send one reply: 0, or -1 if the session failed. */
+static int
+send_records (gnutls_session_t s, const struct iovec *iov, unsigned niov)
 {
-  gnutls_session_t s = c->tls->s;
   unsigned char small[16384];   /* one full record */
-  struct stage *st;
   size_t n = 0;
   unsigned i = 0;
   size_t off = 0;
-  int r = 0;
-
-  /* A session that failed once may have sent half a record: it is
-   * never used again.
-   */
-  if (c->tls_broken)
-    return -1;
-  st = stage_get ();
-  if (st) {
-    st->c = c;
-    st->len = 0;
-  }
 
   /* The header and the start of the data make one record (a small
    * reply is a single record), rather than a record of a few bytes.
@@ -680,20 +669,52 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
       break;
   }
   if (n > 0 && gnutls_record_send (s, small, n) != (ssize_t) n)
-    r = -1;
+    return -1;
   /* The rest straight from the caller's buffers. */
-  for (; i < niov && r == 0; ++i, off = 0) {
+  for (; i < niov; ++i, off = 0) {
     const char *p = (const char *) iov[i].iov_base + off;
     size_t left = iov[i].iov_len - off;
     while (left > 0) {
       ssize_t w = gnutls_record_send (s, p, left);
-      if (w <= 0) {
-        r = -1;
-        break;
-      }
+      if (w <= 0)
+        return -1;
       p += w;
       left -= w;
     }
+  }
+  return 0;
+}
+
+int
+tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
+{
+  struct stage *st;
+  sigjmp_buf jb;
+  int r;
+
+  /* A session that failed once may have sent half a record: it is
+   * never used again.
+   */
+  if (c->tls_broken)
+    return -1;
+  st = stage_get ();
+  if (st) {
+    st->c = c;
+    st->len = 0;
+  }
+  /* The data may be the node's mapping of a file (read_mapped), which
+   * faults if the file shrank under us.  The session is then cut off
+   * mid-record, and the connection with it; the daemon carries on.
+   */
+  if (sigsetjmp (jb, 0) == 0) {
+    bus_guard_arm (&jb);
+    r = send_records (c->tls->s, iov, niov);
+    bus_guard_disarm ();
+  }
+  else {
+    nbdd_error ("%s: the image faulted while being read (truncated under "
+                "us?): closing", c->peer);
+    r = -1;
   }
   if (st) {
     if (r == 0)
@@ -709,6 +730,8 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 void
 tls_bye (struct conn *c)
 {
+  if (c->tls_broken)
+    return;
   gnutls_bye (c->tls->s, GNUTLS_SHUT_WR);
 }
 

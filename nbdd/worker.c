@@ -44,6 +44,8 @@ static struct request *done_head, *done_tail;
 /* Loop thread only: submitted during this event, not yet kicked. */
 static struct request *pending_head, *pending_tail;
 static unsigned pending_len;
+/* Loop thread only: submitted and not yet back through done_cb. */
+static unsigned outstanding;
 
 static struct ev_loop *loop;
 static ev_async done_async;
@@ -127,6 +129,7 @@ done_cb (struct ev_loop *l, ev_async *w, int revents)
 
   for (; req; req = next) {
     next = req->next;
+    outstanding--;
     tx_request_completed (req->conn, req);
     conn_request_done (req);
   }
@@ -139,6 +142,13 @@ workers_submit (struct request *req)
   req->next = NULL;
   chain_append (&pending_head, &pending_tail, req, req);
   pending_len++;
+  outstanding++;
+}
+
+unsigned
+workers_outstanding (void)
+{
+  return outstanding;
 }
 
 void
@@ -175,7 +185,15 @@ workers_start (struct ev_loop *l, unsigned nr, struct error **errp)
     return -1;
   }
   /* Signals are the loop's business: workers block them all. */
+  /* Workers take no signals, but faults stay deliverable: a SIGBUS
+   * from a file mapping must reach the bus guard (a blocked fault
+   * signal kills the process).
+   */
   sigfillset (&all);
+  sigdelset (&all, SIGBUS);
+  sigdelset (&all, SIGSEGV);
+  sigdelset (&all, SIGFPE);
+  sigdelset (&all, SIGILL);
   pthread_sigmask (SIG_BLOCK, &all, &old);
   for (nr_threads = 0; nr_threads < nr; ++nr_threads) {
     int err = pthread_create (&threads[nr_threads], NULL, worker_main,

@@ -87,10 +87,14 @@ def assert_one_line_error(p, *words):
     (["--threads", "-3"], ["threads"]),
     (["--max-connections", "abc"], ["max-connections"]),
     (["--handshake-timeout", "abc"], ["handshake-timeout"]),
+    (["--poll-max-ns", "abc"], ["poll-max-ns"]),
+    (["--poll-max-ns", "-1"], ["poll-max-ns"]),
+    (["--poll-max-ns", "10000001"], ["poll-max-ns"]),
     (["--listen", "foo:bar"], ["listen", "foo:bar"]),
     (["--listen", "tcp:127.0.0.1:notaport"], ["listen", "notaport"]),
 ], ids=["threads-0", "threads-abc", "threads-neg", "max-conn-abc",
-        "handshake-abc", "listen-foo", "listen-port"])
+        "handshake-abc", "poll-abc", "poll-neg", "poll-huge", "listen-foo",
+        "listen-port"])
 def test_bad_option(tmp_path, img, extra, words):
     assert_one_line_error(bad(tmp_path, img, extra), *words)
 
@@ -215,6 +219,38 @@ def test_threads_one(nbdd_server, img):
         h.poll(-1)
     for i, b in enumerate(bufs):
         assert b.to_bytearray() == bytearray([i]) * 4096
+    h.shutdown()
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("poll", ["0", "64000", "10000000"])
+def test_polling_serves_and_idles(nbdd_server, img, poll):
+    """Whatever --poll-max-ns allows, queue-depth-1 traffic (reads the
+    loop serves itself, writes the workers do) is served right, and once
+    the client goes quiet the daemon stops polling: a second of idle
+    costs it next to no CPU, even with the longest window allowed."""
+    srv = nbdd_server(["--poll-max-ns", poll] + blockdev_args(img) +
+                      export_args(writable=True))
+    h = srv.connect()
+    for i in range(2000):
+        off = (i * 7919 % 1024) * 4096
+        if i % 2:
+            h.pwrite(bytes([i % 251]) * 4096, off)
+            assert h.pread(4096, off) == bytes([i % 251]) * 4096
+        else:
+            h.pread(4096, off)
+    pid = srv.proc.pid
+    time.sleep(0.2)
+    before = cpu_seconds(pid)
+    time.sleep(1)
+    idle = cpu_seconds(pid) - before
+    assert idle < 0.1, f"{idle:.2f} s of CPU in a second of idle"
     h.shutdown()
 
 

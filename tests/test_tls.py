@@ -1546,3 +1546,74 @@ def test_unknown_names_look_tls_only(mixed):
     only_error(c.go("no-such-export"), nr.REP_ERR_TLS_REQD)
     only_error(c.info("secure"), nr.REP_ERR_TLS_REQD)
     c.go_ok("plain")
+
+
+# ---------------------------------------------------------------------
+# Large reads encrypted straight from the page cache
+
+def mapped_reads(srv):
+    """Per ended connection: READs encrypted from the node's mapping."""
+    return [int(n) for n in re.findall(
+        r"connection ended: \d+ requests, \d+ reads zero-copy, "
+        r"(\d+) encrypted from the page cache", srv.output())]
+
+
+@pytest.mark.parametrize("structured", [True, False],
+                         ids=["structured", "simple"])
+def test_mapped_reads(nbdd_server, pki, raw_image, structured):
+    """Large READs over TLS are encrypted from the image's mapping
+    rather than copied first.  The client still gets the image's bytes,
+    holes still come as holes, and a write is seen by the next read at
+    once (the mapping is the page cache the writes go to)."""
+    data = pattern(11, 8 * MiB)
+    img = raw_image(SIZE, [(0, data)])          # the second half a hole
+    srv = start(nbdd_server, img, certs=pki.server, extra=["-v"])
+    h = tls_handle(certs=pki.certs["client1"])
+    h.set_request_structured_replies(structured)
+    h.set_export_name("disk0")
+    h.connect_unix(srv.sock)
+    assert h.get_structured_replies_negotiated() == structured
+    for off in range(0, SIZE, 256 * KiB):
+        assert h.pread(256 * KiB, off) == read_file(img, off, 256 * KiB)
+    new = pattern(12, 256 * KiB)
+    h.pwrite(new, 1 * MiB)
+    assert h.pread(256 * KiB, 1 * MiB) == new
+    if structured:
+        assert block_status(h, 8 * MiB, 256 * KiB)[0][1] & HOLE_ZERO
+    h.shutdown()
+    wait_log(srv, r"connection ended")
+    # 32 reads of data at least, and none of the hole: with structured
+    # replies the hole is not data, so it is never mapped.
+    n = mapped_reads(srv)
+    assert len(n) == 1 and n[0] >= 32 + 1, srv.output()
+    if structured:
+        assert n[0] == 32 + 1, srv.output()
+
+
+def test_image_truncated_under_mapped_read(nbdd_server, pki, raw_image):
+    """Someone truncates the image while a TLS client reads it: the read
+    from the mapping faults.  That client's connection is closed with a
+    log line saying why (its TLS session stopped mid-record); the daemon
+    carries on serving others, and exits cleanly later."""
+    img = raw_image(SIZE, [(0, pattern(13, SIZE))])
+    srv = start(nbdd_server, img, certs=pki.server, extra=["-v"])
+    # Simple replies: no block status is asked before the mapped read,
+    # so the read really touches the vanished pages.
+    h = tls_handle(certs=pki.certs["client1"])
+    h.set_request_structured_replies(False)
+    h.set_export_name("disk0")
+    h.connect_unix(srv.sock)
+    other = tls_connect(srv, certs=pki.certs["client2"])
+    assert h.pread(256 * KiB, 8 * MiB) == read_file(img, 8 * MiB, 256 * KiB)
+    os.truncate(img, 0)
+    with pytest.raises(nbd.Error):
+        h.pread(256 * KiB, 8 * MiB)
+    wait_log(srv, r"the image faulted while being read .*: closing$")
+    assert srv.alive()
+    # The other client is unharmed: a copied read past the new end of
+    # the file reads as zeroes, as it always has.
+    assert other.pread(4096, 0) == bytes(4096)
+    h2 = tls_connect(srv, certs=pki.certs["client1"])
+    assert h2.get_size() == SIZE
+    h2.shutdown()
+    other.shutdown()
