@@ -28,6 +28,7 @@
 #endif
 
 #include "driver.h"
+#include "file-lock.h"
 #include "options.h"
 #include "utils.h"
 
@@ -72,7 +73,7 @@ static int
 file_open (struct node *node, struct json_object *opts, struct error **errp)
 {
   struct file_state *s = node->opaque;
-  const char *filename;
+  const char *filename, *locking = NULL;
   bool direct = false, ro = false;
   struct json_object *cache;
   struct stat st;
@@ -87,6 +88,15 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   if (json_object_object_get_ex (opts, "cache", &cache) &&
       opt_get_bool (cache, "file", "direct", false, &direct, errp) == -1)
     return -1;
+
+  if (opt_get_string (opts, "file", "locking", false, &locking, errp) == -1)
+    return -1;
+  if (locking && strcmp (locking, "on") != 0 && strcmp (locking, "off") != 0 &&
+      strcmp (locking, "auto") != 0) {
+    error_setg (errp, "file: locking: expected on, off or auto, got '%s'",
+                locking);
+    return -1;
+  }
 
   flags = (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   if (direct)
@@ -119,6 +129,19 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
                 filename);
     return -1;
   }
+
+  /* As QEMU does: a writer keeps others from writing or resizing; a
+   * reader keeps them from writing under it.  Both still let others
+   * read, so 'qemu-img info' works on an image nbdd only reads.
+   */
+  if (!(locking && strcmp (locking, "off") == 0) &&
+      file_lock (s->fd, filename,
+                 ro ? FILE_PERM_CONSISTENT_READ
+                 : FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE |
+                   FILE_PERM_RESIZE,
+                 FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE_UNCHANGED,
+                 errp) == -1)
+    return -1;
 
   s->direct = direct;
   s->alignment = 1;
