@@ -162,6 +162,17 @@ struct node_driver {
   /* NULL: everything is data. */
   int (*block_status) (struct node *node, uint64_t count, uint64_t offset,
                        struct extent_list *el);
+  /* Optional: which layer of the backing chain holds the data at
+   * @offset, for NBD's qemu:allocation-depth.  Sets *depth to 1 if this
+   * node allocates it, 2 if its backing node does, and so on, or 0 if
+   * no layer does (it reads as zeroes from nowhere), and *pnum to the
+   * length (> 0, <= @count) of the prefix of the range with that depth.
+   * NULL: every byte is allocated here (depth 1), as for protocol
+   * nodes and raw.
+   */
+  int (*allocation_depth) (struct node *node, uint64_t count,
+                           uint64_t offset, uint64_t *pnum,
+                           unsigned *depth);
 };
 
 /* formats/formats.c: the table of drivers.  NULL if unknown. */
@@ -212,5 +223,12 @@ int node_cache (struct node *node, uint64_t count, uint64_t offset);
 /* Fills @el from el->offset; at least one extent on success. */
 int node_block_status (struct node *node, uint64_t count,
                        struct extent_list *el);
+/* The allocation depth of the start of [offset, offset + count), count
+ * > 0: see the driver's allocation_depth.  On success *pnum is in
+ * (0, count].  0 or -errno.
+ */
+int node_allocation_depth (struct node *node, uint64_t count,
+                           uint64_t offset, uint64_t *pnum,
+                           unsigned *depth);
 
 #endif /* NBDD_FORMATS_DRIVER_H */

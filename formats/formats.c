@@ -7,10 +7,12 @@
 
 extern const struct node_driver file_driver;
 extern const struct node_driver raw_driver;
+extern const struct node_driver qcow2_driver;
 
 static const struct node_driver *const drivers[] = {
   &file_driver,
   &raw_driver,
+  &qcow2_driver,
 };
 
 const struct node_driver *
@@ -25,5 +27,5 @@ format_find_driver (const char *name)
 const char *
 format_driver_names (void)
 {
-  return "file, raw";
+  return "file, raw, qcow2";
 }

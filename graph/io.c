@@ -404,3 +404,27 @@ node_block_status (struct node *node, uint64_t count,
     return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
   return 0;
 }
+
+int
+node_allocation_depth (struct node *node, uint64_t count, uint64_t offset,
+                       uint64_t *pnum, unsigned *depth)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r;
+  if (count == 0)
+    return -EINVAL;
+  if (node->drv->allocation_depth == NULL) {
+    *pnum = count;
+    *depth = 1;
+    return 0;
+  }
+  r = node->drv->allocation_depth (node, count, offset, pnum, depth);
+  if (r < 0)
+    return r;
+  /* Never let a driver stall or overrun its caller's loop. */
+  if (*pnum == 0 || *pnum > count)
+    *pnum = count;
+  return 0;
+}

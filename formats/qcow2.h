@@ -1,0 +1,285 @@
+/* qcow2: the internal header of the qcow2 format driver.
+ *
+ * On-disk layout: qemu/qemu docs/interop/qcow2.txt.  Limits follow
+ * QEMU's block/qcow2.h, so that every image QEMU opens, we open, and
+ * every image QEMU refuses for being absurd, we refuse too.
+ *
+ * Files:
+ *   qcow2-header.c    parse and validate cluster 0 (pure: no I/O)
+ *   qcow2-cache.c     bounded, thread-safe cache of metadata slices
+ *   qcow2-map.c       guest offset -> host mapping (L1, L2, subclusters)
+ *   qcow2-refcount.c  refcount lookup (for check and the write side)
+ *   qcow2-compress.c  deflate and zstd decompression
+ *   qcow2.c           the driver: open/close, backing, pread, status
+ */
+#ifndef NBDD_FORMATS_QCOW2_H
+#define NBDD_FORMATS_QCOW2_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "driver.h"
+#include "error.h"
+
+#define QCOW2_MAGIC UINT32_C (0x514649fb)          /* "QFI\xfb" */
+
+#define QCOW2_V2_HEADER_LEN 72
+#define QCOW2_V3_HEADER_LEN 104                    /* minimum for v3 */
+#define QCOW2_KNOWN_HEADER_LEN 112                 /* with compression_type */
+
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MIN_EXTL2_CLUSTER_BITS 14            /* subclusters >= 512 */
+#define QCOW2_MAX_REFCOUNT_ORDER 6
+#define QCOW2_MAX_L1_SIZE (UINT64_C (32) << 20)    /* bytes, QCOW_MAX_L1_SIZE */
+#define QCOW2_MAX_REFTABLE_SIZE (UINT64_C (8) << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_MAX_BACKING_FMT 15                   /* QEMU: < 16 */
+#define QCOW2_SNAPSHOT_HEADER_MIN 40               /* fixed part of an entry */
+#define QCOW2_SUBCLUSTERS 32                       /* with extended L2 */
+#define QCOW2_COMPRESSED_SECTOR 512
+
+/* Incompatible feature bits. */
+#define QCOW2_INCOMPAT_DIRTY        (UINT64_C (1) << 0)
+#define QCOW2_INCOMPAT_CORRUPT      (UINT64_C (1) << 1)
+#define QCOW2_INCOMPAT_DATA_FILE    (UINT64_C (1) << 2)
+#define QCOW2_INCOMPAT_COMPRESSION  (UINT64_C (1) << 3)
+#define QCOW2_INCOMPAT_EXTL2        (UINT64_C (1) << 4)
+/* What this driver understands; the rest are refused by name. */
+#define QCOW2_INCOMPAT_SUPPORTED                                  \
+  (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT |                \
+   QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2)
+
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (UINT64_C (1) << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS     (UINT64_C (1) << 0)
+#define QCOW2_AUTOCLEAR_RAW_DATA    (UINT64_C (1) << 1)
+
+#define QCOW2_COMPRESSION_ZLIB 0
+#define QCOW2_COMPRESSION_ZSTD 1
+
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1
+#define QCOW2_CRYPT_LUKS 2
+
+/* Header extension types. */
+#define QCOW2_EXT_END           UINT32_C (0)
+#define QCOW2_EXT_BACKING_FMT   UINT32_C (0xe2792aca)
+#define QCOW2_EXT_FEATURE_TABLE UINT32_C (0x6803f857)
+#define QCOW2_EXT_BITMAPS       UINT32_C (0x23852875)
+#define QCOW2_EXT_CRYPTO        UINT32_C (0x0537be77)
+#define QCOW2_EXT_DATA_FILE     UINT32_C (0x44415441)
+
+/* Table entry masks (qcow2.h in QEMU). */
+#define QCOW2_L1E_OFFSET_MASK    UINT64_C (0x00fffffffffffe00)
+#define QCOW2_L2E_OFFSET_MASK    UINT64_C (0x00fffffffffffe00)
+#define QCOW2_REFT_OFFSET_MASK   UINT64_C (0xfffffffffffffe00)
+#define QCOW2_OFLAG_COPIED       (UINT64_C (1) << 63)
+#define QCOW2_OFLAG_COMPRESSED   (UINT64_C (1) << 62)
+#define QCOW2_OFLAG_ZERO         (UINT64_C (1) << 0)
+#define QCOW2_L2_BITMAP_ALL_ALLOC UINT64_C (0xffffffff)
+
+/* The fixed header as it is on disk (big endian). */
+struct qcow2_disk_header {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  uint32_t cluster_bits;
+  uint64_t size;
+  uint32_t crypt_method;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  /* v3 */
+  uint64_t incompatible_features;
+  uint64_t compatible_features;
+  uint64_t autoclear_features;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  /* optional additional fields */
+  uint8_t compression_type;
+  uint8_t padding[7];
+} __attribute__ ((__packed__));
+_Static_assert (sizeof (struct qcow2_disk_header) == QCOW2_KNOWN_HEADER_LEN,
+                "qcow2 header with compression_type is 112 bytes");
+
+/* One header extension, kept verbatim so that a header rewrite (the
+ * write side) can preserve the ones we do not understand.
+ */
+struct qcow2_ext {
+  uint32_t type;
+  uint32_t len;
+  uint8_t *data;                /* len bytes */
+};
+
+/* One entry of the feature name table. */
+struct qcow2_feature {
+  uint8_t type;                 /* 0 incompat, 1 compat, 2 autoclear */
+  uint8_t bit;
+  char name[47];                /* 46 bytes on disk, NUL added */
+};
+
+/* Everything cluster 0 says, validated, in host byte order. */
+struct qcow2_info {
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  uint64_t size;                /* virtual size */
+  uint32_t crypt_method;
+  uint32_t l1_size;             /* entries */
+  uint64_t l1_offset;
+  uint64_t reftable_offset;
+  uint32_t reftable_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompat, compat, autoclear;
+  uint32_t refcount_order;
+  uint32_t header_length;
+  uint8_t compression_type;
+
+  /* Derived. */
+  bool extended_l2;
+  uint32_t l2_entry_size;       /* 8 or 16 bytes */
+  uint32_t l2_bits;             /* log2 (entries per L2 table) */
+  uint32_t subclusters;         /* 1 or QCOW2_SUBCLUSTERS */
+  uint32_t subcluster_bits;     /* log2 (subcluster size) */
+  uint32_t csize_shift;         /* compressed descriptor layout */
+  uint64_t csize_mask;
+  uint64_t coffset_mask;
+
+  char *backing_file;           /* NUL-terminated, or NULL */
+  char *backing_format;         /* from the extension, or NULL */
+
+  struct qcow2_feature *features;
+  size_t nr_features;
+  struct qcow2_ext *exts;       /* all extensions, in order */
+  size_t nr_exts;
+  /* Header bytes past the fields we know, up to header_length. */
+  uint8_t *unknown_fields;
+  size_t unknown_fields_len;
+};
+
+/* qcow2-header.c */
+
+/* Parse cluster 0 from @buf (the first @len bytes of the file, which
+ * is @file_size bytes long).  Bytes of cluster 0 past @len read as
+ * zero.  Validates everything that does not need I/O, with QEMU's
+ * limits.  0, or -1 with errp set; on failure @info holds nothing to
+ * free.
+ */
+int qcow2_header_parse (const void *buf, size_t len, uint64_t file_size,
+                        struct qcow2_info *info, struct error **errp);
+void qcow2_info_free (struct qcow2_info *info);
+/* "bit 5 (name)" list of the incompatible bits in @bits, for errors.
+ * Returns a malloc'd string or NULL.
+ */
+char *qcow2_feature_names (const struct qcow2_info *info, uint8_t type,
+                           uint64_t bits);
+
+/* qcow2-cache.c */
+
+struct qcow2_cache;
+struct qcow2_cache_entry;
+
+/* A cache of at most @nr_entries slices of @entry_size bytes each,
+ * read from @file.  Slices are loaded on demand and evicted least
+ * recently used first.  @what names it in messages ("L2", ...).
+ */
+struct qcow2_cache *qcow2_cache_new (struct node *file, uint32_t entry_size,
+                                     size_t nr_entries, const char *what);
+void qcow2_cache_free (struct qcow2_cache *c);
+/* Pin the slice at host @offset (aligned to entry_size), loading it if
+ * needed.  *data is valid until qcow2_cache_put.  A thread may hold at
+ * most one pin per cache at a time (a get may wait for a put when all
+ * slices are pinned).  0 or -errno.
+ */
+int qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
+                     struct qcow2_cache_entry **e, const void **data);
+void qcow2_cache_put (struct qcow2_cache *c, struct qcow2_cache_entry *e);
+/* Statistics, for tests. */
+void qcow2_cache_stats (struct qcow2_cache *c, uint64_t *hits,
+                        uint64_t *misses, size_t *nr_entries);
+
+/* qcow2.c: the state of one open image. */
+struct qcow2_state {
+  struct node *file;            /* borrowed from node->children */
+  struct node *backing;         /* borrowed, or NULL */
+  char *filename;               /* for messages */
+  struct qcow2_info info;
+  uint64_t *l1;                 /* host order, l1_size entries */
+  struct qcow2_cache *l2_cache;
+  struct qcow2_cache *refcount_cache;
+  uint32_t l2_slice_size;       /* bytes per L2 cache entry */
+  uint32_t rc_slice_size;       /* bytes per refcount cache entry */
+  bool dirty;                   /* incompat DIRTY: refcounts may be stale */
+  bool corrupt;                 /* incompat CORRUPT */
+  atomic_uint corrupt_reports;  /* messages logged, to log only a few */
+};
+
+/* qcow2-map.c */
+
+enum qcow2_kind {
+  QCOW2_UNALLOCATED,            /* read from the backing node, or zeroes */
+  QCOW2_ZERO,                   /* reads as zeroes, allocated here */
+  QCOW2_DATA,                   /* at host offset in the file */
+  QCOW2_COMPRESSED,             /* one compressed cluster */
+};
+
+/* A run of guest bytes from one offset that map the same way. */
+struct qcow2_run {
+  enum qcow2_kind kind;
+  uint64_t len;                 /* bytes from the guest offset */
+  uint64_t host;                /* DATA: host offset of the first byte;
+                                   COMPRESSED: of the compressed data */
+  uint64_t csize;               /* COMPRESSED: compressed bytes */
+  uint64_t cluster_start;       /* COMPRESSED: guest offset of cluster */
+};
+
+/* Map [offset, offset + max) (max > 0, inside the image) to the first
+ * run; run->len is at least 1 byte and at most @max.  0 or -EIO (the
+ * image is corrupt, which is logged) or -errno.
+ */
+int qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
+               struct qcow2_run *run);
+
+/* Pure helpers, exported for the unit test. */
+struct qcow2_cdesc {
+  uint64_t offset;              /* host byte offset */
+  uint64_t size;                /* bytes to read, up to the sector end */
+};
+void qcow2_decode_compressed (const struct qcow2_info *info, uint64_t l2e,
+                              struct qcow2_cdesc *d);
+/* Classify subcluster @sc of an L2 entry (@bitmap is 0 for standard
+ * L2): returns the kind, or -1 if the entry is invalid.
+ */
+int qcow2_classify (const struct qcow2_info *info, uint64_t l2e,
+                    uint64_t bitmap, unsigned sc);
+
+/* Log a corruption (a few times per image, then only at debug level)
+ * and return -EIO.
+ */
+int qcow2_corrupt (struct qcow2_state *s, const char *fs, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* qcow2-refcount.c */
+
+/* The refcount of the host cluster holding @host_offset. */
+int qcow2_refcount_get (struct qcow2_state *s, uint64_t host_offset,
+                        uint64_t *refcount);
+
+/* qcow2-compress.c */
+
+/* Decompress @src into exactly @dst_size bytes of @dst.  The input
+ * may run on past the end of the stream (the last sector is shared).
+ * 0 or -EIO.
+ */
+int qcow2_decompress (uint8_t type, void *dst, size_t dst_size,
+                      const void *src, size_t src_size);
+
+#endif /* NBDD_FORMATS_QCOW2_H */
