@@ -434,6 +434,9 @@ qcow2_open (struct node *node, struct json_object *opts,
     return -1;
   }
   ro = true;
+  /* Read-only for now, and so is the file under it (no write lock). */
+  if (has_ro == 1)
+    json_object_object_add (opts, "read-only", json_object_new_boolean (1));
 
   s->file = node_open_child (node, opts, "file",
                              CHILD_DATA | CHILD_METADATA | CHILD_PRIMARY,

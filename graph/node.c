@@ -235,6 +235,16 @@ node_open_child (struct node *parent, struct json_object *options,
     node_ref (child);
   }
   else if (json_object_is_type (v, json_type_object)) {
+    bool ro = false;
+    struct json_object *ignored;
+    /* As in QEMU, an inline child inherits read-only=on from its
+     * parent unless its spec says otherwise: a read-only qcow2 or raw
+     * node opens its file read-only, and so takes no write lock.
+     */
+    if (opt_get_bool (options, parent->drv->name, "read-only", false, &ro,
+                      NULL) == 0 && ro &&
+        !json_object_object_get_ex (v, "read-only", &ignored))
+      json_object_object_add (v, "read-only", json_object_new_boolean (1));
     child = node_create (v, errp);
     if (child == NULL)
       return NULL;
