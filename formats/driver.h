@@ -91,8 +91,14 @@ struct node {
   struct node_child *children;
   size_t nr_children;
 
-  /* Set by the driver's open; constant while the node is open. */
+  /* Set by the driver's open; constant while the node is open, except
+   * on a growable node (below), where node_size reads it.
+   */
   uint64_t size;                /* bytes */
+  /* Writes past the end extend the node: set by a format driver on
+   * its file child, whose metadata and clusters it appends.
+   */
+  bool growable;
   bool read_only;
   bool can_flush;
   bool can_trim;                /* discard does something */
@@ -174,6 +180,13 @@ struct node_driver {
                            uint64_t offset, uint64_t *pnum,
                            unsigned *depth);
 };
+
+/* The node's size, safe to read while a growable node grows. */
+static inline uint64_t
+node_size (const struct node *node)
+{
+  return __atomic_load_n (&node->size, __ATOMIC_ACQUIRE);
+}
 
 /* formats/formats.c: the table of drivers.  NULL if unknown. */
 const struct node_driver *format_find_driver (const char *name);

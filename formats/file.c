@@ -51,6 +51,7 @@ struct file_state {
    * from the page cache (file_map); NULL if it could not be.
    */
   void *map;
+  uint64_t map_size;            /* the file's size when it was mapped */
   atomic_bool can_nowait;
   /* A failed fdatasync (or RWF_DSYNC write) may have dropped dirty
    * pages, and the kernel reports that only once per descriptor: once
@@ -177,6 +178,8 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
     s->map = mmap (NULL, node->size, PROT_READ, MAP_SHARED, s->fd, 0);
     if (s->map == MAP_FAILED)
       s->map = NULL;
+    else
+      s->map_size = node->size;
   }
   s->page_size = sysconf (_SC_PAGESIZE) > 0 ? sysconf (_SC_PAGESIZE) : 4096;
 
@@ -204,7 +207,7 @@ file_close (struct node *node)
   struct file_state *s = node->opaque;
 
   if (s->map)
-    munmap (s->map, node->size);
+    munmap (s->map, s->map_size);
   s->map = NULL;
   if (s->fd >= 0)
     close (s->fd);
@@ -280,7 +283,10 @@ file_map (struct node *node, uint32_t count, uint64_t offset)
 {
   struct file_state *s = node->opaque;
 
-  return s->map ? (const char *) s->map + offset : NULL;
+  /* A growable node may have grown past what was mapped. */
+  if (s->map == NULL || offset + count > s->map_size)
+    return NULL;
+  return (const char *) s->map + offset;
 }
 
 static int
@@ -516,7 +522,7 @@ file_block_status (struct node *node, uint64_t count, uint64_t offset,
     data = lseek (s->fd, offset, SEEK_DATA);
     if (data == -1) {
       if (errno == ENXIO)         /* no data after offset */
-        data = node->size;
+        data = node_size (node);
       else if (errno == EINVAL || errno == EOPNOTSUPP) {
         atomic_store (&s->can_seek_data, false);
         return extents_add (el, end - offset, 0) < 0 ? -ENOMEM : 0;
@@ -537,7 +543,7 @@ file_block_status (struct node *node, uint64_t count, uint64_t offset,
     if (hole == -1) {
       if (errno != ENXIO)
         return -errno;
-      hole = node->size;          /* file shrank: rest reads as zero */
+      hole = node_size (node);         /* file shrank: rest reads as zero */
     }
     if ((uint64_t) hole <= offset)  /* raced with a write: call it data */
       hole = offset + 1;

@@ -15,8 +15,16 @@
  * pinned slots always belong to threads that will put them: no
  * deadlock.
  *
- * The read side never dirties a slice; the write side will add dirty
- * tracking and write-back ordering here (see STYLE.md B22).
+ * Write-back: the write side changes slices in place (qcow2_cache_dirty)
+ * and they reach the file when the cache is flushed, at an image flush
+ * or when a dirty slot must be reused.  Slices are only changed, and
+ * only flushed, under the image's metadata lock (qcow2_state.lock), so
+ * nobody reads a slice while it changes.  The order of writes to the
+ * file follows QEMU's rules (qcow2-cache.c there): a cache may depend
+ * on another, whose dirty slices are then written and synced first
+ * (new refcounts before the L2 entries that use them; an L2 entry gone
+ * before the refcount saying its cluster is free), and on a sync of the
+ * file itself (data copied for COW before the L2 entry pointing at it).
  */
 #include <config.h>
 
@@ -39,6 +47,7 @@ struct qcow2_cache_entry {
   uint64_t offset;              /* host offset of the slice */
   enum slot_state state;
   unsigned pins;
+  bool dirty;                   /* changed since it was read or written */
   void *data;                   /* entry_size bytes, or NULL until used */
   struct qcow2_cache_entry *hnext;               /* hash chain */
   struct qcow2_cache_entry *lru_prev, *lru_next; /* when pins == 0 */
@@ -58,6 +67,10 @@ struct qcow2_cache {
   /* LRU list of unpinned slots: head is the least recently used. */
   struct qcow2_cache_entry *lru_head, *lru_tail;
   uint64_t hits, misses;
+  /* Write-back ordering; changed under the image's metadata lock. */
+  struct qcow2_cache *depends;  /* flush and sync this one first */
+  bool depends_on_flush;        /* sync the file first */
+  size_t nr_dirty;
 };
 
 static size_t
@@ -171,7 +184,7 @@ qcow2_cache_free (struct qcow2_cache *c)
 static int
 load (struct qcow2_cache *c, uint64_t offset, void *data)
 {
-  uint64_t fsize = c->file->size;
+  uint64_t fsize = node_size (c->file);
   uint64_t n = offset < fsize ? MIN ((uint64_t) c->entry_size,
                                      fsize - offset) : 0;
 
@@ -180,9 +193,32 @@ load (struct qcow2_cache *c, uint64_t offset, void *data)
   return n ? node_pread (c->file, data, n, offset, 0) : 0;
 }
 
+static int get_slot (struct qcow2_cache *c, uint64_t offset, bool load_it,
+                     struct qcow2_cache_entry **ep, const void **data);
+
 int
 qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
                  struct qcow2_cache_entry **ep, const void **data)
+{
+  return get_slot (c, offset, true, ep, data);
+}
+
+int
+qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
+                     struct qcow2_cache_entry **ep, void **data)
+{
+  const void *d;
+  int r = get_slot (c, offset, false, ep, &d);
+
+  if (r < 0)
+    return r;
+  *data = qcow2_cache_dirty (c, *ep);
+  return 0;
+}
+
+static int
+get_slot (struct qcow2_cache *c, uint64_t offset, bool load_it,
+          struct qcow2_cache_entry **ep, const void **data)
 {
   struct qcow2_cache_entry *e;
   int r;
@@ -195,6 +231,8 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
       e->pins++;
       c->hits++;
       pthread_mutex_unlock (&c->lock);
+      if (!load_it)             /* a new table where an old one was */
+        memset (e->data, 0, c->entry_size);
       *ep = e;
       *data = e->data;
       return 0;
@@ -205,6 +243,15 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
     }
     if (c->lru_head == NULL) {  /* every slot is pinned */
       pthread_cond_wait (&c->cond, &c->lock);
+      continue;
+    }
+    if (c->lru_head->dirty) {
+      /* Reusing it would lose a change: write the cache back first. */
+      pthread_mutex_unlock (&c->lock);
+      r = qcow2_cache_flush (c);
+      if (r < 0)
+        return r;
+      pthread_mutex_lock (&c->lock);
       continue;
     }
     break;
@@ -231,7 +278,12 @@ qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
   c->misses++;
   pthread_mutex_unlock (&c->lock);
 
-  r = load (c, offset, e->data);
+  if (load_it)
+    r = load (c, offset, e->data);
+  else {
+    memset (e->data, 0, c->entry_size);
+    r = 0;
+  }
 
   pthread_mutex_lock (&c->lock);
   if (r < 0) {
@@ -259,6 +311,119 @@ qcow2_cache_put (struct qcow2_cache *c, struct qcow2_cache_entry *e)
   if (--e->pins == 0) {
     lru_append (c, e);
     pthread_cond_broadcast (&c->cond);
+  }
+  pthread_mutex_unlock (&c->lock);
+}
+
+void *
+qcow2_cache_dirty (struct qcow2_cache *c, struct qcow2_cache_entry *e)
+{
+  if (!e->dirty) {
+    e->dirty = true;
+    c->nr_dirty++;
+  }
+  return e->data;
+}
+
+/* Write back and sync what @c depends on, and forget the dependency. */
+static int
+flush_dependency (struct qcow2_cache *c)
+{
+  struct qcow2_cache *dep = c->depends;
+  int r;
+
+  c->depends = NULL;
+  if ((r = qcow2_cache_flush (dep)) < 0 || (r = node_flush (c->file)) < 0) {
+    c->depends = dep;
+    return r;
+  }
+  c->depends_on_flush = false;
+  return 0;
+}
+
+int
+qcow2_cache_set_dependency (struct qcow2_cache *c, struct qcow2_cache *dep)
+{
+  int r;
+
+  /* Never a cycle (QEMU's rule): a dependency that itself depends on
+   * something, or a different dependency already set, is settled now.
+   */
+  if (dep->depends && (r = flush_dependency (dep)) < 0)
+    return r;
+  if (c->depends && c->depends != dep && (r = flush_dependency (c)) < 0)
+    return r;
+  c->depends = dep;
+  return 0;
+}
+
+void
+qcow2_cache_depends_on_flush (struct qcow2_cache *c)
+{
+  c->depends_on_flush = true;
+}
+
+bool
+qcow2_cache_has_dirty (const struct qcow2_cache *c)
+{
+  return c->nr_dirty > 0;
+}
+
+/* Write one dirty slice; the file may need to grow to take it. */
+static int
+write_back (struct qcow2_cache *c, struct qcow2_cache_entry *e)
+{
+  int r = node_pwrite (c->file, e->data, c->entry_size, e->offset, 0);
+
+  if (r < 0)
+    return r;
+  e->dirty = false;
+  c->nr_dirty--;
+  return 0;
+}
+
+int
+qcow2_cache_flush (struct qcow2_cache *c)
+{
+  int r;
+
+  /* What these slices rely on goes first, and is synced: a crash
+   * between the two writes then leaves a leak at worst.
+   */
+  if (c->depends) {
+    if ((r = flush_dependency (c)) < 0)
+      return r;
+  }
+  else if (c->depends_on_flush) {
+    if ((r = node_flush (c->file)) < 0)
+      return r;
+    c->depends_on_flush = false;
+  }
+  /* In offset order would be kinder to disks; the slot order is what
+   * we have, and the kernel sorts writeback anyway.
+   */
+  for (size_t i = 0; i < c->nr_entries && c->nr_dirty > 0; ++i) {
+    struct qcow2_cache_entry *e = &c->slots[i];
+    if (e->dirty && e->state == SLOT_READY && (r = write_back (c, e)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+void
+qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset)
+{
+  struct qcow2_cache_entry *e;
+
+  pthread_mutex_lock (&c->lock);
+  e = hash_find (c, offset);
+  if (e && e->state == SLOT_READY && e->pins == 0) {
+    if (e->dirty) {
+      e->dirty = false;
+      c->nr_dirty--;
+    }
+    hash_remove (c, e);
+    e->state = SLOT_FREE;
   }
   pthread_mutex_unlock (&c->lock);
 }

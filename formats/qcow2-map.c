@@ -16,6 +16,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -115,7 +116,7 @@ map_slice (struct qcow2_state *s, const uint8_t *slice, uint64_t l2_offset,
       if (!first)
         break;
       qcow2_decode_compressed (info, l2e, &d);
-      if (d.offset < cs || d.offset >= s->file->size)
+      if (d.offset < cs || d.offset >= node_size (s->file))
         return qcow2_corrupt (s, "compressed cluster for guest offset 0x%"
                               PRIx64 " is at host offset 0x%" PRIx64
                               ", outside the data area (L2 entry 0x%"
@@ -163,9 +164,25 @@ map_slice (struct qcow2_state *s, const uint8_t *slice, uint64_t l2_offset,
   return 0;
 }
 
+static int map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
+                       struct qcow2_run *run);
+
 int
 qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
            struct qcow2_run *run)
+{
+  int r;
+
+  /* Writers change L2 slices under the lock; read them under it too. */
+  pthread_mutex_lock (&s->lock);
+  r = map_locked (s, offset, max, run);
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
+
+static int
+map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
+            struct qcow2_run *run)
 {
   const struct qcow2_info *info = &s->info;
   uint64_t gcn = offset >> info->cluster_bits;
@@ -190,7 +207,7 @@ qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " for guest offset "
                           "0x%" PRIx64 " is not cluster aligned", l2_offset,
                           offset);
-  if (l2_offset >= s->file->size)
+  if (l2_offset >= node_size (s->file))
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " for guest offset "
                           "0x%" PRIx64 " is past the end of the file",
                           l2_offset, offset);

@@ -1,12 +1,14 @@
-/* The 'qcow2' format driver (read side).
+/* The 'qcow2' format driver.
  *
  * Open reads cluster 0 (qcow2-header.c), refuses what it cannot serve
  * correctly (unknown incompatible features, encryption, external data
  * files), loads the L1 table and sets up two bounded metadata caches
  * (qcow2-cache.c).  Reads map guest ranges to runs (qcow2-map.c) and
  * serve each run from the file, the backing node, zeroes or a
- * decompressed cluster.  There are no writes yet: the node is always
- * read-only, and asking for read-only=off fails clearly.
+ * decompressed cluster.  Writes, zeroing, discard and flush are in
+ * qcow2-write.c, cluster allocation and refcounts in qcow2-alloc.c.
+ * The node is read-write unless read-only=on (as in QEMU); a dirty
+ * image, or one with persistent bitmaps, opens read-only only.
  *
  * Backing, with QEMU's blockdev semantics for the 'backing' option:
  *   absent   open the file the header names, read-only, under a node of
@@ -18,8 +20,9 @@
  * 'chain' below holds the images being opened, to refuse loops and
  * chains deeper than QCOW2_MAX_CHAIN with a clear message.
  *
- * Threads: after open, everything here is read-only except the caches,
- * which lock for themselves, so reads run on any number of workers.
+ * Threads: metadata (L1, the caches' contents, the allocator) changes
+ * only under s->lock, and is read under it; data I/O runs without it,
+ * on any number of workers.
  */
 #include <config.h>
 
@@ -428,15 +431,10 @@ qcow2_open (struct node *node, struct json_object *opts,
       (has_ro = opt_get_bool (opts, "qcow2", "read-only", false, &ro,
                               errp)) == -1)
     return -1;
-  if (has_ro == 0 && !ro) {
-    error_setg (errp, "qcow2: write support is not implemented yet "
-                "(open with read-only=on)");
-    return -1;
-  }
-  ro = true;
-  /* Read-only for now, and so is the file under it (no write lock). */
   if (has_ro == 1)
-    json_object_object_add (opts, "read-only", json_object_new_boolean (1));
+    ro = false;
+  pthread_mutex_init (&s->lock, NULL);
+  pthread_cond_init (&s->inflight_done, NULL);
 
   s->file = node_open_child (node, opts, "file",
                              CHILD_DATA | CHILD_METADATA | CHILD_PRIMARY,
@@ -457,8 +455,16 @@ qcow2_open (struct node *node, struct json_object *opts,
       open_backing (node, opts, s, errp) == -1)
     return -1;
 
+  /* A file opened read-only (by its own spec) makes the image so. */
+  ro = ro || s->file->read_only;
+  if (!ro && qcow2_write_open (s, errp) == -1)
+    return -1;
   node->size = s->info.size;
   node->read_only = ro;
+  node->can_flush = true;
+  node->can_trim = !ro;
+  node->can_zero = !ro;
+  node->can_fast_zero = !ro;
   node->has_block_status = true;
   debug ("qcow2: %s: v%" PRIu32 ", %" PRIu64 " bytes, cluster %" PRIu64
          "%s%s, backing %s", s->filename, s->info.version, s->info.size,
@@ -472,10 +478,18 @@ qcow2_close (struct node *node)
 {
   struct qcow2_state *s = node->opaque;
 
+  if (s->l2_cache && s->refcount_cache)
+    qcow2_write_close (s);
+  if (s->file)
+    s->file->growable = false;
   qcow2_cache_free (s->l2_cache);
   qcow2_cache_free (s->refcount_cache);
   free (s->l1);
+  free (s->punches);
+  free (s->zero_cluster);
   free (s->filename);
+  pthread_cond_destroy (&s->inflight_done);
+  pthread_mutex_destroy (&s->lock);
   qcow2_info_free (&s->info);
 }
 
@@ -494,7 +508,7 @@ qcow2_refresh_limits (struct node *node, struct node_limits *limits)
 static int
 read_host (struct qcow2_state *s, void *buf, uint64_t count, uint64_t host)
 {
-  uint64_t fsize = s->file->size;
+  uint64_t fsize = node_size (s->file);
   uint64_t n = host < fsize ? MIN (count, fsize - host) : 0;
 
   if (n < count)
@@ -551,7 +565,7 @@ read_compressed (struct qcow2_state *s, void *buf, uint64_t count,
   return 0;
 }
 
-static int
+int
 qcow2_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
              unsigned flags)
 {
@@ -587,15 +601,6 @@ qcow2_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
   return 0;
 }
 
-/* Writes are not implemented: the node is read-only, so the request
- * path never calls these; they exist so nothing can reach a NULL.
- */
-static int
-qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
-              uint64_t offset, unsigned flags)
-{
-  return -EROFS;
-}
 
 static int
 qcow2_block_status (struct node *node, uint64_t count, uint64_t offset,
@@ -701,6 +706,9 @@ const struct node_driver qcow2_driver = {
   .refresh_limits   = qcow2_refresh_limits,
   .pread            = qcow2_pread,
   .pwrite           = qcow2_pwrite,
+  .zero             = qcow2_zero,
+  .discard          = qcow2_discard,
+  .flush            = qcow2_flush,
   .block_status     = qcow2_block_status,
   .allocation_depth = qcow2_allocation_depth,
 };

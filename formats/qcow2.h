@@ -15,6 +15,7 @@
 #ifndef NBDD_FORMATS_QCOW2_H
 #define NBDD_FORMATS_QCOW2_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -41,6 +42,8 @@
 #define QCOW2_SNAPSHOT_HEADER_MIN 40               /* fixed part of an entry */
 #define QCOW2_SUBCLUSTERS 32                       /* with extended L2 */
 #define QCOW2_COMPRESSED_SECTOR 512
+/* Host offsets are bits 9-55 of an L2 entry. */
+#define QCOW2_MAX_HOST_OFFSET (UINT64_C (1) << 56)
 
 /* Incompatible feature bits. */
 #define QCOW2_INCOMPAT_DIRTY        (UINT64_C (1) << 0)
@@ -202,12 +205,61 @@ void qcow2_cache_free (struct qcow2_cache *c);
 int qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
                      struct qcow2_cache_entry **e, const void **data);
 void qcow2_cache_put (struct qcow2_cache *c, struct qcow2_cache_entry *e);
+/* The write side, always under the image's metadata lock (s->lock).
+ *
+ * Pin the slice at @offset as a new, zero-filled table, without reading
+ * the file; it is dirty.
+ */
+int qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
+                         struct qcow2_cache_entry **e, void **data);
+/* Mark a pinned slice changed; returns its data, now writable. */
+void *qcow2_cache_dirty (struct qcow2_cache *c, struct qcow2_cache_entry *e);
+/* Before any slice of @c is written, @dep's dirty slices are written
+ * and the file synced.  0 or -errno (settling an older dependency).
+ */
+int qcow2_cache_set_dependency (struct qcow2_cache *c,
+                                struct qcow2_cache *dep);
+/* Before any slice of @c is written, the file is synced. */
+void qcow2_cache_depends_on_flush (struct qcow2_cache *c);
+bool qcow2_cache_has_dirty (const struct qcow2_cache *c);
+/* Write every dirty slice back (after what it depends on).  It does
+ * not sync the file: the caller does, when it needs durability.
+ */
+int qcow2_cache_flush (struct qcow2_cache *c);
+/* Forget the unpinned slice at @offset, dirty or not (its cluster was
+ * freed, or is about to be rewritten whole).
+ */
+void qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset);
 /* Statistics, for tests. */
 void qcow2_cache_stats (struct qcow2_cache *c, uint64_t *hits,
                         uint64_t *misses, size_t *nr_entries);
 
+/* A guest cluster whose L2 entry a writer is about to change. */
+struct qcow2_inflight {
+  uint64_t cluster;             /* guest cluster index */
+  struct qcow2_inflight *next;
+};
+
+/* A freed host range, punched once the metadata dropping it is synced. */
+struct qcow2_punch {
+  uint64_t offset, len;
+};
+
 /* qcow2.c: the state of one open image. */
 struct qcow2_state {
+  /* The metadata lock: the L1 table, the contents of both caches, the
+   * allocator and everything below marked 'lock'.  Data I/O is done
+   * without it.
+   */
+  pthread_mutex_t lock;
+  pthread_cond_t inflight_done; /* an entry left 'inflight' */
+  struct qcow2_inflight *inflight;  /* lock */
+  bool writable;
+  uint64_t next_free;           /* lock: where clusters are allocated */
+  struct qcow2_punch *punches;  /* lock */
+  size_t nr_punches, punches_cap;
+  uint8_t *zero_cluster;        /* cluster_size zeroes, for zero writes */
+
   struct node *file;            /* borrowed from node->children */
   struct node *backing;         /* borrowed, or NULL */
   char *filename;               /* for messages */
@@ -272,6 +324,43 @@ int qcow2_corrupt (struct qcow2_state *s, const char *fs, ...)
 /* The refcount of the host cluster holding @host_offset. */
 int qcow2_refcount_get (struct qcow2_state *s, uint64_t host_offset,
                         uint64_t *refcount);
+
+/* qcow2-alloc.c: host clusters and refcounts, under s->lock. */
+
+/* Allocate @n contiguous clusters (refcount 1, never used before, so
+ * reading as zeroes).  0 or -errno.
+ */
+int qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n,
+                          uint64_t *offset);
+/* Drop one reference to each of @n clusters from @offset; those that
+ * reach 0 are punched after the next metadata sync.
+ */
+int qcow2_free_clusters (struct qcow2_state *s, uint64_t offset, uint64_t n);
+/* The same for the clusters a compressed range touches. */
+int qcow2_free_bytes (struct qcow2_state *s, uint64_t offset, uint64_t len);
+/* Where allocation starts: past the file and every counted cluster. */
+int qcow2_find_next_free (struct qcow2_state *s, uint64_t *next);
+
+/* qcow2-write.c: the write side. */
+
+/* At a read-write open: refuse what cannot be written safely yet, clear
+ * unknown autoclear bits, find where allocation starts.
+ */
+int qcow2_write_open (struct qcow2_state *s, struct error **errp);
+/* At close: write everything back. */
+int qcow2_write_close (struct qcow2_state *s);
+int qcow2_punch_later (struct qcow2_state *s, uint64_t offset, uint64_t len);
+int qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
+                  uint64_t offset, unsigned flags);
+int qcow2_zero (struct node *node, uint64_t count, uint64_t offset,
+                unsigned flags);
+int qcow2_discard (struct node *node, uint64_t count, uint64_t offset,
+                   unsigned flags);
+int qcow2_flush (struct node *node);
+int qcow2_flush_state (struct qcow2_state *s);
+/* qcow2.c: read guest bytes (the copy-on-write source). */
+int qcow2_pread (struct node *node, void *buf, uint32_t count,
+                 uint64_t offset, unsigned flags);
 
 /* qcow2-compress.c */
 

@@ -42,9 +42,40 @@ zero_buf_alloc (void)
 static int
 check_range (const struct node *node, uint64_t count, uint64_t offset)
 {
-  if (offset > node->size || count > node->size - offset)
+  uint64_t size = node_size (node);
+
+  if (offset > size || count > size - offset)
     return -EINVAL;
   return 0;
+}
+
+/* A write of [offset, offset + count): on a growable node it may go
+ * past the end (which it then moves), elsewhere it must fit.
+ */
+static int
+check_write_range (const struct node *node, uint64_t count, uint64_t offset)
+{
+  uint64_t end;
+
+  if (!node->growable)
+    return check_range (node, count, offset);
+  if (ADD_OVERFLOW (offset, count, &end) || end > (UINT64_C (1) << 62))
+    return -EINVAL;
+  return 0;
+}
+
+/* After a successful write to a growable node: its end moves to @end
+ * if that is further.
+ */
+static void
+grown_to (struct node *node, uint64_t end)
+{
+  uint64_t size = node_size (node);
+
+  while (node->growable && end > size &&
+         !__atomic_compare_exchange_n (&node->size, &size, end, true,
+                                       __ATOMIC_RELEASE, __ATOMIC_ACQUIRE))
+    ;
 }
 
 static uint32_t
@@ -238,7 +269,7 @@ int
 node_pwrite (struct node *node, const void *buf, uint64_t count,
              uint64_t offset, unsigned flags)
 {
-  int r = check_range (node, count, offset);
+  int r = check_write_range (node, count, offset);
 
   if (r < 0)
     return r == -EINVAL ? -ENOSPC : r;
@@ -247,14 +278,17 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
   if (count == 0)
     return 0;
   if (needs_bounce (node, buf, count, offset))
-    return pwrite_rmw (node, buf, count, offset, flags);
-  if (node->limits.request_alignment > 1) {
+    r = pwrite_rmw (node, buf, count, offset, flags);
+  else if (node->limits.request_alignment > 1) {
     pthread_rwlock_rdlock (&node->rmw_lock);
     r = pwrite_aligned (node, buf, count, offset, flags);
     pthread_rwlock_unlock (&node->rmw_lock);
-    return r;
   }
-  return pwrite_aligned (node, buf, count, offset, flags);
+  else
+    r = pwrite_aligned (node, buf, count, offset, flags);
+  if (r == 0)
+    grown_to (node, offset + count);
+  return r;
 }
 
 /* Write zeroes from the shared zero buffer, for drivers that cannot. */

@@ -304,7 +304,7 @@ test_with_qemu (void)
       "top.qcow2 1M && qemu-io -f qcow2 -c 'write -P 0x22 64K 64K' "
       "-c 'write -z 128K 64K' top.qcow2 >/dev/null", dir);
   top = open_image (dir, "top", "");
-  assert (top->read_only);
+  assert (!top->read_only);            /* qcow2 opens read-write */
 
   assert (depth_at (top, 0, &pnum) == 2 && pnum == 65536);
   assert (depth_at (top, 65536, &pnum) == 1 && pnum == 131072);

@@ -1,0 +1,671 @@
+/* qcow2: writes, zeroing, discard and flush.
+ *
+ * A write into a cluster this image owns alone (COPIED, not compressed,
+ * and with extended L2 every subcluster written already allocated) is
+ * a plain write to the host file, with the metadata lock held only for
+ * the lookup.  Anything else allocates, in QEMU's order
+ * (qcow2-cluster.c there):
+ *
+ *   1. under the lock, mark the guest cluster in flight (other writers
+ *      of it wait), and allocate a new host cluster (qcow2-alloc.c);
+ *   2. without the lock, write the guest data with the old contents
+ *      around it (copy-on-write: from the backing node, the old shared
+ *      or compressed cluster, or zeroes, read through qcow2_pread);
+ *      zeroes need no writing into a new cluster, which is fresh;
+ *   3. under the lock, point the L2 entry at the new cluster (COPIED),
+ *      and only then drop the old cluster's reference.
+ *
+ * Metadata is write-back (qcow2-cache.c): the L2 change is durable at
+ * the next flush (an NBD FLUSH, a FUA write, or close), with refcounts
+ * before the L2 entries that use them, copied data before the L2 entry
+ * that points at it, and an L2 entry gone before the refcount that says
+ * its cluster is free.  A new or copied L2 table is written and synced
+ * before the L1 entry that points at it, which is written at once.
+ *
+ * Zeroing and discard of whole clusters change only metadata (the zero
+ * flag, or the zero bits of extended L2) and free what they drop;
+ * partial clusters are written with zeroes (zeroing) or left alone
+ * (discard, which is advisory).
+ */
+#include <config.h>
+
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "qcow2.h"
+#include "utils.h"
+
+#define MAX_PENDING_PUNCHES 1024
+
+/* ------------------------------------------------------------------ */
+/* Guest clusters in flight */
+
+static bool
+inflight_has (struct qcow2_state *s, uint64_t gc)
+{
+  for (struct qcow2_inflight *f = s->inflight; f; f = f->next)
+    if (f->cluster == gc)
+      return true;
+  return false;
+}
+
+/* Wait until no other writer is changing guest cluster @gc's entry. */
+static void
+inflight_wait (struct qcow2_state *s, uint64_t gc)
+{
+  while (inflight_has (s, gc))
+    pthread_cond_wait (&s->inflight_done, &s->lock);
+}
+
+static void
+inflight_remove (struct qcow2_state *s, struct qcow2_inflight *me)
+{
+  for (struct qcow2_inflight **pp = &s->inflight; *pp; pp = &(*pp)->next)
+    if (*pp == me) {
+      *pp = me->next;
+      break;
+    }
+  pthread_cond_broadcast (&s->inflight_done);
+}
+
+/* ------------------------------------------------------------------ */
+/* L1 and L2 tables */
+
+static int
+write_l1_entry (struct qcow2_state *s, uint64_t index)
+{
+  uint64_t v = htobe64 (s->l1[index]);
+
+  return node_pwrite (s->file, &v, 8, s->info.l1_offset + index * 8, 0);
+}
+
+/* Give L1 entry @index a table of its own: a new one (zeroed) if it
+ * has none, a copy if it shares one with a snapshot (no COPIED flag).
+ * The table is on disk before the L1 entry points at it.
+ */
+static int
+l2_table_own (struct qcow2_state *s, uint64_t index)
+{
+  const struct qcow2_info *info = &s->info;
+  uint64_t old = s->l1[index] & QCOW2_L1E_OFFSET_MASK;
+  uint64_t cs = info->cluster_size;
+  uint64_t table;
+  int r;
+
+  if (old && !IS_ALIGNED (old, cs))
+    return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " (L1 index %"
+                          PRIu64 ") is not cluster aligned", old, index);
+  if ((r = qcow2_alloc_clusters (s, 1, &table)) < 0)
+    return r;
+  for (uint64_t at = 0; at < cs; at += s->l2_slice_size) {
+    struct qcow2_cache_entry *e;
+    const void *src = NULL;
+    void *dst;
+    uint8_t *copy = NULL;
+
+    if (old) {
+      struct qcow2_cache_entry *oe;
+      if ((r = qcow2_cache_get (s->l2_cache, old + at, &oe, &src)) < 0)
+        return r;
+      copy = malloc (s->l2_slice_size);
+      if (copy)
+        memcpy (copy, src, s->l2_slice_size);
+      qcow2_cache_put (s->l2_cache, oe);
+      if (copy == NULL)
+        return -ENOMEM;
+    }
+    else if (at > 0)
+      break;                    /* a fresh cluster reads as zeroes */
+    r = qcow2_cache_get_new (s->l2_cache, table + at, &e, &dst);
+    if (r == 0 && copy)
+      memcpy (dst, copy, s->l2_slice_size);
+    free (copy);
+    if (r < 0)
+      return r;
+    qcow2_cache_put (s->l2_cache, e);
+  }
+  /* Table (after the refcounts it relies on), sync, then L1. */
+  if ((r = qcow2_cache_flush (s->l2_cache)) < 0 ||
+      (r = node_flush (s->file)) < 0)
+    return r;
+  s->l1[index] = table | QCOW2_OFLAG_COPIED;
+  if ((r = write_l1_entry (s, index)) < 0)
+    return r;
+  if (old) {
+    /* The snapshot keeps the old table; we drop our reference once the
+     * L1 entry that made it is on disk.
+     */
+    for (uint64_t at = 0; at < cs; at += s->l2_slice_size)
+      qcow2_cache_discard (s->l2_cache, old + at);
+    qcow2_cache_depends_on_flush (s->refcount_cache);
+    if ((r = qcow2_free_clusters (s, old, 1)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* The L2 entry of guest cluster @gc, pinned for change.  With @create
+ * the L2 table is made ours first; without it, 1 means there is no
+ * table (the cluster is unallocated).
+ */
+struct l2_ref {
+  struct qcow2_cache_entry *e;
+  uint8_t *p;                   /* the entry in the slice */
+  uint64_t l2e, bitmap;
+};
+
+static int
+l2_get (struct qcow2_state *s, uint64_t gc, bool create, struct l2_ref *ref)
+{
+  const struct qcow2_info *info = &s->info;
+  uint64_t index = gc >> info->l2_bits;
+  uint64_t eps = s->l2_slice_size / info->l2_entry_size;
+  uint64_t l2_index = gc & ((UINT64_C (1) << info->l2_bits) - 1);
+  uint64_t table, first;
+  const void *slice;
+  int r;
+
+  if (index >= info->l1_size)
+    return qcow2_corrupt (s, "guest cluster %" PRIu64 " is beyond the L1 "
+                          "table", gc);
+  if (!(s->l1[index] & QCOW2_OFLAG_COPIED) ||
+      (s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0) {
+    if (!create && (s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0)
+      return 1;
+    if (create && (r = l2_table_own (s, index)) < 0)
+      return r;
+  }
+  table = s->l1[index] & QCOW2_L1E_OFFSET_MASK;
+  if (!IS_ALIGNED (table, info->cluster_size))
+    return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " (L1 index %"
+                          PRIu64 ") is not cluster aligned", table, index);
+  first = ROUND_DOWN (l2_index, eps);
+  r = qcow2_cache_get (s->l2_cache, table + first * info->l2_entry_size,
+                       &ref->e, &slice);
+  if (r < 0)
+    return r;
+  ref->p = (uint8_t *) slice + (l2_index - first) * info->l2_entry_size;
+  memcpy (&ref->l2e, ref->p, 8);
+  ref->l2e = be64toh (ref->l2e);
+  ref->bitmap = 0;
+  if (info->extended_l2) {
+    memcpy (&ref->bitmap, ref->p + 8, 8);
+    ref->bitmap = be64toh (ref->bitmap);
+  }
+  return 0;
+}
+
+static void
+l2_set (struct qcow2_state *s, struct l2_ref *ref, uint64_t l2e,
+        uint64_t bitmap)
+{
+  uint64_t v = htobe64 (l2e);
+
+  qcow2_cache_dirty (s->l2_cache, ref->e);
+  memcpy (ref->p, &v, 8);
+  if (s->info.extended_l2) {
+    v = htobe64 (bitmap);
+    memcpy (ref->p + 8, &v, 8);
+  }
+  ref->l2e = l2e;
+  ref->bitmap = bitmap;
+}
+
+static void
+l2_put (struct qcow2_state *s, struct l2_ref *ref)
+{
+  qcow2_cache_put (s->l2_cache, ref->e);
+}
+
+/* Drop the reference an old L2 entry held, after it was replaced. */
+static int
+release_old (struct qcow2_state *s, uint64_t l2e)
+{
+  uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
+
+  if (l2e & QCOW2_OFLAG_COMPRESSED) {
+    struct qcow2_cdesc d;
+    qcow2_decode_compressed (&s->info, l2e, &d);
+    return qcow2_free_bytes (s, d.offset, d.size);
+  }
+  if (host == 0)
+    return 0;
+  if (!IS_ALIGNED (host, s->info.cluster_size))
+    return qcow2_corrupt (s, "data cluster offset 0x%" PRIx64 " is not "
+                          "cluster aligned", host);
+  return qcow2_free_clusters (s, host, 1);
+}
+
+/* Subcluster bits covering [a, b) of a cluster. */
+static uint32_t
+sc_mask (const struct qcow2_info *info, uint64_t a, uint64_t b)
+{
+  unsigned first = a >> info->subcluster_bits;
+  unsigned last = (b - 1) >> info->subcluster_bits;
+  uint64_t m = ((UINT64_C (1) << (last + 1)) - 1) &
+    ~((UINT64_C (1) << first) - 1);
+
+  return (uint32_t) m;
+}
+
+/* ------------------------------------------------------------------ */
+/* Writes */
+
+/* Can [a, b) of the cluster be written in place, at its host offset? */
+static bool
+in_place (const struct qcow2_info *info, const struct l2_ref *ref,
+          uint64_t a, uint64_t b)
+{
+  uint64_t host = ref->l2e & QCOW2_L2E_OFFSET_MASK;
+
+  if (host == 0 || !(ref->l2e & QCOW2_OFLAG_COPIED) ||
+      (ref->l2e & QCOW2_OFLAG_COMPRESSED))
+    return false;
+  if (!info->extended_l2)
+    return !(ref->l2e & QCOW2_OFLAG_ZERO);
+  {
+    uint32_t m = sc_mask (info, a, b);
+    return ((uint32_t) ref->bitmap & m) == m;
+  }
+}
+
+/* Write [a, b) of guest cluster @gc from @data. */
+static int
+write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
+               const uint8_t *data)
+{
+  struct qcow2_state *s = node->opaque;
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  uint64_t gstart = gc << info->cluster_bits;
+  struct qcow2_inflight me = { .cluster = gc };
+  struct l2_ref ref;
+  uint64_t old_l2e, old_bitmap, host, new_host, span_a, span_b;
+  bool fresh, copied = false;
+  uint8_t *buf = NULL;
+  int r;
+
+  pthread_mutex_lock (&s->lock);
+  inflight_wait (s, gc);
+  if ((r = l2_get (s, gc, true, &ref)) < 0)
+    goto out_unlock;
+  host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
+  if (in_place (info, &ref, a, b)) {
+    l2_put (s, &ref);
+    pthread_mutex_unlock (&s->lock);
+    if (!IS_ALIGNED (host, cs))
+      return qcow2_corrupt (s, "data cluster offset 0x%" PRIx64 " for guest "
+                            "offset 0x%" PRIx64 " is not cluster aligned",
+                            host, gstart);
+    return node_pwrite (s->file, data, b - a, host + a, 0);
+  }
+
+  /* Allocating: this cluster is ours until its entry is updated. */
+  old_l2e = ref.l2e;
+  old_bitmap = ref.bitmap;
+  me.next = s->inflight;
+  s->inflight = &me;
+  l2_put (s, &ref);
+  if (host && (old_l2e & QCOW2_OFLAG_COPIED) &&
+      !(old_l2e & QCOW2_OFLAG_COMPRESSED)) {
+    /* Our own cluster, reading as zeroes (the zero flag) or with some
+     * subclusters not allocated yet: written in place, around too.
+     */
+    if (!IS_ALIGNED (host, cs)) {
+      r = qcow2_corrupt (s, "data cluster offset 0x%" PRIx64 " for guest "
+                         "offset 0x%" PRIx64 " is not cluster aligned",
+                         host, gstart);
+      goto out_inflight;
+    }
+    new_host = host;
+    fresh = false;
+  }
+  else {
+    if ((r = qcow2_alloc_clusters (s, 1, &new_host)) < 0)
+      goto out_inflight;
+    fresh = true;
+  }
+  pthread_mutex_unlock (&s->lock);
+
+  /* What to write: the whole cluster (standard L2), or the subclusters
+   * touched (extended L2), the guest data inside the old contents.
+   */
+  if (info->extended_l2) {
+    uint64_t scs = UINT64_C (1) << info->subcluster_bits;
+    span_a = ROUND_DOWN (a, scs);
+    span_b = ROUND_UP (b, scs);
+  }
+  else {
+    span_a = 0;
+    span_b = cs;
+  }
+  /* A shared (not COPIED) cluster under extended L2 is copied whole:
+   * its other allocated subclusters move with it.
+   */
+  if (info->extended_l2 && fresh && host) {
+    span_a = 0;
+    span_b = cs;
+  }
+  if (span_a < a || b < span_b) {
+    buf = malloc (span_b - span_a);
+    if (buf == NULL) {
+      r = -ENOMEM;
+      goto out_relock;
+    }
+    if ((a > span_a &&
+         (r = qcow2_pread (node, buf, a - span_a, gstart + span_a, 0)) < 0) ||
+        (b < span_b &&
+         (r = qcow2_pread (node, buf + (b - span_a), span_b - b,
+                           gstart + b, 0)) < 0))
+      goto out_relock;
+    memcpy (buf + (a - span_a), data, b - a);
+    copied = !(is_zero (buf, a - span_a) &&
+               is_zero (buf + (b - span_a), span_b - b));
+  }
+  if (buf && (copied || !fresh))
+    r = node_pwrite (s->file, buf, span_b - span_a, new_host + span_a, 0);
+  else                          /* a fresh cluster is zero around it */
+    r = node_pwrite (s->file, data, b - a, new_host + a, 0);
+
+ out_relock:
+  free (buf);
+  pthread_mutex_lock (&s->lock);
+  if (r < 0) {
+    /* The new cluster was never pointed at: give it back. */
+    if (fresh)
+      qcow2_free_clusters (s, new_host, 1);
+    goto out_inflight;
+  }
+  if (copied)
+    qcow2_cache_depends_on_flush (s->l2_cache);
+  if ((r = l2_get (s, gc, true, &ref)) < 0)
+    goto out_inflight;
+  if (info->extended_l2) {
+    uint32_t span = sc_mask (info, span_a, span_b);
+    uint32_t alloc = (uint32_t) old_bitmap;
+    uint32_t zero = old_bitmap >> 32;
+    /* The span now holds real data (copied or written). */
+    alloc |= span;
+    zero &= ~span;
+    l2_set (s, &ref, new_host | QCOW2_OFLAG_COPIED,
+            ((uint64_t) zero << 32) | alloc);
+  }
+  else
+    l2_set (s, &ref, new_host | QCOW2_OFLAG_COPIED, 0);
+  l2_put (s, &ref);
+  if (new_host != host || (old_l2e & QCOW2_OFLAG_COMPRESSED))
+    r = release_old (s, old_l2e);
+
+ out_inflight:
+  inflight_remove (s, &me);
+ out_unlock:
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
+
+int
+qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
+              uint64_t offset, unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t cs = s->info.cluster_size;
+  const uint8_t *p = buf;
+  int r;
+
+  while (count > 0) {
+    uint64_t gc = offset >> s->info.cluster_bits;
+    uint64_t a = offset & (cs - 1);
+    uint64_t b = MIN (cs, a + count);
+
+    if ((r = write_cluster (node, gc, a, b, p)) < 0)
+      return r;
+    p += b - a;
+    offset += b - a;
+    count -= b - a;
+  }
+  return (flags & NODE_FUA) ? qcow2_flush (node) : 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Zeroing and discard */
+
+/* Make whole guest cluster @gc read as zeroes (or, for discard on a v2
+ * image, as the backing), by metadata alone.  @keep: leave an owned
+ * cluster allocated (zeroing without permission to unmap).
+ */
+static int
+zero_cluster_meta (struct qcow2_state *s, uint64_t gc, bool discard,
+                   bool keep)
+{
+  const struct qcow2_info *info = &s->info;
+  struct l2_ref ref;
+  uint64_t host, l2e, bitmap = 0;
+  bool owned;
+  int r;
+
+  inflight_wait (s, gc);
+  /* No table: unallocated, and without a backing that reads as zeroes
+   * already; a discard on v2 needs nothing either.
+   */
+  r = l2_get (s, gc, s->backing != NULL && !(discard && info->version < 3),
+              &ref);
+  if (r != 0)
+    return r < 0 ? r : 0;
+  host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
+  owned = host && (ref.l2e & QCOW2_OFLAG_COPIED) &&
+    !(ref.l2e & QCOW2_OFLAG_COMPRESSED);
+  if (!owned)
+    keep = false;
+
+  if (info->extended_l2) {
+    l2e = keep ? ref.l2e : 0;
+    bitmap = UINT64_C (0xffffffff) << 32;       /* all zero, none alloc */
+  }
+  else if (info->version < 3)
+    l2e = 0;                    /* no zero flag: unallocated */
+  else
+    l2e = (keep ? (ref.l2e & ~QCOW2_OFLAG_COMPRESSED) : 0) | QCOW2_OFLAG_ZERO;
+  {
+    uint64_t old = ref.l2e;
+    l2_set (s, &ref, l2e, bitmap);
+    l2_put (s, &ref);
+    if (!keep && (r = release_old (s, old)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+int
+qcow2_zero (struct node *node, uint64_t count, uint64_t offset,
+            unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  int r = 0;
+
+  /* Without a zero flag a v2 image can only unmap, and only where no
+   * backing shows through.
+   */
+  if (info->version < 3 && s->backing)
+    return -ENOTSUP;
+  while (count > 0 && r == 0) {
+    uint64_t gc = offset >> info->cluster_bits;
+    uint64_t a = offset & (cs - 1);
+    uint64_t b = MIN (cs, a + count);
+
+    if (a == 0 && b == cs) {
+      if (info->version < 3 && !(flags & NODE_MAY_TRIM))
+        r = -ENOTSUP;
+      else {
+        pthread_mutex_lock (&s->lock);
+        r = zero_cluster_meta (s, gc, false, !(flags & NODE_MAY_TRIM));
+        pthread_mutex_unlock (&s->lock);
+      }
+    }
+    else if (flags & NODE_FAST_ZERO)
+      r = -ENOTSUP;
+    else
+      r = write_cluster (node, gc, a, b, s->zero_cluster);
+    if (r == -ENOTSUP && !(flags & NODE_FAST_ZERO))
+      r = write_cluster (node, gc, a, b, s->zero_cluster);
+    offset += b - a;
+    count -= b - a;
+  }
+  if (r == 0 && (flags & NODE_FUA))
+    r = qcow2_flush (node);
+  return r;
+}
+
+int
+qcow2_discard (struct node *node, uint64_t count, uint64_t offset,
+               unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t cs = s->info.cluster_size;
+  uint64_t start = ROUND_UP (offset, cs);
+  uint64_t end = ROUND_DOWN (offset + count, cs);
+  int r = 0;
+
+  /* Advisory: only whole clusters. */
+  pthread_mutex_lock (&s->lock);
+  for (uint64_t off = start; off < end && r == 0; off += cs)
+    r = zero_cluster_meta (s, off >> s->info.cluster_bits, true, false);
+  pthread_mutex_unlock (&s->lock);
+  if (r == 0 && (flags & NODE_FUA))
+    r = qcow2_flush (node);
+  return r;
+}
+
+/* ------------------------------------------------------------------ */
+/* Flush */
+
+int
+qcow2_punch_later (struct qcow2_state *s, uint64_t offset, uint64_t len)
+{
+  if (s->nr_punches > 0 &&
+      s->punches[s->nr_punches - 1].offset +
+      s->punches[s->nr_punches - 1].len == offset) {
+    s->punches[s->nr_punches - 1].len += len;
+    return 0;
+  }
+  if (s->nr_punches == s->punches_cap) {
+    size_t cap = s->punches_cap ? s->punches_cap * 2 : 64;
+    struct qcow2_punch *p = realloc (s->punches, cap * sizeof *p);
+    if (p == NULL)
+      return 0;                 /* the space stays used: no harm */
+    s->punches = p;
+    s->punches_cap = cap;
+  }
+  s->punches[s->nr_punches++] = (struct qcow2_punch) { offset, len };
+  return 0;
+}
+
+/* Everything to disk, in order; then the freed space goes. */
+static int
+flush_locked (struct qcow2_state *s)
+{
+  int r;
+
+  if ((r = qcow2_cache_flush (s->l2_cache)) < 0 ||
+      (r = qcow2_cache_flush (s->refcount_cache)) < 0 ||
+      (r = qcow2_cache_flush (s->l2_cache)) < 0 ||
+      (r = node_flush (s->file)) < 0)
+    return r;
+  for (size_t i = 0; i < s->nr_punches; ++i)
+    node_discard (s->file, s->punches[i].len, s->punches[i].offset, 0);
+  s->nr_punches = 0;
+  return 0;
+}
+
+int
+qcow2_flush (struct node *node)
+{
+  return qcow2_flush_state (node->opaque);
+}
+
+/* ------------------------------------------------------------------ */
+/* Open and close */
+
+int
+qcow2_write_open (struct qcow2_state *s, struct error **errp)
+{
+  struct qcow2_info *info = &s->info;
+  uint64_t known_autoclear = 0;
+  int r;
+
+  if (s->dirty) {
+    error_setg (errp, "qcow2: %s: the image was not closed cleanly and its "
+                "refcounts may be stale (dirty bit); repair it with "
+                "'qemu-img check -r all' or open it read-only", s->filename);
+    return -1;
+  }
+  if (info->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
+    error_setg (errp, "qcow2: %s: writing images with persistent dirty "
+                "bitmaps is not supported yet; open it read-only",
+                s->filename);
+    return -1;
+  }
+  if (info->nb_snapshots > 0)
+    nbdd_info ("qcow2: %s: %" PRIu32 " internal snapshot(s): writes copy "
+               "the clusters they share", s->filename, info->nb_snapshots);
+
+  s->zero_cluster = calloc (1, info->cluster_size);
+  if (s->zero_cluster == NULL) {
+    error_setg_errno (errp, errno, "qcow2: %s: allocating", s->filename);
+    return -1;
+  }
+  if ((r = qcow2_find_next_free (s, &s->next_free)) < 0) {
+    error_setg_errno (errp, -r, "qcow2: %s: reading the refcounts",
+                      s->filename);
+    return -1;
+  }
+
+  /* Autoclear bits we do not know describe data we will not keep up to
+   * date: a writer clears them before its first write (spec).
+   */
+  if (info->version >= 3 && (info->autoclear & ~known_autoclear)) {
+    uint64_t v = htobe64 (info->autoclear & known_autoclear);
+    if ((r = node_pwrite (s->file, &v, 8, 88, 0)) < 0 ||
+        (r = node_flush (s->file)) < 0) {
+      error_setg_errno (errp, -r, "qcow2: %s: clearing autoclear bits",
+                        s->filename);
+      return -1;
+    }
+    info->autoclear &= known_autoclear;
+  }
+  s->file->growable = true;
+  s->writable = true;
+  debug ("qcow2: %s: writable, allocating from 0x%" PRIx64, s->filename,
+         s->next_free);
+  return 0;
+}
+
+int
+qcow2_write_close (struct qcow2_state *s)
+{
+  int r;
+
+  if (!s->writable)
+    return 0;
+  r = qcow2_flush_state (s);
+  if (r < 0)
+    nbdd_error ("qcow2: %s: writing metadata back at close: %s",
+                s->filename, strerror (-r));
+  return r;
+}
+
+int
+qcow2_flush_state (struct qcow2_state *s)
+{
+  int r;
+
+  pthread_mutex_lock (&s->lock);
+  r = flush_locked (s);
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
