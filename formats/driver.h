@@ -162,6 +162,15 @@ struct node_driver {
   /* NULL: everything is data. */
   int (*block_status) (struct node *node, uint64_t count, uint64_t offset,
                        struct extent_list *el);
+
+  /* Optional, control path (main thread, no I/O in flight on the node,
+   * like open): resize to @size bytes and update node->size.  Growing
+   * adds a hole that reads as zeroes.  A node that cannot change size
+   * (a block device) succeeds if @size fits and leaves node->size
+   * alone, so callers must not assume node->size == @size afterwards.
+   * NULL: node_truncate fails with -ENOTSUP.
+   */
+  int (*truncate) (struct node *node, uint64_t size);
 };
 
 /* formats/formats.c: the table of drivers.  NULL if unknown. */
@@ -212,5 +221,10 @@ int node_cache (struct node *node, uint64_t count, uint64_t offset);
 /* Fills @el from el->offset; at least one extent on success. */
 int node_block_status (struct node *node, uint64_t count,
                        struct extent_list *el);
+/* Resize a node (see the driver's truncate): 0 or -errno.  Control
+ * path only, with no I/O in flight.  @size must be a multiple of the
+ * node's request_alignment.
+ */
+int node_truncate (struct node *node, uint64_t size);
 
 #endif /* NBDD_FORMATS_DRIVER_H */

@@ -404,3 +404,16 @@ node_block_status (struct node *node, uint64_t count,
     return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
   return 0;
 }
+
+int
+node_truncate (struct node *node, uint64_t size)
+{
+  if (node->read_only)
+    return -EROFS;
+  if (node->drv->truncate == NULL)
+    return -ENOTSUP;
+  if (!IS_ALIGNED (size, node->limits.request_alignment) ||
+      size > INT64_MAX)
+    return -EINVAL;
+  return node->drv->truncate (node, size);
+}
