@@ -179,6 +179,16 @@ struct node_driver {
   int (*allocation_depth) (struct node *node, uint64_t count,
                            uint64_t offset, uint64_t *pnum,
                            unsigned *depth);
+
+
+  /* Optional, control path (main thread, no I/O in flight on the node,
+   * like open): resize to @size bytes and update node->size.  Growing
+   * adds a hole that reads as zeroes.  A node that cannot change size
+   * (a block device) succeeds if @size fits and leaves node->size
+   * alone, so callers must not assume node->size == @size afterwards.
+   * NULL: node_truncate fails with -ENOTSUP.
+   */
+  int (*truncate) (struct node *node, uint64_t size);
 };
 
 /* The node's size, safe to read while a growable node grows. */
@@ -243,5 +253,11 @@ int node_block_status (struct node *node, uint64_t count,
 int node_allocation_depth (struct node *node, uint64_t count,
                            uint64_t offset, uint64_t *pnum,
                            unsigned *depth);
+
+/* Resize a node (see the driver's truncate): 0 or -errno.  Control
+ * path only, with no I/O in flight.  @size must be a multiple of the
+ * node's request_alignment.
+ */
+int node_truncate (struct node *node, uint64_t size);
 
 #endif /* NBDD_FORMATS_DRIVER_H */

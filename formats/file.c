@@ -558,6 +558,39 @@ file_block_status (struct node *node, uint64_t count, uint64_t offset,
   return 0;
 }
 
+/* Control path, no I/O in flight: nothing reads the mapping while it
+ * is replaced by one of the new size.
+ */
+static int
+file_truncate (struct node *node, uint64_t size)
+{
+  struct file_state *s = node->opaque;
+  struct stat st;
+  int r = 0;
+
+  if (s->is_block)              /* a device has the size it has */
+    return size <= node->size ? 0 : -ENOSPC;
+  if (s->map) {
+    munmap (s->map, s->map_size);
+    s->map = NULL;
+  }
+  if (ftruncate (s->fd, size) == 0)
+    node->size = size;
+  else {
+    r = -errno;
+    if (fstat (s->fd, &st) == 0)  /* whatever size it has now */
+      node->size = st.st_size;
+  }
+  if (!s->direct && node->size > 0 && node->size <= SIZE_MAX) {
+    s->map = mmap (NULL, node->size, PROT_READ, MAP_SHARED, s->fd, 0);
+    if (s->map == MAP_FAILED)
+      s->map = NULL;
+    else
+      s->map_size = node->size;
+  }
+  return r;
+}
+
 const struct node_driver file_driver = {
   .name           = "file",
   .instance_size  = sizeof (struct file_state),
@@ -574,4 +607,5 @@ const struct node_driver file_driver = {
   .flush          = file_flush,
   .cache          = file_cache,
   .block_status   = file_block_status,
+  .truncate       = file_truncate,
 };

@@ -462,3 +462,16 @@ node_allocation_depth (struct node *node, uint64_t count, uint64_t offset,
     *pnum = count;
   return 0;
 }
+
+int
+node_truncate (struct node *node, uint64_t size)
+{
+  if (node->read_only)
+    return -EROFS;
+  if (node->drv->truncate == NULL)
+    return -ENOTSUP;
+  if (!IS_ALIGNED (size, node->limits.request_alignment) ||
+      size > INT64_MAX)
+    return -EINVAL;
+  return node->drv->truncate (node, size);
+}
