@@ -136,4 +136,14 @@
  */
 #define QCOW2_MAX_HOST_OFFSET           (UINT64_C (1) << 56)
 
+/* More of QEMU's limits: snapshots, the backing format name. */
+#define QCOW2_MAX_SNAPSHOTS             65536
+#define QCOW2_MAX_BACKING_FMT           15      /* QEMU: < 16 bytes */
+#define QCOW2_SNAPSHOT_HEADER_MIN       40      /* fixed part of an entry */
+
+/* Compressed descriptors count 512-byte sectors. */
+#define QCOW2_COMPRESSED_SECTOR         512
+/* Extended L2: all 32 subclusters allocated. */
+#define QCOW2_L2_BITMAP_ALL_ALLOC       UINT64_C (0xffffffff)
+
 #endif /* NBDD_QCOW2_FORMAT_H */

@@ -125,20 +125,20 @@ parse_fixed (const struct qcow2_disk_header *h, size_t avail,
   info->cluster_size = UINT64_C (1) << info->cluster_bits;
 
   if (info->version == 2) {
-    info->header_length = QCOW2_V2_HEADER_LEN;
+    info->header_length = QCOW2_HDR_V2_LENGTH;
     info->refcount_order = 4;
   }
   else {
-    if (avail < QCOW2_V3_HEADER_LEN) {
+    if (avail < QCOW2_HDR_V3_MIN_LENGTH) {
       error_setg (errp, "qcow2: file too short for a version 3 header "
                   "(%zu bytes)", avail);
       return -1;
     }
     info->header_length = be32toh (h->header_length);
-    if (info->header_length < QCOW2_V3_HEADER_LEN) {
+    if (info->header_length < QCOW2_HDR_V3_MIN_LENGTH) {
       error_setg (errp, "qcow2: header length %" PRIu32 " is too short "
                   "(version 3 needs at least %d)", info->header_length,
-                  QCOW2_V3_HEADER_LEN);
+                  QCOW2_HDR_V3_MIN_LENGTH);
       return -1;
     }
     if (info->header_length > info->cluster_size) {
@@ -192,7 +192,7 @@ parse_fixed (const struct qcow2_disk_header *h, size_t avail,
 
   info->extended_l2 = (info->incompat & QCOW2_INCOMPAT_EXTL2) != 0;
   if (info->extended_l2 &&
-      info->cluster_bits < QCOW2_MIN_EXTL2_CLUSTER_BITS) {
+      info->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
     error_setg (errp, "qcow2: extended L2 entries need a cluster size of "
                 "at least 16 KiB (this image has %" PRIu64 " bytes)",
                 info->cluster_size);
@@ -200,7 +200,7 @@ parse_fixed (const struct qcow2_disk_header *h, size_t avail,
   }
   info->l2_entry_size = info->extended_l2 ? 16 : 8;
   info->l2_bits = info->cluster_bits - (info->extended_l2 ? 4 : 3);
-  info->subclusters = info->extended_l2 ? QCOW2_SUBCLUSTERS : 1;
+  info->subclusters = info->extended_l2 ? QCOW2_EXTL2_SUBCLUSTERS : 1;
   info->subcluster_bits = info->cluster_bits - (info->extended_l2 ? 5 : 0);
   info->csize_shift = 62 - (info->cluster_bits - 8);
   info->csize_mask = (UINT64_C (1) << (info->cluster_bits - 8)) - 1;
@@ -360,7 +360,7 @@ parse_extensions (struct qcow2_info *info, const uint8_t *c0,
     }
 
     switch (type) {
-    case QCOW2_EXT_BACKING_FMT:
+    case QCOW2_EXT_BACKING_FORMAT:
       if (seen_fmt) {
         error_setg (errp, "qcow2: duplicate backing format extension");
         return -1;
@@ -406,7 +406,7 @@ qcow2_header_parse (const void *buf, size_t len, uint64_t file_size,
   uint32_t backing_len;
 
   memset (info, 0, sizeof *info);
-  if (len < QCOW2_V2_HEADER_LEN) {
+  if (len < QCOW2_HDR_V2_LENGTH) {
     error_setg (errp, "qcow2: file too short for a qcow2 header "
                 "(%zu bytes)", len);
     return -1;
@@ -435,14 +435,14 @@ qcow2_header_parse (const void *buf, size_t len, uint64_t file_size,
   memcpy (c0, buf, MIN ((uint64_t) len, info->cluster_size));
 
   /* Header fields past what we know are kept for a rewrite. */
-  if (info->header_length > QCOW2_KNOWN_HEADER_LEN) {
-    info->unknown_fields_len = info->header_length - QCOW2_KNOWN_HEADER_LEN;
+  if (info->header_length > QCOW2_HDR_V3_LENGTH) {
+    info->unknown_fields_len = info->header_length - QCOW2_HDR_V3_LENGTH;
     info->unknown_fields = malloc (info->unknown_fields_len);
     if (info->unknown_fields == NULL) {
       error_setg_errno (errp, errno, "qcow2: reading the header");
       goto err;
     }
-    memcpy (info->unknown_fields, c0 + QCOW2_KNOWN_HEADER_LEN,
+    memcpy (info->unknown_fields, c0 + QCOW2_HDR_V3_LENGTH,
             info->unknown_fields_len);
   }
 
@@ -454,9 +454,9 @@ qcow2_header_parse (const void *buf, size_t len, uint64_t file_size,
                   backing_off);
       goto err;
     }
-    if (backing_len > QCOW2_MAX_BACKING_NAME) {
+    if (backing_len > QCOW2_MAX_BACKING_FILE_NAME) {
       error_setg (errp, "qcow2: backing file name is too long (%" PRIu32
-                  " bytes, at most %d)", backing_len, QCOW2_MAX_BACKING_NAME);
+                  " bytes, at most %d)", backing_len, QCOW2_MAX_BACKING_FILE_NAME);
       goto err;
     }
     if (backing_len > info->cluster_size - backing_off) {

@@ -1,15 +1,18 @@
 /* qcow2: the internal header of the qcow2 format driver.
  *
- * On-disk layout: qemu/qemu docs/interop/qcow2.txt.  Limits follow
- * QEMU's block/qcow2.h, so that every image QEMU opens, we open, and
- * every image QEMU refuses for being absurd, we refuse too.
+ * On-disk layout and QEMU's limits: qcow2-format.h, so that every image
+ * QEMU opens, we open, and every image QEMU refuses for being absurd,
+ * we refuse too.
  *
  * Files:
  *   qcow2-header.c    parse and validate cluster 0 (pure: no I/O)
  *   qcow2-cache.c     bounded, thread-safe cache of metadata slices
  *   qcow2-map.c       guest offset -> host mapping (L1, L2, subclusters)
- *   qcow2-refcount.c  refcount lookup (for check and the write side)
+ *   qcow2-refcount.c  refcount lookup
+ *   qcow2-alloc.c     cluster allocation and refcount updates
+ *   qcow2-write.c     writes, zeroing, discard, flush
  *   qcow2-compress.c  deflate and zstd decompression
+ *   qcow2-create.c    new images (qcow2-create.h)
  *   qcow2.c           the driver: open/close, backing, pread, status
  */
 #ifndef NBDD_FORMATS_QCOW2_H
@@ -23,66 +26,14 @@
 
 #include "driver.h"
 #include "error.h"
+#include "qcow2-format.h"
 
-#define QCOW2_MAGIC UINT32_C (0x514649fb)          /* "QFI\xfb" */
-
-#define QCOW2_V2_HEADER_LEN 72
-#define QCOW2_V3_HEADER_LEN 104                    /* minimum for v3 */
-#define QCOW2_KNOWN_HEADER_LEN 112                 /* with compression_type */
-
-#define QCOW2_MIN_CLUSTER_BITS 9
-#define QCOW2_MAX_CLUSTER_BITS 21
-#define QCOW2_MIN_EXTL2_CLUSTER_BITS 14            /* subclusters >= 512 */
-#define QCOW2_MAX_REFCOUNT_ORDER 6
-#define QCOW2_MAX_L1_SIZE (UINT64_C (32) << 20)    /* bytes, QCOW_MAX_L1_SIZE */
-#define QCOW2_MAX_REFTABLE_SIZE (UINT64_C (8) << 20)
-#define QCOW2_MAX_SNAPSHOTS 65536
-#define QCOW2_MAX_BACKING_NAME 1023
-#define QCOW2_MAX_BACKING_FMT 15                   /* QEMU: < 16 */
-#define QCOW2_SNAPSHOT_HEADER_MIN 40               /* fixed part of an entry */
-#define QCOW2_SUBCLUSTERS 32                       /* with extended L2 */
-#define QCOW2_COMPRESSED_SECTOR 512
-/* Host offsets are bits 9-55 of an L2 entry. */
-#define QCOW2_MAX_HOST_OFFSET (UINT64_C (1) << 56)
-
-/* Incompatible feature bits. */
-#define QCOW2_INCOMPAT_DIRTY        (UINT64_C (1) << 0)
-#define QCOW2_INCOMPAT_CORRUPT      (UINT64_C (1) << 1)
-#define QCOW2_INCOMPAT_DATA_FILE    (UINT64_C (1) << 2)
-#define QCOW2_INCOMPAT_COMPRESSION  (UINT64_C (1) << 3)
-#define QCOW2_INCOMPAT_EXTL2        (UINT64_C (1) << 4)
-/* What this driver understands; the rest are refused by name. */
+/* The incompatible features this driver understands; the rest are
+ * refused by name.
+ */
 #define QCOW2_INCOMPAT_SUPPORTED                                  \
   (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT |                \
    QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2)
-
-#define QCOW2_COMPAT_LAZY_REFCOUNTS (UINT64_C (1) << 0)
-#define QCOW2_AUTOCLEAR_BITMAPS     (UINT64_C (1) << 0)
-#define QCOW2_AUTOCLEAR_RAW_DATA    (UINT64_C (1) << 1)
-
-#define QCOW2_COMPRESSION_ZLIB 0
-#define QCOW2_COMPRESSION_ZSTD 1
-
-#define QCOW2_CRYPT_NONE 0
-#define QCOW2_CRYPT_AES  1
-#define QCOW2_CRYPT_LUKS 2
-
-/* Header extension types. */
-#define QCOW2_EXT_END           UINT32_C (0)
-#define QCOW2_EXT_BACKING_FMT   UINT32_C (0xe2792aca)
-#define QCOW2_EXT_FEATURE_TABLE UINT32_C (0x6803f857)
-#define QCOW2_EXT_BITMAPS       UINT32_C (0x23852875)
-#define QCOW2_EXT_CRYPTO        UINT32_C (0x0537be77)
-#define QCOW2_EXT_DATA_FILE     UINT32_C (0x44415441)
-
-/* Table entry masks (qcow2.h in QEMU). */
-#define QCOW2_L1E_OFFSET_MASK    UINT64_C (0x00fffffffffffe00)
-#define QCOW2_L2E_OFFSET_MASK    UINT64_C (0x00fffffffffffe00)
-#define QCOW2_REFT_OFFSET_MASK   UINT64_C (0xfffffffffffffe00)
-#define QCOW2_OFLAG_COPIED       (UINT64_C (1) << 63)
-#define QCOW2_OFLAG_COMPRESSED   (UINT64_C (1) << 62)
-#define QCOW2_OFLAG_ZERO         (UINT64_C (1) << 0)
-#define QCOW2_L2_BITMAP_ALL_ALLOC UINT64_C (0xffffffff)
 
 /* The fixed header as it is on disk (big endian). */
 struct qcow2_disk_header {
@@ -109,7 +60,7 @@ struct qcow2_disk_header {
   uint8_t compression_type;
   uint8_t padding[7];
 } __attribute__ ((__packed__));
-_Static_assert (sizeof (struct qcow2_disk_header) == QCOW2_KNOWN_HEADER_LEN,
+_Static_assert (sizeof (struct qcow2_disk_header) == QCOW2_HDR_V3_LENGTH,
                 "qcow2 header with compression_type is 112 bytes");
 
 /* One header extension, kept verbatim so that a header rewrite (the
@@ -150,7 +101,7 @@ struct qcow2_info {
   bool extended_l2;
   uint32_t l2_entry_size;       /* 8 or 16 bytes */
   uint32_t l2_bits;             /* log2 (entries per L2 table) */
-  uint32_t subclusters;         /* 1 or QCOW2_SUBCLUSTERS */
+  uint32_t subclusters;         /* 1 or QCOW2_EXTL2_SUBCLUSTERS */
   uint32_t subcluster_bits;     /* log2 (subcluster size) */
   uint32_t csize_shift;         /* compressed descriptor layout */
   uint64_t csize_mask;

@@ -168,7 +168,7 @@ test_header (void)
   /* Extensions. */
   good_header (); put32 (116, CS); expect ("too large", FILE_SIZE);
   good_header (); put32 (116, 47); expect ("multiple of 48", FILE_SIZE);
-  good_header (); put32 (112, QCOW2_EXT_BACKING_FMT); put32 (116, 100);
+  good_header (); put32 (112, QCOW2_EXT_BACKING_FORMAT); put32 (116, 100);
   expect ("invalid backing format", FILE_SIZE);
   /* Unknown extensions are kept verbatim. */
   good_header (); put32 (168, 0x12345678); put32 (172, 3);
