@@ -263,23 +263,29 @@ update_one (struct qcow2_state *s, uint64_t off, int delta,
   return 0;
 }
 
-int
+int64_t
 qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n, uint64_t *offset)
 {
-  uint64_t cs = s->info.cluster_size;
-  uint64_t start;
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  uint64_t pb = per_block (info);
+  uint64_t start, range_end;
   int r;
 
-  /* Blocks to count the range first; one may land in it, and then the
-   * range starts after it.
+  /* The block counting the first cluster first; it may land on it, and
+   * then the range starts after it.  The range stops where that block's
+   * coverage does: a block for the next one would land inside it.
    */
   do {
     start = s->next_free;
-    if (n > (QCOW2_MAX_HOST_OFFSET - start) / cs)
+    if (start >= QCOW2_MAX_HOST_OFFSET - cs)
       return -ENOSPC;
-    if ((r = ensure_refblocks (s, start, n * cs)) < 0)
+    if ((r = ensure_refblocks (s, start, cs)) < 0)
       return r;
   } while (s->next_free != start);
+  range_end = ((start >> info->cluster_bits) / pb + 1) * pb;
+  n = MIN (n, range_end - (start >> info->cluster_bits));
+  n = MIN (n, (QCOW2_MAX_HOST_OFFSET - start) / cs);
   for (uint64_t i = 0; i < n; ++i)
     if ((r = update_one (s, start + i * cs, 1, NULL)) < 0)
       return r;
@@ -290,7 +296,7 @@ qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n, uint64_t *offset)
   if ((r = qcow2_cache_set_dependency (s->l2_cache, s->refcount_cache)) < 0)
     return r;
   *offset = start;
-  return 0;
+  return n;
 }
 
 int

@@ -216,6 +216,27 @@ qcow2_cache_get_new (struct qcow2_cache *c, uint64_t offset,
   return 0;
 }
 
+int
+qcow2_cache_peek (struct qcow2_cache *c, uint64_t offset,
+                  struct qcow2_cache_entry **ep, const void **data)
+{
+  struct qcow2_cache_entry *e;
+
+  pthread_mutex_lock (&c->lock);
+  e = hash_find (c, offset);
+  if (e == NULL || e->state != SLOT_READY) {
+    pthread_mutex_unlock (&c->lock);
+    return -EAGAIN;
+  }
+  lru_remove (c, e);
+  e->pins++;
+  c->hits++;
+  pthread_mutex_unlock (&c->lock);
+  *ep = e;
+  *data = e->data;
+  return 0;
+}
+
 static int
 get_slot (struct qcow2_cache *c, uint64_t offset, bool load_it,
           struct qcow2_cache_entry **ep, const void **data)

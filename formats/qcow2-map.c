@@ -180,6 +180,24 @@ qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
   return r;
 }
 
+int
+qcow2_map_nowait (struct qcow2_state *s, uint64_t offset, uint64_t max,
+                  struct qcow2_run *run)
+{
+  int r;
+
+  /* For the event loop, which must not wait: not for the lock, and not
+   * for a slice that is not cached (qcow2_cache_peek).
+   */
+  if (pthread_mutex_trylock (&s->lock) != 0)
+    return -EAGAIN;
+  s->nowait = true;
+  r = map_locked (s, offset, max, run);
+  s->nowait = false;
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
+
 static int
 map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
             struct qcow2_run *run)
@@ -219,9 +237,14 @@ map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
   slice_end = (ROUND_DOWN (gcn, eps) + eps) << info->cluster_bits;
   end = MIN (end, slice_end);
 
-  r = qcow2_cache_get (s->l2_cache,
-                       l2_offset + slice_first * info->l2_entry_size,
-                       &e, &slice);
+  if (s->nowait)
+    r = qcow2_cache_peek (s->l2_cache,
+                          l2_offset + slice_first * info->l2_entry_size,
+                          &e, &slice);
+  else
+    r = qcow2_cache_get (s->l2_cache,
+                         l2_offset + slice_first * info->l2_entry_size,
+                         &e, &slice);
   if (r < 0)
     return r;
   r = map_slice (s, slice, l2_offset, l2_index - slice_first, offset, end,

@@ -40,6 +40,10 @@
 #include "utils.h"
 
 #define MAX_PENDING_PUNCHES 1024
+/* Whole clusters allocated at once by one write (a 32 MiB request of
+ * 512-byte clusters is 65536 of them).
+ */
+#define MAX_WHOLE_CLUSTERS 4096
 
 /* ------------------------------------------------------------------ */
 /* Guest clusters in flight */
@@ -101,6 +105,7 @@ l2_table_own (struct qcow2_state *s, uint64_t index)
                           PRIu64 ") is not cluster aligned", old, index);
   if ((r = qcow2_alloc_clusters (s, 1, &table)) < 0)
     return r;
+  r = 0;
   for (uint64_t at = 0; at < cs; at += s->l2_slice_size) {
     struct qcow2_cache_entry *e;
     const void *src = NULL;
@@ -148,9 +153,16 @@ l2_table_own (struct qcow2_state *s, uint64_t index)
   return 0;
 }
 
-/* The L2 entry of guest cluster @gc, pinned for change.  With @create
- * the L2 table is made ours first; without it, 1 means there is no
- * table (the cluster is unallocated).
+/* How l2_get treats the L2 table of a guest cluster. */
+enum l2_mode {
+  L2_LOOKUP,                    /* as it is; none: 1 */
+  L2_CHANGE,                    /* made ours to change; none: 1 */
+  L2_CREATE,                    /* made ours, created if there is none */
+};
+
+/* The L2 entry of guest cluster @gc, pinned.  To change it, the table
+ * must be ours alone: one shared with a snapshot (no COPIED flag in
+ * its L1 entry) is copied first.
  */
 struct l2_ref {
   struct qcow2_cache_entry *e;
@@ -159,7 +171,8 @@ struct l2_ref {
 };
 
 static int
-l2_get (struct qcow2_state *s, uint64_t gc, bool create, struct l2_ref *ref)
+l2_get (struct qcow2_state *s, uint64_t gc, enum l2_mode mode,
+        struct l2_ref *ref)
 {
   const struct qcow2_info *info = &s->info;
   uint64_t index = gc >> info->l2_bits;
@@ -172,13 +185,15 @@ l2_get (struct qcow2_state *s, uint64_t gc, bool create, struct l2_ref *ref)
   if (index >= info->l1_size)
     return qcow2_corrupt (s, "guest cluster %" PRIu64 " is beyond the L1 "
                           "table", gc);
-  if (!(s->l1[index] & QCOW2_OFLAG_COPIED) ||
-      (s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0) {
-    if (!create && (s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0)
+  if ((s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0) {
+    if (mode != L2_CREATE)
       return 1;
-    if (create && (r = l2_table_own (s, index)) < 0)
+    if ((r = l2_table_own (s, index)) < 0)
       return r;
   }
+  else if (mode != L2_LOOKUP && !(s->l1[index] & QCOW2_OFLAG_COPIED) &&
+           (r = l2_table_own (s, index)) < 0)
+    return r;
   table = s->l1[index] & QCOW2_L1E_OFFSET_MASK;
   if (!IS_ALIGNED (table, info->cluster_size))
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " (L1 index %"
@@ -291,7 +306,7 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
 
   pthread_mutex_lock (&s->lock);
   inflight_wait (s, gc);
-  if ((r = l2_get (s, gc, true, &ref)) < 0)
+  if ((r = l2_get (s, gc, L2_CREATE, &ref)) < 0)
     goto out_unlock;
   host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
   if (in_place (info, &ref, a, b)) {
@@ -327,6 +342,7 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
   else {
     if ((r = qcow2_alloc_clusters (s, 1, &new_host)) < 0)
       goto out_inflight;
+    r = 0;
     fresh = true;
   }
   pthread_mutex_unlock (&s->lock);
@@ -382,7 +398,7 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
   }
   if (copied)
     qcow2_cache_depends_on_flush (s->l2_cache);
-  if ((r = l2_get (s, gc, true, &ref)) < 0)
+  if ((r = l2_get (s, gc, L2_CREATE, &ref)) < 0)
     goto out_inflight;
   if (info->extended_l2) {
     uint32_t span = sc_mask (info, span_a, span_b);
@@ -407,6 +423,129 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
   return r;
 }
 
+/* The longest run from @offset (at most @count bytes) that can be
+ * written in place, at contiguous host offsets, and write it with one
+ * write.  Returns the bytes written, 0 if the first cluster cannot be
+ * written in place, or -errno.
+ */
+static int64_t
+write_in_place (struct qcow2_state *s, uint64_t offset, uint64_t count,
+                const uint8_t *data)
+{
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  uint64_t first_host = 0, len = 0;
+  int r;
+
+  pthread_mutex_lock (&s->lock);
+  while (len < count) {
+    uint64_t gc = (offset + len) >> info->cluster_bits;
+    uint64_t a = (offset + len) & (cs - 1);
+    uint64_t b = MIN (cs, a + (count - len));
+    struct l2_ref ref;
+    uint64_t host;
+    bool ok;
+
+    if (inflight_has (s, gc) || (r = l2_get (s, gc, L2_LOOKUP, &ref)) != 0)
+      break;
+    host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
+    ok = in_place (info, &ref, a, b) && IS_ALIGNED (host, cs) &&
+      (len == 0 || host + a == first_host + len);
+    l2_put (s, &ref);
+    if (!ok)
+      break;
+    if (len == 0)
+      first_host = host + a;
+    len += b - a;
+  }
+  pthread_mutex_unlock (&s->lock);
+  if (len == 0)
+    return 0;
+  r = node_pwrite (s->file, data, len, first_host, 0);
+  return r < 0 ? r : (int64_t) len;
+}
+
+/* Up to @n whole guest clusters from @gc, each needing a new cluster,
+ * written from @data: allocated together (contiguous, so one write
+ * takes them all), then their entries updated.  Nothing around them is
+ * copied: they are overwritten whole.  Returns the clusters written, 0
+ * if the first is not such a cluster, or -errno.
+ */
+static int64_t
+write_new_clusters (struct qcow2_state *s, uint64_t gc, uint64_t n,
+                    const uint8_t *data)
+{
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  struct qcow2_inflight *me;
+  uint64_t *old, k = 0, host = 0;
+  int r = 0;
+
+  n = MIN (n, (uint64_t) MAX_WHOLE_CLUSTERS);
+  me = calloc (n, sizeof *me);
+  old = calloc (n, sizeof *old);
+  if (me == NULL || old == NULL) {
+    free (me);
+    free (old);
+    return 0;                   /* cluster by cluster, then */
+  }
+  pthread_mutex_lock (&s->lock);
+  for (; k < n; ++k) {
+    struct l2_ref ref;
+    if (inflight_has (s, gc + k) || (r = l2_get (s, gc + k, L2_CREATE, &ref)) < 0)
+      break;
+    if (in_place (info, &ref, 0, cs)) {
+      l2_put (s, &ref);
+      break;
+    }
+    old[k] = ref.l2e;
+    l2_put (s, &ref);
+  }
+  if (k > 0) {
+    /* Fewer may come back, contiguous: those are the ones we write. */
+    int64_t got = qcow2_alloc_clusters (s, k, &host);
+    if (got < 0)
+      r = got;
+    else {
+      r = 0;
+      k = got;
+      for (uint64_t i = 0; i < k; ++i) {
+        me[i].cluster = gc + i;
+        me[i].next = s->inflight;
+        s->inflight = &me[i];
+      }
+    }
+  }
+  pthread_mutex_unlock (&s->lock);
+  if (k == 0 || r < 0) {
+    free (me);
+    free (old);
+    return r < 0 ? r : 0;
+  }
+
+  if (r == 0)
+    r = node_pwrite (s->file, data, k * cs, host, 0);
+
+  pthread_mutex_lock (&s->lock);
+  if (r < 0)
+    qcow2_free_clusters (s, host, k);
+  for (uint64_t i = 0; i < k && r == 0; ++i) {
+    struct l2_ref ref;
+    if ((r = l2_get (s, gc + i, L2_CREATE, &ref)) < 0)
+      break;
+    l2_set (s, &ref, (host + i * cs) | QCOW2_OFLAG_COPIED,
+            info->extended_l2 ? QCOW2_L2_BITMAP_ALL_ALLOC : 0);
+    l2_put (s, &ref);
+    r = release_old (s, old[i]);
+  }
+  for (uint64_t i = 0; i < k; ++i)
+    inflight_remove (s, &me[i]);
+  pthread_mutex_unlock (&s->lock);
+  free (me);
+  free (old);
+  return r < 0 ? r : (int64_t) k;
+}
+
 int
 qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
               uint64_t offset, unsigned flags)
@@ -414,6 +553,7 @@ qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
   struct qcow2_state *s = node->opaque;
   uint64_t cs = s->info.cluster_size;
   const uint8_t *p = buf;
+  int64_t done;
   int r;
 
   while (count > 0) {
@@ -421,11 +561,25 @@ qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
     uint64_t a = offset & (cs - 1);
     uint64_t b = MIN (cs, a + count);
 
-    if ((r = write_cluster (node, gc, a, b, p)) < 0)
-      return r;
-    p += b - a;
-    offset += b - a;
-    count -= b - a;
+    /* Clusters already ours: one write for the whole run. */
+    done = write_in_place (s, offset, count, p);
+    if (done == 0 && a == 0 && count >= cs) {
+      /* Whole new clusters: allocated and written together. */
+      done = write_new_clusters (s, gc, count / cs, p);
+      if (done > 0)
+        done *= cs;
+    }
+    if (done == 0) {
+      /* One cluster, with whatever must be copied around the data. */
+      if ((r = write_cluster (node, gc, a, b, p)) < 0)
+        return r;
+      done = b - a;
+    }
+    if (done < 0)
+      return done;
+    p += done;
+    offset += done;
+    count -= done;
   }
   return (flags & NODE_FUA) ? qcow2_flush (node) : 0;
 }
@@ -451,8 +605,8 @@ zero_cluster_meta (struct qcow2_state *s, uint64_t gc, bool discard,
   /* No table: unallocated, and without a backing that reads as zeroes
    * already; a discard on v2 needs nothing either.
    */
-  r = l2_get (s, gc, s->backing != NULL && !(discard && info->version < 3),
-              &ref);
+  r = l2_get (s, gc, s->backing != NULL && !(discard && info->version < 3)
+              ? L2_CREATE : L2_CHANGE, &ref);
   if (r != 0)
     return r < 0 ? r : 0;
   host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
@@ -531,7 +685,16 @@ qcow2_discard (struct node *node, uint64_t count, uint64_t offset,
   uint64_t end = ROUND_DOWN (offset + count, cs);
   int r = 0;
 
-  /* Advisory: only whole clusters. */
+  /* As QEMU: on a v2 image a discarded cluster would show the backing
+   * again, stale data the guest had overwritten, so nothing is done.
+   */
+  if (s->info.version < 3 && s->backing)
+    return (flags & NODE_FUA) ? qcow2_flush (node) : 0;
+  /* Advisory: only whole clusters, and the partial one the image ends
+   * in when the range reaches the end.
+   */
+  if (offset + count == node->size && !IS_ALIGNED (node->size, cs))
+    end = ROUND_UP (node->size, cs);
   pthread_mutex_lock (&s->lock);
   for (uint64_t off = start; off < end && r == 0; off += cs)
     r = zero_cluster_meta (s, off >> s->info.cluster_bits, true, false);

@@ -602,6 +602,76 @@ qcow2_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
 }
 
 
+/* The fast read paths (the loop's non-blocking read, zero-copy splice,
+ * encryption from the page cache) go straight to the file where the
+ * whole range is one run of data, and decline everything else.
+ */
+static int
+qcow2_pread_nowait (struct node *node, void *buf, uint32_t count,
+                    uint64_t offset)
+{
+  struct qcow2_state *s = node->opaque;
+  struct qcow2_run run;
+  int r = qcow2_map_nowait (s, offset, count, &run);
+
+  if (r < 0)
+    return r == -EAGAIN ? -EAGAIN : r;
+  if (run.kind == QCOW2_ZERO && run.len == count) {
+    memset (buf, 0, count);
+    return 0;
+  }
+  if (run.kind != QCOW2_DATA || run.len < count ||
+      run.host + count > node_size (s->file))
+    return -EAGAIN;
+  return node_pread_nowait (s->file, buf, count, run.host);
+}
+
+static int
+qcow2_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
+                   uint32_t count, uint64_t offset)
+{
+  struct qcow2_state *s = node->opaque;
+  const uint64_t page = 4096;
+  size_t room = pipe_size;
+
+  /* Run after run of data into the same pipe; anything else (a hole,
+   * zeroes, a compressed cluster) declines, and the caller empties the
+   * pipe and copies instead.
+   */
+  while (count > 0) {
+    struct qcow2_run run;
+    uint64_t n, pages;
+    int r = qcow2_map (s, offset, count, &run);
+
+    if (r < 0)
+      return r;
+    n = MIN (run.len, (uint64_t) count);
+    if (run.kind != QCOW2_DATA || run.host + n > node_size (s->file))
+      return -ENOTSUP;
+    pages = ((run.host & (page - 1)) + n + page - 1) / page;
+    if (pages * page > room)
+      return -ENOTSUP;
+    if ((r = node_read_splice (s->file, pipe_fd, room, n, run.host)) < 0)
+      return r;
+    room -= pages * page;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+static const void *
+qcow2_map_data (struct node *node, uint32_t count, uint64_t offset)
+{
+  struct qcow2_state *s = node->opaque;
+  struct qcow2_run run;
+
+  if (qcow2_map (s, offset, count, &run) < 0 || run.kind != QCOW2_DATA ||
+      run.len < count || run.host + count > node_size (s->file))
+    return NULL;
+  return node_map (s->file, count, run.host);
+}
+
 static int
 qcow2_block_status (struct node *node, uint64_t count, uint64_t offset,
                     struct extent_list *el)
@@ -705,6 +775,9 @@ const struct node_driver qcow2_driver = {
   .close            = qcow2_close,
   .refresh_limits   = qcow2_refresh_limits,
   .pread            = qcow2_pread,
+  .pread_nowait     = qcow2_pread_nowait,
+  .read_splice      = qcow2_read_splice,
+  .map              = qcow2_map_data,
   .pwrite           = qcow2_pwrite,
   .zero             = qcow2_zero,
   .discard          = qcow2_discard,

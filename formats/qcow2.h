@@ -156,6 +156,11 @@ void qcow2_cache_free (struct qcow2_cache *c);
 int qcow2_cache_get (struct qcow2_cache *c, uint64_t offset,
                      struct qcow2_cache_entry **e, const void **data);
 void qcow2_cache_put (struct qcow2_cache *c, struct qcow2_cache_entry *e);
+/* Like qcow2_cache_get, but only if the slice is cached: -EAGAIN
+ * otherwise, without reading anything.
+ */
+int qcow2_cache_peek (struct qcow2_cache *c, uint64_t offset,
+                      struct qcow2_cache_entry **e, const void **data);
 /* The write side, always under the image's metadata lock (s->lock).
  *
  * Pin the slice at @offset as a new, zero-filled table, without reading
@@ -210,6 +215,7 @@ struct qcow2_state {
   struct qcow2_punch *punches;  /* lock */
   size_t nr_punches, punches_cap;
   uint8_t *zero_cluster;        /* cluster_size zeroes, for zero writes */
+  bool nowait;                  /* lock: the mapping must not block */
 
   struct node *file;            /* borrowed from node->children */
   struct node *backing;         /* borrowed, or NULL */
@@ -250,6 +256,11 @@ struct qcow2_run {
  */
 int qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
                struct qcow2_run *run);
+/* The same without ever blocking (for the event loop): -EAGAIN if the
+ * lock is taken or the L2 slice is not cached.
+ */
+int qcow2_map_nowait (struct qcow2_state *s, uint64_t offset, uint64_t max,
+                      struct qcow2_run *run);
 
 /* Pure helpers, exported for the unit test. */
 struct qcow2_cdesc {
@@ -278,11 +289,12 @@ int qcow2_refcount_get (struct qcow2_state *s, uint64_t host_offset,
 
 /* qcow2-alloc.c: host clusters and refcounts, under s->lock. */
 
-/* Allocate @n contiguous clusters (refcount 1, never used before, so
- * reading as zeroes).  0 or -errno.
+/* Allocate up to @n contiguous clusters (refcount 1, never used
+ * before, so reading as zeroes).  Returns how many (at least 1), or
+ * -errno.
  */
-int qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n,
-                          uint64_t *offset);
+int64_t qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n,
+                              uint64_t *offset);
 /* Drop one reference to each of @n clusters from @offset; those that
  * reach 0 are punched after the next metadata sync.
  */
