@@ -17,6 +17,10 @@
  * the refcount table points at it.  A full refcount table is replaced
  * by a bigger one, built and synced before the header switches to it.
  *
+ * With lazy refcounts the first of those rules is dropped: the image
+ * is marked DIRTY on disk before the first allocation of the session,
+ * and a crash is repaired at the next read-write open (qcow2-repair.c).
+ *
  * Everything here runs under s->lock.
  */
 #include <config.h>
@@ -127,9 +131,9 @@ rc_load (const struct qcow2_info *info, const uint8_t *d, uint64_t idx)
   return v;
 }
 
-static void
-rc_store (const struct qcow2_info *info, uint8_t *d, uint64_t idx,
-          uint64_t v)
+void
+qcow2_refcount_store (const struct qcow2_info *info, uint8_t *d,
+                      uint64_t idx, uint64_t v)
 {
   uint32_t bits = UINT32_C (1) << info->refcount_order;
   uint64_t bitoff = idx * bits;
@@ -184,7 +188,7 @@ new_refblock (struct qcow2_state *s, uint64_t index, uint64_t *block)
                        &at)) < 0)
       return r;
     if (i == 0)
-      rc_store (info, d, 0, 1);   /* the block counts itself */
+      qcow2_refcount_store (info, d, 0, 1);   /* the block counts itself */
     qcow2_cache_put (s->refcount_cache, e);
   }
   if (s->next_free <= off)
@@ -255,7 +259,7 @@ update_one (struct qcow2_state *s, uint64_t off, int delta,
                             delta < 0 ? "go below 0" : "overflow", old);
     }
     d = qcow2_cache_dirty (s->refcount_cache, e);
-    rc_store (info, d, rel, old + delta);
+    qcow2_refcount_store (info, d, rel, old + delta);
   }
   qcow2_cache_put (s->refcount_cache, e);
   if (result)
@@ -272,6 +276,11 @@ qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n, uint64_t *offset)
   uint64_t start, range_end;
   int r;
 
+  /* Lazy refcounts: the image says its refcounts may be stale before
+   * any L2 entry can rely on these (qcow2-write.c).
+   */
+  if (s->lazy_refcounts && (r = qcow2_mark_dirty (s)) < 0)
+    return r;
   /* The block counting the first cluster first; it may land on it, and
    * then the range starts after it.  The range stops where that block's
    * coverage does: a block for the next one would land inside it.
@@ -291,9 +300,11 @@ qcow2_alloc_clusters (struct qcow2_state *s, uint64_t n, uint64_t *offset)
       return r;
   s->next_free = start + n * cs;
   /* L2 entries pointing here must not reach the disk before these
-   * refcounts do.
+   * refcounts do, unless the refcounts are lazy (DIRTY is set: a crash
+   * means a repair at the next read-write open).
    */
-  if ((r = qcow2_cache_set_dependency (s->l2_cache, s->refcount_cache)) < 0)
+  if (!s->lazy_refcounts &&
+      (r = qcow2_cache_set_dependency (s->l2_cache, s->refcount_cache)) < 0)
     return r;
   *offset = start;
   return n;
@@ -425,7 +436,7 @@ grow_reftable (struct qcow2_state *s, uint64_t need_index)
     for (uint64_t off = table_off; off < end; off += cs) {
       uint64_t cl = off >> info->cluster_bits;
       if (cl / pb == t)
-        rc_store (info, blk, cl % pb, 1);
+        qcow2_refcount_store (info, blk, cl % pb, 1);
     }
     if ((r = node_pwrite (s->file, blk, cs, table[t], 0)) < 0)
       goto out;

@@ -431,6 +431,20 @@ qcow2_cache_flush (struct qcow2_cache *c)
   return 0;
 }
 
+/* Forget slot @e if it is loaded and unpinned.  Under c->lock. */
+static void
+discard_slot (struct qcow2_cache *c, struct qcow2_cache_entry *e)
+{
+  if (e->state != SLOT_READY || e->pins > 0)
+    return;
+  if (e->dirty) {
+    e->dirty = false;
+    c->nr_dirty--;
+  }
+  hash_remove (c, e);
+  e->state = SLOT_FREE;
+}
+
 void
 qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset)
 {
@@ -438,14 +452,17 @@ qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset)
 
   pthread_mutex_lock (&c->lock);
   e = hash_find (c, offset);
-  if (e && e->state == SLOT_READY && e->pins == 0) {
-    if (e->dirty) {
-      e->dirty = false;
-      c->nr_dirty--;
-    }
-    hash_remove (c, e);
-    e->state = SLOT_FREE;
-  }
+  if (e)
+    discard_slot (c, e);
+  pthread_mutex_unlock (&c->lock);
+}
+
+void
+qcow2_cache_discard_all (struct qcow2_cache *c)
+{
+  pthread_mutex_lock (&c->lock);
+  for (size_t i = 0; i < c->nr_entries; ++i)
+    discard_slot (c, &c->slots[i]);
   pthread_mutex_unlock (&c->lock);
 }
 

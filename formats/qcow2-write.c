@@ -22,6 +22,12 @@
  * its cluster is free.  A new or copied L2 table is written and synced
  * before the L1 entry that points at it, which is written at once.
  *
+ * Lazy refcounts (QEMU's lazy_refcounts): the image is marked DIRTY on
+ * disk before the first allocation of the session (qcow2-alloc.c), the
+ * refcounts no longer go before the L2 entries that use them, and a
+ * clean close clears DIRTY once everything is written.  An image found
+ * DIRTY at a read-write open is repaired first (qcow2-repair.c).
+ *
  * Zeroing and discard of whole clusters change only metadata (the zero
  * flag, or the zero bits of extended L2) and free what they drop;
  * partial clusters are written with zeroes (zeroing) or left alone
@@ -761,18 +767,23 @@ qcow2_write_open (struct qcow2_state *s, struct error **errp)
   uint64_t known_autoclear = 0;
   int r;
 
-  if (s->dirty) {
-    error_setg (errp, "qcow2: %s: the image was not closed cleanly and its "
-                "refcounts may be stale (dirty bit); repair it with "
-                "'qemu-img check -r all' or open it read-only", s->filename);
-    return -1;
-  }
+  /* Refused before a repair could touch the image. */
   if (info->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
     error_setg (errp, "qcow2: %s: writing images with persistent dirty "
                 "bitmaps is not supported yet; open it read-only",
                 s->filename);
     return -1;
   }
+  if (s->lazy_refcounts && info->version < 3) {
+    error_setg (errp, "qcow2: %s: lazy refcounts need a version 3 image "
+                "(compat=1.1)", s->filename);
+    return -1;
+  }
+  /* Stale refcounts (an unclean shutdown): rebuilt before the first
+   * allocation reads them.
+   */
+  if (s->dirty && qcow2_repair_refcounts (s, errp) == -1)
+    return -1;
   if (info->nb_snapshots > 0)
     nbdd_info ("qcow2: %s: %" PRIu32 " internal snapshot(s): writes copy "
                "the clusters they share", s->filename, info->nb_snapshots);
@@ -816,10 +827,53 @@ qcow2_write_close (struct qcow2_state *s)
   if (!s->writable)
     return 0;
   r = qcow2_flush_state (s);
-  if (r < 0)
+  if (r < 0) {
     nbdd_error ("qcow2: %s: writing metadata back at close: %s",
                 s->filename, strerror (-r));
-  return r;
+    return r;
+  }
+  /* Lazy refcounts: everything is on disk, refcounts included, so the
+   * image is clean again.
+   */
+  if (s->lazy_refcounts && s->dirty) {
+    r = qcow2_write_incompat (s, s->info.incompat & ~QCOW2_INCOMPAT_DIRTY);
+    if (r < 0) {
+      nbdd_error ("qcow2: %s: clearing the dirty bit at close: %s",
+                  s->filename, strerror (-r));
+      return r;
+    }
+    s->dirty = false;
+  }
+  return 0;
+}
+
+int
+qcow2_write_incompat (struct qcow2_state *s, uint64_t incompat)
+{
+  uint64_t v = htobe64 (incompat);
+  int r;
+
+  if ((r = node_pwrite (s->file, &v, 8, QCOW2_HDR_INCOMPAT_FEATURES,
+                        0)) < 0 ||
+      (r = node_flush (s->file)) < 0)
+    return r;
+  s->info.incompat = incompat;
+  return 0;
+}
+
+int
+qcow2_mark_dirty (struct qcow2_state *s)
+{
+  int r;
+
+  if (s->dirty)
+    return 0;
+  if ((r = qcow2_write_incompat (s, s->info.incompat |
+                                 QCOW2_INCOMPAT_DIRTY)) < 0)
+    return r;
+  s->dirty = true;
+  debug ("qcow2: %s: marked dirty (lazy refcounts)", s->filename);
+  return 0;
 }
 
 int

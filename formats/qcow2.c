@@ -8,7 +8,8 @@
  * decompressed cluster.  Writes, zeroing, discard and flush are in
  * qcow2-write.c, cluster allocation and refcounts in qcow2-alloc.c.
  * The node is read-write unless read-only=on (as in QEMU); a dirty
- * image, or one with persistent bitmaps, opens read-only only.
+ * image has its refcounts rebuilt first (qcow2-repair.c); one with
+ * persistent bitmaps opens read-only only.
  *
  * Backing, with QEMU's blockdev semantics for the 'backing' option:
  *   absent   open the file the header names, read-only, under a node of
@@ -150,7 +151,7 @@ check_features (struct qcow2_state *s, bool ro, struct error **errp)
     nbdd_warn ("qcow2: %s: image is marked corrupt; serving it read-only",
                s->filename);
   /* A dirty image has stale refcounts; reads don't use them.  The
-   * write side must rebuild them before its first allocation.
+   * write side rebuilds them before its first allocation.
    */
   return 0;
 }
@@ -422,14 +423,16 @@ qcow2_open (struct node *node, struct json_object *opts,
             struct error **errp)
 {
   struct qcow2_state *s = node->opaque;
-  bool ro = true;
-  int has_ro;
+  bool ro = true, lazy = false;
+  int has_ro, has_lazy;
   const char *fn;
 
   atomic_init (&s->corrupt_reports, 0);
   if (opt_check_keys (opts, "qcow2", qcow2_keys, errp) == -1 ||
       (has_ro = opt_get_bool (opts, "qcow2", "read-only", false, &ro,
-                              errp)) == -1)
+                              errp)) == -1 ||
+      (has_lazy = opt_get_bool (opts, "qcow2", "lazy-refcounts", false,
+                                &lazy, errp)) == -1)
     return -1;
   if (has_ro == 1)
     ro = false;
@@ -455,6 +458,9 @@ qcow2_open (struct node *node, struct json_object *opts,
       open_backing (node, opts, s, errp) == -1)
     return -1;
 
+  /* Lazy refcounts: as the image says, unless the option says. */
+  s->lazy_refcounts = has_lazy == 1 ?
+    (s->info.compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0 : lazy;
   /* A file opened read-only (by its own spec) makes the image so. */
   ro = ro || s->file->read_only;
   if (!ro && qcow2_write_open (s, errp) == -1)

@@ -10,6 +10,7 @@
  *   qcow2-map.c       guest offset -> host mapping (L1, L2, subclusters)
  *   qcow2-refcount.c  refcount lookup
  *   qcow2-alloc.c     cluster allocation and refcount updates
+ *   qcow2-repair.c    rebuilding the refcounts of a dirty image
  *   qcow2-write.c     writes, zeroing, discard, flush
  *   qcow2-compress.c  deflate and zstd decompression
  *   qcow2-create.c    new images (qcow2-create.h)
@@ -186,6 +187,8 @@ int qcow2_cache_flush (struct qcow2_cache *c);
  * freed, or is about to be rewritten whole).
  */
 void qcow2_cache_discard (struct qcow2_cache *c, uint64_t offset);
+/* Forget every unpinned slice (the structure they held was replaced). */
+void qcow2_cache_discard_all (struct qcow2_cache *c);
 /* Statistics, for tests. */
 void qcow2_cache_stats (struct qcow2_cache *c, uint64_t *hits,
                         uint64_t *misses, size_t *nr_entries);
@@ -226,7 +229,13 @@ struct qcow2_state {
   struct qcow2_cache *refcount_cache;
   uint32_t l2_slice_size;       /* bytes per L2 cache entry */
   uint32_t rc_slice_size;       /* bytes per refcount cache entry */
-  bool dirty;                   /* incompat DIRTY: refcounts may be stale */
+  bool dirty;                   /* incompat DIRTY: refcounts may be stale;
+                                   lock, once writable */
+  /* Lazy refcounts (compat bit 0, or the lazy-refcounts option): L2
+   * updates need not wait for the refcounts they rely on, because the
+   * image is marked DIRTY on disk first and cleaned at a clean close.
+   */
+  bool lazy_refcounts;
   bool corrupt;                 /* incompat CORRUPT */
   atomic_uint corrupt_reports;  /* messages logged, to log only a few */
 };
@@ -303,6 +312,18 @@ int qcow2_free_clusters (struct qcow2_state *s, uint64_t offset, uint64_t n);
 int qcow2_free_bytes (struct qcow2_state *s, uint64_t offset, uint64_t len);
 /* Where allocation starts: past the file and every counted cluster. */
 int qcow2_find_next_free (struct qcow2_state *s, uint64_t *next);
+/* Store refcount @v as entry @idx of the refcount block data @d. */
+void qcow2_refcount_store (const struct qcow2_info *info, uint8_t *d,
+                           uint64_t idx, uint64_t v);
+
+/* qcow2-repair.c */
+
+/* Rebuild the refcount structure of a dirty image from its metadata,
+ * and clear the dirty bit: 0, or -1 with errp set (the image is left
+ * as it was, except after an I/O error part way, which leaves it
+ * dirty and consistent for the next repair).  Open time only.
+ */
+int qcow2_repair_refcounts (struct qcow2_state *s, struct error **errp);
 
 /* qcow2-write.c: the write side. */
 
@@ -313,6 +334,14 @@ int qcow2_write_open (struct qcow2_state *s, struct error **errp);
 /* At close: write everything back. */
 int qcow2_write_close (struct qcow2_state *s);
 int qcow2_punch_later (struct qcow2_state *s, uint64_t offset, uint64_t len);
+/* Write the incompatible feature bits to the header, and sync.
+ * 0 or -errno.
+ */
+int qcow2_write_incompat (struct qcow2_state *s, uint64_t incompat);
+/* Lazy refcounts: set DIRTY on disk (once), before the first L2 update
+ * that may rely on a refcount not on disk yet.  Under s->lock.
+ */
+int qcow2_mark_dirty (struct qcow2_state *s);
 int qcow2_pwrite (struct node *node, const void *buf, uint32_t count,
                   uint64_t offset, unsigned flags);
 int qcow2_zero (struct node *node, uint64_t count, uint64_t offset,
