@@ -171,8 +171,10 @@ struct node_driver {
   /* Optional: which layer of the backing chain holds the data at
    * @offset, for NBD's qemu:allocation-depth.  Sets *depth to 1 if this
    * node allocates it, 2 if its backing node does, and so on, or 0 if
-   * no layer does (it reads as zeroes from nowhere), and *pnum to the
-   * length (> 0, <= @count) of the prefix of the range with that depth.
+   * no layer does (it reads as zeroes from nowhere).  Past the end of
+   * a shorter backing node counts as allocated there, as in QEMU.  Sets
+   * *pnum to the length (> 0, <= @count) of the prefix of the range
+   * with that depth.
    * NULL: every byte is allocated here (depth 1), as for protocol
    * nodes and raw.
    */

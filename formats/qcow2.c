@@ -761,10 +761,19 @@ qcow2_allocation_depth (struct node *node, uint64_t count, uint64_t offset,
     }
     return 0;
   }
-  bsize = s->backing ? s->backing->size : 0;
-  if (offset >= bsize) {
+  if (s->backing == NULL) {
     *pnum = run.len;
     *depth = 0;
+    return 0;
+  }
+  /* Past the end of a shorter backing node, the zeroes read there
+   * count as allocated in the backing node (depth 2), as in QEMU's
+   * bdrv_co_common_block_status_above, which qemu-nbd reports.
+   */
+  bsize = s->backing->size;
+  if (offset >= bsize) {
+    *pnum = run.len;
+    *depth = 2;
     return 0;
   }
   r = node_allocation_depth (s->backing, MIN (run.len, bsize - offset),

@@ -54,6 +54,17 @@ SEEDS = {
     opt(7, name_infos("disk0")) +
     ext_req(1, 0, 3, flags=0x20, data=b"xyz") + ext_req(0, 0, 65536) +
     ext_req(7, 0, 1 << 20) + ext_req(2, 0, 0),
+    # both meta contexts: one status chunk each, and the LIST forms
+    "meta-depth": CFLAGS + opt(8) +
+    opt(9, meta("disk0", ["qemu:", "base:", "qemu:dirty-bitmap:"])) +
+    opt(10, meta("disk0", ["qemu:allocation-depth", "base:allocation",
+                           "qemu:nosuch"])) +
+    opt(7, name_infos("disk0")) +
+    req(7, 0, 1 << 20) + req(7, 4095, 3, flags=8) + req(2, 0, 0),
+    "meta-depth-extended": CFLAGS + opt(11) +
+    opt(10, meta("disk0", ["qemu:allocation-depth"])) +
+    opt(7, name_infos("disk0")) +
+    ext_req(7, 0, 1 << 20) + ext_req(7, 1, 1, flags=8) + ext_req(2, 0, 0),
     "list-info-abort": CFLAGS + opt(3) + opt(6, name_infos("ro", [1, 2])) +
     opt(9, meta("disk0", [])) + opt(99, b"junk") + opt(5) + opt(2),
     "export-name": struct.pack(">I", 1) + opt(1, b"disk0") +

@@ -9,6 +9,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <endian.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -272,7 +273,7 @@ handle_export_name (struct conn *c)
    * only by name here: keep the contexts only for the same export.
    */
   if (c->meta_export && strcmp (c->meta_export, exp->name) != 0)
-    c->meta_base_allocation = false;
+    c->meta_selected = 0;
   enter_transmission (c, exp);
   r.exportsize = htobe64 (exp->node->size);
   r.eflags = htobe16 (c->eflags);
@@ -413,26 +414,45 @@ handle_info_go (struct conn *c)
   if (c->opt == NBD_OPT_GO) {
     /* Contexts chosen for another export do not carry over. */
     if (c->meta_export == NULL || strcmp (c->meta_export, exp->name) != 0)
-      c->meta_base_allocation = false;
+      c->meta_selected = 0;
     enter_transmission (c, exp);
   }
   return 0;
 }
 
-/* LIST_META_CONTEXT and SET_META_CONTEXT share one parser. */
+/* One NBD_REP_META_CONTEXT: the id (0 for LIST), then the name. */
+static int
+send_meta_context (struct conn *c, uint32_t id, const char *name)
+{
+  size_t len = strlen (name);
+  unsigned char buf[4 + NBD_MAX_STRING];
+  uint32_t be = htobe32 (id);
+
+  assert (len <= NBD_MAX_STRING);
+  memcpy (buf, &be, 4);
+  memcpy (buf + 4, name, len);
+  return send_rep (c, NBD_REP_META_CONTEXT, buf, 4 + len);
+}
+
+/* LIST_META_CONTEXT and SET_META_CONTEXT share one parser.  The
+ * queries are matched against the export's contexts (meta.c); what
+ * matched is answered once per context, in id order, however many
+ * queries named it.
+ */
 static int
 handle_meta_context (struct conn *c)
 {
   bool set = c->opt == NBD_OPT_SET_META_CONTEXT;
   char name[NBD_MAX_STRING + 1], safe[100];
-  bool base_allocation = false, list_all = false;
+  const struct meta_context *mc;
   struct export *exp;
+  uint64_t sel = 0;
   uint32_t nq;
-  size_t pos;
+  size_t pos, nr;
 
   if (set) {
     /* A SET replaces the selection even when it fails. */
-    c->meta_base_allocation = false;
+    c->meta_selected = 0;
     free (c->meta_export);
     c->meta_export = NULL;
     if (!c->structured && !c->extended)
@@ -475,40 +495,32 @@ handle_meta_context (struct conn *c)
     return send_err (c, NBD_REP_ERR_UNKNOWN, "export '%s' not found", safe);
   }
 
-  if (nq == 0)
-    list_all = !set;            /* SET with no queries selects nothing */
+  /* LIST with no queries lists everything; SET with none selects
+   * nothing.
+   */
+  if (nq == 0 && !set)
+    sel = meta_all (exp);
   for (uint32_t i = 0, p = pos; i < nq; ++i) {
     uint32_t qlen;
-    const char *q;
     memcpy (&qlen, c->optbuf + p, 4);
     qlen = be32toh (qlen);
-    q = (const char *) c->optbuf + p + 4;
+    sel |= meta_query (exp, (const char *) c->optbuf + p + 4, qlen, !set);
     p += 4 + qlen;
-    if (qlen == strlen ("base:allocation") &&
-        memcmp (q, "base:allocation", qlen) == 0)
-      base_allocation = true;
-    /* LIST "base:" lists the whole namespace; SET "base:" is nothing. */
-    else if (!set && qlen == 5 && memcmp (q, "base:", 5) == 0)
-      base_allocation = true;
   }
-  if (list_all)
-    base_allocation = true;
 
-  if (base_allocation) {
-    unsigned char buf[4 + sizeof "base:allocation" - 1];
-    uint32_t id = htobe32 (set ? META_ID_BASE_ALLOCATION : 0);
-    memcpy (buf, &id, 4);
-    memcpy (buf + 4, "base:allocation", sizeof buf - 4);
-    if (send_rep (c, NBD_REP_META_CONTEXT, buf, sizeof buf) == -1)
+  mc = meta_contexts (exp, &nr);
+  for (size_t i = 0; i < nr; ++i) {
+    if ((sel & (UINT64_C (1) << i)) &&
+        send_meta_context (c, set ? mc[i].id : 0, mc[i].name) == -1)
       return -1;
   }
-  if (set && base_allocation) {
-    c->meta_base_allocation = true;
+  if (set && sel) {
     c->meta_export = strdup (exp->name);
     if (c->meta_export == NULL) {
       conn_close (c, "out of memory");
       return -1;
     }
+    c->meta_selected = sel;
   }
   return send_ack (c);
 }
@@ -588,7 +600,7 @@ start_tls (struct conn *c)
   if (send_ack (c) == -1)
     return;
   c->structured = c->extended = false;
-  c->meta_base_allocation = false;
+  c->meta_selected = 0;
   free (c->meta_export);
   c->meta_export = NULL;
   if (tls_start (c) == -1) {

@@ -58,8 +58,14 @@ struct conn;
  * node's mapping of the page cache where it has one.
  */
 #define MIN_MAPPED_READ         (64u << 10)
-/* Meta context ids. */
-#define META_ID_BASE_ALLOCATION 1
+/* Meta context ids (see meta.c), in the order of an export's table:
+ * the fixed contexts, then (to come) one per exported dirty bitmap.
+ */
+#define META_ID_BASE_ALLOCATION   1
+#define META_ID_ALLOCATION_DEPTH  2
+#define META_ID_DIRTY_BITMAP      3
+/* Contexts an export may offer: a connection's selection is a mask. */
+#define MAX_META_CONTEXTS         64
 
 /* config.c: the daemon's settings, parsed from the command line. */
 struct listen_spec {
@@ -132,6 +138,39 @@ struct export *export_nth (size_t i);
 void export_close_all (void);
 /* Transmission flags for a connection in the given reply mode. */
 uint16_t export_tx_flags (const struct export *exp, bool structured);
+
+/* meta.c: the meta contexts an export offers for NBD_CMD_BLOCK_STATUS. */
+struct meta_context {
+  const char *name;             /* full name, "qemu:allocation-depth" */
+  /* Besides its namespace, LIST "name[0, group_len)" lists it too
+   * ("qemu:dirty-bitmap:" for a bitmap); 0 if it has no group.
+   */
+  size_t group_len;
+  uint32_t id;                  /* NBD context id, > 0; ascending in a table */
+  /* Worker thread: describe @count bytes of @node from el->end on,
+   * appending to @el until the range is covered or the list is full;
+   * at least one extent (count > 0).  The extent flags are the
+   * context's descriptor flags.  0 or -errno.
+   */
+  int (*extents) (const struct meta_context *mc, struct node *node,
+                  uint64_t count, struct extent_list *el);
+};
+
+/* The contexts @exp offers, in ascending id order, at most
+ * MAX_META_CONTEXTS.  Borrowed: valid as long as the export.
+ */
+const struct meta_context *meta_contexts (const struct export *exp,
+                                          size_t *nr);
+/* Every context @exp offers, as a mask over meta_contexts (): bit i is
+ * the i-th context.
+ */
+uint64_t meta_all (const struct export *exp);
+/* The contexts one query (@len bytes, not NUL-terminated) selects, as a
+ * mask: a full name for LIST or SET; with @list also a namespace
+ * ("qemu:") or group.  0 for anything unknown.
+ */
+uint64_t meta_query (const struct export *exp, const char *q, size_t len,
+                     bool list);
 
 /* worker.c */
 struct request;
@@ -241,7 +280,11 @@ struct conn {
   uint64_t skip;                /* bytes still to drop */
   bool structured;              /* NBD_OPT_STRUCTURED_REPLY acked */
   bool extended;                /* NBD_OPT_EXTENDED_HEADERS acked */
-  bool meta_base_allocation;    /* selected by SET_META_CONTEXT */
+  /* Contexts selected by SET_META_CONTEXT: bit i is the i-th of
+   * meta_contexts (meta_export).  Fixed once in transmission, so the
+   * workers read it without a lock.
+   */
+  uint64_t meta_selected;
   char *meta_export;            /* export the contexts were set for */
 
   /* Transmission state. */
@@ -395,7 +438,10 @@ struct request {
   void *buf;                    /* payload; aligned for O_DIRECT */
   size_t buf_cap;
   uint64_t payload_got;         /* WRITE payload bytes read so far */
-  struct extent_list extents;   /* BLOCK_STATUS result (kept for reuse) */
+  struct extent_list extents;   /* BLOCK_STATUS, one context at a time
+                                   (kept for reuse) */
+  size_t status_len;            /* BLOCK_STATUS: reply bytes in buf */
+  size_t status_last;           /* ...and where its last chunk starts */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
   bool spliced;                 /* READ data went through a pipe */
   const void *mapped;           /* READ data in the node's mapping */
@@ -425,6 +471,14 @@ void request_reply_now (struct conn *c, struct request *req);
 
 /* reply.c (called on worker threads and the main thread) */
 void reply_encode (struct request *req);
+/* Worker thread: BLOCK_STATUS replies are built whole in req->buf, one
+ * chunk per context (header and descriptors, clipped to the request),
+ * before reply_encode marks the last chunk DONE.  reply_status_add:
+ * 0, -ENOMEM, or -EIO for an extent list with nothing in the request.
+ */
+void reply_status_reset (struct request *req);
+int reply_status_add (struct request *req, uint32_t id,
+                      const struct extent_list *el);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

@@ -13,6 +13,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <endian.h>
 #include <errno.h>
 #include <stdlib.h>
@@ -87,34 +88,45 @@ simple_reply (struct enc *e, uint32_t error)
   h->cookie = e->req->cookie;
 }
 
-/* A chunk header in structured or extended form; the caller adds the
- * payload.  Returns where the header starts in req->hdr.
+/* Write a chunk header in structured or extended form at @dst; the
+ * caller adds the payload.  Returns the header's size.
  */
-static void *
+static size_t
+put_chunk_header (const struct request *req, void *dst, uint16_t flags,
+                  uint16_t type, uint64_t length)
+{
+  if (req->conn->mode == MODE_EXTENDED) {
+    struct nbd_extended_reply h = {
+      .magic = htobe32 (NBD_EXTENDED_REPLY_MAGIC),
+      .flags = htobe16 (flags),
+      .type = htobe16 (type),
+      .cookie = req->cookie,
+      .offset = htobe64 (req->offset),
+      .length = htobe64 (length),
+    };
+    memcpy (dst, &h, sizeof h);
+    return sizeof h;
+  }
+  else {
+    struct nbd_structured_reply h = {
+      .magic = htobe32 (NBD_STRUCTURED_REPLY_MAGIC),
+      .flags = htobe16 (flags),
+      .type = htobe16 (type),
+      .cookie = req->cookie,
+      .length = htobe32 (length),
+    };
+    memcpy (dst, &h, sizeof h);
+    return sizeof h;
+  }
+}
+
+/* A chunk header in req->hdr. */
+static void
 chunk_header (struct enc *e, uint16_t flags, uint16_t type,
               uint64_t length)
 {
-  struct request *req = e->req;
-
-  if (req->conn->mode == MODE_EXTENDED) {
-    struct nbd_extended_reply *h = hdr_alloc (e, sizeof *h);
-    h->magic = htobe32 (NBD_EXTENDED_REPLY_MAGIC);
-    h->flags = htobe16 (flags);
-    h->type = htobe16 (type);
-    h->cookie = req->cookie;
-    h->offset = htobe64 (req->offset);
-    h->length = htobe64 (length);
-    return h;
-  }
-  else {
-    struct nbd_structured_reply *h = hdr_alloc (e, sizeof *h);
-    h->magic = htobe32 (NBD_STRUCTURED_REPLY_MAGIC);
-    h->flags = htobe16 (flags);
-    h->type = htobe16 (type);
-    h->cookie = req->cookie;
-    h->length = htobe32 (length);
-    return h;
-  }
+  e->hpos += put_chunk_header (e->req, e->req->hdr + e->hpos, flags, type,
+                               length);
 }
 
 static void
@@ -217,34 +229,54 @@ read_chunks (struct enc *e)
     data_chunk (e, NBD_REPLY_FLAG_DONE, run_start, count - run_start);
 }
 
-/* Encode the extents into req->buf as one status chunk.  Returns 0 or
- * -ENOMEM.
+void
+reply_status_reset (struct request *req)
+{
+  req->status_len = req->status_last = 0;
+}
+
+/* Grow req->buf to @need bytes, keeping its first @keep bytes and its
+ * alignment (the buffer is reused for O_DIRECT reads).
  */
 static int
-block_status_chunk (struct enc *e)
+grow_buf (struct request *req, size_t need, size_t keep)
 {
-  struct request *req = e->req;
-  struct extent_list *el = &req->extents;
+  size_t cap;
+  void *nb;
+
+  if (need <= req->buf_cap)
+    return 0;
+  cap = MAX (ROUND_UP (need, (size_t) 4096), 2 * req->buf_cap);
+  if (posix_memalign (&nb, 4096, cap) != 0)
+    return -ENOMEM;
+  if (keep)
+    memcpy (nb, req->buf, keep);
+  free (req->buf);
+  req->buf = nb;
+  req->buf_cap = cap;
+  return 0;
+}
+
+int
+reply_status_add (struct request *req, uint32_t id,
+                  const struct extent_list *el)
+{
   bool ext = req->conn->mode == MODE_EXTENDED;
   size_t dsize = ext ? 16 : 8, hsize = ext ? 8 : 4;
-  size_t need = hsize + el->len * dsize, n = 0;
+  size_t chdr = ext ? sizeof (struct nbd_extended_reply)
+    : sizeof (struct nbd_structured_reply);
+  size_t start = req->status_len, n = 0;
   uint64_t left = req->count;
-  unsigned char *p, *start;
-  uint32_t id = htobe32 (META_ID_BASE_ALLOCATION);
+  unsigned char *p;
+  uint32_t be;
 
-  if (need > req->buf_cap) {
-    void *nb;
-    if (posix_memalign (&nb, 4096, ROUND_UP (need, (size_t) 4096)) != 0)
-      return -ENOMEM;
-    free (req->buf);
-    req->buf = nb;
-    req->buf_cap = ROUND_UP (need, (size_t) 4096);
-  }
+  if (grow_buf (req, start + chdr + hsize + el->len * dsize, start) < 0)
+    return -ENOMEM;
 
   /* Descriptors are clipped to the request: none is empty, and the sum
    * never passes the requested length.
    */
-  p = (unsigned char *) req->buf + hsize;
+  p = (unsigned char *) req->buf + start + chdr + hsize;
   for (size_t i = 0; i < el->len && left > 0; ++i, ++n) {
     uint64_t len = MIN (el->v[i].length, left);
     if (ext) {
@@ -262,20 +294,42 @@ block_status_chunk (struct enc *e)
     p += dsize;
     left -= len;
   }
-  memcpy (req->buf, &id, 4);
-  if (ext) {
-    uint32_t nr = htobe32 (n);
-    memcpy ((char *) req->buf + 4, &nr, 4);
-  }
+  /* The spec wants at least one descriptor; only a driver that broke
+   * its contract (node_block_status never does) gets here without.
+   */
+  if (n == 0)
+    return -EIO;
 
-  start = req->hdr + e->hpos;
-  chunk_header (e, NBD_REPLY_FLAG_DONE,
-                ext ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
-                : NBD_REPLY_TYPE_BLOCK_STATUS,
-                hsize + n * dsize);
-  add_iov (req, start, e->hpos - (start - req->hdr));
-  add_iov (req, req->buf, hsize + n * dsize);
+  p = (unsigned char *) req->buf + start;
+  put_chunk_header (req, p, 0,
+                    ext ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT
+                    : NBD_REPLY_TYPE_BLOCK_STATUS,
+                    hsize + n * dsize);
+  be = htobe32 (id);
+  memcpy (p + chdr, &be, 4);
+  if (ext) {
+    be = htobe32 (n);
+    memcpy (p + chdr + 4, &be, 4);
+  }
+  req->status_last = start;
+  req->status_len = start + chdr + hsize + n * dsize;
   return 0;
+}
+
+/* The status chunks built by reply_status_add go out as they are, the
+ * last one marked DONE: its flags follow the magic in both header
+ * forms.
+ */
+static void
+status_reply (struct enc *e)
+{
+  struct request *req = e->req;
+  unsigned char *last = (unsigned char *) req->buf + req->status_last;
+  uint16_t flags = htobe16 (NBD_REPLY_FLAG_DONE);
+
+  assert (req->status_len > 0);
+  memcpy (last + 4, &flags, 2);
+  add_iov (req, req->buf, req->status_len);
 }
 
 void
@@ -295,11 +349,6 @@ reply_encode (struct request *req)
     error = nbd_errno (-req->err, req->flags);
     msg = strerror_r (-req->err, errbuf, sizeof errbuf);
   }
-  if (error == NBD_SUCCESS && req->type == NBD_CMD_BLOCK_STATUS &&
-      block_status_chunk (&e) < 0) {
-    error = NBD_ENOMEM;
-    msg = "out of memory";
-  }
   if (error != NBD_SUCCESS) {
     req->out.niov = 0;
     e.hpos = 0;
@@ -318,7 +367,8 @@ reply_encode (struct request *req)
       read_chunks (&e);
     return;
   case NBD_CMD_BLOCK_STATUS:
-    return;                     /* encoded above */
+    status_reply (&e);
+    return;
   default:
     if (mode == MODE_EXTENDED)
       chunk_header (&e, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);

@@ -113,7 +113,7 @@ validate (const struct conn *c, const struct cmd *cmd, const char **msg)
     }
     return NBD_SUCCESS;
   case NBD_CMD_BLOCK_STATUS:
-    if (c->mode == MODE_SIMPLE || !c->meta_base_allocation) {
+    if (c->mode == MODE_SIMPLE || c->meta_selected == 0) {
       *msg = "no meta context negotiated";
       return NBD_EINVAL;
     }
@@ -236,12 +236,15 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
     return -1;
   }
   /* Block status builds its reply on the worker: count the worst case
-   * (extents and descriptors) against the in-flight budget now.
+   * (extents, and descriptors for every selected context) against the
+   * in-flight budget now.
    */
-  if (type == NBD_CMD_BLOCK_STATUS && err == NBD_SUCCESS)
-    conn_request_charge (c, req, (flags & NBD_CMD_FLAG_REQ_ONE) ? 64
-                         : MAX_EXTENTS * (sizeof (struct extent) +
+  if (type == NBD_CMD_BLOCK_STATUS && err == NBD_SUCCESS) {
+    uint64_t nctx = __builtin_popcountll (c->meta_selected);
+    conn_request_charge (c, req, (flags & NBD_CMD_FLAG_REQ_ONE) ? 64 * nctx
+                         : MAX_EXTENTS * (sizeof (struct extent) + nctx *
                                           sizeof (struct nbd_block_descriptor_ext)));
+  }
   req->type = type;
   req->flags = flags;
   req->cookie = cookie;
@@ -388,6 +391,35 @@ read_mapped (struct request *req)
   return true;
 }
 
+/* Worker thread: one status chunk per selected context, in id order
+ * (the order of the export's table).  Any context failing fails the
+ * whole request, with one error chunk and none of the others: a reply
+ * cannot go on after an error chunk, which ends it.
+ */
+static int
+block_status (struct request *req)
+{
+  struct conn *c = req->conn;
+  size_t nr;
+  const struct meta_context *mc = meta_contexts (c->exp, &nr);
+
+  reply_status_reset (req);
+  for (size_t i = 0; i < nr; ++i) {
+    int r;
+
+    if (!(c->meta_selected & (UINT64_C (1) << i)))
+      continue;
+    extents_reset (&req->extents, req->offset);
+    req->extents.max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
+    r = mc[i].extents (&mc[i], c->exp->node, req->count, &req->extents);
+    if (r == 0)
+      r = reply_status_add (req, mc[i].id, &req->extents);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
 /* Worker thread: the I/O of one request, then its reply encoding. */
 void
 request_run (struct request *req)
@@ -425,9 +457,7 @@ request_run (struct request *req)
     r = node_cache (node, req->count, req->offset);
     break;
   case NBD_CMD_BLOCK_STATUS:
-    extents_reset (&req->extents, req->offset);
-    req->extents.max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
-    r = node_block_status (node, req->count, &req->extents);
+    r = block_status (req);
     break;
   default:
     r = -EINVAL;

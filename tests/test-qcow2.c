@@ -309,7 +309,8 @@ test_with_qemu (void)
   assert (depth_at (top, 0, &pnum) == 2 && pnum == 65536);
   assert (depth_at (top, 65536, &pnum) == 1 && pnum == 131072);
   assert (depth_at (top, 196608, &pnum) == 0 && pnum == 524288 - 196608);
-  assert (depth_at (top, 524288, &pnum) == 0 && pnum == 524288);
+  /* Past the shorter base: allocated there, as qemu-nbd reports. */
+  assert (depth_at (top, 524288, &pnum) == 2 && pnum == 524288);
 
   /* Refcounts of the top image (16 bits): header, data cluster. */
   s = top->opaque;
