@@ -193,6 +193,8 @@ new_refblock (struct qcow2_state *s, uint64_t index, uint64_t *block)
   }
   if (s->next_free <= off)
     s->next_free = off + cs;
+  if ((r = qcow2_meta_add (s, off, cs, QCOW2_META_REFBLOCK)) < 0)
+    return r;
   /* Block on disk, then the table entry. */
   if ((r = qcow2_cache_flush (s->refcount_cache)) < 0 ||
       (r = node_flush (s->file)) < 0 ||
@@ -241,6 +243,12 @@ update_one (struct qcow2_state *s, uint64_t off, int delta,
 
   if ((r = reftable_get (s, index, &block)) < 0)
     return r;
+  if (block && s->meta && qcow2_meta_kind (s, block) != QCOW2_META_REFBLOCK) {
+    qcow2_corrupt (s, "refcount table index %" PRIu64 " points at 0x%"
+                   PRIx64 ", which is not a refcount block", index, block);
+    qcow2_mark_corrupt (s);
+    return -EIO;
+  }
   if (block == 0)               /* allocation makes the blocks first */
     return qcow2_corrupt (s, "%s cluster 0x%" PRIx64 ", which no refcount "
                           "block counts", delta < 0 ? "freeing" : "counting",
@@ -325,8 +333,11 @@ qcow2_free_clusters (struct qcow2_state *s, uint64_t offset, uint64_t n)
     uint64_t rc;
     if ((r = update_one (s, offset + i * cs, -1, &rc)) < 0)
       return r;
-    if (rc == 0 && (r = qcow2_punch_later (s, offset + i * cs, cs)) < 0)
-      return r;
+    if (rc == 0) {
+      qcow2_meta_remove (s, offset + i * cs, cs);
+      if ((r = qcow2_punch_later (s, offset + i * cs, cs)) < 0)
+        return r;
+    }
   }
   return 0;
 }
@@ -462,6 +473,14 @@ grow_reftable (struct qcow2_state *s, uint64_t need_index)
   info->reftable_offset = table_off;
   info->reftable_clusters = new_clusters;
   s->next_free = end;
+  if ((r = qcow2_meta_add (s, table_off, new_clusters * cs,
+                           QCOW2_META_REFTABLE)) < 0)
+    goto out;
+  for (uint64_t t = first_t; t <= last_t; ++t)
+    if (fresh[t - first_t] &&
+        (r = qcow2_meta_add (s, be64toh (table[t]), cs,
+                             QCOW2_META_REFBLOCK)) < 0)
+      goto out;
   debug ("qcow2: %s: refcount table grown to %" PRIu64 " clusters at 0x%"
          PRIx64, s->filename, new_clusters, table_off);
 

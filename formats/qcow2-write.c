@@ -111,6 +111,8 @@ l2_table_own (struct qcow2_state *s, uint64_t index)
                           PRIu64 ") is not cluster aligned", old, index);
   if ((r = qcow2_alloc_clusters (s, 1, &table)) < 0)
     return r;
+  if ((r = qcow2_meta_add (s, table, cs, QCOW2_META_L2)) < 0)
+    return r;
   r = 0;
   for (uint64_t at = 0; at < cs; at += s->l2_slice_size) {
     struct qcow2_cache_entry *e;
@@ -191,6 +193,8 @@ l2_get (struct qcow2_state *s, uint64_t gc, enum l2_mode mode,
   if (index >= info->l1_size)
     return qcow2_corrupt (s, "guest cluster %" PRIu64 " is beyond the L1 "
                           "table", gc);
+  if (s->corrupt && mode != L2_LOOKUP)
+    return -EIO;                /* no more writes to a corrupt image */
   if ((s->l1[index] & QCOW2_L1E_OFFSET_MASK) == 0) {
     if (mode != L2_CREATE)
       return 1;
@@ -204,6 +208,16 @@ l2_get (struct qcow2_state *s, uint64_t gc, enum l2_mode mode,
   if (!IS_ALIGNED (table, info->cluster_size))
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " (L1 index %"
                           PRIu64 ") is not cluster aligned", table, index);
+  /* A table to be changed must be where an L2 table is known to be:
+   * an L1 entry pointing at other metadata would have it overwritten.
+   */
+  if (mode != L2_LOOKUP && s->meta &&
+      qcow2_meta_kind (s, table) != QCOW2_META_L2) {
+    qcow2_corrupt (s, "L1 index %" PRIu64 " points at 0x%" PRIx64 ", which "
+                   "is not an L2 table", index, table);
+    qcow2_mark_corrupt (s);
+    return -EIO;
+  }
   first = ROUND_DOWN (l2_index, eps);
   r = qcow2_cache_get (s->l2_cache, table + first * info->l2_entry_size,
                        &ref->e, &slice);
@@ -317,12 +331,14 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
   host = ref.l2e & QCOW2_L2E_OFFSET_MASK;
   if (in_place (info, &ref, a, b)) {
     l2_put (s, &ref);
-    pthread_mutex_unlock (&s->lock);
     if (!IS_ALIGNED (host, cs))
-      return qcow2_corrupt (s, "data cluster offset 0x%" PRIx64 " for guest "
-                            "offset 0x%" PRIx64 " is not cluster aligned",
-                            host, gstart);
-    return node_pwrite (s->file, data, b - a, host + a, 0);
+      r = qcow2_corrupt (s, "data cluster offset 0x%" PRIx64 " for guest "
+                         "offset 0x%" PRIx64 " is not cluster aligned",
+                         host, gstart);
+    else
+      r = qcow2_meta_check_write (s, host + a, b - a, "guest data");
+    pthread_mutex_unlock (&s->lock);
+    return r < 0 ? r : node_pwrite (s->file, data, b - a, host + a, 0);
   }
 
   /* Allocating: this cluster is ours until its entry is updated. */
@@ -342,6 +358,8 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
                          host, gstart);
       goto out_inflight;
     }
+    if ((r = qcow2_meta_check_write (s, host, cs, "guest data")) < 0)
+      goto out_inflight;
     new_host = host;
     fresh = false;
   }
@@ -464,9 +482,15 @@ write_in_place (struct qcow2_state *s, uint64_t offset, uint64_t count,
       first_host = host + a;
     len += b - a;
   }
+  if (len > 0 && s->corrupt)
+    r = -EIO;
+  else if (len > 0)
+    r = qcow2_meta_check_write (s, first_host, len, "guest data");
   pthread_mutex_unlock (&s->lock);
   if (len == 0)
     return 0;
+  if (r < 0)
+    return r;
   r = node_pwrite (s->file, data, len, first_host, 0);
   return r < 0 ? r : (int64_t) len;
 }
@@ -813,6 +837,8 @@ qcow2_write_open (struct qcow2_state *s, struct error **errp)
     info->autoclear &= known_autoclear;
   }
   s->file->growable = true;
+  if (qcow2_meta_init (s, errp) == -1)
+    return -1;
   s->writable = true;
   debug ("qcow2: %s: writable, allocating from 0x%" PRIx64, s->filename,
          s->next_free);

@@ -491,6 +491,7 @@ qcow2_close (struct node *node)
   qcow2_cache_free (s->l2_cache);
   qcow2_cache_free (s->refcount_cache);
   free (s->l1);
+  qcow2_meta_free (s);
   free (s->punches);
   free (s->zero_cluster);
   free (s->filename);

@@ -236,7 +236,8 @@ struct qcow2_state {
    * image is marked DIRTY on disk first and cleaned at a clean close.
    */
   bool lazy_refcounts;
-  bool corrupt;                 /* incompat CORRUPT */
+  bool corrupt;                 /* incompat CORRUPT (lock, once open) */
+  struct qcow2_meta_map *meta;  /* lock: where metadata is (writable) */
   atomic_uint corrupt_reports;  /* messages logged, to log only a few */
 };
 
@@ -324,6 +325,28 @@ void qcow2_refcount_store (const struct qcow2_info *info, uint8_t *d,
  * dirty and consistent for the next repair).  Open time only.
  */
 int qcow2_repair_refcounts (struct qcow2_state *s, struct error **errp);
+
+/* qcow2-overlap.c: where the metadata is, under s->lock. */
+enum {
+  QCOW2_META_HEADER = 1, QCOW2_META_L1, QCOW2_META_L2, QCOW2_META_REFTABLE,
+  QCOW2_META_REFBLOCK, QCOW2_META_SNAPSHOTS, QCOW2_META_SNAPSHOT_L1,
+};
+struct qcow2_meta_map;
+int qcow2_meta_init (struct qcow2_state *s, struct error **errp);
+void qcow2_meta_free (struct qcow2_state *s);
+/* 0 (added), 1 (some cluster already holds another kind), -ENOMEM. */
+int qcow2_meta_add (struct qcow2_state *s, uint64_t off, uint64_t len,
+                    int kind);
+void qcow2_meta_remove (struct qcow2_state *s, uint64_t off, uint64_t len);
+/* What host offset @off holds (QCOW2_META_*), or 0 for data/free. */
+int qcow2_meta_kind (struct qcow2_state *s, uint64_t off);
+/* 0, or -EIO (logged, image marked corrupt) if @what, to be written at
+ * [off, off + len), would land on metadata.
+ */
+int qcow2_meta_check_write (struct qcow2_state *s, uint64_t off,
+                            uint64_t len, const char *what);
+/* Set the corrupt bit on disk, as QEMU does; writes fail from then on. */
+int qcow2_mark_corrupt (struct qcow2_state *s);
 
 /* qcow2-write.c: the write side. */
 
