@@ -150,13 +150,6 @@ struct node_driver {
    */
   int (*read_splice) (struct node *node, int pipe_fd, size_t pipe_size,
                       uint32_t count, uint64_t offset);
-  /* Optional: where @count bytes at @offset can be read in memory (a
-   * shared mapping of the page cache), valid while the node is open
-   * and always showing its current data.  NULL if this node or range
-   * cannot.  Reading the memory raises SIGBUS if the file shrinks
-   * under us: only code under a bus guard (common/bus-guard.h) may.
-   */
-  const void *(*map) (struct node *node, uint32_t count, uint64_t offset);
   /* NULL or -ENOTSUP without NODE_FAST_ZERO: the core writes zeroes. */
   int (*zero) (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
@@ -235,10 +228,6 @@ int node_pread_nowait (struct node *node, void *buf, uint64_t count,
  */
 int node_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
                       uint64_t count, uint64_t offset);
-/* The node's data for [offset, offset + count) in memory, or NULL
- * (see the driver's map).
- */
-const void *node_map (struct node *node, uint64_t count, uint64_t offset);
 int node_zero (struct node *node, uint64_t count, uint64_t offset,
                unsigned flags);
 int node_discard (struct node *node, uint64_t count, uint64_t offset,

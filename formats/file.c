@@ -18,7 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -47,11 +46,6 @@ struct file_state {
   atomic_bool can_dsync_write;
   atomic_bool can_splice;
   uint32_t page_size;
-  /* The whole file mapped read-only, for readers that encrypt straight
-   * from the page cache (file_map); NULL if it could not be.
-   */
-  void *map;
-  uint64_t map_size;            /* the file's size when it was mapped */
   atomic_bool can_nowait;
   /* A failed fdatasync (or RWF_DSYNC write) may have dropped dirty
    * pages, and the kernel reports that only once per descriptor: once
@@ -170,17 +164,6 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   atomic_init (&s->can_dsync_write, true);
   atomic_init (&s->can_nowait, !direct);
   atomic_init (&s->can_splice, !direct);
-  /* No mapping for O_DIRECT (it would read around it) nor for block
-   * devices (their size can change under us without a file to stat).
-   * Mapping costs nothing until it is read.
-   */
-  if (!direct && !s->is_block && node->size > 0 && node->size <= SIZE_MAX) {
-    s->map = mmap (NULL, node->size, PROT_READ, MAP_SHARED, s->fd, 0);
-    if (s->map == MAP_FAILED)
-      s->map = NULL;
-    else
-      s->map_size = node->size;
-  }
   s->page_size = sysconf (_SC_PAGESIZE) > 0 ? sysconf (_SC_PAGESIZE) : 4096;
 
   node->read_only = ro;
@@ -206,9 +189,6 @@ file_close (struct node *node)
 {
   struct file_state *s = node->opaque;
 
-  if (s->map)
-    munmap (s->map, s->map_size);
-  s->map = NULL;
   if (s->fd >= 0)
     close (s->fd);
   s->fd = -1;
@@ -278,17 +258,6 @@ file_pread_nowait (struct node *node, void *buf, uint32_t count,
  * Short of the whole range (a file truncated under us, a signal) the
  * caller falls back to file_pread, which knows what to do.
  */
-static const void *
-file_map (struct node *node, uint32_t count, uint64_t offset)
-{
-  struct file_state *s = node->opaque;
-
-  /* A growable node may have grown past what was mapped. */
-  if (s->map == NULL || offset + count > s->map_size)
-    return NULL;
-  return (const char *) s->map + offset;
-}
-
 static int
 file_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
                   uint32_t count, uint64_t offset)
@@ -558,9 +527,7 @@ file_block_status (struct node *node, uint64_t count, uint64_t offset,
   return 0;
 }
 
-/* Control path, no I/O in flight: nothing reads the mapping while it
- * is replaced by one of the new size.
- */
+/* Control path, no I/O in flight. */
 static int
 file_truncate (struct node *node, uint64_t size)
 {
@@ -570,23 +537,12 @@ file_truncate (struct node *node, uint64_t size)
 
   if (s->is_block)              /* a device has the size it has */
     return size <= node->size ? 0 : -ENOSPC;
-  if (s->map) {
-    munmap (s->map, s->map_size);
-    s->map = NULL;
-  }
   if (ftruncate (s->fd, size) == 0)
     node->size = size;
   else {
     r = -errno;
     if (fstat (s->fd, &st) == 0)  /* whatever size it has now */
       node->size = st.st_size;
-  }
-  if (!s->direct && node->size > 0 && node->size <= SIZE_MAX) {
-    s->map = mmap (NULL, node->size, PROT_READ, MAP_SHARED, s->fd, 0);
-    if (s->map == MAP_FAILED)
-      s->map = NULL;
-    else
-      s->map_size = node->size;
   }
   return r;
 }
@@ -600,7 +556,6 @@ const struct node_driver file_driver = {
   .pread          = file_pread,
   .pwrite         = file_pwrite,
   .pread_nowait   = file_pread_nowait,
-  .map            = file_map,
   .read_splice    = file_read_splice,
   .zero           = file_zero,
   .discard        = file_discard,

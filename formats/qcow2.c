@@ -609,9 +609,9 @@ qcow2_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
 }
 
 
-/* The fast read paths (the loop's non-blocking read, zero-copy splice,
- * encryption from the page cache) go straight to the file where the
- * whole range is one run of data, and decline everything else.
+/* The fast read paths (the loop's non-blocking read, zero-copy splice)
+ * go straight to the file where the range is data, and decline
+ * everything else.
  */
 static int
 qcow2_pread_nowait (struct node *node, void *buf, uint32_t count,
@@ -665,18 +665,6 @@ qcow2_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
     count -= n;
   }
   return 0;
-}
-
-static const void *
-qcow2_map_data (struct node *node, uint32_t count, uint64_t offset)
-{
-  struct qcow2_state *s = node->opaque;
-  struct qcow2_run run;
-
-  if (qcow2_map (s, offset, count, &run) < 0 || run.kind != QCOW2_DATA ||
-      run.len < count || run.host + count > node_size (s->file))
-    return NULL;
-  return node_map (s->file, count, run.host);
 }
 
 static int
@@ -793,7 +781,6 @@ const struct node_driver qcow2_driver = {
   .pread            = qcow2_pread,
   .pread_nowait     = qcow2_pread_nowait,
   .read_splice      = qcow2_read_splice,
-  .map              = qcow2_map_data,
   .pwrite           = qcow2_pwrite,
   .zero             = qcow2_zero,
   .discard          = qcow2_discard,

@@ -112,14 +112,6 @@ raw_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
                            s->offset + offset);
 }
 
-static const void *
-raw_map (struct node *node, uint32_t count, uint64_t offset)
-{
-  struct raw_state *s = node->opaque;
-
-  return node_map (s->file, count, s->offset + offset);
-}
-
 static int
 raw_pwrite (struct node *node, const void *buf, uint32_t count,
             uint64_t offset, unsigned flags)
@@ -191,7 +183,6 @@ const struct node_driver raw_driver = {
   .pwrite         = raw_pwrite,
   .pread_nowait   = raw_pread_nowait,
   .read_splice    = raw_read_splice,
-  .map            = raw_map,
   .zero           = raw_zero,
   .discard        = raw_discard,
   .flush          = raw_flush,

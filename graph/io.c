@@ -239,15 +239,6 @@ node_pread_nowait (struct node *node, void *buf, uint64_t count,
   return node->drv->pread_nowait (node, buf, count, offset);
 }
 
-const void *
-node_map (struct node *node, uint64_t count, uint64_t offset)
-{
-  if (node->drv->map == NULL || count == 0 || count > max_chunk (node) ||
-      check_range (node, count, offset) < 0)
-    return NULL;
-  return node->drv->map (node, count, offset);
-}
-
 int
 node_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
                   uint64_t count, uint64_t offset)

@@ -172,9 +172,7 @@ conn_reap (struct conn *c)
   bool exit_loop = c->exit_loop_on_close;
   struct ev_loop *loop = c->loop;
   debug ("%s: connection ended: %" PRIu64 " requests, %" PRIu64
-         " reads zero-copy, %" PRIu64 " encrypted from the page cache",
-         c->peer, c->nr_requests, c->nr_spliced,
-         (uint64_t) atomic_load (&c->nr_mapped));
+         " reads zero-copy", c->peer, c->nr_requests, c->nr_spliced);
   conn_free (c);
   listeners_pause (loop, false);
   if (exit_loop)
@@ -697,7 +695,6 @@ conn_request_get (struct conn *c, uint64_t count)
   req->errmsg = NULL;
   req->payload_got = 0;
   req->spliced = req->sent = req->partial = false;
-  req->mapped = NULL;
   req->out.pipe = NULL;
   req->out.pipe_left = 0;
   req->out.encrypt = false;

@@ -11,7 +11,6 @@
 #define NBDD_INTERNAL_H
 
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -54,10 +53,6 @@ struct conn;
  * page cache into the socket where the node allows it.
  */
 #define MIN_SPLICE_READ         (64u << 10)
-/* Over TLS, reads from this size up are encrypted straight from the
- * node's mapping of the page cache where it has one.
- */
-#define MIN_MAPPED_READ         (64u << 10)
 /* Meta context ids (see meta.c), in the order of an export's table:
  * the fixed contexts, then (to come) one per exported dirty bitmap.
  */
@@ -312,7 +307,6 @@ struct conn {
   struct out_item *out_head, *out_tail;
   bool out_partial;             /* a partly sent reply is in transit */
   uint64_t nr_spliced;          /* READs whose data was spliced */
-  atomic_uint_fast64_t nr_mapped; /* READs encrypted from a mapping */
   size_t queued_bytes;          /* in byte chunks (TLS records) */
 
   /* TLS: set by STARTTLS; every byte in and out goes through it once
@@ -444,7 +438,6 @@ struct request {
   size_t status_last;           /* ...and where its last chunk starts */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
   bool spliced;                 /* READ data went through a pipe */
-  const void *mapped;           /* READ data in the node's mapping */
   bool sent;                    /* a worker sent the whole reply */
   bool partial;                 /* a worker sent part of it */
 

@@ -45,8 +45,9 @@ invoke_pending (struct ev_loop *loop)
   ev_invoke_pending (loop);
 }
 
-/* QEMU's rule: a wait the window would have covered grows it, a wait
- * longer than the limit shrinks it, anything else leaves it.
+/* QEMU's rule: a wait the window would have covered leaves it, a wait
+ * longer than the limit shrinks it (halved here; QEMU's default resets
+ * it), a shorter one grows it, never past the limit.
  */
 static uint64_t
 adjust (uint64_t poll_ns, uint64_t waited_ns, uint64_t max_ns)
@@ -56,7 +57,8 @@ adjust (uint64_t poll_ns, uint64_t waited_ns, uint64_t max_ns)
   if (waited_ns > max_ns)
     return poll_ns / 2 < POLL_START_NS ? 0 : poll_ns / 2;
   if (poll_ns < max_ns)
-    return poll_ns == 0 ? POLL_START_NS : MIN (poll_ns * 2, max_ns);
+    return poll_ns == 0 ? MIN ((uint64_t) POLL_START_NS, max_ns)
+      : MIN (poll_ns * 2, max_ns);
   return poll_ns;
 }
 

@@ -20,7 +20,6 @@
 #include <sys/prctl.h>
 #endif
 
-#include "bus-guard.h"
 #include "internal.h"
 #include "log.h"
 #include "options.h"
@@ -184,10 +183,6 @@ main (int argc, char **argv)
 #endif
 
   make_state_dir ();
-  if (bus_guard_install () < 0) {
-    nbdd_error ("installing the SIGBUS handler: %m");
-    exit (EXIT_FAILURE);
-  }
   if (tls_init (&err) == -1)
     die (err);
   open_graph ();

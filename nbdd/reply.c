@@ -2,14 +2,14 @@
  * chunks.  Runs on the worker thread that did the request's I/O (or on
  * the main thread for requests refused at validation), and only fills
  * the request's own iovec and header storage: no locks, no copies of
- * read data, which is sent from the request buffer, from the node's
- * mapping (over TLS) or, for a spliced READ, from its pipe.
+ * read data, which is sent from the request buffer or, for a spliced
+ * READ, from its pipe.
  *
  * READ replies in structured and extended mode are sparse: runs of
  * zeroes become OFFSET_HOLE chunks, so a client copying a sparse disk
  * neither receives nor writes them.  With DF they are one OFFSET_DATA,
- * and so is a spliced or mapped READ, which is only done for ranges the
- * node reports as data.
+ * and so is a spliced READ, which is only done for ranges the node
+ * reports as data.
  */
 #include <config.h>
 
@@ -55,16 +55,14 @@ add_iov (struct request *req, void *base, size_t len)
   req->out.niov++;
 }
 
-/* READ data: from the request buffer or the node's mapping, or
- * spliced from its pipe after the header iovecs.
+/* READ data: from the request buffer, or spliced from its pipe after
+ * the header iovecs.
  */
 static void
 add_data (struct request *req, uint64_t off, size_t len)
 {
   if (req->spliced)
     req->out.pipe_left += len;
-  else if (req->mapped)
-    add_iov (req, (char *) req->mapped + off, len);
   else if (len > 0)             /* a 0-byte READ may have no buffer */
     add_iov (req, (char *) req->buf + off, len);
 }
@@ -194,7 +192,7 @@ read_chunks (struct enc *e)
     add_iov (req, start, e->hpos - (start - req->hdr));
     return;
   }
-  if ((req->flags & NBD_CMD_FLAG_DF) || req->spliced || req->mapped) {
+  if ((req->flags & NBD_CMD_FLAG_DF) || req->spliced) {
     data_chunk (e, NBD_REPLY_FLAG_DONE, 0, count);
     return;
   }

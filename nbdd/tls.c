@@ -20,7 +20,6 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +31,6 @@
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 
-#include "bus-guard.h"
 #include "internal.h"
 #include "log.h"
 
@@ -689,7 +687,6 @@ int
 tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 {
   struct stage *st;
-  sigjmp_buf jb;
   int r;
 
   /* A session that failed once may have sent half a record: it is
@@ -702,20 +699,7 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
     st->c = c;
     st->len = 0;
   }
-  /* The data may be the node's mapping of a file (read_mapped), which
-   * faults if the file shrank under us.  The session is then cut off
-   * mid-record, and the connection with it; the daemon carries on.
-   */
-  if (sigsetjmp (jb, 0) == 0) {
-    bus_guard_arm (&jb);
-    r = send_records (c->tls->s, iov, niov);
-    bus_guard_disarm ();
-  }
-  else {
-    nbdd_error ("%s: the image faulted while being read (truncated under "
-                "us?): closing", c->peer);
-    r = -1;
-  }
+  r = send_records (c->tls->s, iov, niov);
   if (st) {
     if (r == 0)
       r = stage_flush (st);
@@ -730,7 +714,7 @@ tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
 void
 tls_bye (struct conn *c)
 {
-  if (c->tls_broken)
+  if (c->tls_broken)            /* it may have stopped mid-record */
     return;
   gnutls_bye (c->tls->s, GNUTLS_SHUT_WR);
 }

@@ -317,9 +317,8 @@ tx_on_payload_skipped (struct conn *c)
 }
 
 /* In structured mode a READ answers zeroes with hole chunks, found by
- * looking at the data.  Spliced or mapped data is not looked at, so
- * those paths are only taken where the node says the whole range is
- * data.
+ * looking at the data.  Spliced data cannot be looked at, so it is
+ * spliced only where the node says the whole range is data.
  */
 static bool
 splice_allowed (struct request *req)
@@ -368,29 +367,6 @@ read_spliced (struct request *req)
   return true;
 }
 
-/* Worker thread: a large READ over TLS encrypted straight from the
- * page cache, through the node's mapping, instead of copied into the
- * request buffer first.  tls_send reads the mapping under a bus guard.
- * False if the request was left untouched for node_pread.
- */
-static bool
-read_mapped (struct request *req)
-{
-  struct node *node = req->conn->exp->node;
-  const void *data;
-
-  if (req->count < MIN_MAPPED_READ || !req->conn->tls_up ||
-      (data = node_map (node, req->count, req->offset)) == NULL ||
-      !splice_allowed (req))
-    return false;
-  req->err = 0;
-  req->mapped = data;
-  atomic_fetch_add_explicit (&req->conn->nr_mapped, 1,
-                             memory_order_relaxed);
-  reply_encode (req);
-  return true;
-}
-
 /* Worker thread: one status chunk per selected context, in id order
  * (the order of the export's table).  Any context failing fails the
  * whole request, with one error chunk and none of the others: a reply
@@ -430,7 +406,7 @@ request_run (struct request *req)
 
   switch (req->type) {
   case NBD_CMD_READ:
-    if (read_spliced (req) || read_mapped (req))
+    if (read_spliced (req))
       return;
     r = node_pread (node, req->buf, req->count, req->offset, 0);
     /* FUA on a read asks nothing of us once the read is done. */

@@ -185,15 +185,7 @@ workers_start (struct ev_loop *l, unsigned nr, struct error **errp)
     return -1;
   }
   /* Signals are the loop's business: workers block them all. */
-  /* Workers take no signals, but faults stay deliverable: a SIGBUS
-   * from a file mapping must reach the bus guard (a blocked fault
-   * signal kills the process).
-   */
   sigfillset (&all);
-  sigdelset (&all, SIGBUS);
-  sigdelset (&all, SIGSEGV);
-  sigdelset (&all, SIGFPE);
-  sigdelset (&all, SIGILL);
   pthread_sigmask (SIG_BLOCK, &all, &old);
   for (nr_threads = 0; nr_threads < nr; ++nr_threads) {
     int err = pthread_create (&threads[nr_threads], NULL, worker_main,
