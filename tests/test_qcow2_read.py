@@ -12,7 +12,8 @@ import nbd
 import pytest
 
 from conftest import NBDD, have
-from helpers import KiB, MiB, HOLE_ZERO, map_export, merge, run
+from helpers import KiB, MiB, map_export, merge, run
+from qemutools import create, qemu_img, qemu_io, qemu_map
 
 pytestmark = pytest.mark.skipif(
     not (have("qemu-img") and have("qemu-io") and have("nbdinfo")),
@@ -20,29 +21,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # -- making images -----------------------------------------------------
-
-def qemu_img(*args):
-    return run(["qemu-img"] + [str(a) for a in args])
-
-
-def qemu_io(img, *cmds, fmt="qcow2"):
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    run(argv + [str(img)])
-
-
-def create(path, size, opts="", backing=None, backing_fmt="qcow2"):
-    argv = ["create", "-q", "-f", "qcow2"]
-    if opts:
-        argv += ["-o", opts]
-    if backing:
-        argv += ["-b", str(backing)]
-        if backing_fmt:
-            argv += ["-F", backing_fmt]
-    qemu_img(*argv, path, size)
-    return path
-
 
 def cluster_size(img):
     return json.loads(qemu_img("info", "--output=json", img).stdout)[
@@ -83,12 +61,6 @@ def qemu_raw(img, tmp_path, spec=None):
     return data
 
 
-def qemu_map(src):
-    """qemu-img map's view as merged [(length, base:allocation flags)]."""
-    doc = json.loads(qemu_img("map", "--output=json", src).stdout)
-    return merge([(e["length"],
-                   (0 if e["data"] else nbd.STATE_HOLE) |
-                   (nbd.STATE_ZERO if e["zero"] else 0)) for e in doc])
 
 
 # -- the daemon --------------------------------------------------------

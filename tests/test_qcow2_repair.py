@@ -17,6 +17,8 @@ import pytest
 
 from conftest import NBDD, Server, have
 from helpers import KiB, MiB, pattern, run
+import qemutools
+from qemutools import qemu_img, qemu_io
 
 pytestmark = pytest.mark.skipif(
     not (have("qemu-img") and have("qemu-io")),
@@ -25,24 +27,10 @@ pytestmark = pytest.mark.skipif(
 
 # -- QEMU's side ----------------------------------------------------------
 
-def qemu_img(*args, check=True):
-    return run(["qemu-img"] + [str(a) for a in args], check=check)
-
-
-def qemu_io(img, *cmds, check=True):
-    argv = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        argv += ["-c", c]
-    return run(argv + [str(img)], check=check)
-
-
 def create(path, size, opts="", backing=None):
-    argv = ["create", "-q", "-f", "qcow2", "-o",
-            "lazy_refcounts=on" + ("," + opts if opts else "")]
-    if backing:
-        argv += ["-b", backing, "-F", "qcow2"]
-    qemu_img(*argv, path, size)
-    return path
+    """A qcow2 image with lazy refcounts, which a crash leaves dirty."""
+    return qemutools.create(path, size, "lazy_refcounts=on" +
+                            ("," + opts if opts else ""), backing=backing)
 
 
 def crash(img, *cmds):

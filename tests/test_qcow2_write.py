@@ -25,6 +25,8 @@ import pytest
 
 from conftest import NBDD, Server, have
 from helpers import KiB, MiB, merge, run
+import qemutools
+from qemutools import create, qemu_img, qemu_map
 
 pytestmark = pytest.mark.skipif(
     not (have("qemu-img") and have("qemu-io") and have("nbdinfo")),
@@ -33,31 +35,9 @@ pytestmark = pytest.mark.skipif(
 
 # -- QEMU's tools --------------------------------------------------------
 
-def qemu_img(*args, check=True):
-    return run(["qemu-img"] + [str(a) for a in args], timeout=300,
-               check=check)
-
-
 def qemu_io(img, cmds, fmt="qcow2"):
-    """Run qemu-io commands, in order, in one process."""
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    p = run(argv + [str(img)], timeout=300)
-    # qemu-io reports failed commands on stdout and still exits 0.
-    bad = [line for line in (p.stdout + p.stderr).splitlines()
-           if "error" in line.lower() or "failed" in line.lower()]
-    assert not bad, "qemu-io: " + "\n".join(bad)
-
-
-def create(path, size, opts="", backing=None, backing_fmt="qcow2"):
-    argv = ["create", "-q", "-f", "qcow2"]
-    if opts:
-        argv += ["-o", opts]
-    if backing:
-        argv += ["-b", str(backing), "-F", backing_fmt]
-    qemu_img(*argv, path, size)
-    return path
+    """qemu-io with a list of commands (the workloads build lists)."""
+    qemutools.qemu_io(img, *cmds, fmt=fmt)
 
 
 def copy(src, dst):
@@ -77,14 +57,6 @@ def raw_bytes(spec, tmp_path):
     data = out.read_bytes()
     out.unlink()
     return data
-
-
-def qemu_map(src):
-    """qemu-img map as merged [(length, base:allocation flags)]."""
-    doc = json.loads(qemu_img("map", "--output=json", src).stdout)
-    return merge([(e["length"],
-                   (0 if e["data"] else nbd.STATE_HOLE) |
-                   (nbd.STATE_ZERO if e["zero"] else 0)) for e in doc])
 
 
 def qemu_map_layers(src):
