@@ -14,10 +14,12 @@
  */
 #include <config.h>
 
+#include <inttypes.h>
 #include <stdint.h>
 #include <time.h>
 
 #include "internal.h"
+#include "log.h"
 
 #define POLL_START_NS 4000      /* the first window, when one is earned */
 
@@ -67,6 +69,7 @@ loop_run (struct ev_loop *loop)
 {
   const uint64_t max_ns = config.poll_max_ns;
   uint64_t poll_ns = 0;
+  uint64_t polls = 0, polls_paid = 0;  /* for -v, and the tests */
 
   if (max_ns == 0) {
     ev_run (loop, 0);
@@ -78,13 +81,16 @@ loop_run (struct ev_loop *loop)
     uint64_t start = now_ns ();
 
     if (poll_ns > 0 && workers_outstanding () == 0) {
+      polls++;
       do {
         woke_busy = false;
         if (!ev_run (loop, EVRUN_NOWAIT) || quit)
           goto out;
       } while (!woke_busy && now_ns () - start < poll_ns);
-      if (woke_busy)
+      if (woke_busy) {
+        polls_paid++;
         continue;               /* it paid: look again after this event */
+      }
     }
     if (!ev_run (loop, EVRUN_ONCE))
       break;
@@ -93,6 +99,8 @@ loop_run (struct ev_loop *loop)
   }
  out:
   ev_set_invoke_pending_cb (loop, ev_invoke_pending);
+  debug ("event loop: polled %" PRIu64 " times, %" PRIu64 " found input",
+         polls, polls_paid);
 }
 
 void

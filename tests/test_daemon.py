@@ -2,6 +2,7 @@
 block graph options (raw windows, O_DIRECT files)."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -235,7 +236,7 @@ def test_polling_serves_and_idles(nbdd_server, img, poll):
     loop serves itself, writes the workers do) is served right, and once
     the client goes quiet the daemon stops polling: a second of idle
     costs it next to no CPU, even with the longest window allowed."""
-    srv = nbdd_server(["--poll-max-ns", poll] + blockdev_args(img) +
+    srv = nbdd_server(["-v", "--poll-max-ns", poll] + blockdev_args(img) +
                       export_args(writable=True))
     h = srv.connect()
     for i in range(2000):
@@ -252,6 +253,17 @@ def test_polling_serves_and_idles(nbdd_server, img, poll):
     idle = cpu_seconds(pid) - before
     assert idle < 0.1, f"{idle:.2f} s of CPU in a second of idle"
     h.shutdown()
+    srv.stop()
+    # With the longest window, polling engaged and caught requests; with
+    # none, it never ran.
+    m = re.search(r"event loop: polled (\d+) times, (\d+) found input",
+                  srv.output())
+    if poll == "0":
+        assert m is None, srv.output()
+    else:
+        assert m, srv.output()
+        if poll == "10000000":
+            assert int(m.group(2)) > 0, m.group(0)
 
 
 def test_client_vanishes_mid_request(nbdd_server, img):
