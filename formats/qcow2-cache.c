@@ -384,12 +384,6 @@ qcow2_cache_depends_on_flush (struct qcow2_cache *c)
   c->depends_on_flush = true;
 }
 
-bool
-qcow2_cache_has_dirty (const struct qcow2_cache *c)
-{
-  return c->nr_dirty > 0;
-}
-
 /* Write one dirty slice; the file may need to grow to take it. */
 static int
 write_back (struct qcow2_cache *c, struct qcow2_cache_entry *e)

@@ -622,7 +622,7 @@ qcow2_pread_nowait (struct node *node, void *buf, uint32_t count,
   int r = qcow2_map_nowait (s, offset, count, &run);
 
   if (r < 0)
-    return r == -EAGAIN ? -EAGAIN : r;
+    return r;
   if (run.kind == QCOW2_ZERO && run.len == count) {
     memset (buf, 0, count);
     return 0;

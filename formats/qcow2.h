@@ -178,7 +178,6 @@ int qcow2_cache_set_dependency (struct qcow2_cache *c,
                                 struct qcow2_cache *dep);
 /* Before any slice of @c is written, the file is synced. */
 void qcow2_cache_depends_on_flush (struct qcow2_cache *c);
-bool qcow2_cache_has_dirty (const struct qcow2_cache *c);
 /* Write every dirty slice back (after what it depends on).  It does
  * not sync the file: the caller does, when it needs durability.
  */
