@@ -165,7 +165,7 @@ map_slice (struct qcow2_state *s, const uint8_t *slice, uint64_t l2_offset,
 }
 
 static int map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
-                       struct qcow2_run *run);
+                       bool nowait, struct qcow2_run *run);
 
 int
 qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
@@ -175,7 +175,7 @@ qcow2_map (struct qcow2_state *s, uint64_t offset, uint64_t max,
 
   /* Writers change L2 slices under the lock; read them under it too. */
   pthread_mutex_lock (&s->lock);
-  r = map_locked (s, offset, max, run);
+  r = map_locked (s, offset, max, false, run);
   pthread_mutex_unlock (&s->lock);
   return r;
 }
@@ -191,16 +191,15 @@ qcow2_map_nowait (struct qcow2_state *s, uint64_t offset, uint64_t max,
    */
   if (pthread_mutex_trylock (&s->lock) != 0)
     return -EAGAIN;
-  s->nowait = true;
-  r = map_locked (s, offset, max, run);
-  s->nowait = false;
+  r = map_locked (s, offset, max, true, run);
   pthread_mutex_unlock (&s->lock);
   return r;
 }
 
+/* @nowait: only a cached L2 slice will do (qcow2_cache_peek). */
 static int
 map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
-            struct qcow2_run *run)
+            bool nowait, struct qcow2_run *run)
 {
   const struct qcow2_info *info = &s->info;
   uint64_t gcn = offset >> info->cluster_bits;
@@ -237,7 +236,7 @@ map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
   slice_end = (ROUND_DOWN (gcn, eps) + eps) << info->cluster_bits;
   end = MIN (end, slice_end);
 
-  if (s->nowait)
+  if (nowait)
     r = qcow2_cache_peek (s->l2_cache,
                           l2_offset + slice_first * info->l2_entry_size,
                           &e, &slice);

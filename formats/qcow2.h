@@ -217,7 +217,6 @@ struct qcow2_state {
   struct qcow2_punch *punches;  /* lock */
   size_t nr_punches, punches_cap;
   uint8_t *zero_cluster;        /* cluster_size zeroes, for zero writes */
-  bool nowait;                  /* lock: the mapping must not block */
 
   struct node *file;            /* borrowed from node->children */
   struct node *backing;         /* borrowed, or NULL */
