@@ -71,12 +71,35 @@ void extents_free (struct extent_list *el);
 #define CHILD_COW       (1u << 3)  /* backing file */
 #define CHILD_PRIMARY   (1u << 4)
 
+/* Permissions on an edge, as QEMU's BLK_PERM_*: what the user of a node
+ * needs (perm) and what it lets every other user do (shared).
+ */
+#define PERM_CONSISTENT_READ  (1u << 0)
+#define PERM_WRITE            (1u << 1)
+#define PERM_WRITE_UNCHANGED  (1u << 2)
+#define PERM_RESIZE           (1u << 3)
+#define PERM_GRAPH_MOD        (1u << 4)
+#define PERM_ALL              0x1fu
+
 struct node;
 
+/* An edge into a node: from a parent node (a child with a role) or
+ * from a root (an export or a job, parent NULL).  Edges are allocated
+ * one by one and never move, so a driver may keep a pointer to its
+ * child's edge; the node at its end may be replaced by a graph change
+ * (with the parent drained), so a driver reads edge->node at each use.
+ */
 struct node_child {
   char *name;                   /* role name: "file", "backing", ... */
   struct node *node;            /* holds one reference */
+  struct node *parent;          /* NULL for a root's edge */
   unsigned role;                /* CHILD_* */
+  unsigned perm, shared;        /* PERM_* */
+  /* Graph bookkeeping (graph/): the tentative permissions of a change
+   * being checked, and who the edge belongs to, for messages.
+   */
+  unsigned new_perm, new_shared;
+  const char *user;             /* roots: "export 'e0'"; NULL for nodes */
 };
 
 struct node_driver;
@@ -88,8 +111,12 @@ struct node {
   unsigned refcnt;              /* main thread only */
   struct json_object *spec;     /* the options it was opened with */
 
-  struct node_child *children;
+  struct node_child **children; /* edges to children, in open order */
   size_t nr_children;
+  struct node_child **parents;  /* edges into this node */
+  size_t nr_parents;
+  struct node *all_next, *all_prev; /* every live node (graph/) */
+  unsigned perm_mark;           /* graph/: permission pass bookkeeping */
 
   /* Set by the driver's open; constant while the node is open, except
    * on a growable node (below), where node_size reads it.
@@ -184,6 +211,20 @@ struct node_driver {
    * NULL: node_truncate fails with -ENOTSUP.
    */
   int (*truncate) (struct node *node, uint64_t size);
+
+  /* Optional: the permissions this node takes on child @c, given what
+   * its own users need (@perm) and share (@shared) in all.  NULL: by
+   * role, as QEMU does (see graph/perm.c).
+   */
+  void (*child_perm) (struct node *node, const struct node_child *c,
+                      unsigned perm, unsigned shared,
+                      unsigned *child_perm, unsigned *child_shared);
+  /* Optional, main thread: the node is being drained (no new requests
+   * will arrive until drain_end).  A driver that holds requests back
+   * (throttle) lets them go now, so that the drain ends quickly.
+   */
+  void (*drain_begin) (struct node *node);
+  void (*drain_end) (struct node *node);
 };
 
 /* The node's size, safe to read while a growable node grows. */
@@ -200,10 +241,10 @@ const char *format_driver_names (void);
 
 /* Implemented by graph/: open the child named @key of @options (an
  * inline spec object, or a string naming an existing node) and attach
- * it to @parent with @role.  Returns the child node (borrowed: owned by
- * the edge) or NULL.
+ * it to @parent with @role.  Returns the new edge (owned by @parent)
+ * or NULL.
  */
-struct node *node_open_child (struct node *parent,
+struct node_child *node_open_child (struct node *parent,
                               struct json_object *options,
                               const char *key, unsigned role,
                               struct error **errp);

@@ -197,7 +197,7 @@ new_refblock (struct qcow2_state *s, uint64_t index, uint64_t *block)
     return r;
   /* Block on disk, then the table entry. */
   if ((r = qcow2_cache_flush (s->refcount_cache)) < 0 ||
-      (r = node_flush (s->file)) < 0 ||
+      (r = node_flush (s->file->node)) < 0 ||
       (r = reftable_set (s, index, off)) < 0)
     return r;
   *block = off;
@@ -449,15 +449,15 @@ grow_reftable (struct qcow2_state *s, uint64_t need_index)
       if (cl / pb == t)
         qcow2_refcount_store (info, blk, cl % pb, 1);
     }
-    if ((r = node_pwrite (s->file, blk, cs, table[t], 0)) < 0)
+    if ((r = node_pwrite (s->file->node, blk, cs, table[t], 0)) < 0)
       goto out;
   }
   for (uint64_t t = 0; t < new_entries; ++t)
     table[t] = htobe64 (table[t]);
   if ((r = qcow2_cache_flush (s->refcount_cache)) < 0 ||
-      (r = node_pwrite (s->file, table, new_clusters * cs, table_off,
+      (r = node_pwrite (s->file->node, table, new_clusters * cs, table_off,
                         0)) < 0 ||
-      (r = node_flush (s->file)) < 0)
+      (r = node_flush (s->file->node)) < 0)
     goto out;
 
   /* Switch: offset and size in one write of the header. */
@@ -467,8 +467,8 @@ grow_reftable (struct qcow2_state *s, uint64_t need_index)
     memcpy (hdr, &o, 8);
     memcpy (hdr + 8, &c, 4);
   }
-  if ((r = node_pwrite (s->file, hdr, 12, 48, 0)) < 0 ||
-      (r = node_flush (s->file)) < 0)
+  if ((r = node_pwrite (s->file->node, hdr, 12, 48, 0)) < 0 ||
+      (r = node_flush (s->file->node)) < 0)
     goto out;
   info->reftable_offset = table_off;
   info->reftable_clusters = new_clusters;
@@ -503,7 +503,7 @@ qcow2_find_next_free (struct qcow2_state *s, uint64_t *next)
   const struct qcow2_info *info = &s->info;
   uint64_t cs = info->cluster_size;
   uint64_t pb = per_block (info);
-  uint64_t end = ROUND_UP (node_size (s->file), cs);
+  uint64_t end = ROUND_UP (node_size (s->file->node), cs);
   uint64_t entries = reftable_entries (info);
   int r;
 

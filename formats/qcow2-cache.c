@@ -57,7 +57,7 @@ struct qcow2_cache_entry {
 struct qcow2_cache {
   pthread_mutex_t lock;
   pthread_cond_t cond;          /* a load finished or a pin was dropped */
-  struct node *file;            /* never changes */
+  struct node_child *file;      /* the edge: its node may be replaced */
   const char *what;
   uint32_t entry_size;
   size_t nr_entries;
@@ -135,7 +135,7 @@ hash_find (struct qcow2_cache *c, uint64_t offset)
 }
 
 struct qcow2_cache *
-qcow2_cache_new (struct node *file, uint32_t entry_size, size_t nr_entries,
+qcow2_cache_new (struct node_child *file, uint32_t entry_size, size_t nr_entries,
                  const char *what)
 {
   struct qcow2_cache *c = calloc (1, sizeof *c);
@@ -184,13 +184,13 @@ qcow2_cache_free (struct qcow2_cache *c)
 static int
 load (struct qcow2_cache *c, uint64_t offset, void *data)
 {
-  uint64_t fsize = node_size (c->file);
+  uint64_t fsize = node_size (c->file->node);
   uint64_t n = offset < fsize ? MIN ((uint64_t) c->entry_size,
                                      fsize - offset) : 0;
 
   if (n < c->entry_size)
     memset ((char *) data + n, 0, c->entry_size - n);
-  return n ? node_pread (c->file, data, n, offset, 0) : 0;
+  return n ? node_pread (c->file->node, data, n, offset, 0) : 0;
 }
 
 static int get_slot (struct qcow2_cache *c, uint64_t offset, bool load_it,
@@ -354,7 +354,7 @@ flush_dependency (struct qcow2_cache *c)
   int r;
 
   c->depends = NULL;
-  if ((r = qcow2_cache_flush (dep)) < 0 || (r = node_flush (c->file)) < 0) {
+  if ((r = qcow2_cache_flush (dep)) < 0 || (r = node_flush (c->file->node)) < 0) {
     c->depends = dep;
     return r;
   }
@@ -388,7 +388,7 @@ qcow2_cache_depends_on_flush (struct qcow2_cache *c)
 static int
 write_back (struct qcow2_cache *c, struct qcow2_cache_entry *e)
 {
-  int r = node_pwrite (c->file, e->data, c->entry_size, e->offset, 0);
+  int r = node_pwrite (c->file->node, e->data, c->entry_size, e->offset, 0);
 
   if (r < 0)
     return r;
@@ -410,7 +410,7 @@ qcow2_cache_flush (struct qcow2_cache *c)
       return r;
   }
   else if (c->depends_on_flush) {
-    if ((r = node_flush (c->file)) < 0)
+    if ((r = node_flush (c->file->node)) < 0)
       return r;
     c->depends_on_flush = false;
   }

@@ -116,7 +116,7 @@ map_slice (struct qcow2_state *s, const uint8_t *slice, uint64_t l2_offset,
       if (!first)
         break;
       qcow2_decode_compressed (info, l2e, &d);
-      if (d.offset < cs || d.offset >= node_size (s->file))
+      if (d.offset < cs || d.offset >= node_size (s->file->node))
         return qcow2_corrupt (s, "compressed cluster for guest offset 0x%"
                               PRIx64 " is at host offset 0x%" PRIx64
                               ", outside the data area (L2 entry 0x%"
@@ -224,7 +224,7 @@ map_locked (struct qcow2_state *s, uint64_t offset, uint64_t max,
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " for guest offset "
                           "0x%" PRIx64 " is not cluster aligned", l2_offset,
                           offset);
-  if (l2_offset >= node_size (s->file))
+  if (l2_offset >= node_size (s->file->node))
     return qcow2_corrupt (s, "L2 table offset 0x%" PRIx64 " for guest offset "
                           "0x%" PRIx64 " is past the end of the file",
                           l2_offset, offset);

@@ -211,7 +211,7 @@ add_snapshots (struct qcow2_state *s)
 {
   const struct qcow2_info *info = &s->info;
   uint64_t pos = info->snapshots_offset;
-  uint64_t fsize = node_size (s->file);
+  uint64_t fsize = node_size (s->file->node);
   uint8_t h[QCOW2_SNAPSHOT_HEADER_MIN];
   int r;
 
@@ -222,7 +222,7 @@ add_snapshots (struct qcow2_state *s)
 
     if (pos + sizeof h > fsize)
       return 0;                 /* a broken table: reads will say so */
-    if ((r = node_pread (s->file, h, sizeof h, pos, 0)) < 0)
+    if ((r = node_pread (s->file->node, h, sizeof h, pos, 0)) < 0)
       return r;
     memcpy (&l1, h, 8);
     memcpy (&l1_size, h + 8, 4);
@@ -269,7 +269,7 @@ qcow2_meta_init (struct qcow2_state *s, struct error **errp)
     goto nomem;
   for (uint64_t t = 0; t < entries; ++t) {
     uint64_t v;
-    if ((r = node_pread (s->file, &v, 8, info->reftable_offset + t * 8,
+    if ((r = node_pread (s->file->node, &v, 8, info->reftable_offset + t * 8,
                          0)) < 0)
       goto io;
     v = be64toh (v) & QCOW2_REFT_OFFSET_MASK;

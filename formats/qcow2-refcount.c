@@ -65,7 +65,7 @@ qcow2_refcount_get (struct qcow2_state *s, uint64_t host_offset,
     *refcount = 0;
     return 0;
   }
-  if (!IS_ALIGNED (block, info->cluster_size) || block >= node_size (s->file))
+  if (!IS_ALIGNED (block, info->cluster_size) || block >= node_size (s->file->node))
     return qcow2_corrupt (s, "refcount block offset 0x%" PRIx64 " (refcount "
                           "table index %" PRIu64 ") is not cluster aligned "
                           "or past the end of the file", block, table_index);

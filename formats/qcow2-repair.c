@@ -128,7 +128,7 @@ read_meta (struct repair *r, void *buf, uint64_t len, uint64_t off,
   memset ((char *) buf + n, 0, len - n);
   if (n == 0)
     return 0;
-  ret = node_pread (r->s->file, buf, n, off, 0);
+  ret = node_pread (r->s->file->node, buf, n, off, 0);
   if (ret < 0) {
     error_setg_errno (errp, -ret, "reading metadata at 0x%" PRIx64, off);
     return -1;
@@ -555,7 +555,7 @@ fix_copied (struct repair *r, uint64_t *fixed, struct error **errp)
       }
     }
     if (changed) {
-      if ((ret = node_pwrite (s->file, r->buf, r->cs, l2, 0)) < 0) {
+      if ((ret = node_pwrite (s->file->node, r->buf, r->cs, l2, 0)) < 0) {
         error_setg_errno (errp, -ret, "writing the L2 table at 0x%" PRIx64,
                           l2);
         return -1;
@@ -574,7 +574,7 @@ fix_copied (struct repair *r, uint64_t *fixed, struct error **errp)
     }
     for (uint64_t i = 0; i < info->l1_size; ++i)
       be[i] = htobe64 (s->l1[i]);
-    if ((ret = node_pwrite (s->file, be, bytes, info->l1_offset, 0)) < 0) {
+    if ((ret = node_pwrite (s->file->node, be, bytes, info->l1_offset, 0)) < 0) {
       error_setg_errno (errp, -ret, "writing the L1 table at 0x%" PRIx64,
                         info->l1_offset);
       return -1;
@@ -611,15 +611,15 @@ write_refcounts (struct repair *r, uint64_t base, uint64_t rt, uint64_t rb,
       if (v)
         qcow2_refcount_store (info, r->buf, c - i * pb, v);
     }
-    if ((ret = node_pwrite (s->file, r->buf, r->cs, block, 0)) < 0) {
+    if ((ret = node_pwrite (s->file->node, r->buf, r->cs, block, 0)) < 0) {
       error_setg_errno (errp, -ret, "writing a refcount block at 0x%"
                         PRIx64, block);
       return -1;
     }
     table[i] = htobe64 (block);
   }
-  if ((ret = node_pwrite (s->file, table, rt * r->cs, base, 0)) < 0 ||
-      (ret = node_flush (s->file)) < 0) {
+  if ((ret = node_pwrite (s->file->node, table, rt * r->cs, base, 0)) < 0 ||
+      (ret = node_flush (s->file->node)) < 0) {
     error_setg_errno (errp, -ret, "writing the refcount table at 0x%"
                       PRIx64, base);
     return -1;
@@ -640,9 +640,9 @@ switch_reftable (struct repair *r, uint64_t base, uint64_t rt,
 
   memcpy (hdr, &o, 8);
   memcpy (hdr + 8, &c, 4);
-  if ((ret = node_pwrite (s->file, hdr, sizeof hdr,
+  if ((ret = node_pwrite (s->file->node, hdr, sizeof hdr,
                           QCOW2_HDR_REFCOUNT_TABLE_OFFSET, 0)) < 0 ||
-      (ret = node_flush (s->file)) < 0) {
+      (ret = node_flush (s->file->node)) < 0) {
     error_setg_errno (errp, -ret, "switching the header to the new refcount "
                       "table");
     return -1;
@@ -701,7 +701,7 @@ rebuild (struct repair *r, struct error **errp)
   /* Nothing was written so far; from here on the image stays dirty
    * until the last step.
    */
-  s->file->growable = true;
+  s->file->node->growable = true;
   if (fix_copied (r, &fixed, errp) == -1 ||
       write_refcounts (r, base, rt, rb, errp) == -1 ||
       switch_reftable (r, base, rt, errp) == -1)
@@ -731,7 +731,7 @@ qcow2_repair_refcounts (struct qcow2_state *s, struct error **errp)
     .s = s,
     .info = &s->info,
     .cs = s->info.cluster_size,
-    .file_size = node_size (s->file),
+    .file_size = node_size (s->file->node),
   };
   int ret;
 

@@ -90,7 +90,7 @@ write_l1_entry (struct qcow2_state *s, uint64_t index)
 {
   uint64_t v = htobe64 (s->l1[index]);
 
-  return node_pwrite (s->file, &v, 8, s->info.l1_offset + index * 8, 0);
+  return node_pwrite (s->file->node, &v, 8, s->info.l1_offset + index * 8, 0);
 }
 
 /* Give L1 entry @index a table of its own: a new one (zeroed) if it
@@ -143,7 +143,7 @@ l2_table_own (struct qcow2_state *s, uint64_t index)
   }
   /* Table (after the refcounts it relies on), sync, then L1. */
   if ((r = qcow2_cache_flush (s->l2_cache)) < 0 ||
-      (r = node_flush (s->file)) < 0)
+      (r = node_flush (s->file->node)) < 0)
     return r;
   s->l1[index] = table | QCOW2_OFLAG_COPIED;
   if ((r = write_l1_entry (s, index)) < 0)
@@ -338,7 +338,7 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
     else
       r = qcow2_meta_check_write (s, host + a, b - a, "guest data");
     pthread_mutex_unlock (&s->lock);
-    return r < 0 ? r : node_pwrite (s->file, data, b - a, host + a, 0);
+    return r < 0 ? r : node_pwrite (s->file->node, data, b - a, host + a, 0);
   }
 
   /* Allocating: this cluster is ours until its entry is updated. */
@@ -407,9 +407,9 @@ write_cluster (struct node *node, uint64_t gc, uint64_t a, uint64_t b,
                is_zero (buf + (b - span_a), span_b - b));
   }
   if (buf && (copied || !fresh))
-    r = node_pwrite (s->file, buf, span_b - span_a, new_host + span_a, 0);
+    r = node_pwrite (s->file->node, buf, span_b - span_a, new_host + span_a, 0);
   else                          /* a fresh cluster is zero around it */
-    r = node_pwrite (s->file, data, b - a, new_host + a, 0);
+    r = node_pwrite (s->file->node, data, b - a, new_host + a, 0);
 
  out_relock:
   free (buf);
@@ -491,7 +491,7 @@ write_in_place (struct qcow2_state *s, uint64_t offset, uint64_t count,
     return 0;
   if (r < 0)
     return r;
-  r = node_pwrite (s->file, data, len, first_host, 0);
+  r = node_pwrite (s->file->node, data, len, first_host, 0);
   return r < 0 ? r : (int64_t) len;
 }
 
@@ -554,7 +554,7 @@ write_new_clusters (struct qcow2_state *s, uint64_t gc, uint64_t n,
   }
 
   if (r == 0)
-    r = node_pwrite (s->file, data, k * cs, host, 0);
+    r = node_pwrite (s->file->node, data, k * cs, host, 0);
 
   pthread_mutex_lock (&s->lock);
   if (r < 0)
@@ -767,10 +767,10 @@ flush_locked (struct qcow2_state *s)
   if ((r = qcow2_cache_flush (s->l2_cache)) < 0 ||
       (r = qcow2_cache_flush (s->refcount_cache)) < 0 ||
       (r = qcow2_cache_flush (s->l2_cache)) < 0 ||
-      (r = node_flush (s->file)) < 0)
+      (r = node_flush (s->file->node)) < 0)
     return r;
   for (size_t i = 0; i < s->nr_punches; ++i)
-    node_discard (s->file, s->punches[i].len, s->punches[i].offset, 0);
+    node_discard (s->file->node, s->punches[i].len, s->punches[i].offset, 0);
   s->nr_punches = 0;
   return 0;
 }
@@ -828,15 +828,15 @@ qcow2_write_open (struct qcow2_state *s, struct error **errp)
    */
   if (info->version >= 3 && (info->autoclear & ~known_autoclear)) {
     uint64_t v = htobe64 (info->autoclear & known_autoclear);
-    if ((r = node_pwrite (s->file, &v, 8, 88, 0)) < 0 ||
-        (r = node_flush (s->file)) < 0) {
+    if ((r = node_pwrite (s->file->node, &v, 8, 88, 0)) < 0 ||
+        (r = node_flush (s->file->node)) < 0) {
       error_setg_errno (errp, -r, "qcow2: %s: clearing autoclear bits",
                         s->filename);
       return -1;
     }
     info->autoclear &= known_autoclear;
   }
-  s->file->growable = true;
+  s->file->node->growable = true;
   if (qcow2_meta_init (s, errp) == -1)
     return -1;
   s->writable = true;
@@ -879,9 +879,9 @@ qcow2_write_incompat (struct qcow2_state *s, uint64_t incompat)
   uint64_t v = htobe64 (incompat);
   int r;
 
-  if ((r = node_pwrite (s->file, &v, 8, QCOW2_HDR_INCOMPAT_FEATURES,
+  if ((r = node_pwrite (s->file->node, &v, 8, QCOW2_HDR_INCOMPAT_FEATURES,
                         0)) < 0 ||
-      (r = node_flush (s->file)) < 0)
+      (r = node_flush (s->file->node)) < 0)
     return r;
   s->info.incompat = incompat;
   return 0;

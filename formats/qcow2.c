@@ -91,7 +91,7 @@ file_child_filename (struct node *file)
 static int
 read_header (struct node *node, struct qcow2_state *s, struct error **errp)
 {
-  uint64_t n = MIN (s->file->size,
+  uint64_t n = MIN (s->file->node->size,
                     UINT64_C (1) << QCOW2_MAX_CLUSTER_BITS);
   CLEANUP_FREE uint8_t *buf = malloc (n ?: 1);
   int r;
@@ -101,12 +101,12 @@ read_header (struct node *node, struct qcow2_state *s, struct error **errp)
                       s->filename);
     return -1;
   }
-  if (n > 0 && (r = node_pread (s->file, buf, n, 0, 0)) < 0) {
+  if (n > 0 && (r = node_pread (s->file->node, buf, n, 0, 0)) < 0) {
     error_setg_errno (errp, -r, "qcow2: %s: reading the header",
                       s->filename);
     return -1;
   }
-  if (qcow2_header_parse (buf, n, s->file->size, &s->info, errp) == -1) {
+  if (qcow2_header_parse (buf, n, s->file->node->size, &s->info, errp) == -1) {
     error_prepend (errp, "%s", s->filename);
     return -1;
   }
@@ -171,7 +171,7 @@ load_l1 (struct qcow2_state *s, struct error **errp)
   if (n == 0)
     return 0;
   /* Bounded: at most 32 MiB, and inside the file (checked by parse). */
-  r = node_pread (s->file, s->l1, (uint64_t) n * 8, s->info.l1_offset, 0);
+  r = node_pread (s->file->node, s->l1, (uint64_t) n * 8, s->info.l1_offset, 0);
   if (r < 0) {
     error_setg_errno (errp, -r, "qcow2: %s: cannot read the L1 table at "
                       "0x%" PRIx64, s->filename, s->info.l1_offset);
@@ -252,7 +252,7 @@ static int
 chain_check (struct qcow2_state *s, struct chain_link *me,
              struct error **errp)
 {
-  const char *fn = file_child_filename (s->file);
+  const char *fn = file_child_filename (s->file->node);
   struct stat st;
 
   me->valid = fn != NULL && stat (fn, &st) == 0;
@@ -297,7 +297,7 @@ static char *
 backing_path (struct qcow2_state *s, struct error **errp)
 {
   const char *name = s->info.backing_file;
-  const char *image = file_child_filename (s->file);
+  const char *image = file_child_filename (s->file->node);
   const char *slash;
   char *path;
 
@@ -444,8 +444,8 @@ qcow2_open (struct node *node, struct json_object *opts,
                              errp);
   if (s->file == NULL)
     return -1;
-  fn = file_child_filename (s->file);
-  s->filename = strdup (fn ? fn : s->file->name);
+  fn = file_child_filename (s->file->node);
+  s->filename = strdup (fn ? fn : s->file->node->name);
   if (s->filename == NULL) {
     error_setg_errno (errp, errno, "qcow2: opening");
     return -1;
@@ -462,7 +462,7 @@ qcow2_open (struct node *node, struct json_object *opts,
   s->lazy_refcounts = has_lazy == 1 ?
     (s->info.compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0 : lazy;
   /* A file opened read-only (by its own spec) makes the image so. */
-  ro = ro || s->file->read_only;
+  ro = ro || s->file->node->read_only;
   if (!ro && qcow2_write_open (s, errp) == -1)
     return -1;
   node->size = s->info.size;
@@ -475,7 +475,7 @@ qcow2_open (struct node *node, struct json_object *opts,
   debug ("qcow2: %s: v%" PRIu32 ", %" PRIu64 " bytes, cluster %" PRIu64
          "%s%s, backing %s", s->filename, s->info.version, s->info.size,
          s->info.cluster_size, s->info.extended_l2 ? ", extended L2" : "",
-         s->dirty ? ", dirty" : "", s->backing ? s->backing->name : "none");
+         s->dirty ? ", dirty" : "", s->backing ? s->backing->node->name : "none");
   return 0;
 }
 
@@ -487,7 +487,7 @@ qcow2_close (struct node *node)
   if (s->l2_cache && s->refcount_cache)
     qcow2_write_close (s);
   if (s->file)
-    s->file->growable = false;
+    s->file->node->growable = false;
   qcow2_cache_free (s->l2_cache);
   qcow2_cache_free (s->refcount_cache);
   free (s->l1);
@@ -515,12 +515,12 @@ qcow2_refresh_limits (struct node *node, struct node_limits *limits)
 static int
 read_host (struct qcow2_state *s, void *buf, uint64_t count, uint64_t host)
 {
-  uint64_t fsize = node_size (s->file);
+  uint64_t fsize = node_size (s->file->node);
   uint64_t n = host < fsize ? MIN (count, fsize - host) : 0;
 
   if (n < count)
     memset ((char *) buf + n, 0, count - n);
-  return n ? node_pread (s->file, buf, n, host, 0) : 0;
+  return n ? node_pread (s->file->node, buf, n, host, 0) : 0;
 }
 
 /* Unallocated here: the backing node's bytes, zeroes past its end. */
@@ -528,12 +528,12 @@ static int
 read_backing (struct qcow2_state *s, void *buf, uint64_t count,
               uint64_t offset)
 {
-  uint64_t bsize = s->backing ? s->backing->size : 0;
+  uint64_t bsize = s->backing ? s->backing->node->size : 0;
   uint64_t n = offset < bsize ? MIN (count, bsize - offset) : 0;
 
   if (n < count)
     memset ((char *) buf + n, 0, count - n);
-  return n ? node_pread (s->backing, buf, n, offset, 0) : 0;
+  return n ? node_pread (s->backing->node, buf, n, offset, 0) : 0;
 }
 
 static int
@@ -628,9 +628,9 @@ qcow2_pread_nowait (struct node *node, void *buf, uint32_t count,
     return 0;
   }
   if (run.kind != QCOW2_DATA || run.len < count ||
-      run.host + count > node_size (s->file))
+      run.host + count > node_size (s->file->node))
     return -EAGAIN;
-  return node_pread_nowait (s->file, buf, count, run.host);
+  return node_pread_nowait (s->file->node, buf, count, run.host);
 }
 
 static int
@@ -653,12 +653,12 @@ qcow2_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
     if (r < 0)
       return r;
     n = MIN (run.len, (uint64_t) count);
-    if (run.kind != QCOW2_DATA || run.host + n > node_size (s->file))
+    if (run.kind != QCOW2_DATA || run.host + n > node_size (s->file->node))
       return -ENOTSUP;
     pages = ((run.host & (page - 1)) + n + page - 1) / page;
     if (pages * page > room)
       return -ENOTSUP;
-    if ((r = node_read_splice (s->file, pipe_fd, room, n, run.host)) < 0)
+    if ((r = node_read_splice (s->file->node, pipe_fd, room, n, run.host)) < 0)
       return r;
     room -= pages * page;
     offset += n;
@@ -691,11 +691,11 @@ qcow2_block_status (struct node *node, uint64_t count, uint64_t offset,
       break;
     case QCOW2_UNALLOCATED:
       /* What the rest of the chain says, zeroes past its end. */
-      bsize = s->backing ? s->backing->size : 0;
+      bsize = s->backing ? s->backing->node->size : 0;
       if (offset < bsize) {
         uint64_t n = MIN (run.len, bsize - offset);
         size_t len_before = el->len;
-        r = node_block_status (s->backing, n, el);
+        r = node_block_status (s->backing->node, n, el);
         if (r < 0)
           return r;
         if (el->end < offset + n) {
@@ -759,13 +759,13 @@ qcow2_allocation_depth (struct node *node, uint64_t count, uint64_t offset,
    * count as allocated in the backing node (depth 2), as in QEMU's
    * bdrv_co_common_block_status_above, which qemu-nbd reports.
    */
-  bsize = s->backing->size;
+  bsize = s->backing->node->size;
   if (offset >= bsize) {
     *pnum = run.len;
     *depth = 2;
     return 0;
   }
-  r = node_allocation_depth (s->backing, MIN (run.len, bsize - offset),
+  r = node_allocation_depth (s->backing->node, MIN (run.len, bsize - offset),
                              offset, pnum, depth);
   if (r == 0 && *depth > 0)
     ++*depth;

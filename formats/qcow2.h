@@ -146,7 +146,7 @@ struct qcow2_cache_entry;
  * read from @file.  Slices are loaded on demand and evicted least
  * recently used first.  @what names it in messages ("L2", ...).
  */
-struct qcow2_cache *qcow2_cache_new (struct node *file, uint32_t entry_size,
+struct qcow2_cache *qcow2_cache_new (struct node_child *file, uint32_t entry_size,
                                      size_t nr_entries, const char *what);
 void qcow2_cache_free (struct qcow2_cache *c);
 /* Pin the slice at host @offset (aligned to entry_size), loading it if
@@ -218,8 +218,8 @@ struct qcow2_state {
   size_t nr_punches, punches_cap;
   uint8_t *zero_cluster;        /* cluster_size zeroes, for zero writes */
 
-  struct node *file;            /* borrowed from node->children */
-  struct node *backing;         /* borrowed, or NULL */
+  struct node_child *file;      /* an edge in node->children */
+  struct node_child *backing;   /* an edge, or NULL */
   char *filename;               /* for messages */
   struct qcow2_info info;
   uint64_t *l1;                 /* host order, l1_size entries */

@@ -11,7 +11,7 @@
 #include "utils.h"
 
 struct raw_state {
-  struct node *file;            /* borrowed from node->children */
+  struct node_child *file;      /* an edge in node->children */
   uint64_t offset;
 };
 
@@ -42,31 +42,31 @@ raw_open (struct node *node, struct json_object *opts, struct error **errp)
   if (s->file == NULL)
     return -1;
 
-  if (offset > s->file->size) {
+  if (offset > s->file->node->size) {
     error_setg (errp, "raw: offset %" PRIu64 " is past the end of '%s' "
-                "(%" PRIu64 " bytes)", offset, s->file->name,
-                s->file->size);
+                "(%" PRIu64 " bytes)", offset, s->file->node->name,
+                s->file->node->size);
     return -1;
   }
   if (has_size == 1)
-    size = s->file->size - offset;
-  if (ADD_OVERFLOW (offset, size, &end) || end > s->file->size) {
+    size = s->file->node->size - offset;
+  if (ADD_OVERFLOW (offset, size, &end) || end > s->file->node->size) {
     error_setg (errp, "raw: offset %" PRIu64 " + size %" PRIu64
                 " is past the end of '%s' (%" PRIu64 " bytes)",
-                offset, size, s->file->name, s->file->size);
+                offset, size, s->file->node->name, s->file->node->size);
     return -1;
   }
 
   s->offset = offset;
   node->size = size;
-  node->read_only = ro || s->file->read_only;
-  node->can_flush = s->file->can_flush;
-  node->can_trim = s->file->can_trim;
-  node->can_zero = s->file->can_zero;
-  node->can_fast_zero = s->file->can_fast_zero;
-  node->can_cache = s->file->can_cache;
-  node->is_rotational = s->file->is_rotational;
-  node->has_block_status = s->file->has_block_status;
+  node->read_only = ro || s->file->node->read_only;
+  node->can_flush = s->file->node->can_flush;
+  node->can_trim = s->file->node->can_trim;
+  node->can_zero = s->file->node->can_zero;
+  node->can_fast_zero = s->file->node->can_fast_zero;
+  node->can_cache = s->file->node->can_cache;
+  node->is_rotational = s->file->node->is_rotational;
+  node->has_block_status = s->file->node->has_block_status;
   return 0;
 }
 
@@ -81,7 +81,7 @@ raw_refresh_limits (struct node *node, struct node_limits *limits)
    */
   limits->request_alignment = 1;
   limits->max_transfer = 0;
-  limits->opt_transfer = s->file->limits.opt_transfer;
+  limits->opt_transfer = s->file->node->limits.opt_transfer;
 }
 
 static int
@@ -90,7 +90,7 @@ raw_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
 {
   struct raw_state *s = node->opaque;
 
-  return node_pread (s->file, buf, count, s->offset + offset, flags);
+  return node_pread (s->file->node, buf, count, s->offset + offset, flags);
 }
 
 static int
@@ -99,7 +99,7 @@ raw_pread_nowait (struct node *node, void *buf, uint32_t count,
 {
   struct raw_state *s = node->opaque;
 
-  return node_pread_nowait (s->file, buf, count, s->offset + offset);
+  return node_pread_nowait (s->file->node, buf, count, s->offset + offset);
 }
 
 static int
@@ -108,7 +108,7 @@ raw_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
 {
   struct raw_state *s = node->opaque;
 
-  return node_read_splice (s->file, pipe_fd, pipe_size, count,
+  return node_read_splice (s->file->node, pipe_fd, pipe_size, count,
                            s->offset + offset);
 }
 
@@ -118,7 +118,7 @@ raw_pwrite (struct node *node, const void *buf, uint32_t count,
 {
   struct raw_state *s = node->opaque;
 
-  return node_pwrite (s->file, buf, count, s->offset + offset, flags);
+  return node_pwrite (s->file->node, buf, count, s->offset + offset, flags);
 }
 
 static int
@@ -127,7 +127,7 @@ raw_zero (struct node *node, uint64_t count, uint64_t offset,
 {
   struct raw_state *s = node->opaque;
 
-  return node_zero (s->file, count, s->offset + offset, flags);
+  return node_zero (s->file->node, count, s->offset + offset, flags);
 }
 
 static int
@@ -136,7 +136,7 @@ raw_discard (struct node *node, uint64_t count, uint64_t offset,
 {
   struct raw_state *s = node->opaque;
 
-  return node_discard (s->file, count, s->offset + offset, flags);
+  return node_discard (s->file->node, count, s->offset + offset, flags);
 }
 
 static int
@@ -144,7 +144,7 @@ raw_flush (struct node *node)
 {
   struct raw_state *s = node->opaque;
 
-  return node_flush (s->file);
+  return node_flush (s->file->node);
 }
 
 static int
@@ -152,7 +152,7 @@ raw_cache (struct node *node, uint64_t count, uint64_t offset)
 {
   struct raw_state *s = node->opaque;
 
-  return node_cache (s->file, count, s->offset + offset);
+  return node_cache (s->file->node, count, s->offset + offset);
 }
 
 static int
@@ -167,7 +167,7 @@ raw_block_status (struct node *node, uint64_t count, uint64_t offset,
    */
   el->offset += s->offset;
   el->end += s->offset;
-  r = node_block_status (s->file, count, el);
+  r = node_block_status (s->file->node, count, el);
   el->offset -= s->offset;
   el->end -= s->offset;
   return r;

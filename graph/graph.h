@@ -34,4 +34,13 @@ void node_close_all (void);
 void node_foreach (void (*fn) (struct node *node, void *opaque),
                    void *opaque);
 
+/* Every live node, registered or not: follow node->all_next. */
+struct node *node_first (void);
+/* Edges into a node: reserve room (0, or -1 out of memory), then link
+ * (cannot fail); unlink when the edge goes or moves.
+ */
+int node_reserve_parent (struct node *node);
+void node_link_parent (struct node_child *c);
+void node_unlink_parent (struct node_child *c);
+
 #endif /* NBDD_GRAPH_H */

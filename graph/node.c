@@ -22,6 +22,14 @@
 static struct node **registry;
 static size_t nr_registry;
 static unsigned anon_counter;
+/* Every live node, registered or not (graph-wide passes). */
+static struct node *all_nodes;
+
+struct node *
+node_first (void)
+{
+  return all_nodes;
+}
 
 struct node *
 node_lookup (const char *name)
@@ -45,16 +53,72 @@ node_ref (struct node *node)
   node->refcnt++;
 }
 
+/* Add/remove @c in its node's list of edges into it. */
+void
+node_link_parent (struct node_child *c)
+{
+  struct node *n = c->node;
+  struct node_child **v = realloc (n->parents,
+                                   (n->nr_parents + 1) * sizeof *v);
+
+  /* Callers reserve room first (node_reserve_parent): cannot fail. */
+  assert (v != NULL);
+  n->parents = v;
+  n->parents[n->nr_parents++] = c;
+}
+
+int
+node_reserve_parent (struct node *n)
+{
+  struct node_child **v = realloc (n->parents,
+                                   (n->nr_parents + 1) * sizeof *v);
+
+  if (v == NULL)
+    return -1;
+  n->parents = v;
+  return 0;
+}
+
+void
+node_unlink_parent (struct node_child *c)
+{
+  struct node *n = c->node;
+
+  for (size_t i = 0; i < n->nr_parents; ++i)
+    if (n->parents[i] == c) {
+      memmove (&n->parents[i], &n->parents[i + 1],
+               (n->nr_parents - i - 1) * sizeof *n->parents);
+      n->nr_parents--;
+      return;
+    }
+  assert (!"edge not linked");
+}
+
+static void
+child_free (struct node_child *c)
+{
+  node_unlink_parent (c);
+  node_unref (c->node);
+  free (c->name);
+  free (c);
+}
+
 static void
 node_free (struct node *node)
 {
   if (node->drv && node->drv->close)
     node->drv->close (node);
-  for (size_t i = 0; i < node->nr_children; ++i) {
-    free (node->children[i].name);
-    node_unref (node->children[i].node);
-  }
+  for (size_t i = 0; i < node->nr_children; ++i)
+    child_free (node->children[i]);
   free (node->children);
+  assert (node->nr_parents == 0);
+  free (node->parents);
+  if (node->all_prev)
+    node->all_prev->all_next = node->all_next;
+  else if (all_nodes == node)
+    all_nodes = node->all_next;
+  if (node->all_next)
+    node->all_next->all_prev = node->all_prev;
   pthread_rwlock_destroy (&node->rmw_lock);
   json_object_put (node->spec);
   free (node->opaque);
@@ -147,6 +211,10 @@ node_new (const struct node_driver *drv, const char *name,
   node->refcnt = 1;
   node->spec = json_object_get (spec);
   pthread_rwlock_init (&node->rmw_lock, NULL);
+  node->all_next = all_nodes;
+  if (all_nodes)
+    all_nodes->all_prev = node;
+  all_nodes = node;
 
   if (drv->open (node, spec, errp) == -1) {
     if (node->name[0] != '#')     /* generated names mean nothing */
@@ -211,13 +279,13 @@ node_open_spec (struct json_object *spec, struct error **errp)
   return node;
 }
 
-struct node *
+struct node_child *
 node_open_child (struct node *parent, struct json_object *options,
                  const char *key, unsigned role, struct error **errp)
 {
   struct json_object *v;
   struct node *child;
-  struct node_child *nc;
+  struct node_child *c, **nc;
 
   if (!json_object_object_get_ex (options, key, &v) || v == NULL) {
     error_setg (errp, "%s: parameter '%s' is missing", parent->drv->name,
@@ -255,25 +323,25 @@ node_open_child (struct node *parent, struct json_object *options,
     return NULL;
   }
 
-  nc = realloc (parent->children,
-                (parent->nr_children + 1) * sizeof *nc);
-  if (nc == NULL) {
-    error_setg_errno (errp, errno, "%s: attaching child", parent->name);
+  c = calloc (1, sizeof *c);
+  nc = realloc (parent->children, (parent->nr_children + 1) * sizeof *nc);
+  if (nc)
+    parent->children = nc;
+  if (c == NULL || nc == NULL || (c->name = strdup (key)) == NULL ||
+      node_reserve_parent (child) == -1) {
+    error_setg_errno (errp, ENOMEM, "%s: attaching child", parent->name);
+    if (c)
+      free (c->name);
+    free (c);
     node_unref (child);
     return NULL;
   }
-  parent->children = nc;
-  nc = &parent->children[parent->nr_children];
-  nc->name = strdup (key);
-  nc->node = child;
-  nc->role = role;
-  if (nc->name == NULL) {
-    error_setg_errno (errp, errno, "%s: attaching child", parent->name);
-    node_unref (child);
-    return NULL;
-  }
-  parent->nr_children++;
-  return child;
+  c->node = child;
+  c->parent = parent;
+  c->role = role;
+  node_link_parent (c);
+  parent->children[parent->nr_children++] = c;
+  return c;
 }
 
 void

@@ -317,7 +317,7 @@ test_with_qemu (void)
   assert (qcow2_refcount_get (s, 0, &rc) == 0 && rc == 1);
   assert (qcow2_refcount_get (s, UINT64_C (1) << 40, &rc) == 0 && rc == 0);
   /* And of the base (1 bit), through the backing node. */
-  s = top->children[1].node->opaque;
+  s = top->children[1]->node->opaque;
   assert (s->info.refcount_order == 0);
   assert (qcow2_refcount_get (s, 0, &rc) == 0 && rc == 1);
   assert (qcow2_refcount_get (s, 100 * CS, &rc) == 0 && rc == 0);
