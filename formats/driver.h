@@ -116,7 +116,8 @@ struct node {
   struct node_child **parents;  /* edges into this node */
   size_t nr_parents;
   struct node *all_next, *all_prev; /* every live node (graph/) */
-  unsigned perm_mark;           /* graph/: permission pass bookkeeping */
+  unsigned mark;                /* graph/: visited in a graph walk */
+  size_t perm_index;
 
   /* Set by the driver's open; constant while the node is open, except
    * on a growable node (below), where node_size reads it.
@@ -126,6 +127,8 @@ struct node {
    * its file child, whose metadata and clusters it appends.
    */
   bool growable;
+  /* The daemon's: this node's spec is in the catalogue. */
+  bool recorded;
   bool read_only;
   bool can_flush;
   bool can_trim;                /* discard does something */

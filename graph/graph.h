@@ -28,6 +28,10 @@ struct node *node_new (const struct node_driver *drv, const char *name,
 struct node *node_lookup (const char *name);
 void node_ref (struct node *node);
 void node_unref (struct node *node);
+/* blockdev-del: unregister and drop the registry's reference, unless
+ * the node has users (then errp names them).
+ */
+int node_delete (const char *name, struct error **errp);
 /* Drop the registry's references to every node (at exit). */
 void node_close_all (void);
 /* Iterate over registered nodes: call @fn for each, in creation order. */
@@ -42,5 +46,81 @@ struct node *node_first (void);
 int node_reserve_parent (struct node *node);
 void node_link_parent (struct node_child *c);
 void node_unlink_parent (struct node_child *c);
+
+/* perm.c: permissions on edges. */
+/* After edges into @changed (NULLs skipped) came or went: derive the
+ * permissions of every edge at and below them, and commit them if no
+ * node has users in conflict.  Else nothing changes and errp names
+ * both users; the caller undoes its change.
+ */
+int graph_perm_update (struct node *const *changed, size_t nr,
+                       struct error **errp);
+/* QEMU's name of one PERM_* bit. */
+const char *perm_name (unsigned bit);
+/* A JSON array of QEMU's names of the bits in @perm. */
+struct json_object *perm_to_json (unsigned perm);
+/* "export 'e0'" or "node 'q0' (child 'file')", for messages. */
+void edge_describe (const struct node_child *c, char *buf, size_t len);
+/* A fresh mark for node->mark in a graph walk. */
+unsigned graph_new_mark (void);
+
+/* root.c: where requests enter the graph, and graph changes. */
+struct node_root {
+  struct node_child edge;       /* parent NULL; edge.user = user */
+  char *user;                   /* "export 'e0'", for messages */
+  const char *kind;             /* "export", "job" */
+  const char *owner_name;       /* the export's id, ... */
+  void *owner;                  /* the export, ... */
+  unsigned in_flight;           /* requests inside (atomic) */
+  unsigned quiesced;            /* drains in progress (atomic) */
+  pthread_mutex_t lock;         /* for sleeping on cond only */
+  pthread_cond_t cond;
+};
+
+void root_init (struct node_root *r);
+/* Detached first. */
+void root_destroy (struct node_root *r);
+/* Attach @r to @node with these permissions, or fail (permissions in
+ * conflict) leaving it detached.  Main thread.
+ */
+int root_attach (struct node_root *r, struct node *node, unsigned perm,
+                 unsigned shared, const char *user, struct error **errp);
+void root_detach (struct node_root *r);
+/* The node a root is attached to (main thread; NULL if detached). */
+static inline struct node *
+root_node (const struct node_root *r)
+{
+  return r->edge.node;
+}
+/* Any thread: enter the graph, waiting while the root is drained;
+ * returns the node to use for this request.  Pair with root_io_end.
+ */
+struct node *root_io_begin (struct node_root *r);
+/* As root_io_begin, but NULL instead of waiting (the loop thread). */
+struct node *root_io_try_begin (struct node_root *r);
+void root_io_end (struct node_root *r);
+/* Main thread: stop admitting, wait for what is inside, resume. */
+void root_quiesce (struct node_root *r);
+void root_wait_idle (struct node_root *r);
+void root_resume (struct node_root *r);
+
+/* Drain every root above any of @nodes (and tell the drivers of every
+ * node below those roots), waiting until no request is inside.  NULL
+ * only when out of memory.
+ */
+struct graph_drain;
+struct graph_drain *graph_drain_begin (struct node *const *nodes,
+                                       size_t nr, struct error **errp);
+void graph_drain_end (struct graph_drain *d);
+/* With @from drained: every edge into @from, except those from the
+ * node @except, now points at @to; refused (and undone) if the
+ * permissions conflict or the graph would loop.
+ */
+int graph_replace_node (struct node *from, struct node *to,
+                        const struct node *except, struct error **errp);
+/* Write "export 'e0', node 'q' (child 'file')" for @n's users into
+ * @buf; returns how many there are.
+ */
+size_t node_describe_users (const struct node *n, char *buf, size_t len);
 
 #endif /* NBDD_GRAPH_H */

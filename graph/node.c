@@ -14,6 +14,7 @@
 #include "cleanup.h"
 #include "graph.h"
 #include "options.h"
+#include "throttle.h"
 #include "utils.h"
 
 #define MAX_NODE_NAME 128
@@ -227,7 +228,30 @@ node_new (const struct node_driver *drv, const char *name,
   if (drv->refresh_limits)
     drv->refresh_limits (node, &node->limits);
   sanitize_limits (node);
+  /* Its edges to its children are new: a child shared with other
+   * users may not allow what this node needs of it.
+   */
+  if (graph_perm_update ((struct node *const *) &node, 1, errp) == -1) {
+    if (node->name[0] != '#')
+      error_prepend (errp, "node '%s'", node->name);
+    node_unref (steal_pointer (&node));
+    return NULL;
+  }
   return steal_pointer (&node);
+}
+
+/* Filters live in graph/, formats and protocols in formats/. */
+static const struct node_driver *const filter_drivers[] = {
+  &throttle_driver,
+};
+
+static const struct node_driver *
+find_driver (const char *name)
+{
+  for (size_t i = 0; i < ARRAY_SIZE (filter_drivers); ++i)
+    if (strcmp (filter_drivers[i]->name, name) == 0)
+      return filter_drivers[i];
+  return format_find_driver (name);
 }
 
 /* Create and open a node from a spec, without registering it. */
@@ -256,10 +280,10 @@ node_create (struct json_object *spec, struct error **errp)
       return NULL;
     }
   }
-  drv = format_find_driver (driver);
+  drv = find_driver (driver);
   if (drv == NULL) {
-    error_setg (errp, "blockdev: unknown driver '%.80s' (known: %s)",
-                driver, format_driver_names ());
+    error_setg (errp, "blockdev: unknown driver '%.80s' (known: %s, "
+                "throttle)", driver, format_driver_names ());
     return NULL;
   }
   return node_new (drv, has_name == 0 ? name : NULL, spec, errp);
@@ -342,6 +366,34 @@ node_open_child (struct node *parent, struct json_object *options,
   node_link_parent (c);
   parent->children[parent->nr_children++] = c;
   return c;
+}
+
+int
+node_delete (const char *name, struct error **errp)
+{
+  struct node *node = NULL;
+  size_t i;
+
+  for (i = 0; i < nr_registry; ++i)
+    if (strcmp (registry[i]->name, name) == 0) {
+      node = registry[i];
+      break;
+    }
+  if (node == NULL) {
+    error_setg (errp, "node '%.80s' does not exist", name);
+    return -1;
+  }
+  if (node->nr_parents > 0) {
+    char users[512];
+    node_describe_users (node, users, sizeof users);
+    error_setg (errp, "node '%s' is in use by %s", name, users);
+    return -1;
+  }
+  memmove (&registry[i], &registry[i + 1],
+           (nr_registry - i - 1) * sizeof *registry);
+  nr_registry--;
+  node_unref (node);
+  return 0;
 }
 
 void

@@ -41,6 +41,7 @@
 
 static struct conn *conns;              /* all live or dying conns */
 static unsigned nr_conns;               /* live ones: not yet closed */
+static uint64_t last_conn_id;
 static struct conn *dirty_list;
 /* Buffer bytes held in all connections' free lists.  Reusing buffers
  * matters: a fresh 256 KiB buffer is a fresh mapping, and faulting its
@@ -99,6 +100,8 @@ conn_new (struct ev_loop *loop, int in_fd, int out_fd, const char *peer,
 
   pthread_mutex_init (&c->send_lock, NULL);
   c->loop = loop;
+  c->id = ++last_conn_id;
+  c->started = ev_time ();
   c->in_fd = in_fd;
   c->out_fd = out_fd;
   c->is_stdio = in_fd != out_fd;
@@ -155,6 +158,8 @@ conn_free (struct conn *c)
   if (c->next)
     c->next->prev = c->prev;
   tls_free (c);
+  if (c->exp)
+    export_unref (c->exp);
   pthread_mutex_destroy (&c->send_lock);
   free (c->optbuf);
   free (c->meta_export);
@@ -214,6 +219,24 @@ conn_close (struct conn *c, const char *why)
     c->cur = NULL;
   }
   conn_mark_dirty (c);          /* reaped at a safe point */
+}
+
+void
+conns_close_export (struct export *exp)
+{
+  struct conn *c, *next;
+
+  for (c = conns; c; c = next) {
+    next = c->next;
+    if (c->exp == exp)
+      conn_close (c, "its export was deleted");
+  }
+}
+
+struct conn *
+conn_first (void)
+{
+  return conns;
 }
 
 void

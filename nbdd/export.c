@@ -2,6 +2,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,6 +25,15 @@ export_nth (size_t i)
   return i < nr_exports ? exports[i] : NULL;
 }
 
+static struct export *
+export_find_exact (const char *name)
+{
+  for (size_t i = 0; i < nr_exports; ++i)
+    if (strcmp (exports[i]->name, name) == 0)
+      return exports[i];
+  return NULL;
+}
+
 struct export *
 export_find (const char *name)
 {
@@ -41,12 +51,30 @@ export_free (struct export *exp)
 {
   if (exp == NULL)
     return;
-  node_unref (exp->node);
+  root_detach (&exp->root);
+  root_destroy (&exp->root);
+  json_object_put (exp->spec);
   free (exp->id);
   free (exp->name);
   free (exp->description);
   opt_free_strings (exp->tls_allow);
   free (exp);
+}
+
+void
+export_ref (struct export *exp)
+{
+  exp->refcnt++;
+}
+
+void
+export_unref (struct export *exp)
+{
+  if (--exp->refcnt > 0)
+    return;
+  if (exp->deleted)
+    admin_event_export_deleted (exp->id);
+  export_free (exp);
 }
 
 static const char *const export_keys[] = {
@@ -64,15 +92,30 @@ int
 export_add_spec (const char *spec, struct error **errp)
 {
   struct json_object *o = spec_parse (spec, errp);
+  int r;
+
+  if (o == NULL) {
+    error_prepend (errp, "export");
+    return -1;
+  }
+  r = export_add (o, errp);
+  json_object_put (o);
+  return r;
+}
+
+int
+export_add (struct json_object *o, struct error **errp)
+{
   const char *type, *id = NULL, *node_name, *name = NULL, *desc = NULL;
   struct export *exp = NULL, **ne;
   struct node *node;
   bool writable = false, tls_required = false;
   char **allow = NULL;
   size_t nr_allow = 0;
+  char user[160];
 
-  if (o == NULL) {
-    error_prepend (errp, "export");
+  if (!json_object_is_type (o, json_type_object)) {
+    error_setg (errp, "export: expected an object");
     return -1;
   }
   if (opt_check_keys (o, "export", export_keys, errp) == -1 ||
@@ -108,15 +151,17 @@ export_add_spec (const char *spec, struct error **errp)
   }
   if (id == NULL)
     id = name;
-  for (size_t i = 0; i < nr_exports; ++i) {
-    if (strcmp (exports[i]->name, name) == 0) {
-      error_setg (errp, "export: name '%.80s' is already exported", name);
-      goto err;
-    }
-    if (strcmp (exports[i]->id, id) == 0) {
-      error_setg (errp, "export: id '%.80s' is already in use", id);
-      goto err;
-    }
+  if (strlen (id) > 128) {
+    error_setg (errp, "export: id is limited to 128 bytes");
+    goto err;
+  }
+  if (export_find_exact (name)) {
+    error_setg (errp, "export: name '%.80s' is already exported", name);
+    goto err;
+  }
+  if (export_by_id (id)) {
+    error_setg (errp, "export: id '%.80s' is already in use", id);
+    goto err;
   }
   node = node_lookup (node_name);
   if (node == NULL) {
@@ -140,6 +185,8 @@ export_add_spec (const char *spec, struct error **errp)
     error_setg_errno (errp, ENOMEM, "export");
     goto err;
   }
+  root_init (&exp->root);
+  exp->refcnt = 1;
   exp->id = strdup (id);
   exp->name = strdup (name);
   exp->description = desc ? strdup (desc) : NULL;
@@ -152,17 +199,83 @@ export_add_spec (const char *spec, struct error **errp)
   exp->tls_allow = allow;
   exp->nr_tls_allow = nr_allow;
   allow = NULL;
-  exp->node = node;
-  node_ref (node);
+  /* As QEMU's NBD export: it needs to read (and write), and lets
+   * anyone else do anything.
+   */
+  snprintf (user, sizeof user, "export '%s'", id);
+  exp->root.kind = "export";
+  exp->root.owner_name = exp->id;
+  exp->root.owner = exp;
+  if (root_attach (&exp->root, node,
+                   PERM_CONSISTENT_READ | (writable ? PERM_WRITE : 0),
+                   PERM_ALL, user, errp) == -1)
+    goto err;
+  /* Recorded with its name and id spelt out: they must not change
+   * when a graph change points the export at another node.
+   */
+  exp->spec = json_object_get (o);
+  json_object_object_add (o, "name", json_object_new_string (exp->name));
+  json_object_object_add (o, "id", json_object_new_string (exp->id));
   exports[nr_exports++] = exp;
-  json_object_put (o);
   return 0;
 
  err:
   opt_free_strings (allow);
   export_free (exp);
-  json_object_put (o);
   return -1;
+}
+
+void
+export_discard (struct export *exp)
+{
+  for (size_t i = 0; i < nr_exports; ++i)
+    if (exports[i] == exp) {
+      memmove (&exports[i], &exports[i + 1],
+               (nr_exports - i - 1) * sizeof *exports);
+      nr_exports--;
+      break;
+    }
+  export_unref (exp);
+}
+
+struct export *
+export_by_id (const char *id)
+{
+  for (size_t i = 0; i < nr_exports; ++i)
+    if (strcmp (exports[i]->id, id) == 0)
+      return exports[i];
+  return NULL;
+}
+
+int
+export_delete (struct export *exp, bool hard, struct error **errp)
+{
+  size_t i;
+
+  if (!hard && exp->refcnt > 1) {
+    error_setg (errp, "export '%s' has %u client%s connected: disconnect "
+                "them first, or use mode 'hard'", exp->id, exp->refcnt - 1,
+                exp->refcnt == 2 ? "" : "s");
+    return -1;
+  }
+  for (i = 0; i < nr_exports; ++i)
+    if (exports[i] == exp)
+      break;
+  if (i == nr_exports) {
+    error_setg (errp, "export '%s' is already being deleted", exp->id);
+    return -1;
+  }
+  memmove (&exports[i], &exports[i + 1],
+           (nr_exports - i - 1) * sizeof *exports);
+  nr_exports--;
+  exp->deleted = true;
+  /* Its clients go; it is freed (and BLOCK_EXPORT_DELETED sent) once
+   * the last of them has finished its requests.
+   */
+  if (hard)
+    conns_close_export (exp);
+  export_unref (exp);
+  return 0;
 }
 
 bool
@@ -197,8 +310,9 @@ export_access (const struct export *exp, const struct conn *c)
 void
 export_close_all (void)
 {
+  /* Connections are gone by now: these are the last references. */
   while (nr_exports > 0)
-    export_free (exports[--nr_exports]);
+    export_unref (exports[--nr_exports]);
   free (exports);
   exports = NULL;
 }
@@ -206,7 +320,7 @@ export_close_all (void)
 uint16_t
 export_tx_flags (const struct export *exp, bool structured)
 {
-  const struct node *node = exp->node;
+  const struct node *node = root_node (&exp->root);
   /* Every connection shares the node and its one descriptor, so a
    * flush on any connection covers writes acknowledged on all of them:
    * multi-conn is honest.

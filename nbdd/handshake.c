@@ -223,6 +223,7 @@ static void
 enter_transmission (struct conn *c, struct export *exp)
 {
   c->exp = exp;
+  export_ref (exp);
   c->mode = c->extended ? MODE_EXTENDED
     : c->structured ? MODE_STRUCTURED : MODE_SIMPLE;
   c->eflags = export_tx_flags (exp, c->structured || c->extended);
@@ -275,7 +276,7 @@ handle_export_name (struct conn *c)
   if (c->meta_export && strcmp (c->meta_export, exp->name) != 0)
     c->meta_selected = 0;
   enter_transmission (c, exp);
-  r.exportsize = htobe64 (exp->node->size);
+  r.exportsize = htobe64 (root_node (&exp->root)->size);
   r.eflags = htobe16 (c->eflags);
   conn_queue_copy (c, &r, c->no_zeroes ? 10 : sizeof r);
   return 0;
@@ -319,7 +320,7 @@ send_info_export (struct conn *c, struct export *exp)
 {
   struct nbd_info_export ie = {
     .info = htobe16 (NBD_INFO_EXPORT),
-    .exportsize = htobe64 (exp->node->size),
+    .exportsize = htobe64 (root_node (&exp->root)->size),
     .eflags = htobe16 (export_tx_flags (exp, c->structured || c->extended)),
   };
 
@@ -342,7 +343,7 @@ send_info_string (struct conn *c, uint16_t type, const char *s)
 static int
 send_info_block_size (struct conn *c, struct export *exp)
 {
-  uint32_t pref = MAX (exp->node->limits.opt_transfer, 4096u);
+  uint32_t pref = MAX (root_node (&exp->root)->limits.opt_transfer, 4096u);
   struct nbd_info_block_size bs = {
     .info = htobe16 (NBD_INFO_BLOCK_SIZE),
     /* The request path does read-modify-write, so any byte is fine. */

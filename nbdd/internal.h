@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <ev.h>
@@ -81,6 +82,9 @@ struct config {
   bool exit_with_parent;
   char *state_dir;
   char *pidfile;
+  char *config_file;            /* --config FILE, or NULL */
+  char *admin_socket;           /* QMP socket path, or NULL for none */
+  char *admin_group;            /* group allowed on it, or NULL */
   unsigned threads;
   unsigned max_connections;
   double handshake_timeout;     /* seconds; 0 = none */
@@ -97,15 +101,25 @@ void config_parse (int argc, char **argv);
 void config_free (void);
 
 /* export.c */
+struct export_stats {           /* atomics, added to by workers */
+  uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes;
+  uint64_t flush_ops, zero_ops, discard_ops, failed_ops;
+};
+
 struct export {
   char *id;
   char *name;
   char *description;            /* NULL if none */
-  struct node *node;            /* holds a reference */
+  struct node_root root;        /* where its requests enter the graph */
+  struct json_object *spec;     /* as added, for the catalogue */
+  unsigned refcnt;              /* the export list, and each client */
+  bool deleted;                 /* off the list; freed with its last client */
+  bool recorded;                /* in the catalogue */
   bool writable;
   bool tls_required;            /* only over TLS, even with --tls=on */
   char **tls_allow;             /* identities allowed; NULL = anyone */
   size_t nr_tls_allow;
+  struct export_stats stats;
 };
 
 /* What a connection, at this point of its handshake, may do with an
@@ -118,6 +132,17 @@ enum export_access {
 };
 
 int export_add_spec (const char *spec, struct error **errp);
+/* block-export-add: @o is borrowed (a reference is kept as its spec). */
+int export_add (struct json_object *o, struct error **errp);
+struct export *export_by_id (const char *id);
+/* block-export-del: refused while clients are connected unless @hard,
+ * which disconnects them.
+ */
+int export_delete (struct export *exp, bool hard, struct error **errp);
+/* Undo a block-export-add that no client has seen: gone, no event. */
+void export_discard (struct export *exp);
+void export_ref (struct export *exp);
+void export_unref (struct export *exp);
 /* Resolve a client's export name; "" is the only export if there is
  * exactly one.  Borrowed.
  */
@@ -283,7 +308,7 @@ struct conn {
   char *meta_export;            /* export the contexts were set for */
 
   /* Transmission state. */
-  struct export *exp;           /* borrowed; exports outlive conns */
+  struct export *exp;           /* holds a reference */
   enum reply_mode mode;
   uint16_t eflags;
   struct request *cur;          /* request whose payload is arriving */
@@ -295,6 +320,10 @@ struct conn {
   uint64_t inline_bytes;        /* read inline in this readable event */
   uint64_t in_flight_bytes;
   uint64_t nr_requests;         /* requests received, for the logs */
+  uint64_t bytes_read;          /* READ and WRITE data, for query-connections */
+  uint64_t bytes_written;
+  uint64_t id;                  /* unique, for query-connections */
+  ev_tstamp started;
 
   /* Output.  Replies are written by the loop (conn_flush) or, when
    * nothing is queued, straight from the worker that finished the
@@ -371,6 +400,10 @@ unsigned conn_count (void);
  */
 bool conn_evict_handshake (void);
 void conns_close_all (const char *why);
+/* Close every connection to @exp (block-export-del mode hard). */
+void conns_close_export (struct export *exp);
+/* Iterate over connections: follow ->next. */
+struct conn *conn_first (void);
 void conn_mark_dirty (struct conn *c);
 /* Resume reading if back-pressure allows it. */
 void conn_update_reading (struct conn *c);
@@ -472,6 +505,39 @@ void reply_encode (struct request *req);
 void reply_status_reset (struct request *req);
 int reply_status_add (struct request *req, uint32_t id,
                       const struct extent_list *el);
+
+/* admin.c: the QMP admin socket. */
+struct admin_peer {
+  uid_t uid;
+  pid_t pid;
+};
+int admin_open (struct ev_loop *loop, const char *path, const char *group,
+                struct error **errp);
+void admin_close (void);
+/* Send an event to every session (takes @data). */
+void admin_event (const char *name, struct json_object *data);
+void admin_event_export_deleted (const char *id);
+/* {"qemu": {"major", "minor", "micro"}, "package"}. */
+struct json_object *admin_version (void);
+
+/* qmp.c: run one command; returns {"return": ...} or {"error": ...}. */
+struct json_object *qmp_execute (const char *name, struct json_object *args,
+                                 const struct admin_peer *peer);
+void qmp_init (void);
+
+/* state.c: the catalogue in the state dir, and the graph it records. */
+extern struct catalog *catalog;
+/* Open the catalogue (if there is a state dir) and rebuild the nodes,
+ * throttle groups and exports it holds.  Exits with a message if it
+ * cannot: never a half-started daemon.
+ */
+void state_open (void);
+/* ...then, after the command line's nodes, the exports. */
+void state_open_exports (void);
+void state_close (void);
+
+/* main.c: stop the daemon (from the loop thread). */
+void daemon_quit (void);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

@@ -32,11 +32,15 @@ die (struct error *err)
   exit (EXIT_FAILURE);
 }
 
+/* The catalogue's nodes, the command line's, then the exports of
+ * both: command-line definitions are applied, never recorded.
+ */
 static void
 open_graph (void)
 {
   struct error *err = NULL;
 
+  state_open ();
   for (size_t i = 0; i < config.nr_blockdevs; ++i) {
     struct json_object *spec = spec_parse (config.blockdevs[i], &err);
     struct node *node;
@@ -52,6 +56,7 @@ open_graph (void)
       die (err);
     }
   }
+  state_open_exports ();
   for (size_t i = 0; i < config.nr_exports; ++i)
     if (export_add_spec (config.exports[i], &err) == -1) {
       error_prepend (&err, "--export");
@@ -154,12 +159,20 @@ sighup_cb (struct ev_loop *loop, ev_signal *w, int revents)
   tls_reload ();
 }
 
+static struct ev_loop *main_loop;
+
+void
+daemon_quit (void)
+{
+  shutting_down = true;
+  loop_quit (main_loop);
+}
+
 static void
 signal_cb (struct ev_loop *loop, ev_signal *w, int revents)
 {
   nbdd_info ("received signal %d: shutting down", w->signum);
-  shutting_down = true;
-  loop_quit (loop);
+  daemon_quit ();
 }
 
 int
@@ -193,7 +206,17 @@ main (int argc, char **argv)
     exit (EXIT_FAILURE);
   }
 
+  main_loop = loop;
+  qmp_init ();
+  /* The admin socket lives in the state dir. */
+  if (!config.admin_socket && config.state_dir &&
+      asprintf (&config.admin_socket, "%s/admin.sock", config.state_dir) == -1)
+    exit (EXIT_FAILURE);
+
   if (!config.stdio && listeners_open (loop, &err) == -1)
+    die (err);
+  if (config.admin_socket &&
+      admin_open (loop, config.admin_socket, config.admin_group, &err) == -1)
     die (err);
   if (!config.foreground)
     ready_fd = daemonize ();
@@ -234,6 +257,7 @@ main (int argc, char **argv)
    * finish what they hold, then close exports and nodes.
    */
   shutting_down = true;
+  admin_close ();
   listeners_close (loop);
   conns_close_all ("shutting down");
   workers_stop ();
@@ -241,6 +265,7 @@ main (int argc, char **argv)
   pipes_free_all ();
   export_close_all ();
   node_close_all ();
+  state_close ();
   ev_ref (loop);
   ev_signal_stop (loop, &sigterm);
   ev_ref (loop);

@@ -56,7 +56,7 @@ struct cmd {
 static bool
 in_range (const struct conn *c, uint64_t offset, uint64_t count)
 {
-  uint64_t size = c->exp->node->size;
+  uint64_t size = root_node (&c->exp->root)->size;
 
   return offset <= size && count <= size - offset;
 }
@@ -152,6 +152,41 @@ tx_request_completed (struct conn *c, struct request *req)
 {
   if (req->nbd_err == NBD_SUCCESS && changes_data (req->type))
     c->writes_in_flight--;
+  if (req->nbd_err == NBD_SUCCESS && req->err < 0)
+    c->exp->stats.failed_ops++;
+}
+
+/* Statistics for query-stats and query-connections (main thread). */
+static void
+account (struct conn *c, const struct request *req)
+{
+  struct export_stats *st = &c->exp->stats;
+
+  if (req->nbd_err != NBD_SUCCESS) {
+    st->failed_ops++;
+    return;
+  }
+  switch (req->type) {
+  case NBD_CMD_READ:
+    st->rd_ops++;
+    st->rd_bytes += req->count;
+    c->bytes_read += req->count;
+    break;
+  case NBD_CMD_WRITE:
+    st->wr_ops++;
+    st->wr_bytes += req->count;
+    c->bytes_written += req->count;
+    break;
+  case NBD_CMD_FLUSH:
+    st->flush_ops++;
+    break;
+  case NBD_CMD_WRITE_ZEROES:
+    st->zero_ops++;
+    break;
+  case NBD_CMD_TRIM:
+    st->discard_ops++;
+    break;
+  }
 }
 
 /* Bytes of payload that follow this header on the wire. */
@@ -162,6 +197,22 @@ payload_length (const struct conn *c, const struct cmd *cmd)
     return (cmd->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ||
       cmd->type == NBD_CMD_WRITE ? cmd->count : 0;
   return cmd->type == NBD_CMD_WRITE ? cmd->count : 0;
+}
+
+/* A read on the loop thread: only if it cannot block, which includes
+ * waiting for a drain.
+ */
+static bool
+read_inline (struct conn *c, void *buf, uint64_t count, uint64_t offset)
+{
+  struct node *node = root_io_try_begin (&c->exp->root);
+  int r;
+
+  if (node == NULL)
+    return false;
+  r = node_pread_nowait (node, buf, count, offset);
+  root_io_end (&c->exp->root);
+  return r == 0;
 }
 
 int
@@ -252,6 +303,7 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
   req->count = count;
   req->nbd_err = err;
   req->errmsg = msg;
+  account (c, req);
 
   if (err != NBD_SUCCESS) {
     datapath_debug ("%s: %s: %s", c->peer, nbd_cmd_name (type), msg);
@@ -277,7 +329,7 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
    */
   if (type == NBD_CMD_READ && count <= MAX_INLINE_READ &&
       c->writes_in_flight == 0 && c->inline_bytes < MAX_INLINE_PER_EVENT &&
-      node_pread_nowait (c->exp->node, req->buf, count, offset) == 0) {
+      read_inline (c, req->buf, count, offset)) {
     c->inline_bytes += count;
     request_reply_now (c, req);
     conn_update_reading (c);
@@ -321,9 +373,8 @@ tx_on_payload_skipped (struct conn *c)
  * spliced only where the node says the whole range is data.
  */
 static bool
-splice_allowed (struct request *req)
+splice_allowed (struct request *req, struct node *node)
 {
-  struct node *node = req->conn->exp->node;
   struct extent_list *el = &req->extents;
 
   if (req->conn->mode == MODE_SIMPLE || (req->flags & NBD_CMD_FLAG_DF) ||
@@ -340,14 +391,13 @@ splice_allowed (struct request *req)
  * untouched for node_pread.
  */
 static bool
-read_spliced (struct request *req)
+read_spliced (struct request *req, struct node *node)
 {
-  struct node *node = req->conn->exp->node;
   struct splice_pipe *p;
   int r;
 
   if (req->count < MIN_SPLICE_READ || req->count > SPLICE_PIPE_SIZE ||
-      req->conn->is_stdio || req->conn->tls_up || !splice_allowed (req) ||
+      req->conn->is_stdio || req->conn->tls_up || !splice_allowed (req, node) ||
       (p = pipe_get ()) == NULL)
     return false;
   r = node_read_splice (node, p->wr, SPLICE_PIPE_SIZE, req->count,
@@ -373,7 +423,7 @@ read_spliced (struct request *req)
  * cannot go on after an error chunk, which ends it.
  */
 static int
-block_status (struct request *req)
+block_status (struct request *req, struct node *node)
 {
   struct conn *c = req->conn;
   size_t nr;
@@ -387,7 +437,7 @@ block_status (struct request *req)
       continue;
     extents_reset (&req->extents, req->offset);
     req->extents.max = (req->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : MAX_EXTENTS;
-    r = mc[i].extents (&mc[i], c->exp->node, req->count, &req->extents);
+    r = mc[i].extents (&mc[i], node, req->count, &req->extents);
     if (r == 0)
       r = reply_status_add (req, mc[i].id, &req->extents);
     if (r < 0)
@@ -397,16 +447,15 @@ block_status (struct request *req)
 }
 
 /* Worker thread: the I/O of one request, then its reply encoding. */
-void
-request_run (struct request *req)
+static void
+request_io (struct request *req, struct node *node)
 {
-  struct node *node = req->conn->exp->node;
   unsigned fua = (req->flags & NBD_CMD_FLAG_FUA) ? NODE_FUA : 0;
   int r = 0;
 
   switch (req->type) {
   case NBD_CMD_READ:
-    if (read_spliced (req))
+    if (read_spliced (req, node))
       return;
     r = node_pread (node, req->buf, req->count, req->offset, 0);
     /* FUA on a read asks nothing of us once the read is done. */
@@ -433,7 +482,7 @@ request_run (struct request *req)
     r = node_cache (node, req->count, req->offset);
     break;
   case NBD_CMD_BLOCK_STATUS:
-    r = block_status (req);
+    r = block_status (req, node);
     break;
   default:
     r = -EINVAL;
@@ -441,4 +490,13 @@ request_run (struct request *req)
   }
   req->err = r;
   reply_encode (req);
+}
+
+void
+request_run (struct request *req)
+{
+  struct node_root *root = &req->conn->exp->root;
+
+  request_io (req, root_io_begin (root));
+  root_io_end (root);
 }

@@ -1,0 +1,1220 @@
+/* QMP commands: what the admin socket can do.
+ *
+ * A command is validated, applied to the running graph, and recorded
+ * in the catalogue, all inside one catalogue transaction.  Each step
+ * that changed the runtime registers how to undo it; if anything fails
+ * (a later action of a 'transaction', or the catalogue commit itself)
+ * the undo steps run in reverse and the catalogue rolls back, so the
+ * daemon and its catalogue never disagree.  Steps that cannot be undone
+ * (closing a node, dropping an export's clients) are deferred until
+ * the commit has succeeded.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "catalog.h"
+#include "cleanup.h"
+#include "internal.h"
+#include "log.h"
+#include "options.h"
+#include "qcow2-create.h"
+#include "throttle.h"
+
+struct step {
+  void (*fn) (void *data);
+  void *data;
+};
+
+struct qmp_txn {
+  struct step *undo, *commit;
+  size_t nr_undo, nr_commit;
+  const char *error_class;      /* for the error reply; default generic */
+  bool failed_alloc;
+};
+
+static void
+txn_push (struct step **v, size_t *n, bool *failed, void (*fn) (void *),
+          void *data)
+{
+  struct step *nv = realloc (*v, (*n + 1) * sizeof *nv);
+
+  if (nv == NULL) {
+    *failed = true;
+    return;
+  }
+  *v = nv;
+  nv[(*n)++] = (struct step) { fn, data };
+}
+
+/* On failure, run @fn(@data) to undo a change already made. */
+static void
+on_abort (struct qmp_txn *t, void (*fn) (void *), void *data)
+{
+  txn_push (&t->undo, &t->nr_undo, &t->failed_alloc, fn, data);
+}
+
+/* Once committed, run @fn(@data): for what cannot be undone. */
+static void
+on_commit (struct qmp_txn *t, void (*fn) (void *), void *data)
+{
+  txn_push (&t->commit, &t->nr_commit, &t->failed_alloc, fn, data);
+}
+
+static int
+not_found (struct qmp_txn *t, struct error **errp, const char *what,
+           const char *name)
+{
+  t->error_class = "DeviceNotFound";
+  error_setg (errp, "%s '%.80s' does not exist", what, name);
+  return -1;
+}
+
+static const char *
+json_text (struct json_object *o)
+{
+  return json_object_to_json_string_ext (o, JSON_C_TO_STRING_PLAIN);
+}
+
+/* ---- nodes ---- */
+
+static void
+undo_node_add (void *data)
+{
+  char *name = data;
+  struct error *err = NULL;
+
+  if (node_delete (name, &err) == -1) {
+    nbdd_warn ("undoing blockdev-add: %s", err->msg);
+    error_free (err);
+  }
+  free (name);
+}
+
+static int
+cmd_blockdev_add (struct qmp_txn *t, struct json_object *args,
+                  struct json_object **ret, struct error **errp)
+{
+  struct json_object *spec = NULL;
+  const char *name;
+  struct node *node;
+  char *undo_name;
+
+  if (opt_get_string (args, "blockdev-add", "node-name", true, &name,
+                      errp) == -1)
+    return -1;
+  /* The node keeps its spec and may add to it (read-only inherited by
+   * inline children): a copy of its own, not the message's.
+   */
+  if (json_object_deep_copy (args, &spec, NULL) != 0) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  node = node_open_spec (spec, errp);
+  json_object_put (spec);
+  if (node == NULL)
+    return -1;
+  node->recorded = catalog != NULL;
+  undo_name = strdup (name);
+  on_abort (t, undo_node_add, undo_name);
+  if (catalog && catalog_node_put (catalog, name, json_text (node->spec),
+                                   errp) == -1)
+    return -1;
+  return 0;
+}
+
+static void
+commit_node_del (void *data)
+{
+  char *name = data;
+  struct error *err = NULL;
+
+  if (node_delete (name, &err) == -1) {
+    nbdd_warn ("blockdev-del: %s", err->msg);
+    error_free (err);
+  }
+  free (name);
+}
+
+static const char *const node_del_keys[] = { "node-name", NULL };
+
+static int
+cmd_blockdev_del (struct qmp_txn *t, struct json_object *args,
+                  struct json_object **ret, struct error **errp)
+{
+  const char *name;
+  struct node *node;
+
+  if (opt_check_keys (args, "blockdev-del", node_del_keys, errp) == -1 ||
+      opt_get_string (args, "blockdev-del", "node-name", true, &name,
+                      errp) == -1)
+    return -1;
+  node = node_lookup (name);
+  if (node == NULL)
+    return not_found (t, errp, "node", name);
+  if (node->nr_parents > 0) {
+    char users[512];
+    node_describe_users (node, users, sizeof users);
+    error_setg (errp, "node '%s' is in use by %s", name, users);
+    return -1;
+  }
+  if (catalog && catalog_node_del (catalog, name, errp) == -1)
+    return -1;
+  on_commit (t, commit_node_del, strdup (name));
+  return 0;
+}
+
+/* The file a node reads, found down its primary children. */
+static const char *
+node_filename (const struct node *n)
+{
+  struct json_object *v;
+
+  while (n) {
+    const struct node *next = NULL;
+    if (json_object_object_get_ex (n->spec, "filename", &v) &&
+        json_object_is_type (v, json_type_string))
+      return json_object_get_string (v);
+    for (size_t i = 0; i < n->nr_children; ++i)
+      if (n->children[i]->role & CHILD_PRIMARY) {
+        next = n->children[i]->node;
+        break;
+      }
+    n = next;
+  }
+  return NULL;
+}
+
+static struct json_object *
+node_info (struct node *n)
+{
+  struct json_object *o = json_object_new_object ();
+  struct json_object *img = json_object_new_object ();
+  struct json_object *children = json_object_new_array ();
+  struct json_object *users = json_object_new_array ();
+  const char *fn = node_filename (n);
+
+  json_object_object_add (o, "node-name", json_object_new_string (n->name));
+  json_object_object_add (o, "drv", json_object_new_string (n->drv->name));
+  json_object_object_add (o, "ro", json_object_new_boolean (n->read_only));
+  json_object_object_add (o, "file", json_object_new_string (fn ? fn : ""));
+  json_object_object_add (img, "filename",
+                          json_object_new_string (fn ? fn : ""));
+  json_object_object_add (img, "format",
+                          json_object_new_string (n->drv->name));
+  json_object_object_add (img, "virtual-size",
+                          json_object_new_int64 ((int64_t) node_size (n)));
+  json_object_object_add (o, "image", img);
+  for (size_t i = 0; i < n->nr_children; ++i) {
+    struct json_object *c = json_object_new_object ();
+    json_object_object_add (c, "child",
+                            json_object_new_string (n->children[i]->name));
+    json_object_object_add (c, "node-name",
+                            json_object_new_string (n->children[i]->node->name));
+    json_object_array_add (children, c);
+  }
+  json_object_object_add (o, "children", children);
+  for (size_t i = 0; i < n->nr_parents; ++i) {
+    const struct node_child *e = n->parents[i];
+    struct json_object *u = json_object_new_object ();
+    if (e->parent) {
+      json_object_object_add (u, "kind", json_object_new_string ("node"));
+      json_object_object_add (u, "name",
+                              json_object_new_string (e->parent->name));
+      json_object_object_add (u, "child", json_object_new_string (e->name));
+    }
+    else {
+      const struct node_root *r = container_of (e, struct node_root, edge);
+      json_object_object_add (u, "kind",
+                              json_object_new_string (r->kind ? r->kind
+                                                      : "root"));
+      json_object_object_add (u, "name",
+                              json_object_new_string (r->owner_name ?
+                                                      r->owner_name : ""));
+    }
+    json_object_object_add (u, "perm", perm_to_json (e->perm));
+    json_object_object_add (u, "shared", perm_to_json (e->shared));
+    json_object_array_add (users, u);
+  }
+  json_object_object_add (o, "users", users);
+  if (strcmp (n->drv->name, "throttle") == 0)
+    json_object_object_add (o, "throttle-group",
+                            json_object_new_string (throttle_node_group (n)));
+  return o;
+}
+
+static int
+cmd_query_named_block_nodes (struct qmp_txn *t, struct json_object *args,
+                             struct json_object **ret, struct error **errp)
+{
+  struct json_object *a = json_object_new_array ();
+  struct node *n;
+  size_t count = 0;
+
+  /* Newest first on the list: reverse it for creation order. */
+  for (n = node_first (); n; n = n->all_next)
+    count++;
+  for (size_t i = 0; i < count; ++i)
+    json_object_array_add (a, NULL);
+  for (n = node_first (); n; n = n->all_next)
+    json_object_array_put_idx (a, --count, node_info (n));
+  *ret = a;
+  return 0;
+}
+
+/* ---- blockdev-create ---- */
+
+/* Create @filename empty (or keep it if it exists and is empty): never
+ * overwrite data.
+ */
+static int
+create_file (const char *filename, uint64_t size, struct error **errp)
+{
+  struct stat st;
+  int fd = open (filename, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+
+  if (fd == -1) {
+    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    return -1;
+  }
+  if (fstat (fd, &st) == -1) {
+    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    close (fd);
+    return -1;
+  }
+  if (S_ISREG (st.st_mode) && st.st_size > 0) {
+    error_setg (errp, "blockdev-create: '%s' exists and is not empty: "
+                "remove it first", filename);
+    close (fd);
+    return -1;
+  }
+  if (S_ISREG (st.st_mode) && ftruncate (fd, size) == -1) {
+    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    close (fd);
+    return -1;
+  }
+  if (fsync (fd) == -1 || close (fd) == -1) {
+    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    return -1;
+  }
+  return 0;
+}
+
+/* The protocol node to create an image on: a node-name (not in use)
+ * or an inline spec, whose file is created if it does not exist.
+ */
+static struct node *
+create_target (struct json_object *opts, struct error **errp)
+{
+  struct json_object *ref, *copy = NULL;
+  struct node *node;
+
+  if (!json_object_object_get_ex (opts, "file", &ref)) {
+    error_setg (errp, "blockdev-create: parameter 'file' is missing");
+    return NULL;
+  }
+  if (json_object_is_type (ref, json_type_string)) {
+    node = node_lookup (json_object_get_string (ref));
+    if (node == NULL) {
+      error_setg (errp, "blockdev-create: node '%.80s' does not exist",
+                  json_object_get_string (ref));
+      return NULL;
+    }
+    if (node->nr_parents > 0) {
+      char users[512];
+      node_describe_users (node, users, sizeof users);
+      error_setg (errp, "blockdev-create: node '%s' is in use by %s",
+                  node->name, users);
+      return NULL;
+    }
+    node_ref (node);
+    return node;
+  }
+  if (json_object_is_type (ref, json_type_object)) {
+    const char *driver, *fn;
+    if (opt_get_string (ref, "blockdev-create", "driver", true, &driver,
+                        errp) == -1)
+      return NULL;
+    if (strcmp (driver, "file") != 0) {
+      error_setg (errp, "blockdev-create: an inline 'file' must have "
+                  "driver 'file'");
+      return NULL;
+    }
+    if (opt_get_string (ref, "blockdev-create", "filename", true, &fn,
+                        errp) == -1 ||
+        create_file (fn, 0, errp) == -1)
+      return NULL;
+    if (json_object_deep_copy (ref, &copy, NULL) != 0) {
+      error_setg (errp, "out of memory");
+      return NULL;
+    }
+    node = node_new (format_find_driver ("file"), NULL, copy, errp);
+    json_object_put (copy);
+    return node;
+  }
+  error_setg (errp, "blockdev-create: 'file' must be a node-name or a "
+              "blockdev spec");
+  return NULL;
+}
+
+static const char *const create_keys[] = { "job-id", "options", NULL };
+
+static int
+cmd_blockdev_create (struct qmp_txn *t, struct json_object *args,
+                     struct json_object **ret, struct error **errp)
+{
+  struct json_object *opts;
+  const char *driver;
+  uint64_t size;
+
+  if (opt_check_keys (args, "blockdev-create", create_keys, errp) == -1)
+    return -1;
+  if (!json_object_object_get_ex (args, "options", &opts) ||
+      !json_object_is_type (opts, json_type_object)) {
+    error_setg (errp, "blockdev-create: 'options' (an object) is missing");
+    return -1;
+  }
+  if (opt_get_string (opts, "blockdev-create", "driver", true, &driver,
+                      errp) == -1 ||
+      opt_get_size (opts, "blockdev-create", "size", true, &size,
+                    errp) == -1)
+    return -1;
+
+  if (strcmp (driver, "file") == 0) {
+    static const char *const keys[] = {
+      "driver", "filename", "size", "preallocation", "nocow", NULL
+    };
+    const char *fn;
+    if (opt_check_keys (opts, "blockdev-create", keys, errp) == -1 ||
+        opt_get_string (opts, "blockdev-create", "filename", true, &fn,
+                        errp) == -1)
+      return -1;
+    return create_file (fn, size, errp);
+  }
+  if (strcmp (driver, "qcow2") == 0) {
+    struct qcow2_create_opts o;
+    struct node *file;
+    int r;
+    if (qcow2_create_opts_from_json (opts, &o, errp) == -1 ||
+        (file = create_target (opts, errp)) == NULL)
+      return -1;
+    r = qcow2_create (file, &o, errp);
+    node_unref (file);
+    return r;
+  }
+  if (strcmp (driver, "raw") == 0) {
+    static const char *const keys[] = {
+      "driver", "file", "size", "preallocation", NULL
+    };
+    struct node *file;
+    int r;
+    if (opt_check_keys (opts, "blockdev-create", keys, errp) == -1 ||
+        (file = create_target (opts, errp)) == NULL)
+      return -1;
+    r = node_truncate (file, size);
+    if (r == 0)
+      r = node_flush (file);
+    node_unref (file);
+    if (r < 0) {
+      error_setg_errno (errp, -r, "blockdev-create: sizing the raw image");
+      return -1;
+    }
+    return 0;
+  }
+  error_setg (errp, "blockdev-create: driver '%.80s' is not supported "
+              "(file, raw, qcow2)", driver);
+  return -1;
+}
+
+/* ---- moving users between nodes ---- */
+
+/* A spec value rewritten in place, and how to put it back. */
+struct spec_change {
+  struct json_object *obj;
+  char *key;
+  char *old;
+};
+
+static void
+undo_spec_change (void *data)
+{
+  struct spec_change *sc = data;
+
+  json_object_object_add (sc->obj, sc->key, json_object_new_string (sc->old));
+  json_object_put (sc->obj);
+  free (sc->key);
+  free (sc->old);
+  free (sc);
+}
+
+static void
+forget_spec_change (void *data)
+{
+  struct spec_change *sc = data;
+
+  json_object_put (sc->obj);
+  free (sc->key);
+  free (sc->old);
+  free (sc);
+}
+
+static int
+set_spec_string (struct qmp_txn *t, struct json_object *obj, const char *key,
+                 const char *value)
+{
+  struct json_object *v;
+  struct spec_change *sc = calloc (1, sizeof *sc);
+
+  if (sc == NULL)
+    return -1;
+  sc->obj = json_object_get (obj);
+  sc->key = strdup (key);
+  sc->old = strdup (json_object_object_get_ex (obj, key, &v) ?
+                    json_object_get_string (v) : "");
+  json_object_object_add (obj, key, json_object_new_string (value));
+  on_abort (t, undo_spec_change, sc);
+  on_commit (t, forget_spec_change, sc);
+  return 0;
+}
+
+/* The registered node whose spec holds @n's (itself, or the parent it
+ * is an inline child of), or NULL.
+ */
+static struct node *
+spec_owner (struct node *n)
+{
+  while (n) {
+    if (node_lookup (n->name) == n)
+      return n;
+    n = n->nr_parents == 1 ? n->parents[0]->parent : NULL;
+  }
+  return NULL;
+}
+
+/* Edges that moved to @to: make the specs that describe them say so,
+ * in memory and in the catalogue.
+ */
+static int
+record_moved_users (struct qmp_txn *t, struct node *to, struct error **errp)
+{
+  for (size_t i = 0; i < to->nr_parents; ++i) {
+    struct node_child *e = to->parents[i];
+
+    if (e->parent == NULL) {
+      struct node_root *r = container_of (e, struct node_root, edge);
+      struct export *exp = r->owner;
+      if (exp == NULL)
+        continue;
+      if (set_spec_string (t, exp->spec, "node-name", to->name) == -1)
+        goto nomem;
+      if (catalog && exp->recorded &&
+          catalog_export_put (catalog, exp->id, json_text (exp->spec),
+                              errp) == -1)
+        return -1;
+    }
+    else {
+      struct node *owner = spec_owner (e->parent);
+      if (set_spec_string (t, e->parent->spec, e->name, to->name) == -1)
+        goto nomem;
+      if (catalog && owner && owner->recorded &&
+          catalog_node_put (catalog, owner->name, json_text (owner->spec),
+                            errp) == -1)
+        return -1;
+    }
+  }
+  return 0;
+
+ nomem:
+  error_setg (errp, "out of memory");
+  return -1;
+}
+
+struct replace_undo {
+  struct node *from, *to;       /* put back: users of 'to' go to 'from' */
+  struct node *except;
+};
+
+static void
+undo_replace (void *data)
+{
+  struct replace_undo *u = data;
+  struct node *nodes[] = { u->from, u->to };
+  struct graph_drain *d = graph_drain_begin (nodes, 2, NULL);
+  struct error *err = NULL;
+
+  if (graph_replace_node (u->to, u->from, u->except, &err) == -1) {
+    nbdd_warn ("undoing a graph change: %s", err->msg);
+    error_free (err);
+  }
+  graph_drain_end (d);
+  node_unref (u->from);
+  node_unref (u->to);
+  free (u);
+}
+
+static void
+forget_replace (void *data)
+{
+  struct replace_undo *u = data;
+
+  node_unref (u->from);
+  node_unref (u->to);
+  free (u);
+}
+
+/* Move every user of @from except @except to @to, drained. */
+static int
+replace_users (struct qmp_txn *t, struct node *from, struct node *to,
+               struct node *except, struct error **errp)
+{
+  struct node *nodes[] = { from, to };
+  struct graph_drain *d = graph_drain_begin (nodes, 2, errp);
+  struct replace_undo *u;
+  int r;
+
+  if (d == NULL)
+    return -1;
+  r = graph_replace_node (from, to, except, errp);
+  graph_drain_end (d);
+  if (r == -1)
+    return -1;
+  u = malloc (sizeof *u);
+  if (u == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  node_ref (from);
+  node_ref (to);
+  *u = (struct replace_undo) { from, to, except };
+  on_abort (t, undo_replace, u);
+  on_commit (t, forget_replace, u);
+  return record_moved_users (t, to, errp);
+}
+
+/* The child a filter passes requests to. */
+static struct node_child *
+filtered_child (struct node *f)
+{
+  for (size_t i = 0; i < f->nr_children; ++i)
+    if (f->children[i]->role & CHILD_FILTERED)
+      return f->children[i];
+  return NULL;
+}
+
+static const char *const insert_keys[] = { "node", "filter", NULL };
+
+static int
+cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
+                          struct json_object **ret, struct error **errp)
+{
+  const char *name, *fname;
+  struct node *node, *filter;
+  struct node_child *fc;
+
+  if (opt_check_keys (args, "blockdev-insert-node", insert_keys,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-insert-node", "node", true, &name,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-insert-node", "filter", true, &fname,
+                      errp) == -1)
+    return -1;
+  if ((node = node_lookup (name)) == NULL)
+    return not_found (t, errp, "node", name);
+  if ((filter = node_lookup (fname)) == NULL)
+    return not_found (t, errp, "node", fname);
+  fc = filtered_child (filter);
+  if (!filter->drv->is_filter || fc == NULL) {
+    error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
+                filter->drv->name);
+    return -1;
+  }
+  if (fc->node != node) {
+    error_setg (errp, "filter '%s' must have 'file' set to '%s' (it "
+                "filters '%s')", fname, name, fc->node->name);
+    return -1;
+  }
+  if (filter->nr_parents > 0) {
+    char users[512];
+    node_describe_users (filter, users, sizeof users);
+    error_setg (errp, "filter '%s' is already in use by %s", fname, users);
+    return -1;
+  }
+  return replace_users (t, node, filter, filter, errp);
+}
+
+static const char *const remove_keys[] = { "filter", NULL };
+
+static int
+cmd_blockdev_remove_node (struct qmp_txn *t, struct json_object *args,
+                          struct json_object **ret, struct error **errp)
+{
+  const char *fname;
+  struct node *filter;
+  struct node_child *fc;
+
+  if (opt_check_keys (args, "blockdev-remove-node", remove_keys,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-remove-node", "filter", true, &fname,
+                      errp) == -1)
+    return -1;
+  if ((filter = node_lookup (fname)) == NULL)
+    return not_found (t, errp, "node", fname);
+  fc = filtered_child (filter);
+  if (!filter->drv->is_filter || fc == NULL) {
+    error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
+                filter->drv->name);
+    return -1;
+  }
+  if (node_lookup (fc->node->name) != fc->node) {
+    error_setg (errp, "filter '%s' filters an unnamed node: its users "
+                "cannot be recorded as using it", fname);
+    return -1;
+  }
+  return replace_users (t, filter, fc->node, NULL, errp);
+}
+
+/* ---- throttling ---- */
+
+struct throttle_undo {
+  char *group;
+  struct json_object *limits;
+};
+
+static void forget_throttle (void *data);
+
+static void
+undo_throttle (void *data)
+{
+  struct throttle_undo *u = data;
+  struct error *err = NULL;
+
+  if (throttle_group_set_limits (u->group, u->limits, &err) == -1) {
+    nbdd_warn ("undoing block-set-io-throttle: %s", err->msg);
+    error_free (err);
+  }
+  forget_throttle (u);
+}
+
+static void
+forget_throttle (void *data)
+{
+  struct throttle_undo *u = data;
+
+  free (u->group);
+  json_object_put (u->limits);
+  free (u);
+}
+
+static int
+cmd_block_set_io_throttle (struct qmp_txn *t, struct json_object *args,
+                           struct json_object **ret, struct error **errp)
+{
+  const char *group = NULL, *nname = NULL;
+  struct throttle_undo *u;
+  struct json_object *limits;
+  CLEANUP_FREE char *g = NULL;
+
+  if (opt_get_string (args, "block-set-io-throttle", "group", false, &group,
+                      errp) == -1 ||
+      opt_get_string (args, "block-set-io-throttle", "node-name", false,
+                      &nname, errp) == -1)
+    return -1;
+  if ((group == NULL) == (nname == NULL)) {
+    error_setg (errp, "block-set-io-throttle: give either 'group' or "
+                "'node-name' (a throttle node)");
+    return -1;
+  }
+  if (nname) {
+    struct node *n = node_lookup (nname);
+    if (n == NULL)
+      return not_found (t, errp, "node", nname);
+    if (strcmp (n->drv->name, "throttle") != 0) {
+      error_setg (errp, "node '%s' is not a throttle node (driver %s): "
+                  "insert one with blockdev-insert-node", nname,
+                  n->drv->name);
+      return -1;
+    }
+    group = throttle_node_group (n);
+  }
+  if (!throttle_group_exists (group))
+    return not_found (t, errp, "throttle group", group);
+  g = strdup (group);
+  u = calloc (1, sizeof *u);
+  if (g == NULL || u == NULL) {
+    free (u);
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  u->group = strdup (g);
+  u->limits = throttle_group_limits (g);
+  if (throttle_group_set (g, args, errp) == -1) {
+    forget_throttle (u);
+    return -1;
+  }
+  on_abort (t, undo_throttle, u);
+  on_commit (t, forget_throttle, u);
+  if (catalog) {
+    limits = throttle_group_limits (g);
+    if (catalog_throttle_group_put (catalog, g, json_text (limits),
+                                    errp) == -1) {
+      json_object_put (limits);
+      return -1;
+    }
+    json_object_put (limits);
+  }
+  return 0;
+}
+
+/* ---- exports ---- */
+
+static void
+undo_export_add (void *data)
+{
+  export_discard (data);
+}
+
+static int
+cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  struct json_object *spec = NULL;
+  struct export *exp;
+  int r;
+
+  if (json_object_deep_copy (args, &spec, NULL) != 0) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  r = export_add (spec, errp);
+  json_object_put (spec);
+  if (r == -1)
+    return -1;
+  exp = export_nth (export_count () - 1);
+  exp->recorded = catalog != NULL;
+  on_abort (t, undo_export_add, exp);
+  if (catalog && catalog_export_put (catalog, exp->id, json_text (exp->spec),
+                                     errp) == -1)
+    return -1;
+  return 0;
+}
+
+struct export_del {
+  struct export *exp;
+  bool hard;
+};
+
+static void
+commit_export_del (void *data)
+{
+  struct export_del *d = data;
+  struct error *err = NULL;
+
+  if (export_delete (d->exp, d->hard, &err) == -1) {
+    nbdd_warn ("block-export-del: %s", err->msg);
+    error_free (err);
+  }
+  free (d);
+}
+
+static const char *const export_del_keys[] = { "id", "mode", NULL };
+
+static int
+cmd_block_export_del (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  const char *id, *mode = "safe";
+  struct export *exp;
+  struct export_del *d;
+
+  if (opt_check_keys (args, "block-export-del", export_del_keys,
+                      errp) == -1 ||
+      opt_get_string (args, "block-export-del", "id", true, &id,
+                      errp) == -1 ||
+      opt_get_string (args, "block-export-del", "mode", false, &mode,
+                      errp) == -1)
+    return -1;
+  if (strcmp (mode, "safe") != 0 && strcmp (mode, "hard") != 0) {
+    error_setg (errp, "block-export-del: mode must be 'safe' or 'hard'");
+    return -1;
+  }
+  if ((exp = export_by_id (id)) == NULL)
+    return not_found (t, errp, "export", id);
+  if (strcmp (mode, "safe") == 0 && exp->refcnt > 1) {
+    error_setg (errp, "export '%s' has %u client%s connected: disconnect "
+                "them first, or use mode 'hard'", exp->id, exp->refcnt - 1,
+                exp->refcnt == 2 ? "" : "s");
+    return -1;
+  }
+  if (catalog && catalog_export_del (catalog, id, errp) == -1)
+    return -1;
+  d = malloc (sizeof *d);
+  if (d == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  *d = (struct export_del) { exp, strcmp (mode, "hard") == 0 };
+  on_commit (t, commit_export_del, d);
+  return 0;
+}
+
+static int
+cmd_query_block_exports (struct qmp_txn *t, struct json_object *args,
+                         struct json_object **ret, struct error **errp)
+{
+  struct json_object *a = json_object_new_array ();
+
+  for (size_t i = 0; i < export_count (); ++i) {
+    struct export *exp = export_nth (i);
+    struct json_object *o = json_object_new_object ();
+    json_object_object_add (o, "id", json_object_new_string (exp->id));
+    json_object_object_add (o, "type", json_object_new_string ("nbd"));
+    json_object_object_add (o, "node-name",
+                            json_object_new_string (root_node (&exp->root)->name));
+    json_object_object_add (o, "name", json_object_new_string (exp->name));
+    json_object_object_add (o, "writable",
+                            json_object_new_boolean (exp->writable));
+    if (exp->description)
+      json_object_object_add (o, "description",
+                              json_object_new_string (exp->description));
+    json_object_object_add (o, "tls-required",
+                            json_object_new_boolean (exp->tls_required));
+    json_object_object_add (o, "connections",
+                            json_object_new_int (exp->refcnt - 1));
+    json_object_object_add (o, "shutting-down",
+                            json_object_new_boolean (false));
+    json_object_array_add (a, o);
+  }
+  *ret = a;
+  return 0;
+}
+
+/* ---- inspection ---- */
+
+static int
+cmd_query_connections (struct qmp_txn *t, struct json_object *args,
+                       struct json_object **ret, struct error **errp)
+{
+  struct json_object *a = json_object_new_array ();
+  ev_tstamp now = ev_time ();
+
+  for (struct conn *c = conn_first (); c; c = c->next) {
+    struct json_object *o;
+    const char *id;
+    if (c->dead)
+      continue;
+    o = json_object_new_object ();
+    id = c->tls_up ? tls_identity (c) : NULL;
+    json_object_object_add (o, "id", json_object_new_int64 (c->id));
+    json_object_object_add (o, "peer", json_object_new_string (c->peer));
+    json_object_object_add (o, "export", c->exp ?
+                            json_object_new_string (c->exp->id) : NULL);
+    json_object_object_add (o, "tls", json_object_new_boolean (c->tls_up));
+    json_object_object_add (o, "tls-identity",
+                            id ? json_object_new_string (id) : NULL);
+    json_object_object_add (o, "requests",
+                            json_object_new_int64 (c->nr_requests));
+    json_object_object_add (o, "bytes-read",
+                            json_object_new_int64 (c->bytes_read));
+    json_object_object_add (o, "bytes-written",
+                            json_object_new_int64 (c->bytes_written));
+    json_object_object_add (o, "connected-seconds",
+                            json_object_new_double (now - c->started));
+    json_object_array_add (a, o);
+  }
+  *ret = a;
+  return 0;
+}
+
+static ev_tstamp started_at;
+
+static int
+cmd_query_stats (struct qmp_txn *t, struct json_object *args,
+                 struct json_object **ret, struct error **errp)
+{
+  struct json_object *o = json_object_new_object ();
+  struct json_object *a = json_object_new_array ();
+  size_t nodes = 0;
+
+  for (struct node *n = node_first (); n; n = n->all_next)
+    nodes++;
+  json_object_object_add (o, "uptime-seconds",
+                          json_object_new_double (ev_time () - started_at));
+  json_object_object_add (o, "connections",
+                          json_object_new_int (conn_count ()));
+  json_object_object_add (o, "nodes", json_object_new_int64 (nodes));
+  for (size_t i = 0; i < export_count (); ++i) {
+    struct export *exp = export_nth (i);
+    struct json_object *e = json_object_new_object ();
+    const struct export_stats *st = &exp->stats;
+    json_object_object_add (e, "id", json_object_new_string (exp->id));
+#define STAT(name, field) \
+    json_object_object_add (e, name, json_object_new_int64 (st->field))
+    STAT ("rd_operations", rd_ops);
+    STAT ("wr_operations", wr_ops);
+    STAT ("rd_bytes", rd_bytes);
+    STAT ("wr_bytes", wr_bytes);
+    STAT ("flush_operations", flush_ops);
+    STAT ("zero_operations", zero_ops);
+    STAT ("discard_operations", discard_ops);
+    STAT ("failed_operations", failed_ops);
+#undef STAT
+    json_object_array_add (a, e);
+  }
+  json_object_object_add (o, "exports", a);
+  *ret = o;
+  return 0;
+}
+
+static int
+cmd_query_version (struct qmp_txn *t, struct json_object *args,
+                   struct json_object **ret, struct error **errp)
+{
+  *ret = admin_version ();
+  return 0;
+}
+
+static void
+commit_quit (void *data)
+{
+  nbdd_info ("quit requested through the admin socket");
+  daemon_quit ();
+}
+
+static int
+cmd_quit (struct qmp_txn *t, struct json_object *args,
+          struct json_object **ret, struct error **errp)
+{
+  on_commit (t, commit_quit, NULL);
+  return 0;
+}
+
+/* ---- the table ---- */
+
+#define CMD_CHANGES     1       /* a catalogue transaction, audited */
+#define CMD_IN_TXN      2       /* allowed as a 'transaction' action */
+
+struct command {
+  const char *name;
+  int (*fn) (struct qmp_txn *t, struct json_object *args,
+             struct json_object **ret, struct error **errp);
+  unsigned flags;
+};
+
+static int cmd_transaction (struct qmp_txn *t, struct json_object *args,
+                            struct json_object **ret, struct error **errp);
+static int cmd_query_commands (struct qmp_txn *t, struct json_object *args,
+                               struct json_object **ret,
+                               struct error **errp);
+
+static const struct command commands[] = {
+  { "blockdev-add", cmd_blockdev_add, CMD_CHANGES | CMD_IN_TXN },
+  { "blockdev-del", cmd_blockdev_del, CMD_CHANGES | CMD_IN_TXN },
+  { "blockdev-create", cmd_blockdev_create, CMD_CHANGES },
+  { "blockdev-insert-node", cmd_blockdev_insert_node,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "blockdev-remove-node", cmd_blockdev_remove_node,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-set-io-throttle", cmd_block_set_io_throttle,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-export-add", cmd_block_export_add, CMD_CHANGES | CMD_IN_TXN },
+  { "block-export-del", cmd_block_export_del, CMD_CHANGES | CMD_IN_TXN },
+  { "transaction", cmd_transaction, CMD_CHANGES },
+  { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },
+  { "query-block-exports", cmd_query_block_exports, 0 },
+  { "query-connections", cmd_query_connections, 0 },
+  { "query-stats", cmd_query_stats, 0 },
+  { "query-version", cmd_query_version, 0 },
+  { "query-commands", cmd_query_commands, 0 },
+  { "quit", cmd_quit, CMD_CHANGES },
+};
+
+static const struct command *
+find_command (const char *name)
+{
+  for (size_t i = 0; i < ARRAY_SIZE (commands); ++i)
+    if (strcmp (commands[i].name, name) == 0)
+      return &commands[i];
+  return NULL;
+}
+
+static int
+cmd_query_commands (struct qmp_txn *t, struct json_object *args,
+                    struct json_object **ret, struct error **errp)
+{
+  struct json_object *a = json_object_new_array ();
+
+  for (size_t i = 0; i < ARRAY_SIZE (commands) + 1; ++i) {
+    struct json_object *o = json_object_new_object ();
+    json_object_object_add (o, "name", json_object_new_string
+                            (i < ARRAY_SIZE (commands) ? commands[i].name
+                             : "qmp_capabilities"));
+    json_object_array_add (a, o);
+  }
+  *ret = a;
+  return 0;
+}
+
+static const char *const transaction_keys[] = { "actions", NULL };
+
+static int
+cmd_transaction (struct qmp_txn *t, struct json_object *args,
+                 struct json_object **ret, struct error **errp)
+{
+  struct json_object *actions, *result = NULL;
+  size_t n;
+  int r;
+
+  if (opt_check_keys (args, "transaction", transaction_keys, errp) == -1)
+    return -1;
+  if (!json_object_object_get_ex (args, "actions", &actions) ||
+      !json_object_is_type (actions, json_type_array)) {
+    error_setg (errp, "transaction: 'actions' (an array) is missing");
+    return -1;
+  }
+  n = json_object_array_length (actions);
+  for (size_t i = 0; i < n; ++i) {
+    struct json_object *a = json_object_array_get_idx (actions, i);
+    struct json_object *type, *data, *ignored = NULL;
+    const struct command *cmd;
+
+    if (!json_object_is_type (a, json_type_object) ||
+        !json_object_object_get_ex (a, "type", &type) ||
+        !json_object_is_type (type, json_type_string)) {
+      error_setg (errp, "transaction: action %zu needs a 'type'", i);
+      return -1;
+    }
+    cmd = find_command (json_object_get_string (type));
+    if (cmd == NULL || !(cmd->flags & CMD_IN_TXN)) {
+      error_setg (errp, "transaction: action %zu: '%.80s' cannot be part "
+                  "of a transaction", i, json_object_get_string (type));
+      return -1;
+    }
+    if (!json_object_object_get_ex (a, "data", &data))
+      data = NULL;
+    if (data && !json_object_is_type (data, json_type_object)) {
+      error_setg (errp, "transaction: action %zu: 'data' must be an "
+                  "object", i);
+      return -1;
+    }
+    if (data == NULL)
+      data = ignored = json_object_new_object ();
+    r = cmd->fn (t, data, &result, errp);
+    json_object_put (result);
+    json_object_put (ignored);
+    result = NULL;
+    if (r == -1) {
+      error_prepend (errp, "transaction: action %zu (%s)", i, cmd->name);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static void
+txn_finish (struct qmp_txn *t, bool ok)
+{
+  if (ok)
+    for (size_t i = 0; i < t->nr_commit; ++i)
+      t->commit[i].fn (t->commit[i].data);
+  else
+    for (size_t i = t->nr_undo; i-- > 0;)
+      t->undo[i].fn (t->undo[i].data);
+  free (t->undo);
+  free (t->commit);
+}
+
+static void
+audit (const char *name, struct json_object *args,
+       const struct admin_peer *peer, const char *result)
+{
+  struct error *err = NULL;
+  struct timeval tv;
+
+  if (catalog == NULL)
+    return;
+  gettimeofday (&tv, NULL);
+  if (catalog_audit (catalog, (int64_t) tv.tv_sec * 1000000 + tv.tv_usec,
+                     peer->uid, peer->pid, name, json_text (args), result,
+                     &err) == -1) {
+    nbdd_warn ("audit log: %s", err->msg);
+    error_free (err);
+  }
+}
+
+struct json_object *
+qmp_execute (const char *name, struct json_object *args,
+             const struct admin_peer *peer)
+{
+  const struct command *cmd = find_command (name);
+  struct qmp_txn t = { .error_class = "GenericError" };
+  struct json_object *ret = NULL, *reply, *empty = NULL;
+  struct error *err = NULL;
+  bool changes;
+  int r;
+
+  if (cmd == NULL) {
+    char desc[200];
+    snprintf (desc, sizeof desc, "The command %.80s has not been found",
+              name);
+    reply = json_object_new_object ();
+    json_object_object_add (reply, "error", json_object_new_object ());
+    json_object_object_add (json_object_object_get (reply, "error"),
+                            "class", json_object_new_string ("CommandNotFound"));
+    json_object_object_add (json_object_object_get (reply, "error"),
+                            "desc", json_object_new_string (desc));
+    return reply;
+  }
+  if (args == NULL)
+    args = empty = json_object_new_object ();
+  changes = (cmd->flags & CMD_CHANGES) != 0;
+
+  r = changes && catalog ? catalog_begin (catalog, &err) : 0;
+  if (r == 0)
+    r = cmd->fn (&t, args, &ret, &err);
+  if (r == 0 && t.failed_alloc) {
+    error_setg (&err, "out of memory");
+    r = -1;
+  }
+  if (changes && catalog) {
+    if (r == 0)
+      r = catalog_commit (catalog, &err);
+    else
+      catalog_rollback (catalog);
+  }
+  txn_finish (&t, r == 0);
+  if (changes)
+    audit (name, args, peer, r == 0 ? NULL : err->msg);
+
+  reply = json_object_new_object ();
+  if (r == 0)
+    json_object_object_add (reply, "return",
+                            ret ? ret : json_object_new_object ());
+  else {
+    struct json_object *e = json_object_new_object ();
+    json_object_object_add (e, "class",
+                            json_object_new_string (t.error_class));
+    json_object_object_add (e, "desc", json_object_new_string (err->msg));
+    json_object_object_add (reply, "error", e);
+    json_object_put (ret);
+    if (changes)
+      nbdd_info ("admin: %s failed: %s", name, err->msg);
+  }
+  if (r == 0 && changes)
+    nbdd_info ("admin: uid %u: %s", (unsigned) peer->uid, name);
+  error_free (err);
+  json_object_put (empty);
+  return reply;
+}
+
+void
+qmp_init (void)
+{
+  started_at = ev_time ();
+}

@@ -1,0 +1,246 @@
+/* The state dir's catalogue, and rebuilding the graph it records.
+ *
+ * At start the daemon opens the catalogue and rebuilds, in order: the
+ * nodes (each after the nodes its spec refers to, whatever order they
+ * were added in, since a filter inserted later sits below an older
+ * node), the throttle groups' limits, and the exports.  Anything that
+ * fails stops the start-up with a message naming it: a daemon serving
+ * half of what it was told would be worse than one that says why it
+ * cannot start.
+ */
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "catalog.h"
+#include "cleanup.h"
+#include "internal.h"
+#include "log.h"
+#include "throttle.h"
+
+struct catalog *catalog;
+
+static void __attribute__ ((noreturn))
+die (struct error *err, const char *what)
+{
+  nbdd_error ("%s: %s", what, err->msg);
+  error_free (err);
+  exit (EXIT_FAILURE);
+}
+
+struct pending {
+  char *name;
+  struct json_object *spec;
+  bool done;
+};
+
+struct pendings {
+  struct pending *v;
+  size_t len, cap;
+};
+
+static int
+collect_node (const char *name, const char *spec_json, void *opaque)
+{
+  struct pendings *p = opaque;
+  struct json_object *spec = json_tokener_parse (spec_json);
+
+  if (spec == NULL || !json_object_is_type (spec, json_type_object)) {
+    nbdd_error ("catalogue: the spec of node '%s' is not a JSON object",
+                name);
+    json_object_put (spec);
+    return -1;
+  }
+  if (p->len == p->cap) {
+    size_t ncap = p->cap ? 2 * p->cap : 64;
+    struct pending *nv = realloc (p->v, ncap * sizeof *nv);
+    if (nv == NULL) {
+      json_object_put (spec);
+      return -1;
+    }
+    p->v = nv;
+    p->cap = ncap;
+  }
+  p->v[p->len++] = (struct pending) { strdup (name), spec, false };
+  return 0;
+}
+
+static int
+by_name (const void *a, const void *b)
+{
+  return strcmp (((const struct pending *) a)->name,
+                 ((const struct pending *) b)->name);
+}
+
+/* Whether @o refers (as a child given by name) to a recorded node that
+ * is not open yet.  Keys that hold names of other things are skipped.
+ */
+static bool
+waits_for (struct json_object *o, const struct pendings *sorted)
+{
+  json_object_object_foreach (o, key, val) {
+    if (json_object_is_type (val, json_type_object)) {
+      if (waits_for (val, sorted))
+        return true;
+    }
+    else if (json_object_is_type (val, json_type_string) &&
+             strcmp (key, "node-name") != 0 && strcmp (key, "driver") != 0 &&
+             strcmp (key, "filename") != 0) {
+      struct pending k = { .name = (char *) json_object_get_string (val) };
+      struct pending *hit = bsearch (&k, sorted->v, sorted->len,
+                                     sizeof k, by_name);
+      if (hit && !hit->done && node_lookup (hit->name) == NULL)
+        return true;
+    }
+  }
+  return false;
+}
+
+static void
+rebuild_nodes (void)
+{
+  struct pendings p = { 0 }, sorted = { 0 };
+  struct error *err = NULL;
+  size_t left;
+
+  if (catalog_node_foreach (catalog, collect_node, &p, &err) == -1) {
+    if (err)
+      die (err, "catalogue");
+    exit (EXIT_FAILURE);
+  }
+  /* A sorted copy to look names up in; 'done' is kept in both. */
+  sorted.v = malloc ((p.len + 1) * sizeof *sorted.v);
+  if (sorted.v == NULL) {
+    nbdd_error ("catalogue: out of memory");
+    exit (EXIT_FAILURE);
+  }
+  memcpy (sorted.v, p.v, p.len * sizeof *p.v);
+  sorted.len = p.len;
+  qsort (sorted.v, sorted.len, sizeof *sorted.v, by_name);
+
+  /* In creation order, each node once what it refers to is open: a
+   * pass that opens nothing means a loop or a missing node.
+   */
+  for (left = p.len; left > 0;) {
+    size_t opened = 0;
+    for (size_t i = 0; i < p.len; ++i) {
+      struct node *n;
+      if (p.v[i].done || waits_for (p.v[i].spec, &sorted))
+        continue;
+      n = node_open_spec (p.v[i].spec, &err);
+      if (n == NULL) {
+        error_prepend (&err, "node '%s'", p.v[i].name);
+        die (err, "catalogue");
+      }
+      n->recorded = true;
+      p.v[i].done = true;
+      {
+        struct pending k = { .name = p.v[i].name };
+        struct pending *hit = bsearch (&k, sorted.v, sorted.len, sizeof k,
+                                       by_name);
+        hit->done = true;
+      }
+      opened++;
+      left--;
+    }
+    if (opened == 0) {
+      for (size_t i = 0; i < p.len; ++i)
+        if (!p.v[i].done) {
+          nbdd_error ("catalogue: node '%s' refers to nodes that cannot "
+                      "be opened (a loop?)", p.v[i].name);
+          break;
+        }
+      exit (EXIT_FAILURE);
+    }
+  }
+  for (size_t i = 0; i < p.len; ++i) {
+    free (p.v[i].name);
+    json_object_put (p.v[i].spec);
+  }
+  free (p.v);
+  free (sorted.v);
+}
+
+static int
+restore_group (const char *name, const char *limits_json, void *opaque)
+{
+  struct json_object *limits = json_tokener_parse (limits_json);
+  struct error *err = NULL;
+  int r = 0;
+
+  /* A group whose nodes are all gone has nothing to restore. */
+  if (!throttle_group_exists (name)) {
+    json_object_put (limits);
+    return 0;
+  }
+  if (limits == NULL ||
+      throttle_group_set_limits (name, limits, &err) == -1) {
+    nbdd_error ("catalogue: throttle group '%s': %s", name,
+                err ? err->msg : "limits are not valid JSON");
+    error_free (err);
+    r = -1;
+  }
+  json_object_put (limits);
+  return r;
+}
+
+static int
+restore_export (const char *id, const char *spec_json, void *opaque)
+{
+  struct json_object *spec = json_tokener_parse (spec_json);
+  struct error *err = NULL;
+  int r;
+
+  if (spec == NULL) {
+    nbdd_error ("catalogue: the spec of export '%s' is not valid JSON", id);
+    return -1;
+  }
+  r = export_add (spec, &err);
+  json_object_put (spec);
+  if (r == -1) {
+    nbdd_error ("catalogue: export '%s': %s", id, err->msg);
+    error_free (err);
+    return -1;
+  }
+  export_nth (export_count () - 1)->recorded = true;
+  return 0;
+}
+
+void
+state_open (void)
+{
+  struct error *err = NULL;
+
+  if (config.state_dir == NULL)
+    return;
+  catalog = catalog_open (config.state_dir, &err);
+  if (catalog == NULL)
+    die (err, "--state-dir");
+  rebuild_nodes ();
+}
+
+void
+state_open_exports (void)
+{
+  struct error *err = NULL;
+
+  if (catalog == NULL)
+    return;
+  if (catalog_throttle_group_foreach (catalog, restore_group, NULL,
+                                      &err) == -1 ||
+      catalog_export_foreach (catalog, restore_export, NULL, &err) == -1) {
+    if (err)
+      die (err, "catalogue");
+    exit (EXIT_FAILURE);
+  }
+}
+
+void
+state_close (void)
+{
+  if (catalog)
+    catalog_close (catalog);
+  catalog = NULL;
+}

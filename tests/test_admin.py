@@ -1,0 +1,579 @@
+"""The admin socket: QMP framing, the graph commands, the catalogue.
+
+Each test starts the real daemon with a state dir, talks QMP to it
+with the plain client in qmp.py, and checks the result with real NBD
+clients, qemu-img, and the catalogue file itself (sqlite3)."""
+import json
+import os
+import socket
+import sqlite3
+import stat
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import NBDD, Server, make_image
+from helpers import pattern, run
+from qmp import QMP, QMPError
+
+MiB = 1 << 20
+
+
+def start(nbdd_server, tmp_path, extra=()):
+    state = tmp_path / "state"
+    srv = nbdd_server(["--state-dir", str(state)] + list(extra))
+    srv.state = state
+    srv.admin = str(state / "admin.sock")
+    return srv
+
+
+def restart(srv, nbdd_server, tmp_path):
+    srv.stop()
+    return start(nbdd_server, tmp_path)
+
+
+def qcow2_graph(q, tmp_path, name="disk0", size=64 * MiB):
+    """blockdev-create a qcow2 image and add it as node @name."""
+    img = str(tmp_path / f"{name}.qcow2")
+    q.cmd("blockdev-create", job_id="c-" + name,
+          options={"driver": "qcow2", "size": size,
+                   "file": {"driver": "file", "filename": img}})
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                "file": {"driver": "file",
+                                         "filename": img}})
+    return img
+
+
+def qemu_img_check(img):
+    run(["qemu-img", "check", "-f", "qcow2", img])
+
+
+def test_greeting_and_negotiation(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin, negotiate=False) as q:
+        assert q.greeting["QMP"]["version"]["package"].startswith("nbdd ")
+        assert q.greeting["QMP"]["capabilities"] == []
+        r = q.execute("query-version")
+        assert r["error"]["class"] == "CommandNotFound"
+        assert "qmp_capabilities" in r["error"]["desc"]
+        assert q.execute("qmp_capabilities", id=7) == {"return": {}, "id": 7}
+        assert q.cmd("query-version")["package"].startswith("nbdd ")
+        r = q.execute("qmp_capabilities")
+        assert r["error"]["class"] == "CommandNotFound"
+        names = {c["name"] for c in q.cmd("query-commands")}
+        for n in ("blockdev-add", "blockdev-del", "blockdev-create",
+                  "blockdev-insert-node", "blockdev-remove-node",
+                  "block-export-add", "block-export-del", "transaction",
+                  "query-connections", "query-stats", "quit"):
+            assert n in names
+
+
+def test_socket_mode_and_default_path(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    st = os.stat(srv.admin)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_bad_input_keeps_the_session(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        q.send_raw(b'{"execute": "query-version", oops}\n')
+        r = q.reply()
+        assert r["error"]["class"] == "GenericError"
+        assert "JSON" in r["error"]["desc"]
+        q.send_raw(b"[1, 2, 3]\n")
+        assert q.reply()["error"]["class"] == "GenericError"
+        q.send_raw(b'{"execute": "query-version", "bogus": 1}\n')
+        assert "bogus" in q.reply()["error"]["desc"]
+        q.send_raw(b'{"execute": "quit", "arguments": [1]}\n')
+        assert "arguments" in q.reply()["error"]["desc"]
+        r = q.execute("no-such-command", id="x")
+        assert r["error"]["class"] == "CommandNotFound"
+        assert r["id"] == "x"
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-del", node_name="nothere")
+        assert e.value.cls == "DeviceNotFound"
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-del", node_name=17)
+        assert e.value.cls == "GenericError"
+        # Two commands in one write, split across writes: both answered.
+        q.send_raw(b'{"execute": "query-version", "id": 1}'
+                   b'{"execute": "query-ver')
+        time.sleep(0.1)
+        q.send_raw(b'sion", "id": 2}\n')
+        assert q.reply()["id"] == 1
+        assert q.reply()["id"] == 2
+        assert q.cmd("query-version")["package"].startswith("nbdd ")
+    assert srv.alive()
+
+
+def test_oversized_message_closes_only_that_session(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as other, QMP(srv.admin) as q:
+        with pytest.raises((EOFError, ConnectionResetError, BrokenPipeError)):
+            q.send_raw(b'{"execute": "' + b"a" * (2 * MiB))
+            q.reply()
+        assert other.cmd("query-version")["package"].startswith("nbdd ")
+    assert "over 1048576 bytes" in srv.output()
+
+
+def test_wrong_uid_is_refused(nbdd_server, tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("this test switches to uid 65534 and must run as root")
+    srv = start(nbdd_server, tmp_path)
+
+    def connect_as_nobody():
+        """errno of connect, or the first bytes the daemon sent."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(10)
+                try:
+                    s.connect(srv.admin)
+                except OSError as e:
+                    os.write(w, f"errno {e.errno}".encode())
+                    os._exit(0)
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                os.write(w, data[:4000])
+            finally:
+                os._exit(0)
+        os.close(w)
+        out = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            out += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        return out.decode()
+
+    import errno
+    # The state dir is the daemon's own (0700); open it up to see that
+    # the socket's mode alone keeps others out.
+    assert stat.S_IMODE(os.stat(srv.state).st_mode) == 0o700
+    assert connect_as_nobody() == f"errno {errno.EACCES}"
+    os.chmod(srv.state, 0o711)
+    assert connect_as_nobody() == f"errno {errno.EACCES}"
+    # Even with the file opened up, SO_PEERCRED keeps the user out.
+    os.chmod(srv.admin, 0o666)
+    reply = connect_as_nobody()
+    assert "may not administer" in reply
+    assert "QMP" not in reply
+    assert "refused uid 65534" in srv.output()
+
+
+def test_lifecycle_survives_restart(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        img = qcow2_graph(q, tmp_path)
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
+              name="vm0", writable=True, description="the disk")
+        exports = q.cmd("query-block-exports")
+        assert [(e["id"], e["name"], e["node-name"], e["writable"])
+                for e in exports] == [("e0", "vm0", "disk0", True)]
+    h = srv.connect("vm0")
+    data = pattern(1, 4 * MiB)
+    h.pwrite(data, 1 * MiB)
+    h.flush()
+    h.shutdown()
+
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        exports = q.cmd("query-block-exports")
+        assert [(e["id"], e["name"], e["node-name"], e["writable"],
+                 e.get("description")) for e in exports] == \
+            [("e0", "vm0", "disk0", True, "the disk")]
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert nodes["disk0"]["drv"] == "qcow2"
+        assert nodes["disk0"]["image"]["virtual-size"] == 64 * MiB
+        assert nodes["disk0"]["file"] == img
+        users = nodes["disk0"]["users"]
+        assert users[0]["kind"] == "export" and users[0]["name"] == "e0"
+        assert "write" in users[0]["perm"]
+    h = srv.connect("vm0")
+    assert h.get_size() == 64 * MiB
+    assert h.pread(4 * MiB, 1 * MiB) == data
+    h.shutdown()
+    srv.stop()
+    qemu_img_check(img)
+
+
+class Writer(threading.Thread):
+    """Writes distinct blocks through NBD until stopped; every write
+    must succeed.  Remembers what it wrote, for checking afterwards."""
+
+    def __init__(self, srv, export, size, block=64 * 1024):
+        super().__init__()
+        self.h = srv.connect(export)
+        self.size, self.block = size, block
+        self.stop_flag = threading.Event()
+        self.written = {}
+        self.nr_batches = 0
+        self.error = None
+
+    def run(self):
+        i = 0
+        errors = []
+
+        def done(err):
+            if err.value:
+                errors.append(err.value)
+            return 1
+
+        try:
+            while not self.stop_flag.is_set():
+                off = (i * self.block) % self.size
+                # Several in flight: the drain must wait for them.
+                for k in range(8):
+                    o = (off + k * self.block) % self.size
+                    b = pattern(i + k, self.block)
+                    self.h.aio_pwrite(b, o, completion=done)
+                    self.written[o] = b
+                while self.h.aio_in_flight() > 0:
+                    self.h.poll(-1)
+                if errors:
+                    raise RuntimeError(f"write failed: errno {errors[0]}")
+                self.nr_batches += 1
+                i += 8
+            self.h.flush()
+        except Exception as e:      # noqa: BLE001 -- reported by the test
+            self.error = e
+
+
+def test_insert_and_remove_throttle_while_writing(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        img = qcow2_graph(q, tmp_path, size=16 * MiB)
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
+              writable=True)
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "throttle-group": "g0",
+                                    "limits": {"iops-total": 200},
+                                    "file": "disk0"})
+        w = Writer(srv, "disk0", 16 * MiB)
+        w.start()
+        try:
+            time.sleep(0.3)
+            q.cmd("blockdev-insert-node", node="disk0", filter="t0")
+            exp = q.cmd("query-block-exports")[0]
+            assert exp["node-name"] == "t0"
+            time.sleep(0.5)
+            q.cmd("block-set-io-throttle", group="g0", iops=1000)
+            time.sleep(0.3)
+            q.cmd("blockdev-remove-node", filter="t0")
+            assert q.cmd("query-block-exports")[0]["node-name"] == "disk0"
+            time.sleep(0.3)
+            q.cmd("blockdev-insert-node", node="disk0", filter="t0")
+            time.sleep(0.3)
+        finally:
+            w.stop_flag.set()
+            w.join(60)
+        assert w.error is None, w.error
+        assert not w.is_alive()
+        assert w.nr_batches > 10
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert nodes["t0"]["throttle-group"] == "g0"
+        assert [u["name"] for u in nodes["t0"]["users"]] == ["e0"]
+        assert [u["name"] for u in nodes["disk0"]["users"]] == ["t0"]
+
+    h = srv.connect("disk0")
+    for off, b in w.written.items():
+        assert h.pread(len(b), off) == b, f"data lost at {off}"
+    h.shutdown()
+
+    # The filter, its place and its group's limits are recorded.
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports")[0]["node-name"] == "t0"
+        q.cmd("blockdev-remove-node", filter="t0")
+        q.cmd("blockdev-del", node_name="t0")
+        assert "t0" not in {n["node-name"] for n in
+                            q.cmd("query-named-block-nodes")}
+    h = srv.connect("disk0")
+    off, b = next(iter(w.written.items()))
+    assert h.pread(len(b), off) == b
+    h.shutdown()
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports")[0]["node-name"] == "disk0"
+    srv.stop()
+    qemu_img_check(img)
+
+
+def test_permission_conflict_names_both_users(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "f.img", 0)
+    run(["qemu-img", "create", "-f", "qcow2", img, "16M"])
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "file", "node-name": "f0",
+                                    "filename": img})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "q0",
+                                    "file": "f0"})
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-export-add", type="nbd", id="raw-f0",
+                  node_name="f0", writable=True)
+        assert "conflicting permissions on node 'f0'" in e.value.desc
+        assert "export 'raw-f0'" in e.value.desc
+        assert "node 'q0' (child 'file')" in e.value.desc
+        assert q.cmd("query-block-exports") == []
+        # Reading the file under the qcow2 node is allowed.
+        q.cmd("block-export-add", type="nbd", id="ro-f0", node_name="f0")
+        q.cmd("block-export-add", type="nbd", id="q", node_name="q0",
+              writable=True)
+        # A second writable qcow2 on the same file is not.
+        with pytest.raises(QMPError) as e:
+            q.cmd_args("blockdev-add", {"driver": "qcow2",
+                                        "node-name": "q1", "file": "f0"})
+        assert "conflicting permissions" in e.value.desc
+        assert "q1" not in {n["node-name"] for n in
+                            q.cmd("query-named-block-nodes")}
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert sorted(e["id"] for e in q.cmd("query-block-exports")) == \
+            ["q", "ro-f0"]
+
+
+def test_delete_in_use(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="d0")
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-del", node_name="d0")
+        assert e.value.desc == "node 'd0' is in use by export 'e0'"
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-export-del", id="nope")
+        assert e.value.cls == "DeviceNotFound"
+        q.cmd("block-export-del", id="e0")
+        q.cmd("blockdev-del", node_name="d0")
+        assert q.cmd("query-named-block-nodes") == []
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-named-block-nodes") == []
+        assert q.cmd("query-block-exports") == []
+
+
+def test_export_del_safe_refuses_hard_disconnects(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as q, QMP(srv.admin) as watcher:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+        h.pwrite(b"x" * 4096, 0)
+        conns = q.cmd("query-connections")
+        assert len(conns) == 1
+        assert conns[0]["export"] == "e0"
+        assert conns[0]["bytes-written"] == 4096
+        assert conns[0]["tls"] is False
+        assert q.cmd("query-block-exports")[0]["connections"] == 1
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-export-del", id="e0")
+        assert "1 client connected" in e.value.desc
+        assert h.pread(4096, 0) == b"x" * 4096
+        q.cmd("block-export-del", id="e0", mode="hard")
+        ev = watcher.wait_event("BLOCK_EXPORT_DELETED")
+        assert ev["data"] == {"id": "e0"}
+        assert ev["timestamp"]["seconds"] > 0
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)
+        assert q.cmd("query-block-exports") == []
+        out = run(["nbdinfo", "--list", srv.uri("")], check=False)
+        assert "d0" not in out.stdout
+
+
+def test_transaction_is_all_or_nothing(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    add = {"type": "blockdev-add",
+           "data": {"driver": "raw", "node-name": "d0",
+                    "file": {"driver": "file", "filename": img}}}
+    exp = {"type": "block-export-add",
+           "data": {"type": "nbd", "id": "e0", "node-name": "d0"}}
+    with QMP(srv.admin) as q:
+        with pytest.raises(QMPError) as e:
+            q.cmd("transaction", actions=[add, exp, exp])
+        assert "action 2" in e.value.desc
+        assert "already" in e.value.desc
+        assert q.cmd("query-named-block-nodes") == []
+        assert q.cmd("query-block-exports") == []
+        with pytest.raises(QMPError) as e:
+            q.cmd("transaction", actions=[{"type": "quit"}])
+        assert "cannot be part of a transaction" in e.value.desc
+        q.cmd("transaction", actions=[add, exp])
+        assert [e["id"] for e in q.cmd("query-block-exports")] == ["e0"]
+    db = sqlite3.connect(str(srv.state / "catalog.db"))
+    assert [r[0] for r in db.execute("select name from nodes")] == ["d0"]
+    assert [r[0] for r in db.execute("select id from exports")] == ["e0"]
+    db.close()
+
+
+def test_two_admin_clients(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as a, QMP(srv.admin) as b:
+        a.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        assert "d0" in {n["node-name"] for n in
+                        b.cmd("query-named-block-nodes")}
+        b.cmd("block-export-add", type="nbd", id="e0", node_name="d0")
+        assert [e["id"] for e in a.cmd("query-block-exports")] == ["e0"]
+        a.cmd("block-export-del", id="e0")
+        assert a.wait_event("BLOCK_EXPORT_DELETED")["data"]["id"] == "e0"
+        assert b.wait_event("BLOCK_EXPORT_DELETED")["data"]["id"] == "e0"
+
+
+def test_audit_log(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        with pytest.raises(QMPError):
+            q.cmd("blockdev-del", node_name="missing")
+    db = sqlite3.connect(str(srv.state / "catalog.db"))
+    rows = db.execute("select uid, pid, command, arguments, result "
+                      "from audit order by id").fetchall()
+    db.close()
+    assert [r[2] for r in rows] == ["blockdev-add", "blockdev-del"]
+    assert all(r[0] == os.getuid() and r[1] == os.getpid() for r in rows)
+    assert json.loads(rows[0][3])["node-name"] == "d0"
+    assert rows[0][4] is None
+    assert "missing" in rows[1][4]
+
+
+def test_stats(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="d0",
+              writable=True)
+        h = srv.connect("d0", strict=False)
+        h.pwrite(b"a" * 8192, 0)
+        h.pread(4096, 0)
+        h.flush()
+        h.zero(4096, 65536)
+        h.trim(4096, 65536)
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 4 * MiB)
+        st = q.cmd("query-stats")
+        assert st["connections"] == 1
+        assert st["nodes"] == 2
+        e = st["exports"][0]
+        assert (e["id"], e["wr_operations"], e["wr_bytes"], e["rd_operations"],
+                e["rd_bytes"], e["flush_operations"], e["zero_operations"],
+                e["discard_operations"], e["failed_operations"]) == \
+            ("e0", 1, 8192, 1, 4096, 1, 1, 1, 1)
+        h.shutdown()
+
+
+def test_command_line_definitions_are_not_recorded(nbdd_server, tmp_path):
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    srv = start(nbdd_server, tmp_path, [
+        "--blockdev", f"driver=raw,node-name=cli0,file.driver=file,"
+        f"file.filename={img}",
+        "--export", "type=nbd,id=cli,node-name=cli0"])
+    with QMP(srv.admin) as q:
+        assert [e["id"] for e in q.cmd("query-block-exports")] == ["cli"]
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports") == []
+        assert q.cmd("query-named-block-nodes") == []
+
+
+def daemon_fails(tmp_path, args):
+    """Start nbdd expecting it to refuse: its exit status and stderr."""
+    p = subprocess.run([NBDD, "-f", "--exit-with-parent",
+                        "--listen", "unix:" + str(tmp_path / "x.sock")] +
+                       args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=30)
+    return p.returncode, p.stderr
+
+
+def test_catalogue_errors_stop_the_start(nbdd_server, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "catalog.db"
+    db.write_bytes(b"this is not a database" * 100)
+    rc, err = daemon_fails(tmp_path, ["--state-dir", str(state)])
+    assert rc == 1 and "corrupt" in err, err
+    assert not (tmp_path / "x.sock").exists()
+
+    db.unlink()
+    c = sqlite3.connect(str(db))
+    c.execute("pragma user_version = 99")
+    c.commit()
+    c.close()
+    rc, err = daemon_fails(tmp_path, ["--state-dir", str(state)])
+    assert rc == 1 and "newer" in err, err
+
+    db.unlink()
+    srv = start(nbdd_server, tmp_path)
+    srv.stop()
+    c = sqlite3.connect(str(db), isolation_level=None)
+    c.execute("begin exclusive")
+    try:
+        rc, err = daemon_fails(tmp_path, ["--state-dir", str(state)])
+    finally:
+        c.execute("rollback")
+        c.close()
+    assert rc == 1 and "locked" in err, err
+
+
+def test_two_daemons_on_one_state_dir(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    rc, err = daemon_fails(tmp_path, ["--state-dir", str(srv.state)])
+    assert rc == 1 and "in use" in err, err
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-version")
+
+
+def test_recorded_node_that_cannot_open_stops_the_start(nbdd_server,
+                                                        tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "d0",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+    srv.stop()
+    os.unlink(img)
+    rc, err = daemon_fails(tmp_path, ["--state-dir", str(srv.state)])
+    assert rc == 1
+    assert "node 'd0'" in err and "d.img" in err, err
+
+
+def test_quit(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("quit") == {}
+    srv.proc.wait(timeout=20)
+    assert srv.proc.returncode == 0
+    assert not os.path.exists(srv.admin)
