@@ -228,6 +228,12 @@ struct node_driver {
    */
   void (*drain_begin) (struct node *node);
   void (*drain_end) (struct node *node);
+  /* Optional, control path, the node without users: @c (already in
+   * node->children) is its backing node from now on; NULL: it has none
+   * again.  For blockdev-snapshot.  0, or -1 with errp set.
+   */
+  int (*set_backing) (struct node *node, struct node_child *c,
+                      struct error **errp);
 };
 
 /* The node's size, safe to read while a growable node grows. */

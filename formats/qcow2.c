@@ -479,6 +479,25 @@ qcow2_open (struct node *node, struct json_object *opts,
   return 0;
 }
 
+/* blockdev-snapshot: the overlay (opened with "backing": null) gets
+ * the old top as its backing node.  The header is left alone, as QEMU
+ * does: the overlay was created naming its backing file.
+ */
+static int
+qcow2_set_backing (struct node *node, struct node_child *c,
+                   struct error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+
+  if (c && s->backing) {
+    error_setg (errp, "qcow2: node '%s' already has a backing node ('%s')",
+                node->name, s->backing->node->name);
+    return -1;
+  }
+  s->backing = c;
+  return 0;
+}
+
 static void
 qcow2_close (struct node *node)
 {
@@ -787,4 +806,5 @@ const struct node_driver qcow2_driver = {
   .flush            = qcow2_flush,
   .block_status     = qcow2_block_status,
   .allocation_depth = qcow2_allocation_depth,
+  .set_backing      = qcow2_set_backing,
 };

@@ -28,6 +28,13 @@ struct node *node_new (const struct node_driver *drv, const char *name,
 struct node *node_lookup (const char *name);
 void node_ref (struct node *node);
 void node_unref (struct node *node);
+/* Control path: a new edge from @parent to the existing @child, named
+ * @name with @role, if the permissions allow it; and its removal.
+ */
+struct node_child *node_attach_child (struct node *parent,
+                                      struct node *child, const char *name,
+                                      unsigned role, struct error **errp);
+void node_detach_child (struct node_child *c);
 /* blockdev-del: unregister and drop the registry's reference, unless
  * the node has users (then errp names them).
  */

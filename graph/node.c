@@ -13,6 +13,7 @@
 
 #include "cleanup.h"
 #include "graph.h"
+#include "log.h"
 #include "options.h"
 #include "throttle.h"
 #include "utils.h"
@@ -366,6 +367,61 @@ node_open_child (struct node *parent, struct json_object *options,
   node_link_parent (c);
   parent->children[parent->nr_children++] = c;
   return c;
+}
+
+struct node_child *
+node_attach_child (struct node *parent, struct node *child, const char *name,
+                   unsigned role, struct error **errp)
+{
+  struct node_child *c = calloc (1, sizeof *c), **nc;
+  /* From the parent down: the new edge's permissions derive from it. */
+  struct node *changed[] = { parent };
+
+  nc = realloc (parent->children, (parent->nr_children + 1) * sizeof *nc);
+  if (nc)
+    parent->children = nc;
+  if (c == NULL || nc == NULL || (c->name = strdup (name)) == NULL ||
+      node_reserve_parent (child) == -1) {
+    error_setg_errno (errp, ENOMEM, "%s: attaching child", parent->name);
+    if (c)
+      free (c->name);
+    free (c);
+    return NULL;
+  }
+  node_ref (child);
+  c->node = child;
+  c->parent = parent;
+  c->role = role;
+  node_link_parent (c);
+  parent->children[parent->nr_children++] = c;
+  if (graph_perm_update (changed, 1, errp) == -1) {
+    node_detach_child (c);
+    return NULL;
+  }
+  return c;
+}
+
+void
+node_detach_child (struct node_child *c)
+{
+  struct node *parent = c->parent, *child = c->node;
+  struct error *err = NULL;
+
+  for (size_t i = 0; i < parent->nr_children; ++i)
+    if (parent->children[i] == c) {
+      memmove (&parent->children[i], &parent->children[i + 1],
+               (parent->nr_children - i - 1) * sizeof *parent->children);
+      parent->nr_children--;
+      break;
+    }
+  node_ref (child);
+  child_free (c);
+  /* One user fewer cannot conflict. */
+  if (graph_perm_update (&child, 1, &err) == -1) {
+    debug ("%s", err->msg);
+    error_free (err);
+  }
+  node_unref (child);
 }
 
 int

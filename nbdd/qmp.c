@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -447,7 +448,8 @@ undo_spec_change (void *data)
 {
   struct spec_change *sc = data;
 
-  json_object_object_add (sc->obj, sc->key, json_object_new_string (sc->old));
+  json_object_object_add (sc->obj, sc->key,
+                          sc->old ? json_object_new_string (sc->old) : NULL);
   json_object_put (sc->obj);
   free (sc->key);
   free (sc->old);
@@ -476,8 +478,9 @@ set_spec_string (struct qmp_txn *t, struct json_object *obj, const char *key,
     return -1;
   sc->obj = json_object_get (obj);
   sc->key = strdup (key);
-  sc->old = strdup (json_object_object_get_ex (obj, key, &v) ?
-                    json_object_get_string (v) : "");
+  /* A key that was absent or null comes back as null. */
+  sc->old = json_object_object_get_ex (obj, key, &v) && v ?
+    strdup (json_object_get_string (v)) : NULL;
   json_object_object_add (obj, key, json_object_new_string (value));
   on_abort (t, undo_spec_change, sc);
   on_commit (t, forget_spec_change, sc);
@@ -678,6 +681,115 @@ cmd_blockdev_remove_node (struct qmp_txn *t, struct json_object *args,
     return -1;
   }
   return replace_users (t, filter, fc->node, NULL, errp);
+}
+
+struct snapshot_undo {
+  struct node *overlay;
+  struct node_child *edge;
+};
+
+static void
+undo_snapshot (void *data)
+{
+  struct snapshot_undo *u = data;
+
+  u->overlay->drv->set_backing (u->overlay, NULL, NULL);
+  node_detach_child (u->edge);
+  node_unref (u->overlay);
+  free (u);
+}
+
+static void
+forget_snapshot (void *data)
+{
+  struct snapshot_undo *u = data;
+
+  node_unref (u->overlay);
+  free (u);
+}
+
+static const char *const snapshot_keys[] = { "node", "overlay", NULL };
+
+/* QEMU's blockdev-snapshot: @overlay, added with "backing": null and
+ * created naming @node's image as its backing file, takes @node as its
+ * backing node and every user of @node.
+ */
+static int
+cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
+                       struct json_object **ret, struct error **errp)
+{
+  const char *name, *oname;
+  struct node *node, *overlay;
+  struct snapshot_undo *u;
+  struct node_child *edge;
+
+  if (opt_check_keys (args, "blockdev-snapshot", snapshot_keys,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-snapshot", "node", true, &name,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-snapshot", "overlay", true, &oname,
+                      errp) == -1)
+    return -1;
+  if ((node = node_lookup (name)) == NULL)
+    return not_found (t, errp, "node", name);
+  if ((overlay = node_lookup (oname)) == NULL)
+    return not_found (t, errp, "node", oname);
+  if (node == overlay) {
+    error_setg (errp, "blockdev-snapshot: a node cannot be its own "
+                "overlay");
+    return -1;
+  }
+  if (overlay->drv->set_backing == NULL) {
+    error_setg (errp, "blockdev-snapshot: node '%s' (driver %s) cannot "
+                "have a backing node: use a qcow2 overlay", oname,
+                overlay->drv->name);
+    return -1;
+  }
+  if (overlay->read_only) {
+    error_setg (errp, "blockdev-snapshot: overlay '%s' is read-only",
+                oname);
+    return -1;
+  }
+  if (overlay->nr_parents > 0) {
+    char users[512];
+    node_describe_users (overlay, users, sizeof users);
+    error_setg (errp, "blockdev-snapshot: overlay '%s' is already in use "
+                "by %s", oname, users);
+    return -1;
+  }
+  if (node_size (overlay) < node_size (node)) {
+    error_setg (errp, "blockdev-snapshot: overlay '%s' (%" PRIu64 " bytes) "
+                "is smaller than node '%s' (%" PRIu64 " bytes)", oname,
+                node_size (overlay), name, node_size (node));
+    return -1;
+  }
+  edge = node_attach_child (overlay, node, "backing", CHILD_COW, errp);
+  if (edge == NULL)
+    return -1;
+  if (overlay->drv->set_backing (overlay, edge, errp) == -1) {
+    node_detach_child (edge);
+    return -1;
+  }
+  u = malloc (sizeof *u);
+  if (u == NULL) {
+    overlay->drv->set_backing (overlay, NULL, NULL);
+    node_detach_child (edge);
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  node_ref (overlay);
+  *u = (struct snapshot_undo) { overlay, edge };
+  on_abort (t, undo_snapshot, u);
+  on_commit (t, forget_snapshot, u);
+  if (set_spec_string (t, overlay->spec, "backing", name) == -1) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  if (catalog && overlay->recorded &&
+      catalog_node_put (catalog, oname, json_text (overlay->spec),
+                        errp) == -1)
+    return -1;
+  return replace_users (t, node, overlay, overlay, errp);
 }
 
 /* ---- throttling ---- */
@@ -1017,6 +1129,7 @@ static const struct command commands[] = {
   { "blockdev-add", cmd_blockdev_add, CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-del", cmd_blockdev_del, CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-create", cmd_blockdev_create, CMD_CHANGES },
+  { "blockdev-snapshot", cmd_blockdev_snapshot, CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-insert-node", cmd_blockdev_insert_node,
     CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-remove-node", cmd_blockdev_remove_node,

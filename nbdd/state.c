@@ -110,6 +110,8 @@ rebuild_nodes (void)
       die (err, "catalogue");
     exit (EXIT_FAILURE);
   }
+  if (p.len == 0)
+    return;
   /* A sorted copy to look names up in; 'done' is kept in both. */
   sorted.v = malloc ((p.len + 1) * sizeof *sorted.v);
   if (sorted.v == NULL) {

@@ -577,3 +577,85 @@ def test_quit(nbdd_server, tmp_path):
     srv.proc.wait(timeout=20)
     assert srv.proc.returncode == 0
     assert not os.path.exists(srv.admin)
+
+
+def test_blockdev_snapshot_moves_the_export_to_the_overlay(nbdd_server,
+                                                           tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    ov_img = str(tmp_path / "ov.qcow2")
+    a, b = pattern(10, MiB), pattern(11, MiB)
+    with QMP(srv.admin) as q:
+        base_img = qcow2_graph(q, tmp_path, size=16 * MiB)
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
+              writable=True)
+        h = srv.connect("disk0")
+        h.pwrite(a, 0)
+        h.pwrite(a, 4 * MiB)
+        w = Writer(srv, "disk0", 2 * MiB)
+        w.start()
+        q.cmd("blockdev-create", options={
+            "driver": "qcow2", "size": 16 * MiB,
+            "backing-file": base_img, "backing-fmt": "qcow2",
+            "file": {"driver": "file", "filename": ov_img}})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                    "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": ov_img}})
+        # Refused: a raw overlay, and the node as its own overlay.
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="disk0")
+        assert "own overlay" in e.value.desc
+        time.sleep(0.2)
+        q.cmd("blockdev-snapshot", node="disk0", overlay="ov")
+        time.sleep(0.2)
+        w.stop_flag.set()
+        w.join(60)
+        assert w.error is None, w.error
+        assert w.nr_batches > 2
+        assert q.cmd("query-block-exports")[0]["node-name"] == "ov"
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert {"child": "backing", "node-name": "disk0"} in \
+            nodes["ov"]["children"]
+        assert [(u["kind"], u["name"]) for u in nodes["disk0"]["users"]] == \
+            [("node", "ov")]
+        # A second snapshot onto the same overlay is refused.
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="ov")
+        assert "in use" in e.value.desc
+        h.pwrite(b, 4 * MiB)
+        h.flush()
+        assert h.pread(MiB, 4 * MiB) == b
+        assert h.pread(MiB, 8 * MiB) == bytes(MiB)
+        got = h.pread(2 * MiB, 0)
+        for off, data in w.written.items():
+            assert got[off:off + len(data)] == data
+        h.shutdown()
+
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports")[0]["node-name"] == "ov"
+    h = srv.connect("disk0")
+    assert h.pread(MiB, 4 * MiB) == b
+    assert h.pread(2 * MiB, 0) == got
+    h.shutdown()
+    srv.stop()
+    qemu_img_check(base_img)
+    qemu_img_check(ov_img)
+    # The old top kept what it had at the snapshot; qemu sees the chain.
+    base = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0 8M 1M",
+                base_img]).stdout
+    assert "read 1048576/1048576" in base
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           "--backing-chain", ov_img]).stdout)
+    assert info[0]["backing-filename"] == base_img
+    converted = str(tmp_path / "flat.raw")
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", ov_img,
+         converted])
+    with open(converted, "rb") as f:
+        assert f.read(2 * MiB) == got
+        f.seek(4 * MiB)
+        assert f.read(MiB) == b
+    with open(converted, "rb") as f:
+        f.seek(4 * MiB)
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov_img,
+         converted])
