@@ -295,6 +295,13 @@ int node_allocation_depth (struct node *node, uint64_t count,
                            uint64_t offset, uint64_t *pnum,
                            unsigned *depth);
 
+/* A request is about to sleep for a while on this thread (a throttle
+ * holding it back), and is awake again: the daemon may meanwhile start
+ * another worker, so that other clients are not held up behind it.
+ */
+void node_io_sleep_begin (void);
+void node_io_sleep_end (void);
+
 /* Resize a node (see the driver's truncate): 0 or -errno.  Control
  * path only, with no I/O in flight.  @size must be a multiple of the
  * node's request_alignment.

@@ -54,6 +54,9 @@ int node_reserve_parent (struct node *node);
 void node_link_parent (struct node_child *c);
 void node_unlink_parent (struct node_child *c);
 
+/* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
+void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));
+
 /* perm.c: permissions on edges. */
 /* After edges into @changed (NULLs skipped) came or went: derive the
  * permissions of every edge at and below them, and commit them if no

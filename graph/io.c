@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "driver.h"
+#include "graph.h"
 #include "utils.h"
 
 /* Drivers take uint32_t counts: split at this when max_transfer is 0. */
@@ -465,4 +465,28 @@ node_truncate (struct node *node, uint64_t size)
       size > INT64_MAX)
     return -EINVAL;
   return node->drv->truncate (node, size);
+}
+
+static void (*sleep_begin_hook) (void);
+static void (*sleep_end_hook) (void);
+
+void
+graph_set_sleep_hooks (void (*begin) (void), void (*end) (void))
+{
+  sleep_begin_hook = begin;
+  sleep_end_hook = end;
+}
+
+void
+node_io_sleep_begin (void)
+{
+  if (sleep_begin_hook)
+    sleep_begin_hook ();
+}
+
+void
+node_io_sleep_end (void)
+{
+  if (sleep_end_hook)
+    sleep_end_hook ();
 }

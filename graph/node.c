@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <json-c/linkhash.h>
+
 #include "cleanup.h"
 #include "graph.h"
 #include "log.h"
@@ -33,13 +35,15 @@ node_first (void)
   return all_nodes;
 }
 
+/* node-name -> registered node; keys are the nodes' own names. */
+static struct lh_table *by_name;
+
 struct node *
 node_lookup (const char *name)
 {
-  for (size_t i = 0; i < nr_registry; ++i)
-    if (strcmp (registry[i]->name, name) == 0)
-      return registry[i];
-  return NULL;
+  void *v;
+
+  return by_name && lh_table_lookup_ex (by_name, name, &v) ? v : NULL;
 }
 
 void
@@ -164,15 +168,26 @@ node_name_is_valid (const char *name)
 static int
 registry_add (struct node *node, struct error **errp)
 {
-  struct node **n = realloc (registry, (nr_registry + 1) * sizeof *n);
+  static size_t cap;
 
-  if (n == NULL) {
-    error_setg_errno (errp, errno, "node registry");
-    return -1;
+  if (by_name == NULL && (by_name = lh_kchar_table_new (64, NULL)) == NULL)
+    goto nomem;
+  if (nr_registry == cap) {
+    size_t ncap = cap ? cap * 2 : 64;
+    struct node **n = realloc (registry, ncap * sizeof *n);
+    if (n == NULL)
+      goto nomem;
+    registry = n;
+    cap = ncap;
   }
-  registry = n;
+  if (lh_table_insert (by_name, node->name, node) != 0)
+    goto nomem;
   registry[nr_registry++] = node;
   return 0;
+
+ nomem:
+  error_setg_errno (errp, ENOMEM, "node registry");
+  return -1;
 }
 
 static void
@@ -427,14 +442,9 @@ node_detach_child (struct node_child *c)
 int
 node_delete (const char *name, struct error **errp)
 {
-  struct node *node = NULL;
+  struct node *node = node_lookup (name);
   size_t i;
 
-  for (i = 0; i < nr_registry; ++i)
-    if (strcmp (registry[i]->name, name) == 0) {
-      node = registry[i];
-      break;
-    }
   if (node == NULL) {
     error_setg (errp, "node '%.80s' does not exist", name);
     return -1;
@@ -445,9 +455,12 @@ node_delete (const char *name, struct error **errp)
     error_setg (errp, "node '%s' is in use by %s", name, users);
     return -1;
   }
+  for (i = 0; registry[i] != node; ++i)
+    ;
   memmove (&registry[i], &registry[i + 1],
            (nr_registry - i - 1) * sizeof *registry);
   nr_registry--;
+  lh_table_delete (by_name, node->name);
   node_unref (node);
   return 0;
 }
@@ -456,6 +469,9 @@ void
 node_close_all (void)
 {
   /* Newest first: parents were registered after their children. */
+  if (by_name)
+    lh_table_free (by_name);
+  by_name = NULL;
   while (nr_registry > 0)
     node_unref (registry[--nr_registry]);
   free (registry);

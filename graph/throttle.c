@@ -226,6 +226,12 @@ tg_admit (struct throttle_group *g, bool is_write, uint64_t bytes)
   pthread_mutex_lock (&g->lock);
   if (g->drain_count == 0 &&
       (q->head != NULL || tb_wait (&g->tb, is_write, monotonic_ns ()) > 0)) {
+    /* This worker may sleep for long: let the daemon put another to
+     * work for everyone else.
+     */
+    pthread_mutex_unlock (&g->lock);
+    node_io_sleep_begin ();
+    pthread_mutex_lock (&g->lock);
     pthread_cond_init (&w.cond, &g->condattr);
     queue_append (q, &w);
     while (g->drain_count == 0) {
@@ -246,6 +252,10 @@ tg_admit (struct throttle_group *g, bool is_write, uint64_t bytes)
     if (q->head)                /* the next in line takes over */
       pthread_cond_signal (&q->head->cond);
     pthread_cond_destroy (&w.cond);
+    tb_account (&g->tb, is_write, bytes);
+    pthread_mutex_unlock (&g->lock);
+    node_io_sleep_end ();
+    return;
   }
   tb_account (&g->tb, is_write, bytes);
   pthread_mutex_unlock (&g->lock);

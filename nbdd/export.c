@@ -6,12 +6,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <json-c/linkhash.h>
+
 #include "cleanup.h"
 #include "internal.h"
 #include "options.h"
 
 static struct export **exports;
-static size_t nr_exports;
+static size_t nr_exports, cap_exports;
+/* name -> export and id -> export, for catalogues of thousands;
+ * the keys are the exports' own strings.
+ */
+static struct lh_table *by_name, *by_id;
+
+static void
+index_remove (struct export *exp)
+{
+  lh_table_delete (by_name, exp->name);
+  lh_table_delete (by_id, exp->id);
+}
 
 size_t
 export_count (void)
@@ -28,18 +41,18 @@ export_nth (size_t i)
 static struct export *
 export_find_exact (const char *name)
 {
-  for (size_t i = 0; i < nr_exports; ++i)
-    if (strcmp (exports[i]->name, name) == 0)
-      return exports[i];
-  return NULL;
+  void *v;
+
+  return by_name && lh_table_lookup_ex (by_name, name, &v) ? v : NULL;
 }
 
 struct export *
 export_find (const char *name)
 {
-  for (size_t i = 0; i < nr_exports; ++i)
-    if (strcmp (exports[i]->name, name) == 0)
-      return exports[i];
+  struct export *exp = export_find_exact (name);
+
+  if (exp)
+    return exp;
   /* The default export: with one export, "" means it. */
   if (name[0] == '\0' && nr_exports == 1)
     return exports[0];
@@ -174,12 +187,21 @@ export_add (struct json_object *o, struct error **errp)
     goto err;
   }
 
-  ne = realloc (exports, (nr_exports + 1) * sizeof *ne);
-  if (ne == NULL) {
+  if (nr_exports == cap_exports) {
+    size_t ncap = cap_exports ? 2 * cap_exports : 64;
+    ne = realloc (exports, ncap * sizeof *ne);
+    if (ne == NULL) {
+      error_setg_errno (errp, ENOMEM, "export");
+      goto err;
+    }
+    exports = ne;
+    cap_exports = ncap;
+  }
+  if ((by_name == NULL && (by_name = lh_kchar_table_new (64, NULL)) == NULL) ||
+      (by_id == NULL && (by_id = lh_kchar_table_new (64, NULL)) == NULL)) {
     error_setg_errno (errp, ENOMEM, "export");
     goto err;
   }
-  exports = ne;
   exp = calloc (1, sizeof *exp);
   if (exp == NULL) {
     error_setg_errno (errp, ENOMEM, "export");
@@ -216,6 +238,12 @@ export_add (struct json_object *o, struct error **errp)
   exp->spec = json_object_get (o);
   json_object_object_add (o, "name", json_object_new_string (exp->name));
   json_object_object_add (o, "id", json_object_new_string (exp->id));
+  if (lh_table_insert (by_name, exp->name, exp) != 0 ||
+      lh_table_insert (by_id, exp->id, exp) != 0) {
+    index_remove (exp);
+    error_setg_errno (errp, ENOMEM, "export");
+    goto err;
+  }
   exports[nr_exports++] = exp;
   return 0;
 
@@ -233,6 +261,7 @@ export_discard (struct export *exp)
       memmove (&exports[i], &exports[i + 1],
                (nr_exports - i - 1) * sizeof *exports);
       nr_exports--;
+      index_remove (exp);
       break;
     }
   export_unref (exp);
@@ -241,10 +270,9 @@ export_discard (struct export *exp)
 struct export *
 export_by_id (const char *id)
 {
-  for (size_t i = 0; i < nr_exports; ++i)
-    if (strcmp (exports[i]->id, id) == 0)
-      return exports[i];
-  return NULL;
+  void *v;
+
+  return by_id && lh_table_lookup_ex (by_id, id, &v) ? v : NULL;
 }
 
 int
@@ -268,6 +296,7 @@ export_delete (struct export *exp, bool hard, struct error **errp)
   memmove (&exports[i], &exports[i + 1],
            (nr_exports - i - 1) * sizeof *exports);
   nr_exports--;
+  index_remove (exp);
   exp->deleted = true;
   /* Its clients go; it is freed (and BLOCK_EXPORT_DELETED sent) once
    * the last of them has finished its requests.
@@ -311,8 +340,14 @@ void
 export_close_all (void)
 {
   /* Connections are gone by now: these are the last references. */
+  if (by_name)
+    lh_table_free (by_name);
+  if (by_id)
+    lh_table_free (by_id);
+  by_name = by_id = NULL;
   while (nr_exports > 0)
     export_unref (exports[--nr_exports]);
+  cap_exports = 0;
   free (exports);
   exports = NULL;
 }

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -62,6 +63,21 @@ open_graph (void)
       error_prepend (&err, "--export");
       die (err);
     }
+}
+
+/* Every node holds a descriptor, and a catalogue may hold thousands of
+ * them: take all the descriptors we are allowed.
+ */
+static void
+raise_fd_limit (void)
+{
+  struct rlimit rl;
+
+  if (getrlimit (RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit (RLIMIT_NOFILE, &rl) == -1)
+      nbdd_warn ("cannot raise the descriptor limit: %m");
+  }
 }
 
 static void
@@ -195,6 +211,7 @@ main (int argc, char **argv)
   }
 #endif
 
+  raise_fd_limit ();
   make_state_dir ();
   if (tls_init (&err) == -1)
     die (err);

@@ -125,6 +125,7 @@ cmd_blockdev_add (struct qmp_txn *t, struct json_object *args,
   node->recorded = catalog != NULL;
   undo_name = strdup (name);
   on_abort (t, undo_node_add, undo_name);
+  on_commit (t, free, undo_name);
   if (catalog && catalog_node_put (catalog, name, json_text (node->spec),
                                    errp) == -1)
     return -1;
@@ -282,27 +283,27 @@ create_file (const char *filename, uint64_t size, struct error **errp)
   int fd = open (filename, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
 
   if (fd == -1) {
-    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    error_setg_errno (errp, errno, "%s", filename);
     return -1;
   }
   if (fstat (fd, &st) == -1) {
-    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    error_setg_errno (errp, errno, "%s", filename);
     close (fd);
     return -1;
   }
   if (S_ISREG (st.st_mode) && st.st_size > 0) {
-    error_setg (errp, "blockdev-create: '%s' exists and is not empty: "
+    error_setg (errp, "'%s' exists and is not empty: "
                 "remove it first", filename);
     close (fd);
     return -1;
   }
   if (S_ISREG (st.st_mode) && ftruncate (fd, size) == -1) {
-    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    error_setg_errno (errp, errno, "%s", filename);
     close (fd);
     return -1;
   }
   if (fsync (fd) == -1 || close (fd) == -1) {
-    error_setg_errno (errp, errno, "blockdev-create: %s", filename);
+    error_setg_errno (errp, errno, "%s", filename);
     return -1;
   }
   return 0;
@@ -318,20 +319,20 @@ create_target (struct json_object *opts, struct error **errp)
   struct node *node;
 
   if (!json_object_object_get_ex (opts, "file", &ref)) {
-    error_setg (errp, "blockdev-create: parameter 'file' is missing");
+    error_setg (errp, "parameter 'file' is missing");
     return NULL;
   }
   if (json_object_is_type (ref, json_type_string)) {
     node = node_lookup (json_object_get_string (ref));
     if (node == NULL) {
-      error_setg (errp, "blockdev-create: node '%.80s' does not exist",
+      error_setg (errp, "node '%.80s' does not exist",
                   json_object_get_string (ref));
       return NULL;
     }
     if (node->nr_parents > 0) {
       char users[512];
       node_describe_users (node, users, sizeof users);
-      error_setg (errp, "blockdev-create: node '%s' is in use by %s",
+      error_setg (errp, "node '%s' is in use by %s",
                   node->name, users);
       return NULL;
     }
@@ -344,7 +345,7 @@ create_target (struct json_object *opts, struct error **errp)
                         errp) == -1)
       return NULL;
     if (strcmp (driver, "file") != 0) {
-      error_setg (errp, "blockdev-create: an inline 'file' must have "
+      error_setg (errp, "an inline 'file' must have "
                   "driver 'file'");
       return NULL;
     }
@@ -360,7 +361,7 @@ create_target (struct json_object *opts, struct error **errp)
     json_object_put (copy);
     return node;
   }
-  error_setg (errp, "blockdev-create: 'file' must be a node-name or a "
+  error_setg (errp, "'file' must be a node-name or a "
               "blockdev spec");
   return NULL;
 }
@@ -379,7 +380,7 @@ cmd_blockdev_create (struct qmp_txn *t, struct json_object *args,
     return -1;
   if (!json_object_object_get_ex (args, "options", &opts) ||
       !json_object_is_type (opts, json_type_object)) {
-    error_setg (errp, "blockdev-create: 'options' (an object) is missing");
+    error_setg (errp, "'options' (an object) is missing");
     return -1;
   }
   if (opt_get_string (opts, "blockdev-create", "driver", true, &driver,
@@ -424,12 +425,12 @@ cmd_blockdev_create (struct qmp_txn *t, struct json_object *args,
       r = node_flush (file);
     node_unref (file);
     if (r < 0) {
-      error_setg_errno (errp, -r, "blockdev-create: sizing the raw image");
+      error_setg_errno (errp, -r, "sizing the raw image");
       return -1;
     }
     return 0;
   }
-  error_setg (errp, "blockdev-create: driver '%.80s' is not supported "
+  error_setg (errp, "driver '%.80s' is not supported "
               "(file, raw, qcow2)", driver);
   return -1;
 }
@@ -735,30 +736,30 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
   if ((overlay = node_lookup (oname)) == NULL)
     return not_found (t, errp, "node", oname);
   if (node == overlay) {
-    error_setg (errp, "blockdev-snapshot: a node cannot be its own "
+    error_setg (errp, "a node cannot be its own "
                 "overlay");
     return -1;
   }
   if (overlay->drv->set_backing == NULL) {
-    error_setg (errp, "blockdev-snapshot: node '%s' (driver %s) cannot "
+    error_setg (errp, "node '%s' (driver %s) cannot "
                 "have a backing node: use a qcow2 overlay", oname,
                 overlay->drv->name);
     return -1;
   }
   if (overlay->read_only) {
-    error_setg (errp, "blockdev-snapshot: overlay '%s' is read-only",
+    error_setg (errp, "overlay '%s' is read-only",
                 oname);
     return -1;
   }
   if (overlay->nr_parents > 0) {
     char users[512];
     node_describe_users (overlay, users, sizeof users);
-    error_setg (errp, "blockdev-snapshot: overlay '%s' is already in use "
+    error_setg (errp, "overlay '%s' is already in use "
                 "by %s", oname, users);
     return -1;
   }
   if (node_size (overlay) < node_size (node)) {
-    error_setg (errp, "blockdev-snapshot: overlay '%s' (%" PRIu64 " bytes) "
+    error_setg (errp, "overlay '%s' (%" PRIu64 " bytes) "
                 "is smaller than node '%s' (%" PRIu64 " bytes)", oname,
                 node_size (overlay), name, node_size (node));
     return -1;

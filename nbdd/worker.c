@@ -15,8 +15,15 @@
  * that takes the copy into the socket off the loop thread and saves a
  * trip through it.
  *
- * Locking: runq_lock protects runq, quit and idle_workers; done_lock
- * protects done.  A request is owned by exactly one side at a time.
+ * A worker that sleeps inside the graph (a throttle holding a request
+ * back) says so, and while it sleeps with work queued and nobody idle,
+ * an extra worker is started in its place; extras leave when they find
+ * nothing to do.  So a throttled client costs threads, not the service
+ * of every other client.
+ *
+ * Locking: runq_lock protects runq, quit, idle_workers, sleeping and
+ * nr_extra; done_lock protects done.  A request is owned by exactly one
+ * side at a time.
  */
 #include <config.h>
 
@@ -37,6 +44,10 @@ static struct request *runq_head, *runq_tail;
 static unsigned runq_len;
 static bool quit;
 static unsigned idle_workers;
+static unsigned sleeping;       /* workers asleep in the graph */
+static unsigned nr_extra;       /* extra workers running */
+static pthread_cond_t extras_gone = PTHREAD_COND_INITIALIZER;
+#define MAX_EXTRA_WORKERS 1024
 
 static pthread_mutex_t done_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct request *done_head, *done_tail;
@@ -64,21 +75,67 @@ chain_append (struct request **head, struct request **tail,
   *tail = last;
 }
 
+static void *worker_main (void *arg);
+
+/* With runq_lock held: if queued work waits while no worker is idle
+ * and some are asleep in the graph, start an extra one.
+ */
+static void
+maybe_add_worker_locked (void)
+{
+  pthread_attr_t attr;
+  pthread_t t;
+  sigset_t all, old;
+
+  if (quit || runq_head == NULL || idle_workers > 0 ||
+      nr_extra >= sleeping || nr_extra >= MAX_EXTRA_WORKERS)
+    return;
+  pthread_attr_init (&attr);
+  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+  sigfillset (&all);
+  pthread_sigmask (SIG_BLOCK, &all, &old);
+  if (pthread_create (&t, &attr, worker_main, (void *) 1) == 0)
+    nr_extra++;
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  pthread_attr_destroy (&attr);
+}
+
+static void
+sleep_begin (void)
+{
+  pthread_mutex_lock (&runq_lock);
+  sleeping++;
+  maybe_add_worker_locked ();
+  pthread_mutex_unlock (&runq_lock);
+}
+
+static void
+sleep_end (void)
+{
+  pthread_mutex_lock (&runq_lock);
+  sleeping--;
+  pthread_mutex_unlock (&runq_lock);
+}
+
 static void *
 worker_main (void *arg)
 {
+  bool extra = arg != NULL;
+
   for (;;) {
     struct request *batch, *last, *req;
     unsigned n;
     uint64_t bytes;
 
     pthread_mutex_lock (&runq_lock);
-    while (runq_head == NULL && !quit) {
+    while (runq_head == NULL && !quit && !extra) {
       idle_workers++;
       pthread_cond_wait (&runq_cond, &runq_lock);
       idle_workers--;
     }
-    if (runq_head == NULL) {    /* quit, and nothing left to do */
+    if (runq_head == NULL) {    /* quit (or an extra out of work) */
+      if (extra && --nr_extra == 0)
+        pthread_cond_broadcast (&extras_gone);
       pthread_mutex_unlock (&runq_lock);
       return NULL;
     }
@@ -162,6 +219,8 @@ workers_kick (void)
   chain_append (&runq_head, &runq_tail, pending_head, pending_tail);
   runq_len += pending_len;
   wake = MIN (idle_workers, (runq_len + WORKER_BATCH - 1) / WORKER_BATCH);
+  if (sleeping > 0)
+    maybe_add_worker_locked ();
   pthread_mutex_unlock (&runq_lock);
   pending_head = pending_tail = NULL;
   pending_len = 0;
@@ -175,6 +234,7 @@ workers_start (struct ev_loop *l, unsigned nr, struct error **errp)
   sigset_t all, old;
 
   loop = l;
+  graph_set_sleep_hooks (sleep_begin, sleep_end);
   ev_async_init (&done_async, done_cb);
   ev_async_start (loop, &done_async);
   ev_unref (loop);              /* the pool alone keeps no loop alive */
@@ -214,6 +274,11 @@ workers_stop (void)
   pthread_mutex_unlock (&runq_lock);
   for (unsigned i = 0; i < nr_threads; ++i)
     pthread_join (threads[i], NULL);
+  pthread_mutex_lock (&runq_lock);
+  while (nr_extra > 0)
+    pthread_cond_wait (&extras_gone, &runq_lock);
+  pthread_mutex_unlock (&runq_lock);
+  graph_set_sleep_hooks (sleep_begin, sleep_end);
   free (threads);
   threads = NULL;
   nr_threads = 0;

@@ -659,3 +659,45 @@ def test_blockdev_snapshot_moves_the_export_to_the_overlay(nbdd_server,
         f.seek(4 * MiB)
     run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", ov_img,
          converted])
+
+
+def test_throttled_client_does_not_hold_up_others(nbdd_server, tmp_path):
+    """Requests a throttle holds back sleep on worker threads; the pool
+    grows past --threads so that other exports are still served."""
+    srv = start(nbdd_server, tmp_path, ["--threads", "4"])
+    slow_img = make_image(tmp_path / "slow.img", 4 * MiB)
+    fast_img = make_image(tmp_path / "fast.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        for name, img in (("slow", slow_img), ("fast", fast_img)):
+            q.cmd_args("blockdev-add", {"driver": "raw", "node-name": name,
+                                        "file": {"driver": "file",
+                                                 "filename": img}})
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "limits": {"iops-total": 2},
+                                    "file": "slow"})
+        q.cmd("block-export-add", type="nbd", id="slow", node_name="t0")
+        q.cmd("block-export-add", type="nbd", id="fast", node_name="fast",
+              writable=True)
+    slow = srv.connect("t0")
+    # 32 reads at 2 per second: 16 s of queue, far more than 4 workers.
+    for i in range(32):
+        slow.aio_pread(nbd.Buffer(4096), i * 4096)
+    time.sleep(0.5)
+    fast = srv.connect("fast")
+    t = time.monotonic()
+    # Writes: they always need a worker (small reads of cached data
+    # are served on the event loop).
+    for i in range(50):
+        fast.pwrite(b"w" * 4096, i * 4096)
+    elapsed = time.monotonic() - t
+    # Held up behind the throttle, this would take most of 16 s.
+    assert elapsed < 8, f"the unthrottled export took {elapsed:.1f} s"
+    fast.shutdown()
+    # Taking the throttle out drains it: the backlog goes at once.
+    t = time.monotonic()
+    with QMP(srv.admin) as q:
+        q.cmd("blockdev-remove-node", filter="t0")
+    while slow.aio_in_flight() > 0:
+        slow.poll(-1)
+    assert time.monotonic() - t < 8
+    slow.shutdown()
