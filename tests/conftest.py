@@ -32,6 +32,27 @@ def _find_nbdd():
 NBDD = _find_nbdd()
 
 
+def _find_nbdctl():
+    """$NBDCTL, else the nbdctl of the build tree under test."""
+    env = os.environ.get("NBDCTL")
+    if env:
+        return env
+    candidates = []
+    if os.environ.get("top_builddir"):
+        candidates.append(os.path.join(os.environ["top_builddir"], "nbdd",
+                                       "nbdctl"))
+    candidates.append(os.path.join(os.path.dirname(NBDD), "nbdctl"))
+    for d in ("build", "."):
+        candidates.append(os.path.join(TOP_DIR, d, "nbdd", "nbdctl"))
+    for p in candidates:
+        if os.access(p, os.X_OK):
+            return p
+    raise RuntimeError("nbdctl binary not found: build it or set $NBDCTL")
+
+
+NBDCTL = _find_nbdctl()
+
+
 def free_tcp_port():
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,0 +1,1085 @@
+/* nbdctl's commands: each a friendly front end to one admin-socket
+ * command (docs/admin.md), except snapshot, which is three.
+ *
+ * Every command parses all its arguments before it connects, so a
+ * usage error exits 2 without the daemon seeing anything.  Human
+ * output is a table; with --json the daemon's return value is printed
+ * as it came.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "nbdctl.h"
+#include "options.h"
+#include "utils.h"
+
+/* Longest node-name QEMU takes; overlay names we make up fit it. */
+#define MAX_NODE_NAME 31
+
+enum { OPT_JSON = 256, OPT_FIRST_COMMAND_OPTION };
+
+/* ---- argument parsing ---- */
+
+static int __attribute__ ((format (printf, 2, 3)))
+usage_error (const struct command *self, const char *fs, ...)
+{
+  va_list args;
+
+  fprintf (stderr, "nbdctl %s: ", self->name);
+  va_start (args, fs);
+  vfprintf (stderr, fs, args);
+  va_end (args);
+  fprintf (stderr, "\nUsage: nbdctl %s%s%s\n", self->name,
+           *self->args ? " " : "", self->args);
+  return EXIT_USAGE;
+}
+
+/* getopt_long over a command's arguments, taking care of the options
+ * every command has (--help, --json).  Returns the next option of the
+ * command's own, 0 at the end of the options, or -1 when the command
+ * must stop and return *rc (after --help, or a bad option).
+ */
+static int
+next_option (struct nbdctl *ctl, const struct command *self, int argc,
+             char **argv, const struct option *opts, int *rc)
+{
+  for (;;) {
+    int c = getopt_long (argc, argv, "h", opts, NULL);
+
+    switch (c) {
+    case -1:
+      return 0;
+    case 'h':
+      printf ("Usage: nbdctl %s%s", self->name, *self->args ? " " : "");
+      print_wrapped (stdout, self->args, 15 + strlen (self->name),
+                     15 + strlen (self->name));
+      print_wrapped (stdout, self->help, 0, 0);
+      *rc = EXIT_OK;
+      return -1;
+    case OPT_JSON:
+      ctl->json = true;
+      continue;
+    case '?': case ':':         /* getopt printed why */
+      fprintf (stderr, "Usage: nbdctl %s%s%s\n", self->name,
+               *self->args ? " " : "", self->args);
+      *rc = EXIT_USAGE;
+      return -1;
+    default:
+      return c;
+    }
+  }
+}
+
+#define COMMON_OPTIONS \
+  { "help", no_argument, NULL, 'h' }, \
+  { "json", no_argument, NULL, OPT_JSON }
+
+static const struct option common_options[] = {
+  COMMON_OPTIONS,
+  { NULL, 0, NULL, 0 },
+};
+
+/* For commands with no options of their own: 0 if there are between
+ * @min and @max positional arguments, else the exit code.
+ */
+static int
+parse_plain (struct nbdctl *ctl, const struct command *self, int argc,
+             char **argv, int min, int max, int *rc)
+{
+  int c = next_option (ctl, self, argc, argv, common_options, rc);
+
+  if (c == -1)
+    return -1;
+  if (argc - optind < min || argc - optind > max) {
+    *rc = usage_error (self, "expected %s", self->args[0] ? self->args
+                       : "no arguments");
+    return -1;
+  }
+  return 0;
+}
+
+static int
+parse_size_arg (const struct command *self, const char *opt, const char *s,
+                uint64_t *r)
+{
+  if (parse_size (s, r) == -1 || *r > INT64_MAX)
+    return usage_error (self, "%s: expected a size (a number, optionally "
+                        "with K, M, G or T), got '%s'", opt, s);
+  return 0;
+}
+
+/* The daemon has its own working directory: make @path absolute. */
+static char *
+absolute_path (const char *path)
+{
+  CLEANUP_FREE char *cwd = NULL;
+  char *r;
+
+  if (path[0] == '/')
+    return check_alloc (strdup (path));
+  cwd = getcwd (NULL, 0);
+  if (cwd == NULL) {
+    fprintf (stderr, "nbdctl: cannot find the current directory to make "
+             "'%s' absolute: %m\n", path);
+    return NULL;
+  }
+  if (asprintf (&r, "%s/%s", cwd, path) == -1)
+    out_of_memory ();
+  return r;
+}
+
+/* ---- JSON helpers ---- */
+
+static struct json_object *
+jobj (void)
+{
+  return check_alloc (json_object_new_object ());
+}
+
+static void
+jadd (struct json_object *o, const char *key, struct json_object *v)
+{
+  if (json_object_object_add (o, key, v) != 0)
+    out_of_memory ();
+}
+
+static void
+jadd_str (struct json_object *o, const char *key, const char *s)
+{
+  jadd (o, key, check_alloc (json_object_new_string (s)));
+}
+
+static void
+jadd_int (struct json_object *o, const char *key, int64_t v)
+{
+  jadd (o, key, check_alloc (json_object_new_int64 (v)));
+}
+
+static void
+jadd_bool (struct json_object *o, const char *key, bool v)
+{
+  jadd (o, key, check_alloc (json_object_new_boolean (v)));
+}
+
+static struct json_object *
+jget (struct json_object *o, const char *key)
+{
+  struct json_object *v;
+
+  return json_object_object_get_ex (o, key, &v) ? v : NULL;
+}
+
+/* A string member, or NULL. */
+static const char *
+jstr (struct json_object *o, const char *key)
+{
+  struct json_object *v = jget (o, key);
+
+  return json_object_is_type (v, json_type_string)
+    ? json_object_get_string (v) : NULL;
+}
+
+/* An integer member; a fractional number (uptime) is truncated. */
+static bool
+jint (struct json_object *o, const char *key, int64_t *r)
+{
+  struct json_object *v = jget (o, key);
+
+  if (json_object_is_type (v, json_type_int))
+    *r = json_object_get_int64 (v);
+  else if (json_object_is_type (v, json_type_double))
+    *r = json_object_get_double (v);
+  else
+    return false;
+  return true;
+}
+
+/* A string or a number member as text, or NULL. */
+static const char *
+jtext (struct json_object *o, const char *key, char *buf, size_t len)
+{
+  struct json_object *v = jget (o, key);
+  int64_t i;
+
+  if (jint (o, key, &i)) {
+    snprintf (buf, len, "%" PRId64, i);
+    return buf;
+  }
+  return json_object_is_type (v, json_type_string)
+    ? json_object_get_string (v) : NULL;
+}
+
+/* "yes", "no", or NULL when absent. */
+static const char *
+jyesno (struct json_object *o, const char *key)
+{
+  struct json_object *v = jget (o, key);
+
+  if (!json_object_is_type (v, json_type_boolean))
+    return NULL;
+  return json_object_get_boolean (v) ? "yes" : "no";
+}
+
+/* A number member as text (@size: human-readable), "-" if absent. */
+static const char *
+jnum (struct json_object *o, const char *key, bool size, char *buf,
+      size_t len)
+{
+  int64_t v;
+
+  if (!jint (o, key, &v) || v < 0)
+    return "-";
+  if (size)
+    human_size (v, buf, len);
+  else
+    snprintf (buf, len, "%" PRId64, v);
+  return buf;
+}
+
+/* Print a list the daemon returned, as a table or as JSON: @row adds
+ * one element's row to the table.
+ */
+typedef void row_fn (struct table *t, struct json_object *elem);
+
+/* table_add with the row's cells as arguments (NULL prints as "-"). */
+#define t_add(t, ...) \
+  table_add ((t), (const char *const[]) { __VA_ARGS__ }, \
+             sizeof ((const char *const[]) { __VA_ARGS__ }) / \
+             sizeof (const char *))
+
+static int
+print_list (struct nbdctl *ctl, struct json_object *list,
+            const char *const *headers, const char *align, row_fn *row)
+{
+  struct table t;
+
+  if (ctl->json || !json_object_is_type (list, json_type_array)) {
+    print_json (list);
+    return EXIT_OK;
+  }
+  table_init (&t, headers, align);
+  for (size_t i = 0; i < json_object_array_length (list); ++i)
+    row (&t, json_object_array_get_idx (list, i));
+  table_print (&t, stdout);
+  table_free (&t);
+  return EXIT_OK;
+}
+
+/* Print the return value of a command that changes something: nothing
+ * for people, the value ({}) with --json.
+ */
+static int
+done (struct nbdctl *ctl, struct json_object *ret)
+{
+  if (ctl->json)
+    print_json (ret);
+  json_object_put (ret);
+  return EXIT_OK;
+}
+
+/* ---- node ---- */
+
+static int
+cmd_node_add (struct nbdctl *ctl, const struct command *self, int argc,
+              char **argv)
+{
+  CLEANUP_ERROR struct error *err = NULL;
+  struct json_object *spec, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 1, 1, &rc) == -1)
+    return rc;
+  spec = spec_parse (argv[optind], &err);
+  if (spec == NULL)
+    return usage_error (self, "SPEC: %s", err->msg);
+  rc = ctl_call (ctl, "blockdev-add", spec, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_node_remove (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 1, 1, &rc) == -1)
+    return rc;
+  args = jobj ();
+  jadd_str (args, "node-name", argv[optind]);
+  rc = ctl_call (ctl, "blockdev-del", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* USERS column: "export:e0,node:top". */
+static char *
+format_users (struct json_object *users)
+{
+  char *s = NULL;
+  size_t len = 0;
+  FILE *fp;
+
+  if (!json_object_is_type (users, json_type_array) ||
+      json_object_array_length (users) == 0)
+    return check_alloc (strdup ("-"));
+  fp = check_alloc (open_memstream (&s, &len));
+  for (size_t i = 0; i < json_object_array_length (users); ++i) {
+    struct json_object *u = json_object_array_get_idx (users, i);
+    const char *kind = jstr (u, "kind"), *name = jstr (u, "name");
+    fprintf (fp, "%s%s:%s", i ? "," : "", kind ? kind : "?",
+             name ? name : "?");
+  }
+  if (fclose (fp) != 0)
+    out_of_memory ();
+  return s;
+}
+
+static void
+node_row (struct table *t, struct json_object *n)
+{
+  struct json_object *image = jget (n, "image");
+  CLEANUP_FREE char *users = format_users (jget (n, "users"));
+  char size[32];
+  const char *file = jstr (n, "file");
+
+  t_add (t, jstr (n, "node-name"), jstr (n, "drv"), jyesno (n, "ro"),
+         jnum (image, "virtual-size", true, size, sizeof size),
+         file ? file : jstr (image, "filename"), users);
+}
+
+static int
+cmd_node_list (struct nbdctl *ctl, const struct command *self, int argc,
+               char **argv)
+{
+  static const char *const headers[] = {
+    "NAME", "DRIVER", "RO", "SIZE", "FILE", "USERS", NULL
+  };
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  args = jobj ();
+  jadd_bool (args, "flat", true);
+  rc = ctl_call (ctl, "query-named-block-nodes", args, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "lllrll", node_row);
+  json_object_put (ret);
+  return rc;
+}
+
+/* ---- export ---- */
+
+static int
+cmd_export_add (struct nbdctl *ctl, const struct command *self, int argc,
+                char **argv)
+{
+  enum { O_ID = OPT_FIRST_COMMAND_OPTION, O_NAME, O_WRITABLE, O_DESC,
+         O_TLS_REQUIRED, O_TLS_ALLOW };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "id", required_argument, NULL, O_ID },
+    { "name", required_argument, NULL, O_NAME },
+    { "writable", no_argument, NULL, O_WRITABLE },
+    { "description", required_argument, NULL, O_DESC },
+    { "tls-required", no_argument, NULL, O_TLS_REQUIRED },
+    { "tls-allow", required_argument, NULL, O_TLS_ALLOW },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args = jobj (), *allow = NULL, *ret = NULL;
+  const char *id = NULL, *name = NULL;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_ID: id = optarg; break;
+    case O_NAME: name = optarg; break;
+    case O_WRITABLE: jadd_bool (args, "writable", true); break;
+    case O_DESC: jadd_str (args, "description", optarg); break;
+    case O_TLS_REQUIRED: jadd_bool (args, "tls-required", true); break;
+    case O_TLS_ALLOW:
+      if (allow == NULL) {
+        allow = check_alloc (json_object_new_array ());
+        jadd (args, "tls-allow", allow);
+      }
+      json_object_array_add (allow,
+                             check_alloc (json_object_new_string (optarg)));
+      break;
+    }
+  }
+  if (c == -1 || argc - optind != 1) {
+    json_object_put (args);
+    return c == -1 ? rc : usage_error (self, "expected one NODE");
+  }
+  /* QEMU needs an id: the export's name, which defaults to the node's. */
+  jadd_str (args, "type", "nbd");
+  jadd_str (args, "node-name", argv[optind]);
+  jadd_str (args, "id", id ? id : name ? name : argv[optind]);
+  if (name)
+    jadd_str (args, "name", name);
+  rc = ctl_call (ctl, "block-export-add", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_export_remove (struct nbdctl *ctl, const struct command *self, int argc,
+                   char **argv)
+{
+  enum { O_FORCE = OPT_FIRST_COMMAND_OPTION };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "force", no_argument, NULL, O_FORCE },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args, *ret = NULL;
+  bool force = false;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0)
+    force = true;
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one export ID");
+  args = jobj ();
+  jadd_str (args, "id", argv[optind]);
+  jadd_str (args, "mode", force ? "hard" : "safe");
+  rc = ctl_call (ctl, "block-export-del", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static void
+export_row (struct table *t, struct json_object *e)
+{
+  char conns[32];
+
+  t_add (t, jstr (e, "id"), jstr (e, "name"), jstr (e, "node-name"),
+         jyesno (e, "writable"),
+         jnum (e, "connections", false, conns, sizeof conns));
+}
+
+static int
+cmd_export_list (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  static const char *const headers[] = {
+    "ID", "NAME", "NODE", "WRITABLE", "CONNECTIONS", NULL
+  };
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "query-block-exports", NULL, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "llllr", export_row);
+  json_object_put (ret);
+  return rc;
+}
+
+/* ---- image create ---- */
+
+/* blockdev-create options for a new image @filename (absolute). */
+static struct json_object *
+image_options (const char *format, const char *filename, uint64_t size)
+{
+  struct json_object *o = jobj ();
+
+  if (strcmp (format, "raw") == 0) {
+    jadd_str (o, "driver", "file");
+    jadd_str (o, "filename", filename);
+  }
+  else {
+    struct json_object *file = jobj ();
+    jadd_str (file, "driver", "file");
+    jadd_str (file, "filename", filename);
+    jadd_str (o, "driver", format);
+    jadd (o, "file", file);
+  }
+  jadd_int (o, "size", size);
+  return o;
+}
+
+/* Run blockdev-create with @options (owned); *ret as for ctl_call. */
+static int
+image_create (struct nbdctl *ctl, struct json_object *options,
+              struct json_object **ret)
+{
+  struct json_object *args = jobj ();
+
+  jadd (args, "options", options);
+  return ctl_call (ctl, "blockdev-create", args, ret);
+}
+
+static int
+cmd_image_create (struct nbdctl *ctl, const struct command *self, int argc,
+                  char **argv)
+{
+  enum { O_FORMAT = OPT_FIRST_COMMAND_OPTION, O_SIZE, O_BACKING,
+         O_BACKING_FORMAT, O_CLUSTER_SIZE };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "format", required_argument, NULL, O_FORMAT },
+    { "size", required_argument, NULL, O_SIZE },
+    { "backing", required_argument, NULL, O_BACKING },
+    { "backing-format", required_argument, NULL, O_BACKING_FORMAT },
+    { "cluster-size", required_argument, NULL, O_CLUSTER_SIZE },
+    { NULL, 0, NULL, 0 },
+  };
+  const char *format = "qcow2", *backing = NULL, *backing_fmt = NULL;
+  uint64_t size = 0, cluster_size = 0;
+  bool have_size = false;
+  CLEANUP_FREE char *filename = NULL;
+  struct json_object *o, *ret = NULL;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_FORMAT:
+      if (strcmp (optarg, "qcow2") != 0 && strcmp (optarg, "raw") != 0)
+        return usage_error (self, "--format: expected qcow2 or raw, got "
+                            "'%s'", optarg);
+      format = optarg;
+      break;
+    case O_SIZE:
+      if (parse_size_arg (self, "--size", optarg, &size))
+        return EXIT_USAGE;
+      have_size = true;
+      break;
+    case O_BACKING: backing = optarg; break;
+    case O_BACKING_FORMAT: backing_fmt = optarg; break;
+    case O_CLUSTER_SIZE:
+      if (parse_size_arg (self, "--cluster-size", optarg, &cluster_size))
+        return EXIT_USAGE;
+      break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one FILENAME");
+  if (!have_size)
+    return usage_error (self, "--size is required");
+  if (strcmp (format, "raw") == 0 && (backing || backing_fmt || cluster_size))
+    return usage_error (self, "--backing, --backing-format and "
+                        "--cluster-size are for qcow2 images");
+  if (backing_fmt && !backing)
+    return usage_error (self, "--backing-format needs --backing");
+
+  filename = absolute_path (argv[optind]);
+  if (filename == NULL)
+    return EXIT_REFUSED;
+  o = image_options (format, filename, size);
+  /* The backing name is written into the image as given: qemu reads a
+   * relative one relative to the image's folder.
+   */
+  if (backing)
+    jadd_str (o, "backing-file", backing);
+  if (backing_fmt)
+    jadd_str (o, "backing-fmt", backing_fmt);
+  if (cluster_size)
+    jadd_int (o, "cluster-size", cluster_size);
+  rc = image_create (ctl, o, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* ---- snapshot ---- */
+
+/* A node-name from the overlay's file name: "vm1-snap.qcow2" gives
+ * "vm1-snap".  QEMU's rules: a letter first, then letters, digits,
+ * '-', '.' and '_', at most 31 characters.
+ */
+static char *
+overlay_node_name (const char *file)
+{
+  const char *base = strrchr (file, '/') ? strrchr (file, '/') + 1 : file;
+  const char *dot = strrchr (base, '.');
+  size_t len = dot && dot != base ? (size_t) (dot - base) : strlen (base);
+  char *r = check_alloc (malloc (MAX_NODE_NAME + 1));
+  size_t n = 0;
+
+  if (len == 0 || !((base[0] >= 'a' && base[0] <= 'z') ||
+                    (base[0] >= 'A' && base[0] <= 'Z')))
+    r[n++] = 'n';
+  for (size_t i = 0; i < len && n < MAX_NODE_NAME; ++i)
+    r[n++] = strchr ("-._", base[i]) ||
+      (base[i] >= 'a' && base[i] <= 'z') ||
+      (base[i] >= 'A' && base[i] <= 'Z') ||
+      (base[i] >= '0' && base[i] <= '9') ? base[i] : '_';
+  r[n] = '\0';
+  return r;
+}
+
+/* The node @name in query-named-block-nodes' list, or NULL. */
+static struct json_object *
+find_node (struct json_object *list, const char *name)
+{
+  for (size_t i = 0; i < json_object_array_length (list); ++i) {
+    struct json_object *n = json_object_array_get_idx (list, i);
+    const char *nn = jstr (n, "node-name");
+    if (nn && strcmp (nn, name) == 0)
+      return n;
+  }
+  return NULL;
+}
+
+/* Snapshot is three commands, not one transaction: blockdev-create
+ * cannot be part of one.  Each step undoes the earlier ones if it
+ * fails, except that a created file stays (nbdd does not delete
+ * files): we say so.
+ */
+static int
+cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
+              char **argv)
+{
+  enum { O_FILE = OPT_FIRST_COMMAND_OPTION, O_NODE };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "overlay-file", required_argument, NULL, O_FILE },
+    { "overlay-node", required_argument, NULL, O_NODE },
+    { NULL, 0, NULL, 0 },
+  };
+  const char *node, *file_arg = NULL, *backing, *fmt;
+  CLEANUP_FREE char *file = NULL, *overlay = NULL;
+  struct json_object *nodes = NULL, *n, *image, *o, *file_spec, *args;
+  struct json_object *ret = NULL;
+  int64_t size;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_FILE: file_arg = optarg; break;
+    case O_NODE:
+      free (overlay);
+      overlay = check_alloc (strdup (optarg));
+      break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one NODE");
+  if (file_arg == NULL)
+    return usage_error (self, "--overlay-file is required");
+  node = argv[optind];
+  file = absolute_path (file_arg);
+  if (file == NULL)
+    return EXIT_REFUSED;
+  if (overlay == NULL)
+    overlay = overlay_node_name (file);
+
+  /* 1. What the overlay sits on: NODE's image, its format and size. */
+  rc = ctl_call (ctl, "query-named-block-nodes", NULL, &nodes);
+  if (rc)
+    return rc;
+  n = json_object_is_type (nodes, json_type_array)
+    ? find_node (nodes, node) : NULL;
+  if (n == NULL) {
+    fprintf (stderr, "nbdctl: snapshot: no node named '%s' (see nbdctl "
+             "node list)\n", node);
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+  image = jget (n, "image");
+  backing = jstr (image, "filename");
+  if (backing == NULL || *backing == '\0')
+    backing = jstr (n, "file");
+  fmt = jstr (image, "format") ? jstr (image, "format") : jstr (n, "drv");
+  if (fmt && strcmp (fmt, "file") == 0)
+    fmt = "raw";                /* a file node is raw data */
+  if (backing == NULL || *backing == '\0' || fmt == NULL ||
+      !jint (image, "virtual-size", &size)) {
+    fprintf (stderr, "nbdctl: snapshot: the daemon does not say which "
+             "image file node '%s' reads, or its format or size\n", node);
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+  /* The overlay's backing is read as an image of this format: a
+   * filter's name (throttle) would make an image nothing can open.
+   */
+  if (strcmp (fmt, "qcow2") != 0 && strcmp (fmt, "raw") != 0) {
+    fprintf (stderr, "nbdctl: snapshot: node '%s' is a %s node, not an "
+             "image: snapshot the qcow2 or raw node under it, and move "
+             "the filter with blockdev-insert-node\n", node, fmt);
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+
+  /* 2. The overlay image, backed by NODE's file. */
+  o = image_options ("qcow2", file, size);
+  jadd_str (o, "backing-file", backing);
+  jadd_str (o, "backing-fmt", fmt);
+  rc = image_create (ctl, o, &ret);
+  json_object_put (ret);
+  ret = NULL;
+  if (rc) {
+    fprintf (stderr, "nbdctl: snapshot: creating the overlay %s failed; "
+             "the graph was not changed\n", file);
+    goto out;
+  }
+
+  /* 3. Open it with no backing: blockdev-snapshot attaches NODE. */
+  args = jobj ();
+  file_spec = jobj ();
+  jadd_str (file_spec, "driver", "file");
+  jadd_str (file_spec, "filename", file);
+  jadd_str (args, "driver", "qcow2");
+  jadd_str (args, "node-name", overlay);
+  jadd (args, "file", file_spec);
+  jadd (args, "backing", NULL);
+  rc = ctl_call (ctl, "blockdev-add", args, &ret);
+  json_object_put (ret);
+  ret = NULL;
+  if (rc) {
+    fprintf (stderr, "nbdctl: snapshot: %s was created and is left in "
+             "place; remove it with rm\n", file);
+    goto out;
+  }
+
+  /* 4. Writes to NODE's users go to the overlay from now on. */
+  args = jobj ();
+  jadd_str (args, "node", node);
+  jadd_str (args, "overlay", overlay);
+  rc = ctl_call (ctl, "blockdev-snapshot", args, &ret);
+  json_object_put (ret);
+  ret = NULL;
+  if (rc) {
+    int undo;
+    args = jobj ();
+    jadd_str (args, "node-name", overlay);
+    undo = ctl_call (ctl, "blockdev-del", args, &ret);
+    json_object_put (ret);
+    if (undo)
+      fprintf (stderr, "nbdctl: snapshot: could not remove the overlay "
+               "node '%s' again: remove it with nbdctl node remove %s\n",
+               overlay, overlay);
+    fprintf (stderr, "nbdctl: snapshot: %s was created and is left in "
+             "place; remove it with rm\n", file);
+    goto out;
+  }
+
+  if (ctl->json) {
+    o = jobj ();
+    jadd_str (o, "node", node);
+    jadd_str (o, "overlay-node", overlay);
+    jadd_str (o, "overlay-file", file);
+    print_json (o);
+    json_object_put (o);
+  }
+  else
+    printf ("%s: new writes go to overlay node %s (%s)\n", node, overlay,
+            file);
+ out:
+  json_object_put (nodes);
+  return rc;
+}
+
+/* ---- throttle ---- */
+
+/* nbdctl's option, QEMU's argument, and whether it is a size. */
+static const struct {
+  const char *opt, *arg;
+  bool size;
+} throttle_args[] = {
+  { "bps", "bps", true },
+  { "bps-read", "bps_rd", true },
+  { "bps-write", "bps_wr", true },
+  { "iops", "iops", false },
+  { "iops-read", "iops_rd", false },
+  { "iops-write", "iops_wr", false },
+  { "bps-max", "bps_max", true },
+  { "bps-read-max", "bps_rd_max", true },
+  { "bps-write-max", "bps_wr_max", true },
+  { "iops-max", "iops_max", false },
+  { "iops-read-max", "iops_rd_max", false },
+  { "iops-write-max", "iops_wr_max", false },
+  { "bps-max-length", "bps_max_length", false },
+  { "bps-read-max-length", "bps_rd_max_length", false },
+  { "bps-write-max-length", "bps_wr_max_length", false },
+  { "iops-max-length", "iops_max_length", false },
+  { "iops-read-max-length", "iops_rd_max_length", false },
+  { "iops-write-max-length", "iops_wr_max_length", false },
+  { "iops-size", "iops_size", true },
+};
+
+static int
+cmd_throttle (struct nbdctl *ctl, const struct command *self, int argc,
+              char **argv)
+{
+  enum { O_NODE = OPT_FIRST_COMMAND_OPTION, O_GROUP, O_LIMIT };
+  struct option opts[4 + ARRAY_SIZE (throttle_args) + 1] = {
+    COMMON_OPTIONS,
+    { "node", required_argument, NULL, O_NODE },
+    { "group", required_argument, NULL, O_GROUP },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  struct json_object *ret = NULL;
+  const char *node = NULL, *group = NULL;
+  size_t nlimits = 0;
+  int c, rc;
+
+  for (size_t i = 0; i < ARRAY_SIZE (throttle_args); ++i)
+    opts[4 + i] = (struct option) { throttle_args[i].opt, required_argument,
+                                    NULL, O_LIMIT + i };
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_NODE: node = optarg; break;
+    case O_GROUP: group = optarg; break;
+    default: {
+      size_t i = c - O_LIMIT;
+      uint64_t v;
+      if (throttle_args[i].size) {
+        if (parse_size_arg (self, throttle_args[i].opt, optarg, &v))
+          return EXIT_USAGE;
+      }
+      else if (parse_uint64 (optarg, &v) == -1 || v > INT64_MAX)
+        return usage_error (self, "--%s: expected a number, got '%s'",
+                            throttle_args[i].opt, optarg);
+      jadd_int (args, throttle_args[i].arg, v);
+      nlimits++;
+    }
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 0)
+    return usage_error (self, "unexpected argument '%s'", argv[optind]);
+  if (!node == !group)
+    return usage_error (self, "give --node NAME or --group NAME");
+  if (nlimits == 0)
+    return usage_error (self, "expected at least one limit (0 removes "
+                        "one)");
+  jadd_str (args, node ? "node-name" : "group", node ? node : group);
+  rc = ctl_call (ctl, "block-set-io-throttle", steal_pointer (&args), &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* ---- inspection ---- */
+
+static void
+connection_row (struct table *t, struct json_object *c)
+{
+  char id[32], reqs[32], in[32], out[32];
+
+  /* The client's reads come out of nbdd, its writes go in. */
+  t_add (t, jtext (c, "id", id, sizeof id), jstr (c, "peer"),
+         jstr (c, "export"), jyesno (c, "tls"), jstr (c, "tls-identity"),
+         jnum (c, "requests", false, reqs, sizeof reqs),
+         jnum (c, "bytes-written", true, in, sizeof in),
+         jnum (c, "bytes-read", true, out, sizeof out));
+}
+
+static int
+cmd_connections (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  static const char *const headers[] = {
+    "ID", "PEER", "EXPORT", "TLS", "IDENTITY", "REQUESTS", "BYTES-IN",
+    "BYTES-OUT", NULL
+  };
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "query-connections", NULL, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "rllllrrr", connection_row);
+  json_object_put (ret);
+  return rc;
+}
+
+static void
+export_stats_row (struct table *t, struct json_object *e)
+{
+  char b[8][32];
+
+  t_add (t, jstr (e, "id"),
+         jnum (e, "rd_operations", false, b[0], sizeof b[0]),
+         jnum (e, "wr_operations", false, b[1], sizeof b[1]),
+         jnum (e, "rd_bytes", true, b[2], sizeof b[2]),
+         jnum (e, "wr_bytes", true, b[3], sizeof b[3]),
+         jnum (e, "flush_operations", false, b[4], sizeof b[4]),
+         jnum (e, "zero_operations", false, b[5], sizeof b[5]),
+         jnum (e, "discard_operations", false, b[6], sizeof b[6]),
+         jnum (e, "failed_operations", false, b[7], sizeof b[7]));
+}
+
+static int
+cmd_stats (struct nbdctl *ctl, const struct command *self, int argc,
+           char **argv)
+{
+  static const char *const headers[] = {
+    "EXPORT", "READS", "WRITES", "READ", "WRITTEN", "FLUSHES", "ZEROES",
+    "DISCARDS", "FAILED", NULL
+  };
+  struct json_object *ret = NULL;
+  char buf[32];
+  int64_t up;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "query-stats", NULL, &ret);
+  if (rc)
+    return rc;
+  if (ctl->json || !json_object_is_type (ret, json_type_object)) {
+    print_json (ret);
+    json_object_put (ret);
+    return EXIT_OK;
+  }
+  if (jint (ret, "uptime-seconds", &up))
+    printf ("uptime       %" PRId64 "d %02" PRId64 ":%02" PRId64 ":%02"
+            PRId64 "\n", up / 86400, up / 3600 % 24, up / 60 % 60, up % 60);
+  printf ("connections  %s\n", jnum (ret, "connections", false, buf,
+                                     sizeof buf));
+  printf ("nodes        %s\n", jnum (ret, "nodes", false, buf, sizeof buf));
+  if (json_object_is_type (jget (ret, "exports"), json_type_array) &&
+      json_object_array_length (jget (ret, "exports")) > 0) {
+    printf ("\n");
+    print_list (ctl, jget (ret, "exports"), headers, "lrrrrrrrr",
+                export_stats_row);
+  }
+  json_object_put (ret);
+  return EXIT_OK;
+}
+
+/* ---- raw QMP ---- */
+
+static struct json_object *
+parse_json_arg (const struct command *self, const char *what, const char *s)
+{
+  enum json_tokener_error jerr;
+  struct json_object *o = json_tokener_parse_verbose (s, &jerr);
+
+  if (o == NULL) {
+    usage_error (self, "%s: not JSON (%s): %s", what,
+                 json_tokener_error_desc (jerr), s);
+    return NULL;
+  }
+  if (!json_object_is_type (o, json_type_object)) {
+    json_object_put (o);
+    usage_error (self, "%s: expected a JSON object, got %s", what, s);
+    return NULL;
+  }
+  return o;
+}
+
+static int
+cmd_qmp (struct nbdctl *ctl, const struct command *self, int argc,
+         char **argv)
+{
+  struct json_object *msg, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 1, 2, &rc) == -1)
+    return rc;
+  if (argv[optind][0] == '{') {
+    if (argc - optind != 1)
+      return usage_error (self, "a whole JSON command takes no ARGS");
+    msg = parse_json_arg (self, "JSON", argv[optind]);
+    if (msg == NULL)
+      return EXIT_USAGE;
+    if (jstr (msg, "execute") == NULL) {
+      json_object_put (msg);
+      return usage_error (self, "a JSON command needs \"execute\": "
+                          "'{\"execute\": \"query-stats\"}'");
+    }
+  }
+  else {
+    msg = jobj ();
+    jadd_str (msg, "execute", argv[optind]);
+    if (argc - optind == 2) {
+      struct json_object *args = parse_json_arg (self, "ARGS",
+                                                 argv[optind + 1]);
+      if (args == NULL) {
+        json_object_put (msg);
+        return EXIT_USAGE;
+      }
+      jadd (msg, "arguments", args);
+    }
+  }
+  rc = ctl_call_msg (ctl, msg, &ret);
+  if (rc)
+    return rc;
+  print_json (ret);
+  json_object_put (ret);
+  return EXIT_OK;
+}
+
+static int
+cmd_quit (struct nbdctl *ctl, const struct command *self, int argc,
+          char **argv)
+{
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "quit", NULL, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+const struct command commands[] = {
+  { "node add", "SPEC", "SPEC",
+    "Add a node (blockdev-add).  SPEC is QEMU's blockdev JSON or its "
+    "dotted form (driver=raw,node-name=d0,file.driver=file,"
+    "file.filename=/srv/d0.img).", cmd_node_add },
+  { "node remove", "NAME", "NAME",
+    "Remove a node nothing uses (blockdev-del).", cmd_node_remove },
+  { "node list", "", "",
+    "List the nodes (query-named-block-nodes).", cmd_node_list },
+  { "export add", "NODE [--id ID] [--name NAME] [--writable] "
+    "[--description TEXT] [--tls-required] [--tls-allow IDENTITY]...",
+    "NODE [OPTIONS]",
+    "Export NODE over NBD (block-export-add), read-only unless "
+    "--writable.  The name defaults to NODE, the id to the name.",
+    cmd_export_add },
+  { "export remove", "ID [--force]", "ID [--force]",
+    "Remove an export (block-export-del): refused while clients are "
+    "connected, unless --force, which disconnects them.",
+    cmd_export_remove },
+  { "export list", "", "",
+    "List the exports (query-block-exports).", cmd_export_list },
+  { "image create", "[--format qcow2|raw] --size SIZE [--backing FILE] "
+    "[--backing-format FMT] [--cluster-size SIZE] FILENAME",
+    "[OPTIONS] FILENAME",
+    "Create an image file (blockdev-create), qcow2 unless --format raw.",
+    cmd_image_create },
+  { "snapshot", "NODE --overlay-file FILE [--overlay-node NAME]",
+    "NODE --overlay-file FILE",
+    "Put a new qcow2 overlay, backed by NODE's image, on top of NODE: "
+    "NODE's users write to the overlay from then on (blockdev-create, "
+    "blockdev-add, blockdev-snapshot).  The overlay's node name "
+    "defaults to FILE's name without its extension.", cmd_snapshot },
+  { "throttle", "--node NAME|--group NAME [--iops N] [--iops-read N] "
+    "[--iops-write N] [--bps SIZE] [--bps-read SIZE] [--bps-write SIZE] "
+    "[--iops-max N] [--bps-max SIZE] ...",
+    "--node NAME|--group NAME LIMITS",
+    "Set I/O limits (block-set-io-throttle) of a throttle node's group, "
+    "or of a group: --iops, --bps and their -read/-write variants, each "
+    "also as -max (bursts) and -max-length (burst seconds), and "
+    "--iops-size SIZE.  0 removes a limit.", cmd_throttle },
+  { "connections", "", "",
+    "List the client connections (query-connections).", cmd_connections },
+  { "stats", "", "",
+    "Uptime, counts and per-export I/O statistics (query-stats).",
+    cmd_stats },
+  { "qmp", "JSON | COMMAND [ARGS-JSON]", "JSON | COMMAND [ARGS]",
+    "Send any QMP command, as a whole message or as a name and "
+    "arguments, and print its return value as JSON.", cmd_qmp },
+  { "quit", "", "", "Shut the daemon down (quit).", cmd_quit },
+  { NULL, NULL, NULL, NULL, NULL },
+};
