@@ -225,10 +225,6 @@ main (int argc, char **argv)
 
   main_loop = loop;
   qmp_init ();
-  /* The admin socket lives in the state dir. */
-  if (!config.admin_socket && config.state_dir &&
-      asprintf (&config.admin_socket, "%s/admin.sock", config.state_dir) == -1)
-    exit (EXIT_FAILURE);
 
   if (!config.stdio && listeners_open (loop, &err) == -1)
     die (err);

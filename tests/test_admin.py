@@ -5,10 +5,12 @@ with the plain client in qmp.py, and checks the result with real NBD
 clients, qemu-img, and the catalogue file itself (sqlite3)."""
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -124,7 +126,20 @@ def test_oversized_message_closes_only_that_session(nbdd_server, tmp_path):
 def test_wrong_uid_is_refused(nbdd_server, tmp_path):
     if os.geteuid() != 0:
         pytest.fail("this test switches to uid 65534 and must run as root")
-    srv = start(nbdd_server, tmp_path)
+    # Somewhere another user can reach: pytest's own dirs are 0700.
+    sockdir = tempfile.mkdtemp(prefix="nbdd-admin-")
+    os.chmod(sockdir, 0o711)
+    try:
+        srv = start(nbdd_server, tmp_path,
+                    ["--admin-socket", sockdir + "/admin.sock"])
+        srv.admin = sockdir + "/admin.sock"
+        check_uid_refusal(srv)
+        srv.stop()
+    finally:
+        shutil.rmtree(sockdir)
+
+
+def check_uid_refusal(srv):
 
     def connect_as_nobody():
         """errno of connect, or the first bytes the daemon sent."""
@@ -164,11 +179,7 @@ def test_wrong_uid_is_refused(nbdd_server, tmp_path):
         return out.decode()
 
     import errno
-    # The state dir is the daemon's own (0700); open it up to see that
-    # the socket's mode alone keeps others out.
-    assert stat.S_IMODE(os.stat(srv.state).st_mode) == 0o700
-    assert connect_as_nobody() == f"errno {errno.EACCES}"
-    os.chmod(srv.state, 0o711)
+    assert stat.S_IMODE(os.stat(srv.admin).st_mode) == 0o600
     assert connect_as_nobody() == f"errno {errno.EACCES}"
     # Even with the file opened up, SO_PEERCRED keeps the user out.
     os.chmod(srv.admin, 0o666)
