@@ -314,15 +314,30 @@ cat_lock_owner (int fd)
  * process is refused too, and it goes away with a crash.
  */
 static int
-cat_lock_state_dir (struct catalog *cat, struct error **errp)
+cat_write_pid (int fd, const char *state_dir, struct error **errp)
+{
+  char pid[32];
+  int len = snprintf (pid, sizeof pid, "%ld\n", (long) getpid ());
+
+  if (ftruncate (fd, 0) == -1 ||
+      (errno = -full_pwrite (fd, pid, len, 0)) != 0) {
+    error_setg_errno (errp, errno, "state dir '%s': cannot write its lock "
+                      "file", state_dir);
+    return -1;
+  }
+  return 0;
+}
+
+int
+catalog_lock (const char *state_dir, struct error **errp)
 {
   CLEANUP_FREE char *lock_path = NULL;
   CLEANUP_CLOSE int fd = -1;
   struct flock fl = {
     .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0,
   };
-  char pid[32];
-  int len;
+  struct catalog dummy = { .state_dir = (char *) state_dir };
+  struct catalog *cat = &dummy;
 
   if (asprintf (&lock_path, "%s/" CAT_LOCK_NAME, cat->state_dir) == -1) {
     error_setg_errno (errp, errno, "state dir '%s'", cat->state_dir);
@@ -349,15 +364,9 @@ cat_lock_state_dir (struct catalog *cat, struct error **errp)
                         cat->state_dir, lock_path);
     return -1;
   }
-  len = snprintf (pid, sizeof pid, "%ld\n", (long) getpid ());
-  if (ftruncate (fd, 0) == -1 ||
-      (errno = -full_pwrite (fd, pid, len, 0)) != 0) {
-    error_setg_errno (errp, errno, "state dir '%s': cannot write '%s'",
-                      cat->state_dir, lock_path);
+  if (cat_write_pid (fd, state_dir, errp) == -1)
     return -1;
-  }
-  cat->lock_fd = steal_fd (&fd);
-  return 0;
+  return steal_fd (&fd);
 }
 
 static void
@@ -575,15 +584,27 @@ cat_close_db (struct catalog *cat)
 struct catalog *
 catalog_open (const char *state_dir, struct error **errp)
 {
+  int fd = catalog_lock (state_dir, errp);
+
+  if (fd == -1)
+    return NULL;
+  return catalog_open_locked (state_dir, fd, errp);
+}
+
+struct catalog *
+catalog_open_locked (const char *state_dir, int lock_fd, struct error **errp)
+{
   struct catalog *cat;
   int r;
 
   cat = calloc (1, sizeof *cat);
   if (cat == NULL) {
     error_setg_errno (errp, errno, "catalogue in '%s'", state_dir);
+    close (lock_fd);
     return NULL;
   }
-  cat->lock_fd = -1;
+  /* The lock may have been taken before a fork: the pid is ours now. */
+  cat->lock_fd = lock_fd;
   cat->state_dir = strdup (state_dir);
   if (cat->state_dir == NULL ||
       asprintf (&cat->path, "%s/" CAT_DB_NAME, state_dir) == -1) {
@@ -592,9 +613,8 @@ catalog_open (const char *state_dir, struct error **errp)
     goto out_free;
   }
 
-  if (cat_lock_state_dir (cat, errp) == -1)
-    goto out_free;
-  if (cat_create_file (cat, errp) == -1)
+  if (cat_write_pid (lock_fd, state_dir, errp) == -1 ||
+      cat_create_file (cat, errp) == -1)
     goto out_unlock;
 
   /* One thread uses a catalogue: no SQLite mutex needed. */
@@ -619,6 +639,7 @@ catalog_open (const char *state_dir, struct error **errp)
  out_unlock:
   cat_unlock_state_dir (cat);
  out_free:
+  cat_unlock_state_dir (cat);
   free (cat->path);
   free (cat->state_dir);
   free (cat);

@@ -30,6 +30,13 @@ struct catalog;
  * The state dir must exist.  Caller frees with catalog_close.
  */
 struct catalog *catalog_open (const char *state_dir, struct error **errp);
+/* The same in two steps: lock STATE_DIR (a descriptor holding the
+ * lock, or -1), for instance before forking, and open the catalogue
+ * later with that lock (taken over, closed on error).
+ */
+int catalog_lock (const char *state_dir, struct error **errp);
+struct catalog *catalog_open_locked (const char *state_dir, int lock_fd,
+                                     struct error **errp);
 
 /* Roll back any open transaction, close the database and release the
  * state dir.  NULL is allowed.

@@ -114,7 +114,7 @@ struct node {
   struct node_child **children; /* edges to children, in open order */
   size_t nr_children;
   struct node_child **parents;  /* edges into this node */
-  size_t nr_parents;
+  size_t nr_parents, cap_parents;
   struct node *all_next, *all_prev; /* every live node (graph/) */
   unsigned mark;                /* graph/: visited in a graph walk */
   size_t perm_index;

@@ -6,6 +6,8 @@
 #ifndef NBDD_GRAPH_H
 #define NBDD_GRAPH_H
 
+#include <time.h>
+
 #include <json-c/json.h>
 
 #include "driver.h"
@@ -35,6 +37,11 @@ struct node_child *node_attach_child (struct node *parent,
                                       struct node *child, const char *name,
                                       unsigned role, struct error **errp);
 void node_detach_child (struct node_child *c);
+/* Take @node off the registry, which gives its reference to the
+ * caller; and put it (back) on, taking a new one.
+ */
+void node_unregister (struct node *node);
+int node_register (struct node *node, struct error **errp);
 /* blockdev-del: unregister and drop the registry's reference, unless
  * the node has users (then errp names them).
  */
@@ -50,7 +57,7 @@ struct node *node_first (void);
 /* Edges into a node: reserve room (0, or -1 out of memory), then link
  * (cannot fail); unlink when the edge goes or moves.
  */
-int node_reserve_parent (struct node *node);
+int node_reserve_parent (struct node *node, size_t count);
 void node_link_parent (struct node_child *c);
 void node_unlink_parent (struct node_child *c);
 
@@ -111,12 +118,16 @@ struct node *root_io_try_begin (struct node_root *r);
 void root_io_end (struct node_root *r);
 /* Main thread: stop admitting, wait for what is inside, resume. */
 void root_quiesce (struct node_root *r);
-void root_wait_idle (struct node_root *r);
+/* 0 once no request is inside, -1 if some still are at @deadline
+ * (CLOCK_MONOTONIC).
+ */
+int root_wait_idle (struct node_root *r, const struct timespec *deadline);
 void root_resume (struct node_root *r);
 
 /* Drain every root above any of @nodes (and tell the drivers of every
  * node below those roots), waiting until no request is inside.  NULL
- * only when out of memory.
+ * (nothing drained) when out of memory, or when requests do not leave
+ * within 30 seconds.
  */
 struct graph_drain;
 struct graph_drain *graph_drain_begin (struct node *const *nodes,
@@ -124,10 +135,18 @@ struct graph_drain *graph_drain_begin (struct node *const *nodes,
 void graph_drain_end (struct graph_drain *d);
 /* With @from drained: every edge into @from, except those from the
  * node @except, now points at @to; refused (and undone) if the
- * permissions conflict or the graph would loop.
+ * permissions conflict or the graph would loop.  *moved (the caller
+ * frees it) lists the edges that moved, so that graph_move_edges can
+ * put exactly those back.
  */
 int graph_replace_node (struct node *from, struct node *to,
-                        const struct node *except, struct error **errp);
+                        const struct node *except, struct node_child ***moved,
+                        size_t *nr_moved, struct error **errp);
+/* Drained: move @edges, which all point at one node, to @to; refused
+ * (and undone) as graph_replace_node.
+ */
+int graph_move_edges (struct node_child *const *edges, size_t n,
+                      struct node *to, struct error **errp);
 /* Write "export 'e0', node 'q' (child 'file')" for @n's users into
  * @buf; returns how many there are.
  */

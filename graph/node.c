@@ -64,24 +64,26 @@ void
 node_link_parent (struct node_child *c)
 {
   struct node *n = c->node;
-  struct node_child **v = realloc (n->parents,
-                                   (n->nr_parents + 1) * sizeof *v);
 
   /* Callers reserve room first (node_reserve_parent): cannot fail. */
-  assert (v != NULL);
-  n->parents = v;
+  assert (n->nr_parents < n->cap_parents);
   n->parents[n->nr_parents++] = c;
 }
 
 int
-node_reserve_parent (struct node *n)
+node_reserve_parent (struct node *n, size_t count)
 {
-  struct node_child **v = realloc (n->parents,
-                                   (n->nr_parents + 1) * sizeof *v);
+  struct node_child **v;
+  size_t want = n->nr_parents + count;
 
+  if (want <= n->cap_parents)
+    return 0;
+  want = MAX (want, 2 * n->cap_parents);
+  v = realloc (n->parents, want * sizeof *v);
   if (v == NULL)
     return -1;
   n->parents = v;
+  n->cap_parents = want;
   return 0;
 }
 
@@ -368,7 +370,7 @@ node_open_child (struct node *parent, struct json_object *options,
   if (nc)
     parent->children = nc;
   if (c == NULL || nc == NULL || (c->name = strdup (key)) == NULL ||
-      node_reserve_parent (child) == -1) {
+      node_reserve_parent (child, 1) == -1) {
     error_setg_errno (errp, ENOMEM, "%s: attaching child", parent->name);
     if (c)
       free (c->name);
@@ -396,7 +398,7 @@ node_attach_child (struct node *parent, struct node *child, const char *name,
   if (nc)
     parent->children = nc;
   if (c == NULL || nc == NULL || (c->name = strdup (name)) == NULL ||
-      node_reserve_parent (child) == -1) {
+      node_reserve_parent (child, 1) == -1) {
     error_setg_errno (errp, ENOMEM, "%s: attaching child", parent->name);
     if (c)
       free (c->name);
@@ -439,11 +441,37 @@ node_detach_child (struct node_child *c)
   node_unref (child);
 }
 
+void
+node_unregister (struct node *node)
+{
+  size_t i;
+
+  for (i = 0; i < nr_registry && registry[i] != node; ++i)
+    ;
+  assert (i < nr_registry);
+  memmove (&registry[i], &registry[i + 1],
+           (nr_registry - i - 1) * sizeof *registry);
+  nr_registry--;
+  lh_table_delete (by_name, node->name);
+}
+
+int
+node_register (struct node *node, struct error **errp)
+{
+  if (node_lookup (node->name)) {
+    error_setg (errp, "node-name '%s' is already in use", node->name);
+    return -1;
+  }
+  if (registry_add (node, errp) == -1)
+    return -1;
+  node_ref (node);
+  return 0;
+}
+
 int
 node_delete (const char *name, struct error **errp)
 {
   struct node *node = node_lookup (name);
-  size_t i;
 
   if (node == NULL) {
     error_setg (errp, "node '%.80s' does not exist", name);
@@ -455,12 +483,7 @@ node_delete (const char *name, struct error **errp)
     error_setg (errp, "node '%s' is in use by %s", name, users);
     return -1;
   }
-  for (i = 0; registry[i] != node; ++i)
-    ;
-  memmove (&registry[i], &registry[i + 1],
-           (nr_registry - i - 1) * sizeof *registry);
-  nr_registry--;
-  lh_table_delete (by_name, node->name);
+  node_unregister (node);
   node_unref (node);
   return 0;
 }

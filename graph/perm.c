@@ -65,9 +65,12 @@ default_child_perm (struct node *node, const struct node_child *c,
                     unsigned perm, unsigned shared,
                     unsigned *cperm, unsigned *cshared)
 {
+  const unsigned passthrough = PERM_CONSISTENT_READ | PERM_WRITE |
+    PERM_WRITE_UNCHANGED | PERM_RESIZE;
+
   if (c->role & CHILD_FILTERED) {
-    *cperm = perm;
-    *cshared = shared;
+    *cperm = perm & passthrough;
+    *cshared = (shared & passthrough) | (PERM_ALL & ~passthrough);
   }
   else if (c->role & CHILD_COW) {
     *cperm = perm & PERM_CONSISTENT_READ;

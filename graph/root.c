@@ -18,22 +18,34 @@
 #include <config.h>
 
 #include <assert.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cleanup.h"
 #include "graph.h"
 #include "log.h"
 #include "utils.h"
 
+/* A drain waits this long for the requests inside to leave: a stuck
+ * backend makes the graph change fail, not the daemon hang.
+ */
+#define DRAIN_TIMEOUT_S 30
+
 void
 root_init (struct node_root *r)
 {
+  pthread_condattr_t attr;
+
   memset (r, 0, sizeof *r);
   pthread_mutex_init (&r->lock, NULL);
-  pthread_cond_init (&r->cond, NULL);
+  pthread_condattr_init (&attr);
+  pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
+  pthread_cond_init (&r->cond, &attr);
+  pthread_condattr_destroy (&attr);
 }
 
 void
@@ -54,7 +66,7 @@ root_attach (struct node_root *r, struct node *node, unsigned perm,
   assert (r->edge.node == NULL);
   free (r->user);
   r->user = strdup (user);
-  if (r->user == NULL || node_reserve_parent (node) == -1) {
+  if (r->user == NULL || node_reserve_parent (node, 1) == -1) {
     error_setg (errp, "out of memory");
     return -1;
   }
@@ -140,13 +152,20 @@ root_quiesce (struct node_root *r)
   pthread_mutex_unlock (&r->lock);
 }
 
-void
-root_wait_idle (struct node_root *r)
+int
+root_wait_idle (struct node_root *r, const struct timespec *deadline)
 {
+  int r_ = 0;
+
   pthread_mutex_lock (&r->lock);
   while (__atomic_load_n (&r->in_flight, __ATOMIC_SEQ_CST) > 0)
-    pthread_cond_wait (&r->cond, &r->lock);
+    if (pthread_cond_timedwait (&r->cond, &r->lock, deadline) == ETIMEDOUT &&
+        __atomic_load_n (&r->in_flight, __ATOMIC_SEQ_CST) > 0) {
+      r_ = -1;
+      break;
+    }
   pthread_mutex_unlock (&r->lock);
+  return r_;
 }
 
 void
@@ -245,8 +264,19 @@ graph_drain_begin (struct node *const *nodes, size_t nr,
     if (d->nodes[i]->drv->drain_begin)
       d->nodes[i]->drv->drain_begin (d->nodes[i]);
   }
-  for (size_t i = 0; i < d->nr_roots; ++i)
-    root_wait_idle (d->roots[i]);
+  {
+    struct timespec deadline;
+    clock_gettime (CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += DRAIN_TIMEOUT_S;
+    for (size_t i = 0; i < d->nr_roots; ++i)
+      if (root_wait_idle (d->roots[i], &deadline) == -1) {
+        error_setg (errp, "%s still has requests in flight after %d s: "
+                    "the graph was not changed", d->roots[i]->user,
+                    DRAIN_TIMEOUT_S);
+        graph_drain_end (d);
+        return NULL;
+      }
+  }
   return d;
 
  nomem:
@@ -290,36 +320,33 @@ edge_move (struct node_child *c, struct node *to)
 }
 
 int
-graph_replace_node (struct node *from, struct node *to,
-                    const struct node *except, struct error **errp)
+graph_move_edges (struct node_child *const *edges, size_t n, struct node *to,
+                  struct error **errp)
 {
-  CLEANUP_FREE struct node_child **moved = NULL;
-  size_t nr_moved = 0;
-  struct node *changed[] = { from, to };
+  struct node *from;
+  struct node *changed[2];
 
-  if (from == to)
+  if (n == 0)
     return 0;
-  moved = malloc ((from->nr_parents + 1) * sizeof *moved);
-  if (moved == NULL)
-    goto nomem;
-  for (size_t i = 0; i < from->nr_parents; ++i)
-    if (from->parents[i]->parent == NULL ||
-        from->parents[i]->parent != except)
-      moved[nr_moved++] = from->parents[i];
-  for (size_t i = 0; i < nr_moved; ++i)
-    if (node_reserve_parent (to) == -1)
-      goto nomem;
-
+  from = edges[0]->node;
+  if (node_reserve_parent (to, n) == -1) {
+    error_setg (errp, "out of memory changing the graph");
+    return -1;
+  }
   /* Keep @from alive while it loses its users: the caller's reference
    * may be the last one otherwise.
    */
   node_ref (from);
-  for (size_t i = 0; i < nr_moved; ++i)
-    edge_move (moved[i], to);
+  for (size_t i = 0; i < n; ++i)
+    edge_move (edges[i], to);
+  changed[0] = from;
+  changed[1] = to;
   if (graph_perm_update (changed, 2, errp) == -1) {
     struct error *err = NULL;
-    for (size_t i = 0; i < nr_moved; ++i)
-      edge_move (moved[i], from);
+    /* Back where they were: room there was theirs a moment ago. */
+    node_reserve_parent (from, n);
+    for (size_t i = 0; i < n; ++i)
+      edge_move (edges[i], from);
     if (graph_perm_update (changed, 2, &err) == -1) {
       debug ("%s", err->msg);
       error_free (err);
@@ -329,10 +356,36 @@ graph_replace_node (struct node *from, struct node *to,
   }
   node_unref (from);
   return 0;
+}
 
- nomem:
-  error_setg (errp, "out of memory changing the graph");
-  return -1;
+int
+graph_replace_node (struct node *from, struct node *to,
+                    const struct node *except, struct node_child ***movedp,
+                    size_t *nr_movedp, struct error **errp)
+{
+  struct node_child **moved;
+  size_t nr_moved = 0;
+
+  *movedp = NULL;
+  *nr_movedp = 0;
+  if (from == to)
+    return 0;
+  moved = malloc ((from->nr_parents + 1) * sizeof *moved);
+  if (moved == NULL) {
+    error_setg (errp, "out of memory changing the graph");
+    return -1;
+  }
+  for (size_t i = 0; i < from->nr_parents; ++i)
+    if (from->parents[i]->parent == NULL ||
+        from->parents[i]->parent != except)
+      moved[nr_moved++] = from->parents[i];
+  if (graph_move_edges (moved, nr_moved, to, errp) == -1) {
+    free (moved);
+    return -1;
+  }
+  *movedp = moved;
+  *nr_movedp = nr_moved;
+  return 0;
 }
 
 size_t

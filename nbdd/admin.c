@@ -11,7 +11,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
-#include <limits.h>
 #include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,28 +25,41 @@
 #include "log.h"
 
 /* One message may be at most this long; a longer one ends the session
- * (only that session), as it cannot be resynchronised cheaply.
+ * (only that session), as it cannot be resynchronised cheaply.  A
+ * message is collected as bytes and parsed once whole, so a session
+ * holds at most this much, not the objects a parser would build.
  */
 #define MAX_MESSAGE     (1u << 20)
-/* Output a client does not read: beyond this, it is dropped. */
-#define MAX_OUTPUT      (64u << 20)
+/* Output a client does not read (events pile up): beyond this, the
+ * session is dropped.  Replies cannot pile up: a session is not read
+ * while its last reply is still going out.
+ */
+#define MAX_OUTPUT      (16u << 20)
 #define MAX_SESSIONS    64
 #define MAX_JSON_DEPTH  64
+/* A client that never negotiates capabilities is dropped. */
+#define NEGOTIATE_TIMEOUT 30.
 
 struct session {
   struct session *next;
   ev_io rio, wio;
+  ev_timer timer;               /* until qmp_capabilities */
   int fd;
   struct admin_peer peer;
   bool negotiated;              /* qmp_capabilities done */
-  bool closing;                 /* close once output is out */
-  struct json_tokener *tok;
-  size_t msg_bytes;             /* bytes of the message being parsed */
-  char *out;                    /* pending output */
-  size_t out_len, out_cap;
+  bool dead;                    /* freed by the reaper, not in use */
+  /* The message being collected, and where the scanner is in it. */
+  char *in;
+  size_t in_len, in_cap;
+  unsigned depth;               /* open objects and arrays */
+  bool in_string, escape;
+  bool skipping;                /* after bad input: drop to the newline */
+  char *out;                    /* pending output: [out_start, out_len) */
+  size_t out_start, out_len, out_cap;
 };
 
 static ev_io listen_io;
+static ev_check reaper;         /* frees dead sessions after callbacks */
 static int listen_fd = -1;
 static char *socket_path;
 static gid_t admin_gid;
@@ -56,27 +68,77 @@ static struct session *sessions;
 static unsigned nr_sessions;
 static struct ev_loop *admin_loop;
 
-static void session_close (struct session *s);
+static void
+session_free (struct session *s)
+{
+  close (s->fd);
+  free (s->in);
+  free (s->out);
+  debug ("admin: session of uid %u pid %d closed", (unsigned) s->peer.uid,
+         (int) s->peer.pid);
+  free (s);
+}
+
+/* End a session.  It may be in use further up the stack (a command
+ * that failed to send its reply, an event sent from a command of
+ * another session), so it is only marked, and freed by the reaper
+ * once the current callback has returned.
+ */
+static void
+session_kill (struct session *s)
+{
+  if (s->dead)
+    return;
+  s->dead = true;
+  ev_io_stop (admin_loop, &s->rio);
+  ev_io_stop (admin_loop, &s->wio);
+  ev_timer_stop (admin_loop, &s->timer);
+  if (!ev_is_active (&reaper)) {
+    ev_check_start (admin_loop, &reaper);
+    ev_unref (admin_loop);
+  }
+}
+
+static void
+reap_cb (struct ev_loop *loop, ev_check *w, int revents)
+{
+  struct session **pp = &sessions;
+
+  while (*pp) {
+    struct session *s = *pp;
+    if (s->dead) {
+      *pp = s->next;
+      nr_sessions--;
+      session_free (s);
+    }
+    else
+      pp = &s->next;
+  }
+  ev_ref (loop);
+  ev_check_stop (loop, w);
+}
 
 static void
 session_write (struct session *s)
 {
-  while (s->out_len > 0) {
-    ssize_t n = send (s->fd, s->out, s->out_len, MSG_NOSIGNAL);
+  while (s->out_start < s->out_len) {
+    ssize_t n = send (s->fd, s->out + s->out_start, s->out_len - s->out_start,
+                      MSG_NOSIGNAL);
     if (n == -1) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
         ev_io_start (admin_loop, &s->wio);
         return;
       }
-      session_close (s);
+      session_kill (s);
       return;
     }
-    memmove (s->out, s->out + n, s->out_len - n);
-    s->out_len -= n;
+    s->out_start += n;
   }
+  s->out_start = s->out_len = 0;
   ev_io_stop (admin_loop, &s->wio);
-  if (s->closing)
-    session_close (s);
+  /* Its replies are out: listen to it again. */
+  if (!s->dead)
+    ev_io_start (admin_loop, &s->rio);
 }
 
 /* Queue one JSON message and a newline (QMP messages end in CRLF). */
@@ -86,18 +148,24 @@ session_send (struct session *s, struct json_object *o)
   const char *text = json_object_to_json_string_ext (o, JSON_C_TO_STRING_PLAIN);
   size_t len = strlen (text);
 
-  if (s->out_len + len + 2 > MAX_OUTPUT) {
+  if (s->dead)
+    return;
+  if (s->out_len - s->out_start + len + 2 > MAX_OUTPUT) {
     nbdd_info ("admin: uid %u does not read its replies: closing",
                (unsigned) s->peer.uid);
-    s->out_len = 0;
-    session_close (s);
+    session_kill (s);
     return;
+  }
+  if (s->out_start > 0 && s->out_len + len + 2 > s->out_cap) {
+    memmove (s->out, s->out + s->out_start, s->out_len - s->out_start);
+    s->out_len -= s->out_start;
+    s->out_start = 0;
   }
   if (s->out_len + len + 2 > s->out_cap) {
     size_t ncap = MAX (s->out_cap * 2, s->out_len + len + 2);
     char *n = realloc (s->out, ncap);
     if (n == NULL) {
-      session_close (s);
+      session_kill (s);
       return;
     }
     s->out = n;
@@ -209,6 +277,7 @@ session_message (struct session *s, struct json_object *msg)
       return;
     }
     s->negotiated = true;
+    ev_timer_stop (admin_loop, &s->timer);
     reply = json_object_new_object ();
     json_object_object_add (reply, "return", json_object_new_object ());
   }
@@ -225,64 +294,115 @@ session_message (struct session *s, struct json_object *msg)
   json_object_put (reply);
 }
 
-/* Parse what arrived: any number of whole messages, and the start of
- * the next.  After a syntax error the rest of that line is dropped, so
- * a client that sends one message per line is back in step at once.
+/* A whole message has been collected: parse and run it. */
+static void
+session_parse (struct session *s)
+{
+  struct json_tokener *tok = json_tokener_new_ex (MAX_JSON_DEPTH);
+  struct json_object *o;
+  enum json_tokener_error jerr;
+
+  if (tok == NULL) {
+    session_kill (s);
+    return;
+  }
+  o = json_tokener_parse_ex (tok, s->in, (int) s->in_len);
+  jerr = json_tokener_get_error (tok);
+  json_tokener_free (tok);
+  s->in_len = 0;
+  if (jerr != json_tokener_success) {
+    char desc[200];
+    snprintf (desc, sizeof desc, "JSON parse error: %s",
+              json_tokener_error_desc (jerr));
+    send_error (s, "GenericError", desc, NULL);
+    json_object_put (o);
+    return;
+  }
+  session_message (s, o);
+  json_object_put (o);
+}
+
+static void
+bad_input (struct session *s, const char *desc)
+{
+  send_error (s, "GenericError", desc, NULL);
+  s->in_len = 0;
+  s->depth = 0;
+  s->in_string = s->escape = false;
+  s->skipping = true;
+}
+
+/* Split the stream into messages: a message is one JSON object (or
+ * array, refused later), found by counting brackets outside strings.
+ * After bad input the rest of that line is dropped, so a client that
+ * sends one message per line is back in step at once.
  */
 static void
 session_input (struct session *s, const char *buf, size_t len)
 {
-  while (len > 0 && !s->closing) {
-    struct json_object *o;
-    enum json_tokener_error jerr;
-    size_t used;
+  for (size_t i = 0; i < len && !s->dead; ++i) {
+    char c = buf[i];
 
-    /* Whitespace between messages is not part of any. */
-    if (s->msg_bytes == 0 && (*buf == ' ' || *buf == '\n' || *buf == '\r' ||
-                              *buf == '\t')) {
-      buf++, len--;
+    if (s->skipping) {
+      if (c == '\n')
+        s->skipping = false;
       continue;
     }
-    o = json_tokener_parse_ex (s->tok, buf, (int) MIN (len, (size_t) INT_MAX));
-    jerr = json_tokener_get_error (s->tok);
-    used = json_tokener_get_parse_end (s->tok);
-    if (used == 0 && jerr != json_tokener_continue)
-      used = 1;
-    if (used > len)
-      used = len;
-    s->msg_bytes += used;
-    buf += used;
-    len -= used;
-    if (jerr == json_tokener_continue) {
-      if (s->msg_bytes > MAX_MESSAGE) {
+    if (s->in_len == 0) {
+      if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
+        continue;
+      if (c != '{' && c != '[') {
+        bad_input (s, "JSON parse error: QMP input must be a JSON object");
+        if (c == '\n')
+          s->skipping = false;
+        continue;
+      }
+    }
+    if (s->in_len == s->in_cap) {
+      size_t ncap = s->in_cap ? 2 * s->in_cap : 4096;
+      char *n;
+      if (ncap > MAX_MESSAGE) {
         nbdd_info ("admin: uid %u sent a message over %u bytes: closing",
                    (unsigned) s->peer.uid, MAX_MESSAGE);
-        session_close (s);
+        session_kill (s);
         return;
       }
-      continue;
-    }
-    s->msg_bytes = 0;
-    if (jerr != json_tokener_success) {
-      char desc[200];
-      const char *nl;
-      snprintf (desc, sizeof desc, "JSON parse error: %s",
-                json_tokener_error_desc (jerr));
-      send_error (s, "GenericError", desc, NULL);
-      json_tokener_reset (s->tok);
-      nl = memchr (buf, '\n', len);
-      if (nl) {
-        len -= nl + 1 - buf;
-        buf = nl + 1;
+      n = realloc (s->in, ncap);
+      if (n == NULL) {
+        session_kill (s);
+        return;
       }
-      else
-        len = 0;
-      continue;
+      s->in = n;
+      s->in_cap = ncap;
     }
-    json_tokener_reset (s->tok);
-    session_message (s, o);
-    json_object_put (o);
+    s->in[s->in_len++] = c;
+    if (s->in_string) {
+      if (s->escape)
+        s->escape = false;
+      else if (c == '\\')
+        s->escape = true;
+      else if (c == '"')
+        s->in_string = false;
+    }
+    else if (c == '"')
+      s->in_string = true;
+    else if (c == '{' || c == '[') {
+      if (++s->depth > MAX_JSON_DEPTH) {
+        bad_input (s, "JSON parse error: nesting too deep");
+        if (c == '\n')
+          s->skipping = false;
+      }
+    }
+    else if (c == '}' || c == ']') {
+      if (--s->depth == 0)
+        session_parse (s);
+    }
   }
+  /* Replies go out before more is read (QEMU's monitor does the same):
+   * a client that does not read cannot make us queue without bound.
+   */
+  if (!s->dead && s->out_len > s->out_start)
+    ev_io_stop (admin_loop, &s->rio);
 }
 
 static void
@@ -295,7 +415,7 @@ session_read_cb (struct ev_loop *loop, ev_io *w, int revents)
   if (n == -1 && (errno == EAGAIN || errno == EINTR))
     return;
   if (n <= 0) {
-    session_close (s);
+    session_kill (s);
     return;
   }
   session_input (s, buf, n);
@@ -309,24 +429,13 @@ session_write_cb (struct ev_loop *loop, ev_io *w, int revents)
 }
 
 static void
-session_close (struct session *s)
+session_timeout_cb (struct ev_loop *loop, ev_timer *w, int revents)
 {
-  struct session **pp;
+  struct session *s = container_of (w, struct session, timer);
 
-  for (pp = &sessions; *pp && *pp != s; pp = &(*pp)->next)
-    ;
-  if (*pp == NULL)
-    return;
-  *pp = s->next;
-  nr_sessions--;
-  ev_io_stop (admin_loop, &s->rio);
-  ev_io_stop (admin_loop, &s->wio);
-  close (s->fd);
-  json_tokener_free (s->tok);
-  free (s->out);
-  debug ("admin: session of uid %u pid %d closed", (unsigned) s->peer.uid,
-         (int) s->peer.pid);
-  free (s);
+  nbdd_info ("admin: uid %u did not negotiate capabilities: closing",
+             (unsigned) s->peer.uid);
+  session_kill (s);
 }
 
 /* Whether @uid may administer: root, our own uid, or a member of the
@@ -388,8 +497,7 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
     return;
   }
   s = calloc (1, sizeof *s);
-  if (s == NULL || (s->tok = json_tokener_new_ex (MAX_JSON_DEPTH)) == NULL) {
-    free (s);
+  if (s == NULL) {
     close (fd);
     return;
   }
@@ -398,13 +506,23 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
   s->peer.pid = cred.pid;
   ev_io_init (&s->rio, session_read_cb, fd, EV_READ);
   ev_io_init (&s->wio, session_write_cb, fd, EV_WRITE);
+  ev_timer_init (&s->timer, session_timeout_cb, NEGOTIATE_TIMEOUT, 0);
   ev_io_start (loop, &s->rio);
+  ev_timer_start (loop, &s->timer);
   s->next = sessions;
   sessions = s;
   nr_sessions++;
   debug ("admin: session of uid %u pid %d", (unsigned) cred.uid,
          (int) cred.pid);
   send_greeting (s);
+}
+
+/* As for the NBD sockets (listen.c): no file left by a failed start. */
+static void
+unlink_at_exit (void)
+{
+  if (socket_path)
+    unlink (socket_path);
 }
 
 int
@@ -463,7 +581,9 @@ admin_open (struct ev_loop *loop, const char *path, const char *group,
     return -1;
   }
   socket_path = strdup (path);
+  atexit (unlink_at_exit);
   listen_fd = fd;
+  ev_check_init (&reaper, reap_cb);
   ev_io_init (&listen_io, accept_cb, fd, EV_READ);
   ev_io_start (loop, &listen_io);
   /* The admin socket alone does not keep the loop running. */
@@ -475,8 +595,19 @@ admin_open (struct ev_loop *loop, const char *path, const char *group,
 void
 admin_close (void)
 {
-  while (sessions)
-    session_close (sessions);
+  if (ev_is_active (&reaper)) {
+    ev_ref (admin_loop);
+    ev_check_stop (admin_loop, &reaper);
+  }
+  while (sessions) {
+    struct session *s = sessions;
+    sessions = s->next;
+    ev_io_stop (admin_loop, &s->rio);
+    ev_io_stop (admin_loop, &s->wio);
+    ev_timer_stop (admin_loop, &s->timer);
+    session_free (s);
+  }
+  nr_sessions = 0;
   if (listen_fd >= 0) {
     ev_ref (admin_loop);
     ev_io_stop (admin_loop, &listen_io);
@@ -505,11 +636,9 @@ admin_event (const char *name, struct json_object *data)
   json_object_object_add (ts, "microseconds",
                           json_object_new_int64 (tv.tv_usec));
   json_object_object_add (ev, "timestamp", ts);
-  for (struct session *s = sessions, *next; s; s = next) {
-    next = s->next;             /* a failed send closes the session */
-    if (s->negotiated)
+  for (struct session *s = sessions; s; s = s->next)
+    if (s->negotiated && !s->dead)
       session_send (s, ev);
-  }
   json_object_put (ev);
 }
 

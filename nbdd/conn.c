@@ -158,8 +158,10 @@ conn_free (struct conn *c)
   if (c->next)
     c->next->prev = c->prev;
   tls_free (c);
-  if (c->exp)
+  if (c->exp) {
+    c->exp->nr_clients--;
     export_unref (c->exp);
+  }
   pthread_mutex_destroy (&c->send_lock);
   free (c->optbuf);
   free (c->meta_export);

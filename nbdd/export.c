@@ -18,6 +18,10 @@ static size_t nr_exports, cap_exports;
  * the keys are the exports' own strings.
  */
 static struct lh_table *by_name, *by_id;
+/* Deleted exports that clients still hold: listed as shutting down,
+ * and their name and id not yet free.
+ */
+static struct export *dying;
 
 static void
 index_remove (struct export *exp)
@@ -85,9 +89,36 @@ export_unref (struct export *exp)
 {
   if (--exp->refcnt > 0)
     return;
-  if (exp->deleted)
+  if (exp->deleted) {
+    struct export **pp;
+    for (pp = &dying; *pp && *pp != exp; pp = &(*pp)->dying_next)
+      ;
+    if (*pp)
+      *pp = exp->dying_next;
     admin_event_export_deleted (exp->id);
+  }
   export_free (exp);
+}
+
+unsigned
+export_clients (const struct export *exp)
+{
+  return exp->nr_clients;
+}
+
+struct export *
+export_first_dying (void)
+{
+  return dying;
+}
+
+static struct export *
+dying_find (const char *name, const char *id)
+{
+  for (struct export *e = dying; e; e = e->dying_next)
+    if (strcmp (e->name, name) == 0 || strcmp (e->id, id) == 0)
+      return e;
+  return NULL;
 }
 
 static const char *const export_keys[] = {
@@ -174,6 +205,12 @@ export_add (struct json_object *o, struct error **errp)
   }
   if (export_by_id (id)) {
     error_setg (errp, "export: id '%.80s' is already in use", id);
+    goto err;
+  }
+  if (dying_find (name, id)) {
+    error_setg (errp, "export: an export named '%.80s' or with id '%.80s' "
+                "is still shutting down: try again once its clients are "
+                "gone", name, id);
     goto err;
   }
   node = node_lookup (node_name);
@@ -280,10 +317,10 @@ export_delete (struct export *exp, bool hard, struct error **errp)
 {
   size_t i;
 
-  if (!hard && exp->refcnt > 1) {
+  if (!hard && exp->nr_clients > 0) {
     error_setg (errp, "export '%s' has %u client%s connected: disconnect "
-                "them first, or use mode 'hard'", exp->id, exp->refcnt - 1,
-                exp->refcnt == 2 ? "" : "s");
+                "them first, or use mode 'hard'", exp->id, exp->nr_clients,
+                exp->nr_clients == 1 ? "" : "s");
     return -1;
   }
   for (i = 0; i < nr_exports; ++i)
@@ -298,6 +335,8 @@ export_delete (struct export *exp, bool hard, struct error **errp)
   nr_exports--;
   index_remove (exp);
   exp->deleted = true;
+  exp->dying_next = dying;
+  dying = exp;
   /* Its clients go; it is freed (and BLOCK_EXPORT_DELETED sent) once
    * the last of them has finished its requests.
    */

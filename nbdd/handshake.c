@@ -224,6 +224,7 @@ enter_transmission (struct conn *c, struct export *exp)
 {
   c->exp = exp;
   export_ref (exp);
+  exp->nr_clients++;
   c->mode = c->extended ? MODE_EXTENDED
     : c->structured ? MODE_STRUCTURED : MODE_SIMPLE;
   c->eflags = export_tx_flags (exp, c->structured || c->extended);

@@ -101,7 +101,7 @@ void config_parse (int argc, char **argv);
 void config_free (void);
 
 /* export.c */
-struct export_stats {           /* atomics, added to by workers */
+struct export_stats {           /* counted on the loop thread */
   uint64_t rd_ops, wr_ops, rd_bytes, wr_bytes;
   uint64_t flush_ops, zero_ops, discard_ops, failed_ops;
 };
@@ -112,8 +112,11 @@ struct export {
   char *description;            /* NULL if none */
   struct node_root root;        /* where its requests enter the graph */
   struct json_object *spec;     /* as added, for the catalogue */
-  unsigned refcnt;              /* the export list, and each client */
+  unsigned refcnt;              /* the export list, each client, ... */
+  unsigned nr_clients;          /* connections in transmission */
   bool deleted;                 /* off the list; freed with its last client */
+  bool delete_pending;          /* a block-export-del awaits its commit */
+  struct export *dying_next;    /* deleted, clients still connected */
   bool recorded;                /* in the catalogue */
   bool writable;
   bool tls_required;            /* only over TLS, even with --tls=on */
@@ -142,6 +145,11 @@ int export_delete (struct export *exp, bool hard, struct error **errp);
 /* Undo a block-export-add that no client has seen: gone, no event. */
 void export_discard (struct export *exp);
 void export_ref (struct export *exp);
+unsigned export_clients (const struct export *exp);
+/* Exports deleted whose clients are still finishing: follow
+ * ->dying_next.
+ */
+struct export *export_first_dying (void);
 void export_unref (struct export *exp);
 /* Resolve a client's export name; "" is the only export if there is
  * exactly one.  Borrowed.
@@ -527,6 +535,10 @@ void qmp_init (void);
 
 /* state.c: the catalogue in the state dir, and the graph it records. */
 extern struct catalog *catalog;
+/* Take the state dir (before anything listens: a second daemon must
+ * not touch the first one's sockets).  Exits if another daemon has it.
+ */
+void state_lock (void);
 /* Open the catalogue (if there is a state dir) and rebuild the nodes,
  * throttle groups and exports it holds.  Exits with a message if it
  * cannot: never a half-started daemon.

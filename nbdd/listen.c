@@ -330,10 +330,24 @@ listen_activation (struct error **errp)
   return nfds;
 }
 
+/* A start-up that fails after the sockets were made (a bad catalogue)
+ * must not leave their files behind.  listeners_close empties the list
+ * on a normal exit, and the parent of a daemonizing fork uses _exit.
+ */
+static void
+unlink_at_exit (void)
+{
+  for (size_t i = 0; i < nr_listeners; ++i)
+    if (listeners[i].unix_path)
+      unlink (listeners[i].unix_path);
+}
+
 int
 listeners_open (struct ev_loop *loop, struct error **errp)
 {
   int r = listen_activation (errp);
+
+  atexit (unlink_at_exit);
 
   if (r == -1)
     return -1;

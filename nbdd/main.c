@@ -1,9 +1,11 @@
 /* nbdd: serve block graphs over NBD.
  *
- * Start-up order matters: nodes and exports are opened first (so a bad
- * --blockdev fails before anything listens), then the listeners, then
- * the daemon forks (threads would not survive the fork), then the
- * workers start and the pidfile announces that clients may connect.
+ * Start-up order matters: the command line's nodes are opened first
+ * (so a bad --blockdev fails before anything listens), then the
+ * listeners, then the daemon forks (threads and SQLite would not
+ * survive the fork), then the catalogue is read and the exports made,
+ * then the workers start and the pidfile announces that clients may
+ * connect.
  */
 #include <config.h>
 
@@ -33,15 +35,14 @@ die (struct error *err)
   exit (EXIT_FAILURE);
 }
 
-/* The catalogue's nodes, the command line's, then the exports of
- * both: command-line definitions are applied, never recorded.
+/* The command line's nodes: before anything listens, so that a bad
+ * --blockdev fails at once.
  */
 static void
-open_graph (void)
+open_cli_nodes (void)
 {
   struct error *err = NULL;
 
-  state_open ();
   for (size_t i = 0; i < config.nr_blockdevs; ++i) {
     struct json_object *spec = spec_parse (config.blockdevs[i], &err);
     struct node *node;
@@ -57,6 +58,19 @@ open_graph (void)
       die (err);
     }
   }
+}
+
+/* The catalogue (after the fork: SQLite must not cross one) with its
+ * nodes, which may use the command line's, and its exports; then the
+ * command line's exports, which may use any node.  Command-line
+ * definitions are applied, never recorded.
+ */
+static void
+open_recorded_and_exports (void)
+{
+  struct error *err = NULL;
+
+  state_open ();
   state_open_exports ();
   for (size_t i = 0; i < config.nr_exports; ++i)
     if (export_add_spec (config.exports[i], &err) == -1) {
@@ -213,9 +227,10 @@ main (int argc, char **argv)
 
   raise_fd_limit ();
   make_state_dir ();
+  state_lock ();
   if (tls_init (&err) == -1)
     die (err);
-  open_graph ();
+  open_cli_nodes ();
 
   loop = ev_default_loop (EVFLAG_AUTO | EVFLAG_NOSIGMASK);
   if (loop == NULL) {
@@ -233,6 +248,7 @@ main (int argc, char **argv)
     die (err);
   if (!config.foreground)
     ready_fd = daemonize ();
+  open_recorded_and_exports ();
   if (workers_start (loop, config.threads, &err) == -1)
     die (err);
 

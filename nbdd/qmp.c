@@ -7,10 +7,17 @@
  * the undo steps run in reverse and the catalogue rolls back, so the
  * daemon and its catalogue never disagree.  Steps that cannot be undone
  * (closing a node, dropping an export's clients) are deferred until
- * the commit has succeeded.
+ * the commit has succeeded.  Room for each step is reserved before the
+ * change it undoes, so recording a step never fails.
+ *
+ * Nodes whose users move are drained from the change until the end of
+ * the command: a request must not run on the new graph, and have its
+ * write acknowledged there, before the change is committed (it would
+ * be lost if the change were undone).
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -30,43 +37,68 @@
 #include "throttle.h"
 
 struct step {
-  void (*fn) (void *data);
+  void (*undo) (void *data);    /* the command failed: put it back */
+  void (*commit) (void *data);  /* it succeeded: finish it */
+  void (*release) (void *data); /* either way, afterwards */
   void *data;
 };
 
 struct qmp_txn {
-  struct step *undo, *commit;
-  size_t nr_undo, nr_commit;
+  struct step *steps;
+  size_t nr_steps, cap_steps;
+  struct graph_drain **drains;  /* held until the end */
+  size_t nr_drains, cap_drains;
   const char *error_class;      /* for the error reply; default generic */
-  bool failed_alloc;
 };
 
-static void
-txn_push (struct step **v, size_t *n, bool *failed, void (*fn) (void *),
-          void *data)
+/* Room for @n more steps (and a drain), before making a change. */
+static int
+txn_reserve (struct qmp_txn *t, size_t n, struct error **errp)
 {
-  struct step *nv = realloc (*v, (*n + 1) * sizeof *nv);
-
-  if (nv == NULL) {
-    *failed = true;
-    return;
+  if (t->nr_steps + n > t->cap_steps) {
+    size_t ncap = MAX (t->cap_steps * 2, t->nr_steps + n + 8);
+    struct step *v = realloc (t->steps, ncap * sizeof *v);
+    if (v == NULL)
+      goto nomem;
+    t->steps = v;
+    t->cap_steps = ncap;
   }
-  *v = nv;
-  nv[(*n)++] = (struct step) { fn, data };
+  if (t->nr_drains + 1 > t->cap_drains) {
+    size_t ncap = t->cap_drains * 2 + 4;
+    struct graph_drain **v = realloc (t->drains, ncap * sizeof *v);
+    if (v == NULL)
+      goto nomem;
+    t->drains = v;
+    t->cap_drains = ncap;
+  }
+  return 0;
+
+ nomem:
+  error_setg (errp, "out of memory");
+  return -1;
 }
 
-/* On failure, run @fn(@data) to undo a change already made. */
+/* Record a step; room was reserved. */
 static void
-on_abort (struct qmp_txn *t, void (*fn) (void *), void *data)
+txn_step (struct qmp_txn *t, void (*undo) (void *), void (*commit) (void *),
+          void (*release) (void *), void *data)
 {
-  txn_push (&t->undo, &t->nr_undo, &t->failed_alloc, fn, data);
+  assert (t->nr_steps < t->cap_steps);
+  t->steps[t->nr_steps++] = (struct step) { undo, commit, release, data };
 }
 
-/* Once committed, run @fn(@data): for what cannot be undone. */
-static void
-on_commit (struct qmp_txn *t, void (*fn) (void *), void *data)
+/* Drain @nodes until the end of the command (room was reserved). */
+static int
+txn_drain (struct qmp_txn *t, struct node *const *nodes, size_t n,
+           struct error **errp)
 {
-  txn_push (&t->commit, &t->nr_commit, &t->failed_alloc, fn, data);
+  struct graph_drain *d = graph_drain_begin (nodes, n, errp);
+
+  if (d == NULL)
+    return -1;
+  assert (t->nr_drains < t->cap_drains);
+  t->drains[t->nr_drains++] = d;
+  return 0;
 }
 
 static int
@@ -96,7 +128,6 @@ undo_node_add (void *data)
     nbdd_warn ("undoing blockdev-add: %s", err->msg);
     error_free (err);
   }
-  free (name);
 }
 
 static int
@@ -109,40 +140,50 @@ cmd_blockdev_add (struct qmp_txn *t, struct json_object *args,
   char *undo_name;
 
   if (opt_get_string (args, "blockdev-add", "node-name", true, &name,
-                      errp) == -1)
+                      errp) == -1 ||
+      txn_reserve (t, 1, errp) == -1)
     return -1;
   /* The node keeps its spec and may add to it (read-only inherited by
    * inline children): a copy of its own, not the message's.
    */
-  if (json_object_deep_copy (args, &spec, NULL) != 0) {
+  undo_name = strdup (name);
+  if (undo_name == NULL || json_object_deep_copy (args, &spec, NULL) != 0) {
+    free (undo_name);
     error_setg (errp, "out of memory");
     return -1;
   }
   node = node_open_spec (spec, errp);
   json_object_put (spec);
-  if (node == NULL)
+  if (node == NULL) {
+    free (undo_name);
     return -1;
+  }
   node->recorded = catalog != NULL;
-  undo_name = strdup (name);
-  on_abort (t, undo_node_add, undo_name);
-  on_commit (t, free, undo_name);
+  txn_step (t, undo_node_add, NULL, free, undo_name);
   if (catalog && catalog_node_put (catalog, name, json_text (node->spec),
                                    errp) == -1)
     return -1;
   return 0;
 }
 
+/* blockdev-del takes the node off the registry at once, so that later
+ * actions of a transaction no longer find it; it is closed at commit.
+ */
 static void
-commit_node_del (void *data)
+undo_node_del (void *data)
 {
-  char *name = data;
   struct error *err = NULL;
 
-  if (node_delete (name, &err) == -1) {
-    nbdd_warn ("blockdev-del: %s", err->msg);
+  if (node_register (data, &err) == -1) {
+    nbdd_warn ("undoing blockdev-del: %s", err->msg);
     error_free (err);
   }
-  free (name);
+}
+
+static void
+release_node (void *data)
+{
+  node_unref (data);
 }
 
 static const char *const node_del_keys[] = { "node-name", NULL };
@@ -167,9 +208,13 @@ cmd_blockdev_del (struct qmp_txn *t, struct json_object *args,
     error_setg (errp, "node '%s' is in use by %s", name, users);
     return -1;
   }
+  if (txn_reserve (t, 1, errp) == -1)
+    return -1;
+  /* The registry's reference is now the step's. */
+  node_unregister (node);
+  txn_step (t, undo_node_del, NULL, release_node, node);
   if (catalog && catalog_node_del (catalog, name, errp) == -1)
     return -1;
-  on_commit (t, commit_node_del, strdup (name));
   return 0;
 }
 
@@ -441,7 +486,8 @@ cmd_blockdev_create (struct qmp_txn *t, struct json_object *args,
 struct spec_change {
   struct json_object *obj;
   char *key;
-  char *old;
+  struct json_object *old;      /* a reference, or NULL */
+  bool absent;                  /* the key was not there */
 };
 
 static void
@@ -449,42 +495,41 @@ undo_spec_change (void *data)
 {
   struct spec_change *sc = data;
 
-  json_object_object_add (sc->obj, sc->key,
-                          sc->old ? json_object_new_string (sc->old) : NULL);
-  json_object_put (sc->obj);
-  free (sc->key);
-  free (sc->old);
-  free (sc);
+  if (sc->absent)
+    json_object_object_del (sc->obj, sc->key);
+  else
+    json_object_object_add (sc->obj, sc->key, json_object_get (sc->old));
 }
 
 static void
-forget_spec_change (void *data)
+release_spec_change (void *data)
 {
   struct spec_change *sc = data;
 
   json_object_put (sc->obj);
+  json_object_put (sc->old);
   free (sc->key);
-  free (sc->old);
   free (sc);
 }
 
+/* Needs one reserved step. */
 static int
 set_spec_string (struct qmp_txn *t, struct json_object *obj, const char *key,
-                 const char *value)
+                 const char *value, struct error **errp)
 {
-  struct json_object *v;
+  struct json_object *v = NULL;
   struct spec_change *sc = calloc (1, sizeof *sc);
 
-  if (sc == NULL)
+  if (sc == NULL || (sc->key = strdup (key)) == NULL) {
+    free (sc);
+    error_setg (errp, "out of memory");
     return -1;
+  }
   sc->obj = json_object_get (obj);
-  sc->key = strdup (key);
-  /* A key that was absent or null comes back as null. */
-  sc->old = json_object_object_get_ex (obj, key, &v) && v ?
-    strdup (json_object_get_string (v)) : NULL;
+  sc->absent = !json_object_object_get_ex (obj, key, &v);
+  sc->old = json_object_get (v);
   json_object_object_add (obj, key, json_object_new_string (value));
-  on_abort (t, undo_spec_change, sc);
-  on_commit (t, forget_spec_change, sc);
+  txn_step (t, undo_spec_change, NULL, release_spec_change, sc);
   return 0;
 }
 
@@ -506,18 +551,21 @@ spec_owner (struct node *n)
  * in memory and in the catalogue.
  */
 static int
-record_moved_users (struct qmp_txn *t, struct node *to, struct error **errp)
+record_moved_users (struct qmp_txn *t, struct node_child *const *moved,
+                    size_t n, struct node *to, struct error **errp)
 {
-  for (size_t i = 0; i < to->nr_parents; ++i) {
-    struct node_child *e = to->parents[i];
+  if (txn_reserve (t, n, errp) == -1)
+    return -1;
+  for (size_t i = 0; i < n; ++i) {
+    struct node_child *e = moved[i];
 
     if (e->parent == NULL) {
       struct node_root *r = container_of (e, struct node_root, edge);
       struct export *exp = r->owner;
       if (exp == NULL)
         continue;
-      if (set_spec_string (t, exp->spec, "node-name", to->name) == -1)
-        goto nomem;
+      if (set_spec_string (t, exp->spec, "node-name", to->name, errp) == -1)
+        return -1;
       if (catalog && exp->recorded &&
           catalog_export_put (catalog, exp->id, json_text (exp->spec),
                               errp) == -1)
@@ -525,8 +573,9 @@ record_moved_users (struct qmp_txn *t, struct node *to, struct error **errp)
     }
     else {
       struct node *owner = spec_owner (e->parent);
-      if (set_spec_string (t, e->parent->spec, e->name, to->name) == -1)
-        goto nomem;
+      if (set_spec_string (t, e->parent->spec, e->name, to->name,
+                           errp) == -1)
+        return -1;
       if (catalog && owner && owner->recorded &&
           catalog_node_put (catalog, owner->name, json_text (owner->spec),
                             errp) == -1)
@@ -534,72 +583,64 @@ record_moved_users (struct qmp_txn *t, struct node *to, struct error **errp)
     }
   }
   return 0;
-
- nomem:
-  error_setg (errp, "out of memory");
-  return -1;
 }
 
 struct replace_undo {
-  struct node *from, *to;       /* put back: users of 'to' go to 'from' */
-  struct node *except;
+  struct node *from, *to;
+  struct node_child **moved;    /* the edges that went to 'to' */
+  size_t nr_moved;
 };
 
 static void
 undo_replace (void *data)
 {
   struct replace_undo *u = data;
-  struct node *nodes[] = { u->from, u->to };
-  struct graph_drain *d = graph_drain_begin (nodes, 2, NULL);
   struct error *err = NULL;
 
-  if (graph_replace_node (u->to, u->from, u->except, &err) == -1) {
+  /* Still drained (the command's drain ends after the undo steps). */
+  if (graph_move_edges (u->moved, u->nr_moved, u->from, &err) == -1) {
     nbdd_warn ("undoing a graph change: %s", err->msg);
     error_free (err);
   }
-  graph_drain_end (d);
-  node_unref (u->from);
-  node_unref (u->to);
-  free (u);
 }
 
 static void
-forget_replace (void *data)
+release_replace (void *data)
 {
   struct replace_undo *u = data;
 
   node_unref (u->from);
   node_unref (u->to);
+  free (u->moved);
   free (u);
 }
 
-/* Move every user of @from except @except to @to, drained. */
+/* Move every user of @from except @except to @to, drained until the
+ * end of the command.
+ */
 static int
 replace_users (struct qmp_txn *t, struct node *from, struct node *to,
                struct node *except, struct error **errp)
 {
   struct node *nodes[] = { from, to };
-  struct graph_drain *d = graph_drain_begin (nodes, 2, errp);
-  struct replace_undo *u;
-  int r;
+  struct replace_undo *u = calloc (1, sizeof *u);
 
-  if (d == NULL)
-    return -1;
-  r = graph_replace_node (from, to, except, errp);
-  graph_drain_end (d);
-  if (r == -1)
-    return -1;
-  u = malloc (sizeof *u);
   if (u == NULL) {
     error_setg (errp, "out of memory");
     return -1;
   }
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, nodes, 2, errp) == -1 ||
+      graph_replace_node (from, to, except, &u->moved, &u->nr_moved,
+                          errp) == -1) {
+    free (u);
+    return -1;
+  }
   node_ref (from);
   node_ref (to);
-  *u = (struct replace_undo) { from, to, except };
-  on_abort (t, undo_replace, u);
-  on_commit (t, forget_replace, u);
-  return record_moved_users (t, to, errp);
+  u->from = from;
+  u->to = to;
+  txn_step (t, undo_replace, NULL, release_replace, u);
+  return record_moved_users (t, u->moved, u->nr_moved, to, errp);
 }
 
 /* The child a filter passes requests to. */
@@ -696,12 +737,10 @@ undo_snapshot (void *data)
 
   u->overlay->drv->set_backing (u->overlay, NULL, NULL);
   node_detach_child (u->edge);
-  node_unref (u->overlay);
-  free (u);
 }
 
 static void
-forget_snapshot (void *data)
+release_snapshot (void *data)
 {
   struct snapshot_undo *u = data;
 
@@ -764,28 +803,27 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
                 node_size (overlay), name, node_size (node));
     return -1;
   }
-  edge = node_attach_child (overlay, node, "backing", CHILD_COW, errp);
-  if (edge == NULL)
-    return -1;
-  if (overlay->drv->set_backing (overlay, edge, errp) == -1) {
-    node_detach_child (edge);
+  u = malloc (sizeof *u);
+  if (u == NULL || txn_reserve (t, 2, errp) == -1) {
+    free (u);
+    error_setg (errp, "out of memory");
     return -1;
   }
-  u = malloc (sizeof *u);
-  if (u == NULL) {
-    overlay->drv->set_backing (overlay, NULL, NULL);
+  edge = node_attach_child (overlay, node, "backing", CHILD_COW, errp);
+  if (edge == NULL) {
+    free (u);
+    return -1;
+  }
+  if (overlay->drv->set_backing (overlay, edge, errp) == -1) {
     node_detach_child (edge);
-    error_setg (errp, "out of memory");
+    free (u);
     return -1;
   }
   node_ref (overlay);
   *u = (struct snapshot_undo) { overlay, edge };
-  on_abort (t, undo_snapshot, u);
-  on_commit (t, forget_snapshot, u);
-  if (set_spec_string (t, overlay->spec, "backing", name) == -1) {
-    error_setg (errp, "out of memory");
+  txn_step (t, undo_snapshot, NULL, release_snapshot, u);
+  if (set_spec_string (t, overlay->spec, "backing", name, errp) == -1)
     return -1;
-  }
   if (catalog && overlay->recorded &&
       catalog_node_put (catalog, oname, json_text (overlay->spec),
                         errp) == -1)
@@ -797,10 +835,8 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
 
 struct throttle_undo {
   char *group;
-  struct json_object *limits;
+  struct json_object *limits;   /* before the change */
 };
-
-static void forget_throttle (void *data);
 
 static void
 undo_throttle (void *data)
@@ -812,11 +848,10 @@ undo_throttle (void *data)
     nbdd_warn ("undoing block-set-io-throttle: %s", err->msg);
     error_free (err);
   }
-  forget_throttle (u);
 }
 
 static void
-forget_throttle (void *data)
+release_throttle (void *data)
 {
   struct throttle_undo *u = data;
 
@@ -860,19 +895,18 @@ cmd_block_set_io_throttle (struct qmp_txn *t, struct json_object *args,
     return not_found (t, errp, "throttle group", group);
   g = strdup (group);
   u = calloc (1, sizeof *u);
-  if (g == NULL || u == NULL) {
+  if (g == NULL || u == NULL || (u->group = strdup (g)) == NULL ||
+      txn_reserve (t, 1, errp) == -1) {
     free (u);
     error_setg (errp, "out of memory");
     return -1;
   }
-  u->group = strdup (g);
   u->limits = throttle_group_limits (g);
   if (throttle_group_set (g, args, errp) == -1) {
-    forget_throttle (u);
+    release_throttle (u);
     return -1;
   }
-  on_abort (t, undo_throttle, u);
-  on_commit (t, forget_throttle, u);
+  txn_step (t, undo_throttle, NULL, release_throttle, u);
   if (catalog) {
     limits = throttle_group_limits (g);
     if (catalog_throttle_group_put (catalog, g, json_text (limits),
@@ -901,6 +935,8 @@ cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
   struct export *exp;
   int r;
 
+  if (txn_reserve (t, 1, errp) == -1)
+    return -1;
   if (json_object_deep_copy (args, &spec, NULL) != 0) {
     error_setg (errp, "out of memory");
     return -1;
@@ -911,7 +947,7 @@ cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
     return -1;
   exp = export_nth (export_count () - 1);
   exp->recorded = catalog != NULL;
-  on_abort (t, undo_export_add, exp);
+  txn_step (t, undo_export_add, NULL, NULL, exp);
   if (catalog && catalog_export_put (catalog, exp->id, json_text (exp->spec),
                                      errp) == -1)
     return -1;
@@ -919,9 +955,17 @@ cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
 }
 
 struct export_del {
-  struct export *exp;
+  struct export *exp;           /* a reference */
   bool hard;
 };
+
+static void
+undo_export_del (void *data)
+{
+  struct export_del *d = data;
+
+  d->exp->delete_pending = false;
+}
 
 static void
 commit_export_del (void *data)
@@ -929,10 +973,19 @@ commit_export_del (void *data)
   struct export_del *d = data;
   struct error *err = NULL;
 
+  d->exp->delete_pending = false;
   if (export_delete (d->exp, d->hard, &err) == -1) {
     nbdd_warn ("block-export-del: %s", err->msg);
     error_free (err);
   }
+}
+
+static void
+release_export_del (void *data)
+{
+  struct export_del *d = data;
+
+  export_unref (d->exp);
   free (d);
 }
 
@@ -959,22 +1012,54 @@ cmd_block_export_del (struct qmp_txn *t, struct json_object *args,
   }
   if ((exp = export_by_id (id)) == NULL)
     return not_found (t, errp, "export", id);
-  if (strcmp (mode, "safe") == 0 && exp->refcnt > 1) {
-    error_setg (errp, "export '%s' has %u client%s connected: disconnect "
-                "them first, or use mode 'hard'", exp->id, exp->refcnt - 1,
-                exp->refcnt == 2 ? "" : "s");
+  if (exp->delete_pending) {
+    error_setg (errp, "export '%s' is already being deleted", id);
     return -1;
   }
-  if (catalog && catalog_export_del (catalog, id, errp) == -1)
+  if (strcmp (mode, "safe") == 0 && export_clients (exp) > 0) {
+    unsigned n = export_clients (exp);
+    error_setg (errp, "export '%s' has %u client%s connected: disconnect "
+                "them first, or use mode 'hard'", exp->id, n,
+                n == 1 ? "" : "s");
     return -1;
+  }
   d = malloc (sizeof *d);
-  if (d == NULL) {
+  if (d == NULL || txn_reserve (t, 1, errp) == -1) {
+    free (d);
     error_setg (errp, "out of memory");
     return -1;
   }
+  export_ref (exp);
+  exp->delete_pending = true;
   *d = (struct export_del) { exp, strcmp (mode, "hard") == 0 };
-  on_commit (t, commit_export_del, d);
+  txn_step (t, undo_export_del, commit_export_del, release_export_del, d);
+  if (catalog && catalog_export_del (catalog, id, errp) == -1)
+    return -1;
   return 0;
+}
+
+static struct json_object *
+export_info (struct export *exp)
+{
+  struct json_object *o = json_object_new_object ();
+
+  json_object_object_add (o, "id", json_object_new_string (exp->id));
+  json_object_object_add (o, "type", json_object_new_string ("nbd"));
+  json_object_object_add (o, "node-name",
+                          json_object_new_string (root_node (&exp->root)->name));
+  json_object_object_add (o, "name", json_object_new_string (exp->name));
+  json_object_object_add (o, "writable",
+                          json_object_new_boolean (exp->writable));
+  if (exp->description)
+    json_object_object_add (o, "description",
+                            json_object_new_string (exp->description));
+  json_object_object_add (o, "tls-required",
+                          json_object_new_boolean (exp->tls_required));
+  json_object_object_add (o, "connections",
+                          json_object_new_int (export_clients (exp)));
+  json_object_object_add (o, "shutting-down",
+                          json_object_new_boolean (exp->deleted));
+  return o;
 }
 
 static int
@@ -983,27 +1068,10 @@ cmd_query_block_exports (struct qmp_txn *t, struct json_object *args,
 {
   struct json_object *a = json_object_new_array ();
 
-  for (size_t i = 0; i < export_count (); ++i) {
-    struct export *exp = export_nth (i);
-    struct json_object *o = json_object_new_object ();
-    json_object_object_add (o, "id", json_object_new_string (exp->id));
-    json_object_object_add (o, "type", json_object_new_string ("nbd"));
-    json_object_object_add (o, "node-name",
-                            json_object_new_string (root_node (&exp->root)->name));
-    json_object_object_add (o, "name", json_object_new_string (exp->name));
-    json_object_object_add (o, "writable",
-                            json_object_new_boolean (exp->writable));
-    if (exp->description)
-      json_object_object_add (o, "description",
-                              json_object_new_string (exp->description));
-    json_object_object_add (o, "tls-required",
-                            json_object_new_boolean (exp->tls_required));
-    json_object_object_add (o, "connections",
-                            json_object_new_int (exp->refcnt - 1));
-    json_object_object_add (o, "shutting-down",
-                            json_object_new_boolean (false));
-    json_object_array_add (a, o);
-  }
+  for (size_t i = 0; i < export_count (); ++i)
+    json_object_array_add (a, export_info (export_nth (i)));
+  for (struct export *e = export_first_dying (); e; e = e->dying_next)
+    json_object_array_add (a, export_info (e));
   *ret = a;
   return 0;
 }
@@ -1104,7 +1172,9 @@ static int
 cmd_quit (struct qmp_txn *t, struct json_object *args,
           struct json_object **ret, struct error **errp)
 {
-  on_commit (t, commit_quit, NULL);
+  if (txn_reserve (t, 1, errp) == -1)
+    return -1;
+  txn_step (t, NULL, commit_quit, NULL, NULL);
   return 0;
 }
 
@@ -1234,14 +1304,24 @@ cmd_transaction (struct qmp_txn *t, struct json_object *args,
 static void
 txn_finish (struct qmp_txn *t, bool ok)
 {
-  if (ok)
-    for (size_t i = 0; i < t->nr_commit; ++i)
-      t->commit[i].fn (t->commit[i].data);
-  else
-    for (size_t i = t->nr_undo; i-- > 0;)
-      t->undo[i].fn (t->undo[i].data);
-  free (t->undo);
-  free (t->commit);
+  if (ok) {
+    for (size_t i = 0; i < t->nr_steps; ++i)
+      if (t->steps[i].commit)
+        t->steps[i].commit (t->steps[i].data);
+  }
+  else {
+    for (size_t i = t->nr_steps; i-- > 0;)
+      if (t->steps[i].undo)
+        t->steps[i].undo (t->steps[i].data);
+  }
+  /* Requests that waited go on into the graph as it now is. */
+  for (size_t i = t->nr_drains; i-- > 0;)
+    graph_drain_end (t->drains[i]);
+  for (size_t i = t->nr_steps; i-- > 0;)
+    if (t->steps[i].release)
+      t->steps[i].release (t->steps[i].data);
+  free (t->steps);
+  free (t->drains);
 }
 
 static void
@@ -1292,10 +1372,6 @@ qmp_execute (const char *name, struct json_object *args,
   r = changes && catalog ? catalog_begin (catalog, &err) : 0;
   if (r == 0)
     r = cmd->fn (&t, args, &ret, &err);
-  if (r == 0 && t.failed_alloc) {
-    error_setg (&err, "out of memory");
-    r = -1;
-  }
   if (changes && catalog) {
     if (r == 0)
       r = catalog_commit (catalog, &err);

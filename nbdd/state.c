@@ -21,6 +21,7 @@
 #include "throttle.h"
 
 struct catalog *catalog;
+static int lock_fd = -1;
 
 static void __attribute__ ((noreturn))
 die (struct error *err, const char *what)
@@ -74,20 +75,32 @@ by_name (const void *a, const void *b)
                  ((const struct pending *) b)->name);
 }
 
-/* Whether @o refers (as a child given by name) to a recorded node that
- * is not open yet.  Keys that hold names of other things are skipped.
+/* The options that name a child node (the others are the drivers'
+ * own, whatever their values look like).
  */
 static bool
-waits_for (struct json_object *o, const struct pendings *sorted)
+is_child_key (const char *key)
+{
+  return strcmp (key, "file") == 0 || strcmp (key, "backing") == 0 ||
+    strcmp (key, "data-file") == 0;
+}
+
+/* Whether @o (the spec of @self, or an inline child of it) names a
+ * recorded node, other than @self, that is not open yet.
+ */
+static bool
+waits_for (struct json_object *o, const char *self,
+           const struct pendings *sorted)
 {
   json_object_object_foreach (o, key, val) {
+    if (!is_child_key (key))
+      continue;
     if (json_object_is_type (val, json_type_object)) {
-      if (waits_for (val, sorted))
+      if (waits_for (val, self, sorted))
         return true;
     }
     else if (json_object_is_type (val, json_type_string) &&
-             strcmp (key, "node-name") != 0 && strcmp (key, "driver") != 0 &&
-             strcmp (key, "filename") != 0) {
+             strcmp (json_object_get_string (val), self) != 0) {
       struct pending k = { .name = (char *) json_object_get_string (val) };
       struct pending *hit = bsearch (&k, sorted->v, sorted->len,
                                      sizeof k, by_name);
@@ -129,13 +142,11 @@ rebuild_nodes (void)
     size_t opened = 0;
     for (size_t i = 0; i < p.len; ++i) {
       struct node *n;
-      if (p.v[i].done || waits_for (p.v[i].spec, &sorted))
+      if (p.v[i].done || waits_for (p.v[i].spec, p.v[i].name, &sorted))
         continue;
       n = node_open_spec (p.v[i].spec, &err);
-      if (n == NULL) {
-        error_prepend (&err, "node '%s'", p.v[i].name);
+      if (n == NULL)
         die (err, "catalogue");
-      }
       n->recorded = true;
       p.v[i].done = true;
       {
@@ -211,13 +222,26 @@ restore_export (const char *id, const char *spec_json, void *opaque)
 }
 
 void
+state_lock (void)
+{
+  struct error *err = NULL;
+
+  if (config.state_dir == NULL)
+    return;
+  lock_fd = catalog_lock (config.state_dir, &err);
+  if (lock_fd == -1)
+    die (err, "--state-dir");
+}
+
+void
 state_open (void)
 {
   struct error *err = NULL;
 
   if (config.state_dir == NULL)
     return;
-  catalog = catalog_open (config.state_dir, &err);
+  catalog = catalog_open_locked (config.state_dir, lock_fd, &err);
+  lock_fd = -1;
   if (catalog == NULL)
     die (err, "--state-dir");
   rebuild_nodes ();

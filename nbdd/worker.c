@@ -278,7 +278,7 @@ workers_stop (void)
   while (nr_extra > 0)
     pthread_cond_wait (&extras_gone, &runq_lock);
   pthread_mutex_unlock (&runq_lock);
-  graph_set_sleep_hooks (sleep_begin, sleep_end);
+  graph_set_sleep_hooks (NULL, NULL);
   free (threads);
   threads = NULL;
   nr_threads = 0;

@@ -20,6 +20,7 @@ class QMP:
         self.sock.connect(path)
         self.buf = b""
         self.events = []
+        self.replies = []               # read while waiting for events
         self.greeting = self.recv()
         if negotiate:
             self.cmd("qmp_capabilities")
@@ -40,11 +41,15 @@ class QMP:
         """The next message (reply, event or greeting)."""
         dec = json.JSONDecoder()
         while True:
-            text = self.buf.decode(errors="replace").lstrip()
-            if text:
+            try:
+                text = self.buf.decode()
+            except UnicodeDecodeError:
+                text = None             # a character split across reads
+            if text is not None and text.strip():
+                stripped = text.lstrip()
                 try:
-                    obj, end = dec.raw_decode(text)
-                    self.buf = text[end:].encode()
+                    obj, end = dec.raw_decode(stripped)
+                    self.buf = stripped[end:].encode()
                     return obj
                 except json.JSONDecodeError:
                     pass
@@ -55,6 +60,8 @@ class QMP:
 
     def reply(self):
         """The next reply, setting events aside."""
+        if self.replies:
+            return self.replies.pop(0)
         while True:
             m = self.recv()
             if "event" in m:
@@ -102,4 +109,7 @@ class QMP:
                 continue
             finally:
                 self.sock.settimeout(30)
-            self.events.append(m)
+            if "event" in m:
+                self.events.append(m)
+            else:
+                self.replies.append(m)

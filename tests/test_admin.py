@@ -712,3 +712,211 @@ def test_throttled_client_does_not_hold_up_others(nbdd_server, tmp_path):
         slow.poll(-1)
     assert time.monotonic() - t < 8
     slow.shutdown()
+
+
+def test_client_closing_with_replies_pending(nbdd_server, tmp_path):
+    """Commands pipelined and the socket closed at once: the replies
+    have nowhere to go, and the daemon must not care."""
+    srv = start(nbdd_server, tmp_path)
+    burst = b'{"execute": "qmp_capabilities"}\n' + \
+        b'{"execute": "query-named-block-nodes"}\n' * 200
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.admin)
+        s.sendall(burst)
+        s.close()
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-version")["package"].startswith("nbdd ")
+    assert srv.alive()
+
+
+def test_session_that_does_not_read(nbdd_server, tmp_path):
+    """Replies go out before more is read: a client that sends and never
+    reads is not answered without bound, and others are served."""
+    srv = start(nbdd_server, tmp_path)
+    lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lazy.connect(srv.admin)
+    lazy.setblocking(False)
+    sent = 0
+    msg = b'{"execute": "query-commands"}\n'
+    lazy.sendall(b'{"execute": "qmp_capabilities"}\n')
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            lazy.send(msg)
+            sent += 1
+    except BlockingIOError:
+        pass
+    assert sent < 100000, "the daemon kept reading from a client " \
+        "that does not read its replies"
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-version")["package"].startswith("nbdd ")
+    lazy.close()
+
+
+def test_deep_json_is_refused(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        q.send_raw(b"[" * 100 + b"]" * 100 + b"\n")
+        r = q.reply()
+        assert "too deep" in r["error"]["desc"]
+        assert q.cmd("query-version")
+
+
+def raw_node(q, tmp_path, name):
+    img = make_image(tmp_path / f"{name}.img", 4 * MiB)
+    q.cmd_args("blockdev-add", {"driver": "raw", "node-name": name,
+                                "file": {"driver": "file", "filename": img}})
+    return img
+
+
+def test_transaction_conflicts_within_itself(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="d0")
+        # The same export deleted twice.
+        d = {"type": "block-export-del", "data": {"id": "e0"}}
+        with pytest.raises(QMPError) as e:
+            q.cmd("transaction", actions=[d, d])
+        assert "already being deleted" in e.value.desc
+        assert [x["id"] for x in q.cmd("query-block-exports")] == ["e0"]
+        # A node deleted, then used: the second action cannot find it.
+        q.cmd("block-export-del", id="e0")
+        img = str(tmp_path / "d0.img")
+        with pytest.raises(QMPError) as e:
+            q.cmd("transaction", actions=[
+                {"type": "blockdev-del", "data": {"node-name": "d0"}},
+                {"type": "blockdev-add", "data": {
+                    "driver": "raw", "node-name": "r0", "file": "d0"}}])
+        assert "'d0'" in e.value.desc and "does not exist" in e.value.desc
+        names = {n["node-name"] for n in q.cmd("query-named-block-nodes")}
+        assert "d0" in names and "r0" not in names
+        # A node deleted frees its name for the rest of the transaction
+        # (its image stays open, and locked, until the commit).
+        q.cmd("transaction", actions=[
+            {"type": "blockdev-del", "data": {"node-name": "d0"}},
+            {"type": "blockdev-add", "data": {
+                "driver": "raw", "node-name": "d0",
+                "file": {"driver": "file", "filename": img,
+                         "locking": "off", "read-only": True}}}])
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert [n["node-name"] for n in q.cmd("query-named-block-nodes")
+                if not n["node-name"].startswith("#")] == ["d0"]
+
+
+FAIL = {"type": "block-export-add",
+        "data": {"type": "nbd", "id": "x", "node-name": "no-such-node"}}
+
+
+def test_failed_transaction_undoes_graph_changes(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    ov_img = str(tmp_path / "ov.qcow2")
+    with QMP(srv.admin) as q:
+        base_img = qcow2_graph(q, tmp_path, size=16 * MiB)
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
+              writable=True)
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "limits": {"iops-total": 100000},
+                                    "file": "disk0"})
+        q.cmd("blockdev-create", options={
+            "driver": "qcow2", "size": 16 * MiB, "backing-file": base_img,
+            "backing-fmt": "qcow2",
+            "file": {"driver": "file", "filename": ov_img}})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                    "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": ov_img}})
+        w = Writer(srv, "disk0", 4 * MiB)
+        w.start()
+        try:
+            for actions in (
+                    [{"type": "blockdev-insert-node",
+                      "data": {"node": "disk0", "filter": "t0"}}, FAIL],
+                    [{"type": "blockdev-snapshot",
+                      "data": {"node": "disk0", "overlay": "ov"}}, FAIL]):
+                time.sleep(0.2)
+                with pytest.raises(QMPError):
+                    q.cmd("transaction", actions=actions)
+                assert q.cmd("query-block-exports")[0]["node-name"] == \
+                    "disk0"
+            q.cmd("blockdev-insert-node", node="disk0", filter="t0")
+            time.sleep(0.2)
+            with pytest.raises(QMPError):
+                q.cmd("transaction", actions=[
+                    {"type": "blockdev-remove-node",
+                     "data": {"filter": "t0"}}, FAIL])
+            assert q.cmd("query-block-exports")[0]["node-name"] == "t0"
+            nodes = {n["node-name"]: n for n in
+                     q.cmd("query-named-block-nodes")}
+            assert [u["name"] for u in nodes["t0"]["users"]] == ["e0"]
+            assert [u["name"] for u in nodes["disk0"]["users"]] == ["t0"]
+            assert nodes["ov"]["users"] == []
+            assert {"child": "backing", "node-name": "disk0"} not in \
+                nodes["ov"]["children"]
+            time.sleep(0.2)
+        finally:
+            w.stop_flag.set()
+            w.join(60)
+        assert w.error is None, w.error
+    # Every acknowledged write is in the export, none went to the
+    # overlay that was taken back.
+    h = srv.connect("disk0")
+    for off, b in w.written.items():
+        assert h.pread(len(b), off) == b, f"write at {off} lost"
+    h.shutdown()
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports")[0]["node-name"] == "t0"
+
+
+def test_blockdev_snapshot_refusals(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        qcow2_graph(q, tmp_path, size=16 * MiB)
+        raw_node(q, tmp_path, "r0")
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="r0")
+        assert "use a qcow2 overlay" in e.value.desc
+        small = str(tmp_path / "small.qcow2")
+        run(["qemu-img", "create", "-f", "qcow2", small, "8M"])
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "small",
+                                    "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": small}})
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="small")
+        assert "smaller" in e.value.desc
+        ro = str(tmp_path / "ro.qcow2")
+        run(["qemu-img", "create", "-f", "qcow2", ro, "16M"])
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "ro",
+                                    "read-only": True, "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": ro}})
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="ro")
+        assert "read-only" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-snapshot", node="disk0", overlay="nope")
+        assert e.value.cls == "DeviceNotFound"
+
+
+def test_recorded_nodes_may_use_command_line_nodes(nbdd_server, tmp_path):
+    img = make_image(tmp_path / "d.img", 4 * MiB)
+    cli = ["--blockdev", f"driver=file,node-name=f0,filename={img}"]
+    srv = start(nbdd_server, tmp_path, cli)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "r0",
+                                    "file": "f0"})
+        # A throttle group named like its node is no reference to it.
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "throttle-group": "t0", "file": "r0"})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="t0")
+    srv.stop()
+    srv = start(nbdd_server, tmp_path, cli)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-exports")[0]["node-name"] == "t0"
+    h = srv.connect("t0")
+    assert h.get_size() == 4 * MiB
+    h.shutdown()
