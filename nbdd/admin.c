@@ -438,6 +438,8 @@ session_timeout_cb (struct ev_loop *loop, ev_timer *w, int revents)
   session_kill (s);
 }
 
+static void admin_init (struct ev_loop *loop);
+
 /* Whether @uid may administer: root, our own uid, or a member of the
  * admin group (primary or supplementary).
  */
@@ -468,7 +470,6 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
 {
   struct ucred cred;
   socklen_t len = sizeof cred;
-  struct session *s;
   int fd = accept4 (listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 
   if (fd == -1)
@@ -496,14 +497,31 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
     close (fd);
     return;
   }
-  s = calloc (1, sizeof *s);
+  admin_session_start (loop, fd, cred.uid, cred.pid);
+}
+
+static void
+admin_init (struct ev_loop *loop)
+{
+  if (admin_loop)
+    return;
+  admin_loop = loop;
+  ev_check_init (&reaper, reap_cb);
+}
+
+void
+admin_session_start (struct ev_loop *loop, int fd, uid_t uid, pid_t pid)
+{
+  struct session *s = calloc (1, sizeof *s);
+
+  admin_init (loop);
   if (s == NULL) {
     close (fd);
     return;
   }
   s->fd = fd;
-  s->peer.uid = cred.uid;
-  s->peer.pid = cred.pid;
+  s->peer.uid = uid;
+  s->peer.pid = pid;
   ev_io_init (&s->rio, session_read_cb, fd, EV_READ);
   ev_io_init (&s->wio, session_write_cb, fd, EV_WRITE);
   ev_timer_init (&s->timer, session_timeout_cb, NEGOTIATE_TIMEOUT, 0);
@@ -512,9 +530,14 @@ accept_cb (struct ev_loop *loop, ev_io *w, int revents)
   s->next = sessions;
   sessions = s;
   nr_sessions++;
-  debug ("admin: session of uid %u pid %d", (unsigned) cred.uid,
-         (int) cred.pid);
+  debug ("admin: session of uid %u pid %d", (unsigned) uid, (int) pid);
   send_greeting (s);
+}
+
+unsigned
+admin_session_count (void)
+{
+  return nr_sessions;
 }
 
 /* As for the NBD sockets (listen.c): no file left by a failed start. */
@@ -533,7 +556,7 @@ admin_open (struct ev_loop *loop, const char *path, const char *group,
   mode_t old_umask;
   int fd;
 
-  admin_loop = loop;
+  admin_init (loop);
   if (strlen (path) >= sizeof sun.sun_path) {
     error_setg (errp, "admin socket path is too long: %s", path);
     return -1;
@@ -583,7 +606,6 @@ admin_open (struct ev_loop *loop, const char *path, const char *group,
   socket_path = strdup (path);
   atexit (unlink_at_exit);
   listen_fd = fd;
-  ev_check_init (&reaper, reap_cb);
   ev_io_init (&listen_io, accept_cb, fd, EV_READ);
   ev_io_start (loop, &listen_io);
   /* The admin socket alone does not keep the loop running. */

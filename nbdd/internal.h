@@ -217,6 +217,8 @@ unsigned workers_outstanding (void);
 void loop_run (struct ev_loop *loop);
 /* Make loop_run return (ev_break alone would only end one pass). */
 void loop_quit (struct ev_loop *loop);
+/* Stop the daemon: no new clients, and loop_run returns (loop thread). */
+void daemon_quit (void);
 
 /* pipes.c: pooled pipes for zero-copy reads. */
 #define SPLICE_PIPE_SIZE        (256u << 10)
@@ -522,6 +524,13 @@ struct admin_peer {
 int admin_open (struct ev_loop *loop, const char *path, const char *group,
                 struct error **errp);
 void admin_close (void);
+/* Serve QMP on @fd, connected to a peer already allowed in (accepted
+ * connections; the fuzzer).  The session owns @fd.
+ */
+void admin_session_start (struct ev_loop *loop, int fd, uid_t uid,
+                          pid_t pid);
+/* Sessions, the closed ones included until they are freed. */
+unsigned admin_session_count (void);
 /* Send an event to every session (takes @data). */
 void admin_event (const char *name, struct json_object *data);
 void admin_event_export_deleted (const char *id);
@@ -548,8 +557,6 @@ void state_open (void);
 void state_open_exports (void);
 void state_close (void);
 
-/* main.c: stop the daemon (from the loop thread). */
-void daemon_quit (void);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

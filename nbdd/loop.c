@@ -64,6 +64,16 @@ adjust (uint64_t poll_ns, uint64_t waited_ns, uint64_t max_ns)
   return poll_ns;
 }
 
+static struct ev_loop *running_loop;
+
+void
+daemon_quit (void)
+{
+  shutting_down = true;
+  if (running_loop)
+    loop_quit (running_loop);
+}
+
 void
 loop_run (struct ev_loop *loop)
 {
@@ -71,6 +81,7 @@ loop_run (struct ev_loop *loop)
   uint64_t poll_ns = 0;
   uint64_t polls = 0, polls_paid = 0;  /* for -v, and the tests */
 
+  running_loop = loop;
   if (max_ns == 0) {
     ev_run (loop, 0);
     return;

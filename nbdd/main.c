@@ -189,15 +189,6 @@ sighup_cb (struct ev_loop *loop, ev_signal *w, int revents)
   tls_reload ();
 }
 
-static struct ev_loop *main_loop;
-
-void
-daemon_quit (void)
-{
-  shutting_down = true;
-  loop_quit (main_loop);
-}
-
 static void
 signal_cb (struct ev_loop *loop, ev_signal *w, int revents)
 {
@@ -238,7 +229,6 @@ main (int argc, char **argv)
     exit (EXIT_FAILURE);
   }
 
-  main_loop = loop;
   qmp_init ();
 
   if (!config.stdio && listeners_open (loop, &err) == -1)

@@ -694,6 +694,109 @@ cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
   return replace_users (t, node, filter, filter, errp);
 }
 
+/* blockdev-replace (as proposed for QEMU): point one edge, an
+ * export's or a node's child, at another node.
+ */
+static const char *const replace_keys[] = {
+  "parent-type", "export-id", "node-name", "child", "new-child", NULL
+};
+
+static int
+cmd_blockdev_replace (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  const char *type, *new_name, *id = NULL, *pname = NULL, *child = NULL;
+  struct node_child *edge = NULL;
+  struct node *to, *nodes[2];
+  struct replace_undo *u;
+
+  if (opt_check_keys (args, "blockdev-replace", replace_keys, errp) == -1 ||
+      opt_get_string (args, "blockdev-replace", "parent-type", true, &type,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-replace", "new-child", true,
+                      &new_name, errp) == -1 ||
+      opt_get_string (args, "blockdev-replace", "export-id", false, &id,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-replace", "node-name", false, &pname,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-replace", "child", false, &child,
+                      errp) == -1)
+    return -1;
+  if ((to = node_lookup (new_name)) == NULL)
+    return not_found (t, errp, "node", new_name);
+  if (strcmp (type, "export") == 0) {
+    struct export *exp;
+    if (id == NULL || pname || child) {
+      error_setg (errp, "parent-type 'export' takes 'export-id' (and not "
+                  "'node-name' or 'child')");
+      return -1;
+    }
+    if ((exp = export_by_id (id)) == NULL)
+      return not_found (t, errp, "export", id);
+    if (exp->writable && to->read_only) {
+      error_setg (errp, "export '%s' is writable and node '%s' is "
+                  "read-only", id, new_name);
+      return -1;
+    }
+    edge = &exp->root.edge;
+  }
+  else if (strcmp (type, "driver") == 0) {
+    struct node *parent;
+    if (pname == NULL || child == NULL || id) {
+      error_setg (errp, "parent-type 'driver' takes 'node-name' and "
+                  "'child' (and not 'export-id')");
+      return -1;
+    }
+    if ((parent = node_lookup (pname)) == NULL)
+      return not_found (t, errp, "node", pname);
+    for (size_t i = 0; i < parent->nr_children; ++i)
+      if (strcmp (parent->children[i]->name, child) == 0)
+        edge = parent->children[i];
+    if (edge == NULL) {
+      error_setg (errp, "node '%s' has no child '%.80s'", pname, child);
+      return -1;
+    }
+    if (to == parent) {
+      error_setg (errp, "node '%s' cannot be its own child", pname);
+      return -1;
+    }
+  }
+  else {
+    error_setg (errp, "parent-type must be 'export' or 'driver'");
+    return -1;
+  }
+  if (edge->node == to)
+    return 0;
+  if (node_size (to) != node_size (edge->node)) {
+    error_setg (errp, "node '%s' has %" PRIu64 " bytes and '%s' %" PRIu64
+                ": a replacement must have the same size", new_name,
+                node_size (to), edge->node->name, node_size (edge->node));
+    return -1;
+  }
+  u = calloc (1, sizeof *u);
+  if (u == NULL || (u->moved = malloc (sizeof *u->moved)) == NULL) {
+    free (u);
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  u->moved[0] = edge;
+  u->nr_moved = 1;
+  nodes[0] = edge->node;
+  nodes[1] = to;
+  u->from = edge->node;
+  u->to = to;
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, nodes, 2, errp) == -1 ||
+      graph_move_edges (u->moved, 1, to, errp) == -1) {
+    free (u->moved);
+    free (u);
+    return -1;
+  }
+  node_ref (u->from);
+  node_ref (u->to);
+  txn_step (t, undo_replace, NULL, release_replace, u);
+  return record_moved_users (t, u->moved, 1, to, errp);
+}
+
 static const char *const remove_keys[] = { "filter", NULL };
 
 static int
@@ -1201,6 +1304,7 @@ static const struct command commands[] = {
   { "blockdev-del", cmd_blockdev_del, CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-create", cmd_blockdev_create, CMD_CHANGES },
   { "blockdev-snapshot", cmd_blockdev_snapshot, CMD_CHANGES | CMD_IN_TXN },
+  { "blockdev-replace", cmd_blockdev_replace, CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-insert-node", cmd_blockdev_insert_node,
     CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-remove-node", cmd_blockdev_remove_node,

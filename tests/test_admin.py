@@ -920,3 +920,90 @@ def test_recorded_nodes_may_use_command_line_nodes(nbdd_server, tmp_path):
     h = srv.connect("t0")
     assert h.get_size() == 4 * MiB
     h.shutdown()
+
+
+def test_blockdev_replace(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    a = make_image(tmp_path / "a.img", 4 * MiB, [(0, b"A" * 4096)])
+    b = make_image(tmp_path / "b.img", 4 * MiB, [(0, b"B" * 4096)])
+    c = make_image(tmp_path / "c.img", 8 * MiB)
+    with QMP(srv.admin) as q:
+        for name, img in (("fa", a), ("fb", b), ("fc", c)):
+            q.cmd_args("blockdev-add", {"driver": "file", "node-name": name,
+                                        "filename": img})
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "r0",
+                                    "file": "fa"})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="r0",
+              name="disk")
+        q.cmd("block-export-add", type="nbd", id="e1", node_name="fa",
+              name="plain")
+        h = srv.connect("disk")
+        assert h.pread(4, 0) == b"AAAA"
+        # The node under an export...
+        q.cmd("blockdev-replace", parent_type="export", export_id="e1",
+              new_child="fb")
+        # ...and a node's child.
+        q.cmd("blockdev-replace", parent_type="driver", node_name="r0",
+              child="file", new_child="fb")
+        assert h.pread(4, 0) == b"BBBB"
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-replace", parent_type="driver", node_name="r0",
+                  child="file", new_child="fc")
+        assert "same size" in e.value.desc
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "r1",
+                                    "file": "r0"})
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-replace", parent_type="driver", node_name="r0",
+                  child="file", new_child="r1")
+        assert "loop" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("blockdev-replace", parent_type="driver", node_name="r0",
+                  child="backing", new_child="fa")
+        assert "no child 'backing'" in e.value.desc
+        assert h.pread(4, 0) == b"BBBB"
+        h.shutdown()
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        exports = {e["id"]: e["node-name"] for e in
+                   q.cmd("query-block-exports")}
+        assert exports == {"e0": "r0", "e1": "fb"}
+    for name in ("disk", "plain"):
+        h = srv.connect(name)
+        assert h.pread(4, 0) == b"BBBB"
+        h.shutdown()
+
+
+def test_admin_group(nbdd_server, tmp_path):
+    """--admin-group: the socket is 0660 in that group, and its members
+    (here 'nobody', whose group is 'nogroup') are served."""
+    import grp
+    gid = grp.getgrnam("nogroup").gr_gid
+    sockdir = tempfile.mkdtemp(prefix="nbdd-admin-")
+    os.chmod(sockdir, 0o711)
+    try:
+        path = sockdir + "/admin.sock"
+        srv = start(nbdd_server, tmp_path, ["--admin-socket", path,
+                                            "--admin-group", "nogroup"])
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == gid
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(65534)
+                with QMP(path) as q:
+                    os.write(w, q.cmd("query-version")["package"].encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        got = os.read(r, 4096).decode()
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert got.startswith("nbdd "), got
+        srv.stop()
+    finally:
+        shutil.rmtree(sockdir)
