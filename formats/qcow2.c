@@ -807,4 +807,5 @@ const struct node_driver qcow2_driver = {
   .block_status     = qcow2_block_status,
   .allocation_depth = qcow2_allocation_depth,
   .set_backing      = qcow2_set_backing,
+  .truncate         = qcow2_truncate,
 };

@@ -370,6 +370,8 @@ int qcow2_zero (struct node *node, uint64_t count, uint64_t offset,
 int qcow2_discard (struct node *node, uint64_t count, uint64_t offset,
                    unsigned flags);
 int qcow2_flush (struct node *node);
+/* qcow2-resize.c: grow the virtual size (shrinking: -ENOTSUP). */
+int qcow2_truncate (struct node *node, uint64_t size);
 int qcow2_flush_state (struct qcow2_state *s);
 /* qcow2.c: read guest bytes (the copy-on-write source). */
 int qcow2_pread (struct node *node, void *buf, uint32_t count,

@@ -13,6 +13,7 @@
 struct raw_state {
   struct node_child *file;      /* an edge in node->children */
   uint64_t offset;
+  bool window;                  /* offset or size given: a fixed window */
 };
 
 static const char *const raw_keys[] = {
@@ -58,6 +59,7 @@ raw_open (struct node *node, struct json_object *opts, struct error **errp)
   }
 
   s->offset = offset;
+  s->window = offset > 0 || has_size == 0;
   node->size = size;
   node->read_only = ro || s->file->node->read_only;
   node->can_flush = s->file->node->can_flush;
@@ -68,6 +70,24 @@ raw_open (struct node *node, struct json_object *opts, struct error **errp)
   node->is_rotational = s->file->node->is_rotational;
   node->has_block_status = s->file->node->has_block_status;
   return 0;
+}
+
+/* The whole file: resize it.  A window of it stays as it was told. */
+static int
+raw_truncate (struct node *node, uint64_t size)
+{
+  struct raw_state *s = node->opaque;
+  int r;
+
+  if (s->window)
+    return -ENOTSUP;
+  if (node->read_only)
+    return -EROFS;
+  r = node_truncate (s->file->node, size);
+  if (r == 0)
+    __atomic_store_n (&node->size, node_size (s->file->node),
+                      __ATOMIC_RELEASE);
+  return r;
 }
 
 static void
@@ -188,4 +208,5 @@ const struct node_driver raw_driver = {
   .flush          = raw_flush,
   .cache          = raw_cache,
   .block_status   = raw_block_status,
+  .truncate       = raw_truncate,
 };

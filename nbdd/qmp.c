@@ -934,6 +934,60 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
   return replace_users (t, node, overlay, overlay, errp);
 }
 
+/* QEMU's block_resize: grow a node that only exports use (a parent
+ * node would not see its child's new size).  Clients see the new size
+ * when they reconnect, as with QEMU.
+ */
+static const char *const resize_keys[] = { "node-name", "size", NULL };
+
+static int
+cmd_block_resize (struct qmp_txn *t, struct json_object *args,
+                  struct json_object **ret, struct error **errp)
+{
+  const char *name;
+  uint64_t size;
+  struct node *node;
+  int r;
+
+  if (opt_check_keys (args, "block_resize", resize_keys, errp) == -1 ||
+      opt_get_string (args, "block_resize", "node-name", true, &name,
+                      errp) == -1 ||
+      opt_get_uint64 (args, "block_resize", "size", true, &size,
+                      errp) == -1)
+    return -1;
+  if ((node = node_lookup (name)) == NULL)
+    return not_found (t, errp, "node", name);
+  for (size_t i = 0; i < node->nr_parents; ++i)
+    if (node->parents[i]->parent) {
+      error_setg (errp, "node '%s' is used by node '%s': resize the node "
+                  "its exports use", name, node->parents[i]->parent->name);
+      return -1;
+    }
+  if (node->limits.request_alignment > 1 &&
+      size % node->limits.request_alignment) {
+    error_setg (errp, "size %" PRIu64 " is not a multiple of node '%s''s "
+                "alignment (%" PRIu32 ")", size, name,
+                node->limits.request_alignment);
+    return -1;
+  }
+  if (txn_reserve (t, 0, errp) == -1 ||
+      txn_drain (t, &node, 1, errp) == -1)
+    return -1;
+  r = node_truncate (node, size);
+  if (r == -ENOTSUP && size < node_size (node)) {
+    error_setg (errp, "node '%s' cannot shrink (%" PRIu64 " bytes now)",
+                name, node_size (node));
+    return -1;
+  }
+  if (r < 0) {
+    error_setg_errno (errp, -r, "resizing node '%s' (driver %s) to %" PRIu64
+                      " bytes", name, node->drv->name, size);
+    return -1;
+  }
+  nbdd_info ("node '%s' is now %" PRIu64 " bytes", name, node_size (node));
+  return 0;
+}
+
 /* ---- throttling ---- */
 
 struct throttle_undo {
@@ -1309,6 +1363,7 @@ static const struct command commands[] = {
     CMD_CHANGES | CMD_IN_TXN },
   { "blockdev-remove-node", cmd_blockdev_remove_node,
     CMD_CHANGES | CMD_IN_TXN },
+  { "block_resize", cmd_block_resize, CMD_CHANGES },
   { "block-set-io-throttle", cmd_block_set_io_throttle,
     CMD_CHANGES | CMD_IN_TXN },
   { "block-export-add", cmd_block_export_add, CMD_CHANGES | CMD_IN_TXN },

@@ -1007,3 +1007,74 @@ def test_admin_group(nbdd_server, tmp_path):
         srv.stop()
     finally:
         shutil.rmtree(sockdir)
+
+
+@pytest.mark.parametrize("cluster", ["64k", "512"])
+def test_block_resize_qcow2(nbdd_server, tmp_path, cluster):
+    """Growing a qcow2 node: its L1 table grows (with 512-byte clusters
+    to many clusters), the image checks clean, and old and new areas
+    hold what was written."""
+    srv = start(nbdd_server, tmp_path)
+    img = str(tmp_path / "g.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+         f"cluster_size={cluster}", img, "1M"])
+    new_size = 2 << 30 if cluster == "64k" else 64 * MiB
+    a, b = pattern(20, 65536), pattern(21, 65536)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "g",
+                                    "file": {"driver": "file",
+                                             "filename": img}})
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="g",
+              writable=True)
+        h = srv.connect("g")
+        h.pwrite(a, 0)
+        h.flush()
+        q.cmd("block_resize", node_name="g", size=new_size)
+        with pytest.raises(QMPError) as e:
+            q.cmd("block_resize", node_name="g", size=MiB)
+        assert "cannot shrink" in e.value.desc
+        h.shutdown()
+        nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert nodes["g"]["image"]["virtual-size"] == new_size
+    h = srv.connect("g")
+    assert h.get_size() == new_size
+    h.pwrite(b, new_size - 65536)
+    h.flush()
+    assert h.pread(65536, 0) == a
+    assert h.pread(65536, new_size - 65536) == b
+    assert h.pread(4096, new_size // 2) == bytes(4096)
+    h.shutdown()
+    srv.stop()
+    qemu_img_check(img)
+    info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
+    assert info["virtual-size"] == new_size
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0 1M 1M", img])
+    got = run(["qemu-io", "-f", "qcow2", "-c",
+               f"read -v {new_size - 65536} 16", img]).stdout
+    assert got.split("\n")[0].split(":")[1].split()[:4] == \
+        [f"{x:02x}" for x in b[:4]]
+
+
+def test_block_resize_raw_and_refusals(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    img = make_image(tmp_path / "r.img", 4 * MiB)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "r0")
+        q.cmd("block_resize", node_name="r0", size=8 * MiB)
+        assert os.path.getsize(tmp_path / "r0.img") == 8 * MiB
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "file": "r0"})
+        with pytest.raises(QMPError) as e:
+            q.cmd("block_resize", node_name="r0", size=16 * MiB)
+        assert "used by node 't0'" in e.value.desc
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "win",
+                                    "offset": 4096, "file": {
+                                        "driver": "file",
+                                        "filename": img}})
+        with pytest.raises(QMPError) as e:
+            q.cmd("block_resize", node_name="win", size=16 * MiB)
+        assert "Operation not supported" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("transaction", actions=[{"type": "block_resize", "data": {
+                "node-name": "r0", "size": 16 * MiB}}])
+        assert "cannot be part of a transaction" in e.value.desc
