@@ -24,7 +24,7 @@
 
 /* Registered nodes, in creation order.  The registry owns one ref. */
 static struct node **registry;
-static size_t nr_registry;
+static size_t nr_registry, cap_registry;
 static unsigned anon_counter;
 /* Every live node, registered or not (graph-wide passes). */
 static struct node *all_nodes;
@@ -170,17 +170,15 @@ node_name_is_valid (const char *name)
 static int
 registry_add (struct node *node, struct error **errp)
 {
-  static size_t cap;
-
   if (by_name == NULL && (by_name = lh_kchar_table_new (64, NULL)) == NULL)
     goto nomem;
-  if (nr_registry == cap) {
-    size_t ncap = cap ? cap * 2 : 64;
+  if (nr_registry == cap_registry) {
+    size_t ncap = cap_registry ? cap_registry * 2 : 64;
     struct node **n = realloc (registry, ncap * sizeof *n);
     if (n == NULL)
       goto nomem;
     registry = n;
-    cap = ncap;
+    cap_registry = ncap;
   }
   if (lh_table_insert (by_name, node->name, node) != 0)
     goto nomem;
@@ -499,4 +497,5 @@ node_close_all (void)
     node_unref (registry[--nr_registry]);
   free (registry);
   registry = NULL;
+  cap_registry = 0;
 }

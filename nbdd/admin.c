@@ -597,7 +597,7 @@ admin_open (struct ev_loop *loop, const char *path, const char *group,
     close (fd);
     return -1;
   }
-  if (listen (fd, 16) == -1) {
+  if (listen (fd, MAX_SESSIONS) == -1) {
     error_setg_errno (errp, errno, "admin socket %s", path);
     unlink (path);
     close (fd);

@@ -17,7 +17,17 @@ class QMP:
     def __init__(self, path, negotiate=True, timeout=30):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        # A unix socket whose backlog is full refuses at once (EAGAIN)
+        # instead of waiting: wait here.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.buf = b""
         self.events = []
         self.replies = []               # read while waiting for events
