@@ -129,6 +129,8 @@ struct node {
   bool growable;
   /* The daemon's: this node's spec is in the catalogue. */
   bool recorded;
+  /* graph/dirty.c: the node's dirty bitmaps (struct dirty_bitmap). */
+  void *dirty;
   bool read_only;
   bool can_flush;
   bool can_trim;                /* discard does something */

@@ -61,6 +61,40 @@ int node_reserve_parent (struct node *node, size_t count);
 void node_link_parent (struct node_child *c);
 void node_unlink_parent (struct node_child *c);
 
+/* dirty.c: a node's dirty bitmaps.  The list (node->dirty) changes
+ * only while the node is drained; bits are set by any thread.
+ */
+struct bitmap;
+struct dirty_bitmap {
+  struct dirty_bitmap *next;
+  struct node *node;            /* whose writes it records */
+  char *name;
+  struct bitmap *bm;
+  bool enabled;                 /* recording (atomic) */
+  bool persistent;
+  unsigned busy;                /* exports using it: read-only for QMP */
+};
+
+/* The request path's hook: mark [offset, offset + count) in every
+ * enabled bitmap of @node.  Any thread.
+ */
+void dirty_mark (struct node *node, uint64_t offset, uint64_t count);
+struct dirty_bitmap *dirty_bitmap_find (const struct node *node,
+                                        const char *name);
+/* A new bitmap for @node, not yet on its list (link it drained). */
+struct dirty_bitmap *dirty_bitmap_create (struct node *node,
+                                          const char *name,
+                                          uint32_t granularity,
+                                          bool persistent, bool enabled,
+                                          struct error **errp);
+/* On or off the node's list: with the node drained. */
+void dirty_bitmap_link (struct dirty_bitmap *d);
+void dirty_bitmap_unlink (struct dirty_bitmap *d);
+void dirty_bitmap_free (struct dirty_bitmap *d);
+void dirty_bitmaps_free_all (struct node *node);
+/* The node was resized: so are its bitmaps.  0 or -ENOMEM. */
+int dirty_bitmaps_resize (struct node *node, uint64_t size);
+
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));
 

@@ -114,6 +114,7 @@ child_free (struct node_child *c)
 static void
 node_free (struct node *node)
 {
+  dirty_bitmaps_free_all (node);
   if (node->drv && node->drv->close)
     node->drv->close (node);
   for (size_t i = 0; i < node->nr_children; ++i)

@@ -68,6 +68,12 @@ export_free (struct export *exp)
 {
   if (exp == NULL)
     return;
+  meta_export_free (exp);
+  for (size_t i = 0; i < exp->nr_bitmaps; ++i) {
+    exp->bitmaps[i]->busy--;
+    node_unref (exp->bitmaps[i]->node);
+  }
+  free (exp->bitmaps);
   root_detach (&exp->root);
   root_destroy (&exp->root);
   json_object_put (exp->spec);
@@ -123,8 +129,117 @@ dying_find (const char *name, const char *id)
 
 static const char *const export_keys[] = {
   "type", "id", "node-name", "name", "writable", "description",
-  "writethrough", "tls-required", "tls-allow", NULL
+  "writethrough", "tls-required", "tls-allow", "bitmaps", NULL
 };
+
+/* A bitmap named by itself: on the exported node, or down its chain
+ * (a filter's child, a backing node), as QEMU looks for it.
+ */
+static struct dirty_bitmap *
+find_bitmap_below (struct node *n, const char *name)
+{
+  while (n) {
+    struct dirty_bitmap *d = dirty_bitmap_find (n, name);
+    struct node *next = NULL;
+    if (d)
+      return d;
+    for (size_t i = 0; i < n->nr_children; ++i)
+      if (n->children[i]->role & (CHILD_FILTERED | CHILD_COW |
+                                  CHILD_PRIMARY)) {
+        next = n->children[i]->node;
+        if (n->children[i]->role & (CHILD_FILTERED | CHILD_COW))
+          break;
+      }
+    n = next;
+  }
+  return NULL;
+}
+
+/* "bitmaps": [NAME | {"node": NODE, "name": NAME}, ...]. */
+static int
+resolve_bitmaps (struct export *exp, struct json_object *o, struct node *node,
+                 struct error **errp)
+{
+  struct json_object *a;
+  size_t n;
+
+  if (!json_object_object_get_ex (o, "bitmaps", &a) || a == NULL)
+    return 0;
+  if (!json_object_is_type (a, json_type_array)) {
+    /* keyval: bitmaps=NAME, or bitmaps.0=A,bitmaps.1=B */
+    char **names = NULL;
+    size_t nr = 0;
+    struct json_object *list;
+    if (opt_get_strings (o, "export", "bitmaps", &names, &nr, errp) == -1)
+      return -1;
+    list = json_object_new_array ();
+    for (size_t i = 0; i < nr; ++i)
+      json_object_array_add (list, json_object_new_string (names[i]));
+    opt_free_strings (names);
+    json_object_object_add (o, "bitmaps", list);
+    a = list;
+  }
+  if (!json_object_is_type (a, json_type_array)) {
+    error_setg (errp, "export: 'bitmaps' must be a list of bitmap names or "
+                "{\"node\": ..., \"name\": ...} objects");
+    return -1;
+  }
+  n = json_object_array_length (a);
+  exp->bitmaps = calloc (n ? n : 1, sizeof *exp->bitmaps);
+  if (exp->bitmaps == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    struct json_object *e = json_object_array_get_idx (a, i), *v;
+    const char *name = NULL, *nname = NULL;
+    struct dirty_bitmap *d;
+
+    if (json_object_is_type (e, json_type_string)) {
+      name = json_object_get_string (e);
+      d = find_bitmap_below (node, name);
+      if (d == NULL) {
+        error_setg (errp, "export: node '%s' and the nodes below it have "
+                    "no bitmap '%.80s'", node->name, name);
+        return -1;
+      }
+    }
+    else if (json_object_is_type (e, json_type_object) &&
+             json_object_object_get_ex (e, "node", &v) &&
+             json_object_is_type (v, json_type_string) &&
+             (nname = json_object_get_string (v)) &&
+             json_object_object_get_ex (e, "name", &v) &&
+             json_object_is_type (v, json_type_string)) {
+      struct node *bn = node_lookup (nname);
+      name = json_object_get_string (v);
+      if (bn == NULL) {
+        error_setg (errp, "export: node '%.80s' does not exist", nname);
+        return -1;
+      }
+      d = dirty_bitmap_find (bn, name);
+      if (d == NULL) {
+        error_setg (errp, "export: node '%s' has no bitmap '%.80s'",
+                    nname, name);
+        return -1;
+      }
+    }
+    else {
+      error_setg (errp, "export: bitmaps[%zu] must be a name or "
+                  "{\"node\": ..., \"name\": ...}", i);
+      return -1;
+    }
+    for (size_t j = 0; j < exp->nr_bitmaps; ++j)
+      if (strcmp (exp->bitmaps[j]->name, d->name) == 0) {
+        error_setg (errp, "export: two bitmaps named '%.80s': their "
+                    "contexts would have one name", d->name);
+        return -1;
+      }
+    d->busy++;
+    node_ref (d->node);
+    exp->bitmaps[exp->nr_bitmaps++] = d;
+  }
+  return 0;
+}
 
 static bool
 export_string_ok (const char *s)
@@ -258,6 +373,9 @@ export_add (struct json_object *o, struct error **errp)
   exp->tls_allow = allow;
   exp->nr_tls_allow = nr_allow;
   allow = NULL;
+  if (resolve_bitmaps (exp, o, node, errp) == -1 ||
+      meta_export_init (exp, errp) == -1)
+    goto err;
   /* As QEMU's NBD export: it needs to read (and write), and lets
    * anyone else do anything.
    */

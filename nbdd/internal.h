@@ -123,6 +123,13 @@ struct export {
   char **tls_allow;             /* identities allowed; NULL = anyone */
   size_t nr_tls_allow;
   struct export_stats stats;
+  /* Dirty bitmaps exported as qemu:dirty-bitmap:NAME: each marked
+   * busy, and its node referenced, while the export lives.
+   */
+  struct dirty_bitmap **bitmaps;
+  size_t nr_bitmaps;
+  struct meta_context *contexts;  /* NULL: the fixed table */
+  size_t nr_contexts;
 };
 
 /* What a connection, at this point of its handshake, may do with an
@@ -182,6 +189,7 @@ struct meta_context {
    */
   int (*extents) (const struct meta_context *mc, struct node *node,
                   uint64_t count, struct extent_list *el);
+  void *opaque;                 /* the dirty bitmap, for its contexts */
 };
 
 /* The contexts @exp offers, in ascending id order, at most
@@ -189,6 +197,9 @@ struct meta_context {
  */
 const struct meta_context *meta_contexts (const struct export *exp,
                                           size_t *nr);
+/* Build @exp's own table when it exports bitmaps (exp->bitmaps). */
+int meta_export_init (struct export *exp, struct error **errp);
+void meta_export_free (struct export *exp);
 /* Every context @exp offers, as a mask over meta_contexts (): bit i is
  * the i-th context.
  */

@@ -13,17 +13,22 @@
  * "qemu:dirty-bitmap:") lists every context in it.  Unknown names and
  * namespaces are ignored, never an error.
  *
- * Today every export offers the same two contexts, so the table is
- * static; qemu:dirty-bitmap:NAME contexts, which depend on the export,
- * will come from a table the export builds when it is created (ids
- * from META_ID_DIRTY_BITMAP up, after the fixed ones).
+ * Every export offers the two fixed contexts; an export with bitmaps
+ * builds its own table when it is created, with one
+ * qemu:dirty-bitmap:NAME per bitmap (ids from META_ID_DIRTY_BITMAP
+ * up, after the fixed ones).  The table never changes afterwards.
  */
 #include <config.h>
 
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "bitmap.h"
 #include "internal.h"
+
+#define BITMAP_GROUP "qemu:dirty-bitmap:"
 
 /* base:allocation: the node's holes and zeroes. */
 static int
@@ -61,6 +66,44 @@ allocation_depth_extents (const struct meta_context *mc, struct node *node,
   return 0;
 }
 
+/* qemu:dirty-bitmap:NAME: dirty (1) or clean (0), a granule at a
+ * time, as qemu-nbd sends it.  Bits set while this runs may or may not
+ * be seen; they are for the next backup either way.
+ */
+static int
+dirty_bitmap_extents (const struct meta_context *mc, struct node *node,
+                      uint64_t count, struct extent_list *el)
+{
+  const struct dirty_bitmap *d = mc->opaque;
+  uint64_t offset = el->end, end = el->end + count;
+  uint64_t size = bitmap_size (d->bm);
+
+  /* A bitmap shorter than the node (a backing node's) is clean past
+   * its end.
+   */
+  while (offset < end) {
+    uint64_t next;
+    bool dirty = offset < size && bitmap_get (d->bm, offset);
+    int r;
+
+    if (offset >= size)
+      next = end;
+    else {
+      next = dirty ? bitmap_next_clean (d->bm, offset, MIN (end, size))
+        : bitmap_next_dirty (d->bm, offset, MIN (end, size));
+      if (next == UINT64_MAX)
+        next = MIN (end, size);
+    }
+    r = extents_add (el, next - offset, dirty ? 1 : 0);
+    if (r < 0)
+      return r;
+    if (r == 1)
+      break;
+    offset = next;
+  }
+  return 0;
+}
+
 static const struct meta_context fixed_contexts[] = {
   { .name = "base:allocation", .group_len = 5,
     .id = META_ID_BASE_ALLOCATION, .extents = base_allocation_extents },
@@ -68,11 +111,68 @@ static const struct meta_context fixed_contexts[] = {
     .id = META_ID_ALLOCATION_DEPTH, .extents = allocation_depth_extents },
 };
 
+#define NR_FIXED (sizeof fixed_contexts / sizeof fixed_contexts[0])
+
 const struct meta_context *
 meta_contexts (const struct export *exp, size_t *nr)
 {
-  *nr = sizeof fixed_contexts / sizeof fixed_contexts[0];
+  if (exp && exp->contexts) {
+    *nr = exp->nr_contexts;
+    return exp->contexts;
+  }
+  *nr = NR_FIXED;
   return fixed_contexts;
+}
+
+int
+meta_export_init (struct export *exp, struct error **errp)
+{
+  struct meta_context *mc;
+  size_t n = NR_FIXED + exp->nr_bitmaps;
+
+  if (exp->nr_bitmaps == 0)
+    return 0;
+  if (n > MAX_META_CONTEXTS) {
+    error_setg (errp, "export: at most %zu bitmaps",
+                MAX_META_CONTEXTS - NR_FIXED);
+    return -1;
+  }
+  mc = calloc (n, sizeof *mc);
+  if (mc == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  memcpy (mc, fixed_contexts, sizeof fixed_contexts);
+  for (size_t i = 0; i < exp->nr_bitmaps; ++i) {
+    struct meta_context *m = &mc[NR_FIXED + i];
+    char *name;
+
+    if (asprintf (&name, BITMAP_GROUP "%s", exp->bitmaps[i]->name) == -1) {
+      exp->contexts = mc;
+      exp->nr_contexts = NR_FIXED + i;
+      meta_export_free (exp);
+      error_setg (errp, "out of memory");
+      return -1;
+    }
+    m->name = name;
+    m->group_len = strlen (BITMAP_GROUP);
+    m->id = META_ID_DIRTY_BITMAP + i;
+    m->extents = dirty_bitmap_extents;
+    m->opaque = exp->bitmaps[i];
+  }
+  exp->contexts = mc;
+  exp->nr_contexts = n;
+  return 0;
+}
+
+void
+meta_export_free (struct export *exp)
+{
+  for (size_t i = NR_FIXED; i < exp->nr_contexts; ++i)
+    free ((char *) exp->contexts[i].name);
+  free (exp->contexts);
+  exp->contexts = NULL;
+  exp->nr_contexts = 0;
 }
 
 uint64_t

@@ -34,25 +34,11 @@
 #include "log.h"
 #include "options.h"
 #include "qcow2-create.h"
+#include "qmp.h"
 #include "throttle.h"
 
-struct step {
-  void (*undo) (void *data);    /* the command failed: put it back */
-  void (*commit) (void *data);  /* it succeeded: finish it */
-  void (*release) (void *data); /* either way, afterwards */
-  void *data;
-};
-
-struct qmp_txn {
-  struct step *steps;
-  size_t nr_steps, cap_steps;
-  struct graph_drain **drains;  /* held until the end */
-  size_t nr_drains, cap_drains;
-  const char *error_class;      /* for the error reply; default generic */
-};
-
 /* Room for @n more steps (and a drain), before making a change. */
-static int
+int
 txn_reserve (struct qmp_txn *t, size_t n, struct error **errp)
 {
   if (t->nr_steps + n > t->cap_steps) {
@@ -79,7 +65,7 @@ txn_reserve (struct qmp_txn *t, size_t n, struct error **errp)
 }
 
 /* Record a step; room was reserved. */
-static void
+void
 txn_step (struct qmp_txn *t, void (*undo) (void *), void (*commit) (void *),
           void (*release) (void *), void *data)
 {
@@ -88,7 +74,7 @@ txn_step (struct qmp_txn *t, void (*undo) (void *), void (*commit) (void *),
 }
 
 /* Drain @nodes until the end of the command (room was reserved). */
-static int
+int
 txn_drain (struct qmp_txn *t, struct node *const *nodes, size_t n,
            struct error **errp)
 {
@@ -101,7 +87,7 @@ txn_drain (struct qmp_txn *t, struct node *const *nodes, size_t n,
   return 0;
 }
 
-static int
+int
 not_found (struct qmp_txn *t, struct error **errp, const char *what,
            const char *name)
 {
@@ -110,7 +96,7 @@ not_found (struct qmp_txn *t, struct error **errp, const char *what,
   return -1;
 }
 
-static const char *
+const char *
 json_text (struct json_object *o)
 {
   return json_object_to_json_string_ext (o, JSON_C_TO_STRING_PLAIN);
@@ -291,6 +277,7 @@ node_info (struct node *n)
     json_object_array_add (users, u);
   }
   json_object_object_add (o, "users", users);
+  json_object_object_add (o, "dirty-bitmaps", dirty_bitmaps_info (n));
   if (strcmp (n->drv->name, "throttle") == 0)
     json_object_object_add (o, "throttle-group",
                             json_object_new_string (throttle_node_group (n)));
@@ -984,6 +971,11 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
                       " bytes", name, node->drv->name, size);
     return -1;
   }
+  if (dirty_bitmaps_resize (node, node_size (node)) < 0) {
+    error_setg (errp, "node '%s' was resized, but not its bitmaps (out of "
+                "memory)", name);
+    return -1;
+  }
   nbdd_info ("node '%s' is now %" PRIu64 " bytes", name, node_size (node));
   return 0;
 }
@@ -1367,6 +1359,18 @@ static const struct command commands[] = {
   { "block-set-io-throttle", cmd_block_set_io_throttle,
     CMD_CHANGES | CMD_IN_TXN },
   { "block-export-add", cmd_block_export_add, CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-add", cmd_block_dirty_bitmap_add,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-remove", cmd_block_dirty_bitmap_remove,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-clear", cmd_block_dirty_bitmap_clear,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-enable", cmd_block_dirty_bitmap_enable,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-disable", cmd_block_dirty_bitmap_disable,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-merge", cmd_block_dirty_bitmap_merge,
+    CMD_CHANGES | CMD_IN_TXN },
   { "block-export-del", cmd_block_export_del, CMD_CHANGES | CMD_IN_TXN },
   { "transaction", cmd_transaction, CMD_CHANGES },
   { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },

@@ -17,40 +17,11 @@ import time
 import nbd
 import pytest
 
-from conftest import NBDD, Server, make_image
+from admintools import (FAIL, MiB, qcow2_graph, qemu_img_check, raw_node,
+                        restart, start)
+from conftest import NBDD, make_image
 from helpers import pattern, run
 from qmp import QMP, QMPError
-
-MiB = 1 << 20
-
-
-def start(nbdd_server, tmp_path, extra=()):
-    state = tmp_path / "state"
-    srv = nbdd_server(["--state-dir", str(state)] + list(extra))
-    srv.state = state
-    srv.admin = str(state / "admin.sock")
-    return srv
-
-
-def restart(srv, nbdd_server, tmp_path):
-    srv.stop()
-    return start(nbdd_server, tmp_path)
-
-
-def qcow2_graph(q, tmp_path, name="disk0", size=64 * MiB):
-    """blockdev-create a qcow2 image and add it as node @name."""
-    img = str(tmp_path / f"{name}.qcow2")
-    q.cmd("blockdev-create", job_id="c-" + name,
-          options={"driver": "qcow2", "size": size,
-                   "file": {"driver": "file", "filename": img}})
-    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": name,
-                                "file": {"driver": "file",
-                                         "filename": img}})
-    return img
-
-
-def qemu_img_check(img):
-    run(["qemu-img", "check", "-f", "qcow2", img])
 
 
 def test_greeting_and_negotiation(nbdd_server, tmp_path):
@@ -763,13 +734,6 @@ def test_deep_json_is_refused(nbdd_server, tmp_path):
         assert q.cmd("query-version")
 
 
-def raw_node(q, tmp_path, name):
-    img = make_image(tmp_path / f"{name}.img", 4 * MiB)
-    q.cmd_args("blockdev-add", {"driver": "raw", "node-name": name,
-                                "file": {"driver": "file", "filename": img}})
-    return img
-
-
 def test_transaction_conflicts_within_itself(nbdd_server, tmp_path):
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
@@ -804,10 +768,6 @@ def test_transaction_conflicts_within_itself(nbdd_server, tmp_path):
     with QMP(srv.admin) as q:
         assert [n["node-name"] for n in q.cmd("query-named-block-nodes")
                 if not n["node-name"].startswith("#")] == ["d0"]
-
-
-FAIL = {"type": "block-export-add",
-        "data": {"type": "nbd", "id": "x", "node-name": "no-such-node"}}
 
 
 def test_failed_transaction_undoes_graph_changes(nbdd_server, tmp_path):

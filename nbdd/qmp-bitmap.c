@@ -1,0 +1,405 @@
+/* QMP: the dirty bitmap lifecycle, with QEMU's command names and
+ * arguments (block-dirty-bitmap-add, -remove, -clear, -enable,
+ * -disable, -merge).  Each runs inside the command's transaction, with
+ * its node drained, and registers how to undo itself, so all of them
+ * may be actions of a 'transaction'.
+ *
+ * A bitmap an export uses is busy: QEMU refuses to change such a
+ * bitmap, and so do we (a backup reading it would see it change).
+ */
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bitmap.h"
+#include "internal.h"
+#include "options.h"
+#include "qmp.h"
+
+#define DEFAULT_GRANULARITY 65536
+
+/* The node and bitmap an argument names; with @bitmap NULL, just the
+ * node.
+ */
+static int
+lookup (struct qmp_txn *t, struct json_object *args, const char *what,
+        const char *bitmap_key, struct node **nodep, struct dirty_bitmap **dp,
+        struct error **errp)
+{
+  const char *node_name, *name;
+
+  if (opt_get_string (args, what, "node", true, &node_name, errp) == -1)
+    return -1;
+  if ((*nodep = node_lookup (node_name)) == NULL)
+    return not_found (t, errp, "node", node_name);
+  if (bitmap_key == NULL)
+    return 0;
+  if (opt_get_string (args, what, bitmap_key, true, &name, errp) == -1)
+    return -1;
+  if ((*dp = dirty_bitmap_find (*nodep, name)) == NULL) {
+    t->error_class = "DeviceNotFound";
+    error_setg (errp, "node '%s' has no bitmap '%.80s'", node_name, name);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+not_busy (const struct dirty_bitmap *d, struct error **errp)
+{
+  if (d->busy == 0)
+    return 0;
+  error_setg (errp, "bitmap '%s' is in use by %u export%s and cannot be "
+              "changed", d->name, d->busy, d->busy == 1 ? "" : "s");
+  return -1;
+}
+
+/* ---- add, remove ---- */
+
+static void
+undo_add (void *data)
+{
+  struct dirty_bitmap *d = data;
+
+  dirty_bitmap_unlink (d);
+  dirty_bitmap_free (d);
+}
+
+static const char *const add_keys[] = {
+  "node", "name", "granularity", "persistent", "disabled", NULL
+};
+
+int
+cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
+                            struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+  const char *name;
+  uint64_t granularity = DEFAULT_GRANULARITY;
+  bool persistent = false, disabled = false;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-add", add_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-add", NULL, &node, NULL,
+              errp) == -1 ||
+      opt_get_string (args, "block-dirty-bitmap-add", "name", true, &name,
+                      errp) == -1 ||
+      opt_get_uint64 (args, "block-dirty-bitmap-add", "granularity", false,
+                      &granularity, errp) == -1 ||
+      opt_get_bool (args, "block-dirty-bitmap-add", "persistent", false,
+                    &persistent, errp) == -1 ||
+      opt_get_bool (args, "block-dirty-bitmap-add", "disabled", false,
+                    &disabled, errp) == -1)
+    return -1;
+  if (persistent) {
+    error_setg (errp, "persistent bitmaps are not stored yet: add '%.80s' "
+                "with persistent false (it lasts until the daemon stops)",
+                name);
+    return -1;
+  }
+  if (granularity > UINT32_MAX) {
+    error_setg (errp, "granularity must be a power of 2 from 512 bytes to "
+                "2 GiB");
+    return -1;
+  }
+  d = dirty_bitmap_create (node, name, granularity, persistent, !disabled,
+                           errp);
+  if (d == NULL)
+    return -1;
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1) {
+    dirty_bitmap_free (d);
+    return -1;
+  }
+  dirty_bitmap_link (d);
+  txn_step (t, undo_add, NULL, NULL, d);
+  return 0;
+}
+
+struct removed {
+  struct dirty_bitmap *d;
+  bool committed;
+};
+
+static void
+undo_remove (void *data)
+{
+  struct removed *r = data;
+
+  dirty_bitmap_link (r->d);
+}
+
+static void
+commit_remove (void *data)
+{
+  struct removed *r = data;
+
+  r->committed = true;
+}
+
+static void
+release_remove (void *data)
+{
+  struct removed *r = data;
+
+  if (r->committed)
+    dirty_bitmap_free (r->d);
+  free (r);
+}
+
+static const char *const name_keys[] = { "node", "name", NULL };
+
+int
+cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
+                               struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+  struct removed *r;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-remove", name_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-remove", "name", &node, &d,
+              errp) == -1 ||
+      not_busy (d, errp) == -1)
+    return -1;
+  r = calloc (1, sizeof *r);
+  if (r == NULL || txn_reserve (t, 1, errp) == -1 ||
+      txn_drain (t, &node, 1, errp) == -1) {
+    free (r);
+    return -1;
+  }
+  r->d = d;
+  dirty_bitmap_unlink (d);
+  txn_step (t, undo_remove, commit_remove, release_remove, r);
+  return 0;
+}
+
+/* ---- clear, merge: the old bits kept for the undo ---- */
+
+struct saved_bits {
+  struct dirty_bitmap *d;
+  struct bitmap *old;
+};
+
+static void
+undo_bits (void *data)
+{
+  struct saved_bits *s = data;
+
+  bitmap_clear_all (s->d->bm);
+  bitmap_merge (s->d->bm, s->old);
+}
+
+static void
+release_bits (void *data)
+{
+  struct saved_bits *s = data;
+
+  bitmap_free (s->old);
+  free (s);
+}
+
+/* Drained, keep a copy of @d's bits to put back if the command fails. */
+static int
+save_bits (struct qmp_txn *t, struct node *node, struct dirty_bitmap *d,
+           struct error **errp)
+{
+  struct saved_bits *s = calloc (1, sizeof *s);
+
+  if (s == NULL || txn_reserve (t, 1, errp) == -1 ||
+      txn_drain (t, &node, 1, errp) == -1 ||
+      (s->old = bitmap_copy (d->bm)) == NULL) {
+    if (s && s->old == NULL && errp && *errp == NULL)
+      error_setg (errp, "out of memory");
+    free (s);
+    return -1;
+  }
+  s->d = d;
+  txn_step (t, undo_bits, NULL, release_bits, s);
+  return 0;
+}
+
+int
+cmd_block_dirty_bitmap_clear (struct qmp_txn *t, struct json_object *args,
+                              struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-clear", name_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-clear", "name", &node, &d,
+              errp) == -1 ||
+      not_busy (d, errp) == -1 ||
+      save_bits (t, node, d, errp) == -1)
+    return -1;
+  bitmap_clear_all (d->bm);
+  return 0;
+}
+
+/* The bitmaps a merge reads: names on @node, or {node, name}. */
+static int
+merge_sources (struct qmp_txn *t, struct json_object *list, struct node *node,
+               struct dirty_bitmap ***srcs, size_t *n, struct error **errp)
+{
+  size_t len;
+
+  if (list == NULL || !json_object_is_type (list, json_type_array)) {
+    error_setg (errp, "'bitmaps' must be a list of names or {\"node\", "
+                "\"name\"} objects");
+    return -1;
+  }
+  len = json_object_array_length (list);
+  *srcs = calloc (len ? len : 1, sizeof **srcs);
+  if (*srcs == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  for (size_t i = 0; i < len; ++i) {
+    struct json_object *e = json_object_array_get_idx (list, i), *v;
+    struct node *sn = node;
+    const char *name;
+
+    if (json_object_is_type (e, json_type_string))
+      name = json_object_get_string (e);
+    else if (json_object_is_type (e, json_type_object) &&
+             json_object_object_get_ex (e, "node", &v) &&
+             json_object_is_type (v, json_type_string) &&
+             json_object_object_get_ex (e, "name", &v) &&
+             json_object_is_type (v, json_type_string)) {
+      struct json_object *nn;
+      json_object_object_get_ex (e, "node", &nn);
+      name = json_object_get_string (v);
+      if ((sn = node_lookup (json_object_get_string (nn))) == NULL)
+        return not_found (t, errp, "node", json_object_get_string (nn));
+    }
+    else {
+      error_setg (errp, "bitmaps[%zu] must be a name or {\"node\", "
+                  "\"name\"}", i);
+      return -1;
+    }
+    if (((*srcs)[i] = dirty_bitmap_find (sn, name)) == NULL) {
+      t->error_class = "DeviceNotFound";
+      error_setg (errp, "node '%s' has no bitmap '%.80s'", sn->name, name);
+      return -1;
+    }
+  }
+  *n = len;
+  return 0;
+}
+
+static const char *const merge_keys[] = {
+  "node", "target", "bitmaps", NULL
+};
+
+int
+cmd_block_dirty_bitmap_merge (struct qmp_txn *t, struct json_object *args,
+                              struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d, **srcs = NULL;
+  struct json_object *list = NULL;
+  size_t n = 0;
+  int r = -1;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-merge", merge_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-merge", "target", &node, &d,
+              errp) == -1 ||
+      not_busy (d, errp) == -1)
+    return -1;
+  json_object_object_get_ex (args, "bitmaps", &list);
+  if (merge_sources (t, list, node, &srcs, &n, errp) == -1 ||
+      save_bits (t, node, d, errp) == -1)
+    goto out;
+  for (size_t i = 0; i < n; ++i)
+    if (srcs[i] != d)
+      bitmap_merge (d->bm, srcs[i]->bm);
+  r = 0;
+ out:
+  free (srcs);
+  return r;
+}
+
+/* ---- enable, disable ---- */
+
+struct flag_undo {
+  struct dirty_bitmap *d;
+  bool was;
+};
+
+static void
+undo_flag (void *data)
+{
+  struct flag_undo *u = data;
+
+  __atomic_store_n (&u->d->enabled, u->was, __ATOMIC_RELAXED);
+}
+
+static int
+set_enabled (struct qmp_txn *t, struct json_object *args, const char *what,
+             bool enabled, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+  struct flag_undo *u;
+
+  if (opt_check_keys (args, what, name_keys, errp) == -1 ||
+      lookup (t, args, what, "name", &node, &d, errp) == -1 ||
+      not_busy (d, errp) == -1)
+    return -1;
+  u = malloc (sizeof *u);
+  if (u == NULL || txn_reserve (t, 1, errp) == -1) {
+    free (u);
+    return -1;
+  }
+  u->d = d;
+  u->was = d->enabled;
+  __atomic_store_n (&d->enabled, enabled, __ATOMIC_RELAXED);
+  txn_step (t, undo_flag, NULL, free, u);
+  return 0;
+}
+
+int
+cmd_block_dirty_bitmap_enable (struct qmp_txn *t, struct json_object *args,
+                               struct json_object **ret, struct error **errp)
+{
+  return set_enabled (t, args, "block-dirty-bitmap-enable", true, errp);
+}
+
+int
+cmd_block_dirty_bitmap_disable (struct qmp_txn *t, struct json_object *args,
+                                struct json_object **ret,
+                                struct error **errp)
+{
+  return set_enabled (t, args, "block-dirty-bitmap-disable", false, errp);
+}
+
+struct json_object *
+dirty_bitmaps_info (const struct node *node)
+{
+  struct json_object *a = json_object_new_array ();
+
+  for (const struct dirty_bitmap *d = node->dirty; d; d = d->next) {
+    struct json_object *o = json_object_new_object ();
+    json_object_object_add (o, "name", json_object_new_string (d->name));
+    json_object_object_add (o, "count",
+                            json_object_new_int64 ((int64_t)
+                                                   bitmap_count (d->bm)));
+    json_object_object_add (o, "granularity",
+                            json_object_new_int64 (bitmap_granularity
+                                                   (d->bm)));
+    json_object_object_add (o, "recording",
+                            json_object_new_boolean (d->enabled));
+    json_object_object_add (o, "busy", json_object_new_boolean (d->busy > 0));
+    json_object_object_add (o, "persistent",
+                            json_object_new_boolean (d->persistent));
+    json_object_object_add (o, "inconsistent",
+                            json_object_new_boolean (false));
+    json_object_array_add (a, o);
+  }
+  return a;
+}

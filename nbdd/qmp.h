@@ -1,0 +1,58 @@
+/* nbdd/: the QMP commands' shared machinery (qmp.c), for the files
+ * that define commands (qmp.c, qmp-bitmap.c).
+ */
+#ifndef NBDD_QMP_H
+#define NBDD_QMP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <json-c/json.h>
+
+#include "error.h"
+#include "graph.h"
+
+struct step {
+  void (*undo) (void *data);    /* the command failed: put it back */
+  void (*commit) (void *data);  /* it succeeded: finish it */
+  void (*release) (void *data); /* either way, afterwards */
+  void *data;
+};
+
+struct qmp_txn {
+  struct step *steps;
+  size_t nr_steps, cap_steps;
+  struct graph_drain **drains;  /* held until the end */
+  size_t nr_drains, cap_drains;
+  const char *error_class;      /* for the error reply; default generic */
+};
+
+/* Room for @n more steps (and a drain), before making a change. */
+int txn_reserve (struct qmp_txn *t, size_t n, struct error **errp);
+/* Record a step; room was reserved. */
+void txn_step (struct qmp_txn *t, void (*undo) (void *),
+               void (*commit) (void *), void (*release) (void *),
+               void *data);
+/* Drain @nodes until the end of the command (room was reserved). */
+int txn_drain (struct qmp_txn *t, struct node *const *nodes, size_t n,
+               struct error **errp);
+/* DeviceNotFound: "@what '@name' does not exist". */
+int not_found (struct qmp_txn *t, struct error **errp, const char *what,
+               const char *name);
+/* Compact JSON text (owned by @o). */
+const char *json_text (struct json_object *o);
+
+/* A command: 0, or -1 with errp set; *ret is the return value (NULL:
+ * an empty object).
+ */
+typedef int qmp_command_fn (struct qmp_txn *t, struct json_object *args,
+                            struct json_object **ret, struct error **errp);
+
+/* qmp-bitmap.c */
+qmp_command_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
+  cmd_block_dirty_bitmap_clear, cmd_block_dirty_bitmap_enable,
+  cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge;
+/* The "dirty-bitmaps" of a node in query-named-block-nodes. */
+struct json_object *dirty_bitmaps_info (const struct node *node);
+
+#endif /* NBDD_QMP_H */

@@ -1,0 +1,237 @@
+"""Dirty bitmaps: recording every write, the QMP lifecycle, and export
+as qemu:dirty-bitmap:NAME to real clients (libnbd, nbdinfo, qemu-img).
+
+Bitmaps here are transient: they live as long as the daemon."""
+import json
+import random
+
+import nbd
+import pytest
+
+from helpers import run
+from qmp import QMP, QMPError
+from admintools import FAIL, MiB, qcow2_graph, raw_node, start
+
+CONTEXT = "qemu:dirty-bitmap:"
+
+
+def dirty_map(h, name, size):
+    """[(offset, length)] of the dirty runs of context NAME."""
+    ctx = CONTEXT + name
+    runs = []
+    off = 0
+    while off < size:
+        got = []
+
+        def cb(metacontext, o, entries, err):
+            if metacontext == ctx:
+                got.extend(zip(entries[0::2], entries[1::2]))
+            return 0
+
+        h.block_status(size - off, off, cb)
+        assert got, "no extents"
+        for length, flags in got:
+            if flags & 1:
+                if runs and runs[-1][0] + runs[-1][1] == off:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
+                else:
+                    runs.append((off, length))
+            off += length
+            if off >= size:
+                break
+    return runs
+
+
+def expected_runs(granules, g, size):
+    runs = []
+    for k in sorted(granules):
+        start, end = k * g, min((k + 1) * g, size)
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end - runs[-1][0])
+        else:
+            runs.append((start, end - start))
+    return runs
+
+
+def touch(granules, g, off, length):
+    for k in range(off // g, (off + length - 1) // g + 1):
+        granules.add(k)
+
+
+def connect_ctx(srv, export, names):
+    h = nbd.NBD()
+    for n in names:
+        h.add_meta_context(n)
+    h.connect_uri(srv.uri(export))
+    return h
+
+
+@pytest.mark.parametrize("granularity", [65536, 4096])
+def test_random_writes_are_recorded(nbdd_server, tmp_path, granularity):
+    size = 32 * MiB
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        qcow2_graph(q, tmp_path, size=size)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
+              granularity=granularity)
+        q.cmd_args("block-export-add", {
+            "type": "nbd", "id": "e0", "node-name": "disk0",
+            "writable": True, "bitmaps": ["b0"]})
+        h = connect_ctx(srv, "disk0", [CONTEXT + "b0"])
+        assert h.can_meta_context(CONTEXT + "b0")
+        rnd = random.Random(granularity)
+        granules = set()
+        for i in range(300):
+            off = rnd.randrange(0, size - 65536)
+            length = rnd.randrange(1, 65536)
+            op = rnd.choice(["write", "write", "zero", "trim"])
+            if op == "write":
+                h.pwrite(bytes([i % 256]) * length, off)
+            elif op == "zero":
+                h.zero(length, off)
+            else:
+                # A discard only changes (and marks) what it covers of
+                # the qcow2 clusters: align it to them.
+                off, length = off // 65536 * 65536, 65536
+                h.trim(length, off)
+            touch(granules, granularity, off, length)
+        assert dirty_map(h, "b0", size) == \
+            expected_runs(granules, granularity, size)
+        info = {n["node-name"]: n for n in
+                q.cmd("query-named-block-nodes")}["disk0"]
+        b0 = info["dirty-bitmaps"][0]
+        assert b0["name"] == "b0" and b0["granularity"] == granularity
+        assert b0["recording"] and b0["busy"] and not b0["persistent"]
+        assert b0["count"] == sum(l for _, l in
+                                  expected_runs(granules, granularity, size))
+        h.shutdown()
+
+
+def test_nbdinfo_and_qemu_img_map_show_the_bitmap(nbdd_server, tmp_path):
+    size = 16 * MiB
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block_resize", node_name="d0", size=size)
+        q.cmd("block-dirty-bitmap-add", node="d0", name="inc")
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+        h.pwrite(b"x" * 100, 70000)         # granule 1
+        h.pwrite(b"y" * 65536, 5 * MiB)     # granules 80
+        h.zero(200000, 8 * MiB + 1)         # 128..131
+        h.shutdown()
+        q.cmd("block-export-del", id="w")
+        q.cmd_args("block-export-add", {
+            "type": "nbd", "id": "r", "node-name": "d0", "name": "ro",
+            "bitmaps": [{"node": "d0", "name": "inc"}]})
+    want = [(65536, 65536), (5 * MiB, 65536), (8 * MiB, 4 * 65536)]
+    out = run(["nbdinfo", "--json", "--map=" + CONTEXT + "inc",
+               srv.uri("ro")]).stdout
+    runs = [(e["offset"], e["length"]) for e in json.loads(out)
+            if e["type"] & 1]
+    assert runs == want
+    out = run(["qemu-img", "map", "--output=json", "--image-opts",
+               f"driver=nbd,export=ro,server.type=unix,"
+               f"server.path={srv.sock},x-dirty-bitmap={CONTEXT}inc"]).stdout
+    # qemu-img reports dirty as "data": false with x-dirty-bitmap.
+    dirty = [(e["start"], e["length"]) for e in json.loads(out)
+             if not e["data"]]
+    assert dirty == want
+    out = run(["nbdinfo", "--list", "--json", srv.uri("")]).stdout
+    exports = {e["export-name"]: e for e in json.loads(out)["exports"]}
+    assert CONTEXT + "inc" in exports["ro"]["contexts"]
+
+
+def test_lifecycle_commands(nbdd_server, tmp_path):
+    size = 4 * MiB
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="a")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="b",
+              granularity=1 << 20, disabled=True)
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+
+        def counts():
+            n = {x["node-name"]: x for x in
+                 q.cmd("query-named-block-nodes")}["d0"]
+            return {b["name"]: (b["count"], b["recording"])
+                    for b in n["dirty-bitmaps"]}
+
+        h.pwrite(b"1" * 4096, 0)
+        assert counts() == {"a": (65536, True), "b": (0, False)}
+        q.cmd("block-dirty-bitmap-enable", node="d0", name="b")
+        q.cmd("block-dirty-bitmap-disable", node="d0", name="a")
+        h.pwrite(b"2" * 4096, 2 * MiB)
+        assert counts() == {"a": (65536, False), "b": (MiB, True)}
+        # a |= b: a's 64k granules covering b's 1M one.
+        q.cmd("block-dirty-bitmap-merge", node="d0", target="a",
+              bitmaps=["b"])
+        assert counts()["a"] == (65536 + MiB, False)
+        q.cmd("block-dirty-bitmap-clear", node="d0", name="b")
+        assert counts()["b"] == (0, True)
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-add", node="d0", name="a")
+        assert "already has a bitmap 'a'" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-add", node="d0", name="c",
+                  granularity=1000)
+        assert "power of 2" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-remove", node="d0", name="zz")
+        assert e.value.cls == "DeviceNotFound"
+        # A failed transaction puts every bitmap back as it was.
+        before = counts()
+        with pytest.raises(QMPError):
+            q.cmd("transaction", actions=[
+                {"type": "block-dirty-bitmap-clear",
+                 "data": {"node": "d0", "name": "a"}},
+                {"type": "block-dirty-bitmap-remove",
+                 "data": {"node": "d0", "name": "b"}},
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "d0", "name": "new"}}, FAIL])
+        assert counts() == before
+        q.cmd("block-dirty-bitmap-remove", node="d0", name="b")
+        assert set(counts()) == {"a"}
+        h.shutdown()
+
+
+def test_exported_bitmap_is_busy(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="a")
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "e",
+                                        "node-name": "d0", "bitmaps": ["a"]})
+        for cmd in ("remove", "clear", "enable", "disable"):
+            with pytest.raises(QMPError) as e:
+                q.cmd("block-dirty-bitmap-" + cmd, node="d0", name="a")
+            assert "in use by 1 export" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd_args("block-export-add", {
+                "type": "nbd", "id": "f", "node-name": "d0", "name": "f",
+                "bitmaps": ["nope"]})
+        assert "no bitmap 'nope'" in e.value.desc
+        q.cmd("block-export-del", id="e")
+        q.cmd("block-dirty-bitmap-remove", node="d0", name="a")
+
+
+def test_bitmap_below_a_filter(nbdd_server, tmp_path):
+    """A bitmap on a node records writes that reach it through a filter
+    inserted above; a bitmap found by name below the exported node."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="a")
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                    "file": "d0"})
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "e",
+                                        "node-name": "t0", "writable": True,
+                                        "bitmaps": ["a"]})
+        h = connect_ctx(srv, "t0", [CONTEXT + "a"])
+        h.pwrite(b"z" * 10, 3 * MiB + 5)
+        assert dirty_map(h, "a", 4 * MiB) == [(3 * MiB, 65536)]
+        h.shutdown()
