@@ -141,6 +141,49 @@
 #define QCOW2_MAX_BACKING_FMT           15      /* QEMU: < 16 bytes */
 #define QCOW2_SNAPSHOT_HEADER_MIN       40      /* fixed part of an entry */
 
+/* The bitmaps extension (QCOW2_EXT_BITMAPS), valid only while the
+ * autoclear bit QCOW2_AUTOCLEAR_BITMAPS is set: u32 nb_bitmaps, u32
+ * reserved (0), u64 bitmap_directory_size, u64 bitmap_directory_offset.
+ * The limits are QEMU's (block/qcow2.h, block/qcow2-bitmap.c): an image
+ * past them does not open in QEMU at all.
+ */
+#define QCOW2_BITMAPS_EXT_SIZE          24
+#define QCOW2_MAX_BITMAPS               65535
+#define QCOW2_MAX_BITMAP_DIR_SIZE       (UINT64_C (1024) * QCOW2_MAX_BITMAPS)
+
+/* Bitmap directory entry: u64 table offset, u32 table size (entries),
+ * u32 flags, u8 type, u8 granularity bits, u16 name size, u32 extra
+ * data size; then the extra data, the name (no NUL) and zero padding
+ * to 8 bytes.
+ */
+#define QCOW2_BME_TABLE_OFFSET          0
+#define QCOW2_BME_TABLE_SIZE            8
+#define QCOW2_BME_FLAGS                 12
+#define QCOW2_BME_TYPE                  16
+#define QCOW2_BME_GRANULARITY_BITS      17
+#define QCOW2_BME_NAME_SIZE             18
+#define QCOW2_BME_EXTRA_DATA_SIZE       20
+#define QCOW2_BME_HEADER_SIZE           24
+#define QCOW2_BME_FLAG_IN_USE           (UINT32_C (1) << 0)
+#define QCOW2_BME_FLAG_AUTO             (UINT32_C (1) << 1)
+/* The spec defines bit 2 (extra_data_compatible); QEMU refuses it, and
+ * so does everything else here.
+ */
+#define QCOW2_BME_RESERVED_FLAGS        UINT32_C (0xfffffffc)
+#define QCOW2_BME_TYPE_DIRTY_TRACKING   1
+#define QCOW2_BME_MIN_GRANULARITY_BITS  9
+#define QCOW2_BME_MAX_GRANULARITY_BITS  31
+#define QCOW2_BME_MAX_NAME_SIZE         1023
+#define QCOW2_BME_MAX_TABLE_SIZE        UINT64_C (0x8000000)    /* entries */
+#define QCOW2_BME_MAX_PHYS_SIZE         UINT64_C (0x20000000)   /* data bytes */
+
+/* Bitmap table entries: a data cluster offset, or 0 with bit 0 saying
+ * whether the cluster reads as all zeroes (0) or all ones (1).
+ */
+#define QCOW2_BMT_OFFSET_MASK           UINT64_C (0x00fffffffffffe00)
+#define QCOW2_BMT_RESERVED_MASK         UINT64_C (0xff000000000001fe)
+#define QCOW2_BMT_ALL_ONES              UINT64_C (1)
+
 /* Compressed descriptors count 512-byte sectors. */
 #define QCOW2_COMPRESSED_SECTOR         512
 /* Extended L2: all 32 subclusters allocated. */

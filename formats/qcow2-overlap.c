@@ -8,7 +8,8 @@
  * the active L1 table and the L2 tables it points to, the refcount
  * table and blocks, the snapshot table and the snapshots' L1 tables (not
  * their L2 tables: QEMU's default leaves those out too, as they cost a
- * walk of every snapshot).  It is built at a read-write open and kept up
+ * walk of every snapshot), and the bitmap directory, tables and data
+ * clusters (added by qcow2-bitmap.c).  It is built at a read-write open and kept up
  * to date as tables are created and freed, under s->lock.
  *
  * A hit fails the write with EIO and marks the image corrupt on disk,
@@ -41,6 +42,9 @@ static const char *const kind_names[] = {
   [QCOW2_META_REFBLOCK] = "a refcount block",
   [QCOW2_META_SNAPSHOTS] = "the snapshot table",
   [QCOW2_META_SNAPSHOT_L1] = "a snapshot's L1 table",
+  [QCOW2_META_BITMAP_DIR] = "the bitmap directory",
+  [QCOW2_META_BITMAP_TABLE] = "a bitmap table",
+  [QCOW2_META_BITMAP_DATA] = "a bitmap data cluster",
 };
 
 static size_t

@@ -788,16 +788,13 @@ int
 qcow2_write_open (struct qcow2_state *s, struct error **errp)
 {
   struct qcow2_info *info = &s->info;
-  uint64_t known_autoclear = 0;
+  /* Valid bitmaps are kept consistent (marked IN_USE below, before the
+   * first write, and stored by their owner): their bit stays.  A broken
+   * extension already failed the open (qcow2_bitmaps_open).
+   */
+  uint64_t known_autoclear = qcow2_bitmaps_autoclear (s);
   int r;
 
-  /* Refused before a repair could touch the image. */
-  if (info->autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
-    error_setg (errp, "qcow2: %s: writing images with persistent dirty "
-                "bitmaps is not supported yet; open it read-only",
-                s->filename);
-    return -1;
-  }
   if (s->lazy_refcounts && info->version < 3) {
     error_setg (errp, "qcow2: %s: lazy refcounts need a version 3 image "
                 "(compat=1.1)", s->filename);
@@ -837,7 +834,8 @@ qcow2_write_open (struct qcow2_state *s, struct error **errp)
     info->autoclear &= known_autoclear;
   }
   s->file->node->growable = true;
-  if (qcow2_meta_init (s, errp) == -1)
+  if (qcow2_meta_init (s, errp) == -1 ||
+      qcow2_bitmaps_write_open (s, errp) == -1)
     return -1;
   s->writable = true;
   debug ("qcow2: %s: writable, allocating from 0x%" PRIx64, s->filename,

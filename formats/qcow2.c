@@ -8,8 +8,9 @@
  * decompressed cluster.  Writes, zeroing, discard and flush are in
  * qcow2-write.c, cluster allocation and refcounts in qcow2-alloc.c.
  * The node is read-write unless read-only=on (as in QEMU); a dirty
- * image has its refcounts rebuilt first (qcow2-repair.c); one with
- * persistent bitmaps opens read-only only.
+ * image has its refcounts rebuilt first (qcow2-repair.c); persistent
+ * bitmaps are loaded and checked (qcow2-bitmap.c) and, read-write,
+ * marked in use before the first write.
  *
  * Backing, with QEMU's blockdev semantics for the 'backing' option:
  *   absent   open the file the header names, read-only, under a node of
@@ -463,7 +464,8 @@ qcow2_open (struct node *node, struct json_object *opts,
     (s->info.compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0 : lazy;
   /* A file opened read-only (by its own spec) makes the image so. */
   ro = ro || s->file->node->read_only;
-  if (!ro && qcow2_write_open (s, errp) == -1)
+  if (qcow2_bitmaps_open (s, ro, errp) == -1 ||
+      (!ro && qcow2_write_open (s, errp) == -1))
     return -1;
   node->size = s->info.size;
   node->read_only = ro;
@@ -511,6 +513,7 @@ qcow2_close (struct node *node)
   qcow2_cache_free (s->refcount_cache);
   free (s->l1);
   qcow2_meta_free (s);
+  qcow2_bitmaps_close (s);
   free (s->punches);
   free (s->zero_cluster);
   free (s->filename);

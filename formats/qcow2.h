@@ -13,6 +13,7 @@
  *   qcow2-repair.c    rebuilding the refcounts of a dirty image
  *   qcow2-write.c     writes, zeroing, discard, flush
  *   qcow2-compress.c  deflate and zstd decompression
+ *   qcow2-bitmap.c    persistent dirty bitmaps (the bitmaps extension)
  *   qcow2-create.c    new images (qcow2-create.h)
  *   qcow2.c           the driver: open/close, backing, pread, status
  */
@@ -236,6 +237,8 @@ struct qcow2_state {
   bool lazy_refcounts;
   bool corrupt;                 /* incompat CORRUPT (lock, once open) */
   struct qcow2_meta_map *meta;  /* lock: where metadata is (writable) */
+  struct qcow2_bitmaps *bitmaps;  /* lock: the bitmap directory, loaded
+                                     and checked at open (qcow2-bitmap.c) */
   atomic_uint corrupt_reports;  /* messages logged, to log only a few */
 };
 
@@ -328,6 +331,7 @@ int qcow2_repair_refcounts (struct qcow2_state *s, struct error **errp);
 enum {
   QCOW2_META_HEADER = 1, QCOW2_META_L1, QCOW2_META_L2, QCOW2_META_REFTABLE,
   QCOW2_META_REFBLOCK, QCOW2_META_SNAPSHOTS, QCOW2_META_SNAPSHOT_L1,
+  QCOW2_META_BITMAP_DIR, QCOW2_META_BITMAP_TABLE, QCOW2_META_BITMAP_DATA,
 };
 struct qcow2_meta_map;
 int qcow2_meta_init (struct qcow2_state *s, struct error **errp);
@@ -385,5 +389,100 @@ int qcow2_pread (struct node *node, void *buf, uint32_t count,
  */
 int qcow2_decompress (uint8_t type, void *dst, size_t dst_size,
                       const void *src, size_t src_size);
+
+/* qcow2-bitmap.c: persistent dirty bitmaps, byte-compatible with QEMU.
+ *
+ * The API knows no in-memory bitmap type: bits travel as byte buffers
+ * in QEMU's serialization order (bit k of a buffer is granule k of its
+ * range, least significant bit first in each byte).  Every function
+ * takes the node's metadata lock (s->lock): this is the control path.
+ */
+
+/* One persistent bitmap as stored in the image. */
+struct qcow2_bitmap_info {
+  char *name;
+  uint32_t granularity;         /* bytes, power of two */
+  /* The contents on disk cannot be trusted: the flag IN_USE was set
+   * when this node opened (the image was not closed cleanly with the
+   * bitmap loaded), or a store said so.  A bitmap this node itself
+   * marked IN_USE at its read-write open (qcow2_bitmaps_set_in_use)
+   * reports false: its contents are those of the last clean close.
+   */
+  bool in_use;
+  bool auto_;                   /* flag AUTO: enabled (recording) */
+  /* private */
+  uint64_t table_offset;
+  uint32_t table_size;          /* entries */
+  uint32_t flags;               /* as on disk */
+};
+
+/* The bitmaps of an open qcow2 node, as loaded and validated at open.
+ * An image whose extension breaks one of QEMU's rules still opens
+ * read-only (one warning is logged) and this returns that error.  A
+ * stale extension (autoclear bit clear) lists nothing.  On success
+ * *list (caller frees with qcow2_bitmaps_free) holds *n entries, in
+ * directory order; 0, or -1 with errp set.
+ */
+int qcow2_bitmaps_list (struct node *node, struct qcow2_bitmap_info **list,
+                        size_t *n, struct error **errp);
+void qcow2_bitmaps_free (struct qcow2_bitmap_info *list, size_t n);
+/* Read bitmap @name's bits for the guest range [offset, offset+count)
+ * into @buf, in serialization order: ceil (count / granularity) bits,
+ * unused bits of the last byte zero.  @offset is granule aligned,
+ * @count too unless the range ends at the virtual size.  A bitmap whose
+ * contents cannot be trusted (in_use) is refused.  0, or -1 with errp.
+ */
+int qcow2_bitmap_read (struct node *node, const char *name, uint64_t offset,
+                       uint64_t count, void *buf, struct error **errp);
+
+/* What qcow2_bitmaps_store stores of one bitmap.  @fill writes the
+ * serialized bits of the guest range [offset, offset + count) into
+ * @buf (zeroed, room for one cluster): @offset is granule aligned,
+ * @count a multiple of the granularity except in the last range, which
+ * ends at the virtual size.  It returns 0 or -errno, and is called
+ * with the metadata lock held: no I/O on this node from it.
+ */
+struct qcow2_bitmap_store {
+  const char *name;
+  uint32_t granularity;
+  bool in_use, auto_;
+  int (*fill) (void *opaque, uint64_t offset, uint64_t count, void *buf);
+  void *opaque;
+};
+/* Replace the whole set of persistent bitmaps of a read-write node with
+ * @n bitmaps (n == 0 removes the extension and its autoclear bit), in
+ * QEMU's crash-safe order: new data clusters, tables and directory,
+ * sync; the header (extension and autoclear bit) in one write, sync;
+ * then the old clusters are freed.  A crash leaves the old or the new
+ * set, and at worst leaked clusters.  0, or -1 with errp set.
+ */
+int qcow2_bitmaps_store (struct node *node,
+                         const struct qcow2_bitmap_store *bitmaps, size_t n,
+                         struct error **errp);
+/* Set, or clear, IN_USE on the stored bitmaps: one in-place directory
+ * rewrite inside QEMU's autoclear dance (clear the bit, sync; rewrite,
+ * sync; set the bit, sync).  Clearing leaves IN_USE on the bitmaps
+ * whose contents cannot be trusted (see in_use above), and on those
+ * whose table no longer fits the virtual size (a resize): those never
+ * become valid without being stored.  0, or -1 with errp set.
+ */
+int qcow2_bitmaps_set_in_use (struct node *node, bool in_use,
+                              struct error **errp);
+
+/* The driver's hooks.  At open, before anything is written: load and
+ * check the extension.  A read-only open survives a broken one (logged,
+ * bitmaps ignored); a read-write open fails, since the writer could not
+ * keep QEMU from trusting bitmaps it does not update.
+ */
+int qcow2_bitmaps_open (struct qcow2_state *s, bool ro, struct error **errp);
+/* The autoclear bits the write side keeps (QCOW2_AUTOCLEAR_BITMAPS if
+ * the extension is valid).
+ */
+uint64_t qcow2_bitmaps_autoclear (struct qcow2_state *s);
+/* At a read-write open, once the metadata map exists: map the bitmap
+ * clusters, drop a stale extension, set IN_USE on every bitmap.
+ */
+int qcow2_bitmaps_write_open (struct qcow2_state *s, struct error **errp);
+void qcow2_bitmaps_close (struct qcow2_state *s);
 
 #endif /* NBDD_FORMATS_QCOW2_H */

@@ -954,12 +954,32 @@ def set_incompat(img, bit):
         f.write(struct.pack(">Q", v | (1 << bit)))
 
 
+def break_bitmap(img):
+    """Set a reserved flag (bit 2) of the first bitmap directory entry,
+    which QEMU and nbdd refuse."""
+    with open(img, "r+b") as f:
+        f.seek(100)
+        pos = struct.unpack(">I", f.read(4))[0]
+        while True:
+            f.seek(pos)
+            typ, n = struct.unpack(">II", f.read(8))
+            assert typ != 0, "no bitmaps extension"
+            if typ == 0x23852875:
+                f.seek(pos + 8 + 16)
+                d = struct.unpack(">Q", f.read(8))[0]
+                f.seek(d + 12)
+                f.write(struct.pack(">I", 4 | 2))
+                return
+            pos += 8 + (n + 7) // 8 * 8
+
+
 @pytest.mark.parametrize("what,words", [
-    ("bitmap", ["persistent dirty bitmaps", "read-only"]),
+    ("bitmap", ["persistent bitmaps are invalid", "read-only"]),
     ("corrupt", ["marked corrupt", "read-only"]),
 ])
 def test_refused_read_write(nbdd_server, tmp_path, what, words):
-    """An image with a persistent bitmap and one marked corrupt:
+    """An image with a broken persistent bitmap (valid ones are served
+    read-write: test_qcow2_bitmap.py) and one marked corrupt:
     read-write is refused, naming the image and the reason; read-only
     serves the data and leaves the image as it was.  (A dirty image is
     repaired instead: test_qcow2_repair.py.)"""
@@ -969,6 +989,7 @@ def test_refused_read_write(nbdd_server, tmp_path, what, words):
         set_incompat(img, 1)
     else:
         qemu_img("bitmap", "--add", img, "b0")
+        break_bitmap(img)
     before = open(img, "rb").read()
     out = refuse(tmp_path, qcow2_spec(img))
     for w in words:
