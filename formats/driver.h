@@ -102,6 +102,31 @@ struct node_child {
   const char *user;             /* roots: "export 'e0'"; NULL for nodes */
 };
 
+/* Persistent dirty bitmaps a driver stores in its image (qcow2's
+ * bitmaps extension).  Bits travel as bytes in QEMU's serialization
+ * order: bit k is granule k of the range, least significant first.
+ */
+struct node_bitmap_info {
+  char *name;
+  uint32_t granularity;
+  bool in_use;                  /* contents not to be trusted (a crash) */
+  bool enabled;                 /* recording (QEMU's 'auto' flag) */
+};
+
+struct node_bitmap_store {
+  const char *name;
+  uint32_t granularity;
+  bool in_use, enabled;
+  /* Fill @buf (zeroed) with the bits of the granule-aligned range
+   * [offset, offset + count), which ends at the node's size or on a
+   * granule.  0 or -errno.
+   */
+  int (*fill) (void *opaque, uint64_t offset, uint64_t count, void *buf);
+  void *opaque;
+};
+
+void node_bitmap_infos_free (struct node_bitmap_info *list, size_t n);
+
 struct node_driver;
 
 struct node {
@@ -129,8 +154,11 @@ struct node {
   bool growable;
   /* The daemon's: this node's spec is in the catalogue. */
   bool recorded;
-  /* graph/dirty.c: the node's dirty bitmaps (struct dirty_bitmap). */
+  /* graph/dirty.c: the node's dirty bitmaps (struct dirty_bitmap),
+   * and whether its image holds some.
+   */
   void *dirty;
+  bool bitmaps_on_disk;
   bool read_only;
   bool can_flush;
   bool can_trim;                /* discard does something */
@@ -236,6 +264,19 @@ struct node_driver {
    */
   int (*set_backing) (struct node *node, struct node_child *c,
                       struct error **errp);
+
+  /* Optional, control path: the persistent bitmaps of the image.
+   * List them (the caller frees with node_bitmap_infos_free), read one's
+   * bits for a granule-aligned range, or replace the whole set, in a
+   * crash-safe order (read-write nodes).  0, or -1 with errp set.
+   */
+  int (*bitmaps_list) (struct node *node, struct node_bitmap_info **list,
+                       size_t *n, struct error **errp);
+  int (*bitmap_read) (struct node *node, const char *name, uint64_t offset,
+                      uint64_t count, void *buf, struct error **errp);
+  int (*bitmaps_store) (struct node *node,
+                        const struct node_bitmap_store *bitmaps, size_t n,
+                        struct error **errp);
 };
 
 /* The node's size, safe to read while a growable node grows. */

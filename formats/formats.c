@@ -1,6 +1,7 @@
 /* The table of node drivers. */
 #include <config.h>
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "driver.h"
@@ -28,4 +29,12 @@ const char *
 format_driver_names (void)
 {
   return "file, raw, qcow2";
+}
+
+void
+node_bitmap_infos_free (struct node_bitmap_info *list, size_t n)
+{
+  for (size_t i = 0; i < n; ++i)
+    free (list[i].name);
+  free (list);
 }

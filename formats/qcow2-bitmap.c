@@ -1495,3 +1495,58 @@ qcow2_bitmaps_store (struct node *node,
   pthread_mutex_unlock (&s->lock);
   return -1;
 }
+
+/* The driver's generic face of the functions above (driver.h). */
+int
+qcow2_drv_bitmaps_list (struct node *node, struct node_bitmap_info **list,
+                        size_t *n, struct error **errp)
+{
+  struct qcow2_bitmap_info *q;
+  size_t nq;
+
+  *list = NULL;
+  *n = 0;
+  if (qcow2_bitmaps_list (node, &q, &nq, errp) == -1)
+    return -1;
+  if (nq > 0) {
+    *list = calloc (nq, sizeof **list);
+    if (*list == NULL) {
+      qcow2_bitmaps_free (q, nq);
+      error_setg (errp, "out of memory");
+      return -1;
+    }
+  }
+  for (size_t i = 0; i < nq; ++i) {
+    (*list)[i].name = q[i].name;
+    q[i].name = NULL;
+    (*list)[i].granularity = q[i].granularity;
+    (*list)[i].in_use = q[i].in_use;
+    (*list)[i].enabled = q[i].auto_;
+  }
+  *n = nq;
+  qcow2_bitmaps_free (q, nq);
+  return 0;
+}
+
+int
+qcow2_drv_bitmaps_store (struct node *node,
+                         const struct node_bitmap_store *bitmaps, size_t n,
+                         struct error **errp)
+{
+  struct qcow2_bitmap_store *q = n ? calloc (n, sizeof *q) : NULL;
+  int r;
+
+  if (n && q == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  for (size_t i = 0; i < n; ++i)
+    q[i] = (struct qcow2_bitmap_store) {
+      .name = bitmaps[i].name, .granularity = bitmaps[i].granularity,
+      .in_use = bitmaps[i].in_use, .auto_ = bitmaps[i].enabled,
+      .fill = bitmaps[i].fill, .opaque = bitmaps[i].opaque,
+    };
+  r = qcow2_bitmaps_store (node, q, n, errp);
+  free (q);
+  return r;
+}

@@ -811,4 +811,7 @@ const struct node_driver qcow2_driver = {
   .allocation_depth = qcow2_allocation_depth,
   .set_backing      = qcow2_set_backing,
   .truncate         = qcow2_truncate,
+  .bitmaps_list     = qcow2_drv_bitmaps_list,
+  .bitmap_read      = qcow2_bitmap_read,
+  .bitmaps_store    = qcow2_drv_bitmaps_store,
 };

@@ -484,5 +484,11 @@ uint64_t qcow2_bitmaps_autoclear (struct qcow2_state *s);
  */
 int qcow2_bitmaps_write_open (struct qcow2_state *s, struct error **errp);
 void qcow2_bitmaps_close (struct qcow2_state *s);
+/* The driver.h ops, over the functions above. */
+int qcow2_drv_bitmaps_list (struct node *node, struct node_bitmap_info **list,
+                            size_t *n, struct error **errp);
+int qcow2_drv_bitmaps_store (struct node *node,
+                             const struct node_bitmap_store *bitmaps,
+                             size_t n, struct error **errp);
 
 #endif /* NBDD_FORMATS_QCOW2_H */

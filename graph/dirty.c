@@ -15,11 +15,16 @@
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bitmap.h"
 #include "graph.h"
+#include "log.h"
+
+/* Bits read from an image per call: 1M granules. */
+#define LOAD_CHUNK_GRANULES (UINT64_C (1) << 20)
 
 #define MAX_BITMAP_NAME 1023    /* QEMU's limit (qcow2 stores it) */
 
@@ -130,4 +135,132 @@ dirty_bitmaps_resize (struct node *node, uint64_t size)
     if (bitmap_resize (d->bm, size) == -1)
       return -ENOMEM;
   return 0;
+}
+
+bool
+dirty_bitmaps_can_store (const struct node *node)
+{
+  return node->drv->bitmaps_store != NULL && !node->read_only;
+}
+
+/* One stored bitmap into memory: a chunk of bits at a time. */
+static int
+load_bits (struct node *node, struct dirty_bitmap *d, struct error **errp)
+{
+  uint64_t size = bitmap_size (d->bm);
+  uint64_t g = bitmap_granularity (d->bm);
+  uint64_t step = LOAD_CHUNK_GRANULES * g;
+  void *buf = malloc (LOAD_CHUNK_GRANULES / 8);
+
+  if (buf == NULL) {
+    error_setg (errp, "out of memory loading bitmap '%s'", d->name);
+    return -1;
+  }
+  for (uint64_t off = 0; off < size; off += step) {
+    uint64_t count = MIN (step, size - off);
+    if (node->drv->bitmap_read (node, d->name, off, count, buf, errp) == -1) {
+      free (buf);
+      return -1;
+    }
+    bitmap_deserialize (d->bm, off, count, buf);
+  }
+  free (buf);
+  return 0;
+}
+
+int
+dirty_bitmaps_load (struct node *node, struct error **errp)
+{
+  struct node_bitmap_info *list;
+  struct error *err = NULL;
+  size_t n;
+
+  if (node->drv->bitmaps_list == NULL)
+    return 0;
+  if (node->drv->bitmaps_list (node, &list, &n, &err) == -1) {
+    /* Broken bitmaps do not stop a read-only node (the driver said
+     * so in the log): its data is still good, and it never stores.
+     */
+    if (node->read_only) {
+      error_free (err);
+      return 0;
+    }
+    if (errp)
+      *errp = err;
+    else
+      error_free (err);
+    return -1;
+  }
+  node->bitmaps_on_disk = n > 0;
+  for (size_t i = 0; i < n; ++i) {
+    struct dirty_bitmap *d;
+
+    d = dirty_bitmap_create (node, list[i].name, list[i].granularity, true,
+                             list[i].enabled && !list[i].in_use, errp);
+    if (d == NULL)
+      goto fail;
+    if (list[i].in_use) {
+      d->inconsistent = true;
+      nbdd_warn ("node '%s': bitmap '%s' is inconsistent (the image was not "
+                 "closed cleanly): remove it and start a full backup",
+                 node->name, d->name);
+    }
+    else if (load_bits (node, d, errp) == -1) {
+      dirty_bitmap_free (d);
+      goto fail;
+    }
+    dirty_bitmap_link (d);
+    debug ("node '%s': bitmap '%s' loaded, %" PRIu64 " bytes dirty",
+           node->name, d->name, bitmap_count (d->bm));
+  }
+  node_bitmap_infos_free (list, n);
+  return 0;
+
+ fail:
+  /* Half a set must never be stored back over the whole one. */
+  dirty_bitmaps_free_all (node);
+  node->bitmaps_on_disk = false;
+  node_bitmap_infos_free (list, n);
+  return -1;
+}
+
+static int
+fill_bits (void *opaque, uint64_t offset, uint64_t count, void *buf)
+{
+  struct dirty_bitmap *d = opaque;
+
+  bitmap_serialize (d->bm, offset, count, buf);
+  return 0;
+}
+
+int
+dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
+{
+  struct node_bitmap_store *v;
+  size_t n = 0, i = 0;
+  int r;
+
+  if (!dirty_bitmaps_can_store (node))
+    return 0;
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+    n += d->persistent;
+  if (n == 0 && !node->bitmaps_on_disk)
+    return 0;
+  v = calloc (n ? n : 1, sizeof *v);
+  if (v == NULL) {
+    error_setg (errp, "out of memory storing bitmaps");
+    return -1;
+  }
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+    if (d->persistent)
+      v[i++] = (struct node_bitmap_store) {
+        .name = d->name, .granularity = bitmap_granularity (d->bm),
+        .in_use = !closing || d->inconsistent, .enabled = d->enabled,
+        .fill = fill_bits, .opaque = d,
+      };
+  r = node->drv->bitmaps_store (node, v, n, errp);
+  free (v);
+  if (r == 0)
+    node->bitmaps_on_disk = n > 0;
+  return r;
 }

@@ -71,7 +71,11 @@ struct dirty_bitmap {
   char *name;
   struct bitmap *bm;
   bool enabled;                 /* recording (atomic) */
-  bool persistent;
+  bool persistent;              /* stored in the node's image */
+  /* Loaded from an image that was not closed cleanly with it in use:
+   * its bits are unknown.  It can only be removed, as in QEMU.
+   */
+  bool inconsistent;
   unsigned busy;                /* exports using it: read-only for QMP */
 };
 
@@ -94,6 +98,19 @@ void dirty_bitmap_free (struct dirty_bitmap *d);
 void dirty_bitmaps_free_all (struct node *node);
 /* The node was resized: so are its bitmaps.  0 or -ENOMEM. */
 int dirty_bitmaps_resize (struct node *node, uint64_t size);
+/* The persistent bitmaps of a node's image, loaded once it is open
+ * (nothing to do for drivers without them).  0, or -1 with errp.
+ */
+int dirty_bitmaps_load (struct node *node, struct error **errp);
+/* Store the node's persistent bitmaps in its image: @closing says
+ * whether their bits are final (else they are stored in use, as QEMU
+ * marks them while an image is open for writing).  Read-write nodes
+ * whose driver stores bitmaps; 0, or -1 with errp.
+ */
+int dirty_bitmaps_store (struct node *node, bool closing,
+                         struct error **errp);
+/* Whether @node can keep persistent bitmaps. */
+bool dirty_bitmaps_can_store (const struct node *node);
 
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));

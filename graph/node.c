@@ -114,6 +114,16 @@ child_free (struct node_child *c)
 static void
 node_free (struct node *node)
 {
+  struct error *err = NULL;
+
+  /* Persistent bitmaps go back into the image, with their final bits,
+   * before it closes.
+   */
+  if ((node->dirty || node->bitmaps_on_disk) &&
+      dirty_bitmaps_store (node, true, &err) == -1) {
+    nbdd_error ("node '%s': bitmaps not stored: %s", node->name, err->msg);
+    error_free (err);
+  }
   dirty_bitmaps_free_all (node);
   if (node->drv && node->drv->close)
     node->drv->close (node);
@@ -248,7 +258,8 @@ node_new (const struct node_driver *drv, const char *name,
   /* Its edges to its children are new: a child shared with other
    * users may not allow what this node needs of it.
    */
-  if (graph_perm_update ((struct node *const *) &node, 1, errp) == -1) {
+  if (graph_perm_update ((struct node *const *) &node, 1, errp) == -1 ||
+      dirty_bitmaps_load (node, errp) == -1) {
     if (node->name[0] != '#')
       error_prepend (errp, "node '%s'", node->name);
     node_unref (steal_pointer (&node));

@@ -228,6 +228,11 @@ resolve_bitmaps (struct export *exp, struct json_object *o, struct node *node,
                   "{\"node\": ..., \"name\": ...}", i);
       return -1;
     }
+    if (d->inconsistent) {
+      error_setg (errp, "export: bitmap '%s' is inconsistent (its image was "
+                  "not closed cleanly) and cannot be exported", d->name);
+      return -1;
+    }
     for (size_t j = 0; j < exp->nr_bitmaps; ++j)
       if (strcmp (exp->bitmaps[j]->name, d->name) == 0) {
         error_setg (errp, "export: two bitmaps named '%.80s': their "

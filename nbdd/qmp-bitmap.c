@@ -5,7 +5,14 @@
  * may be actions of a 'transaction'.
  *
  * A bitmap an export uses is busy: QEMU refuses to change such a
- * bitmap, and so do we (a backup reading it would see it change).
+ * bitmap, and so do we (a backup reading it would see it change).  An
+ * inconsistent one (loaded from an image not closed cleanly) can only
+ * be removed.
+ *
+ * Persistent bitmaps live in the node's image (qcow2): adding or
+ * removing one stores the node's set at once, so the change is durable
+ * when the command returns.  While the image is open their bits on
+ * disk are marked in use; they are stored final when the node closes.
  */
 #include <config.h>
 
@@ -15,6 +22,7 @@
 
 #include "bitmap.h"
 #include "internal.h"
+#include "log.h"
 #include "options.h"
 #include "qmp.h"
 
@@ -49,6 +57,11 @@ lookup (struct qmp_txn *t, struct json_object *args, const char *what,
 static int
 not_busy (const struct dirty_bitmap *d, struct error **errp)
 {
+  if (d->inconsistent) {
+    error_setg (errp, "bitmap '%s' is inconsistent (its image was not "
+                "closed cleanly): it can only be removed", d->name);
+    return -1;
+  }
   if (d->busy == 0)
     return 0;
   error_setg (errp, "bitmap '%s' is in use by %u export%s and cannot be "
@@ -58,13 +71,30 @@ not_busy (const struct dirty_bitmap *d, struct error **errp)
 
 /* ---- add, remove ---- */
 
+/* A persistent bitmap's change goes to the image now. */
+static void
+store_or_warn (struct node *node, const char *why)
+{
+  struct error *err = NULL;
+
+  if (dirty_bitmaps_store (node, false, &err) == -1) {
+    nbdd_warn ("node '%s': %s: bitmaps not stored: %s", node->name, why,
+               err->msg);
+    error_free (err);
+  }
+}
+
 static void
 undo_add (void *data)
 {
   struct dirty_bitmap *d = data;
+  struct node *node = d->node;
+  bool persistent = d->persistent;
 
   dirty_bitmap_unlink (d);
   dirty_bitmap_free (d);
+  if (persistent)
+    store_or_warn (node, "undoing block-dirty-bitmap-add");
 }
 
 static const char *const add_keys[] = {
@@ -94,9 +124,11 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
       opt_get_bool (args, "block-dirty-bitmap-add", "disabled", false,
                     &disabled, errp) == -1)
     return -1;
-  if (persistent) {
-    error_setg (errp, "persistent bitmaps are not stored yet: add '%.80s' "
-                "with persistent false (it lasts until the daemon stops)",
+  if (persistent && !dirty_bitmaps_can_store (node)) {
+    error_setg (errp, "node '%s' (driver %s%s) cannot store bitmaps: only "
+                "read-write qcow2 nodes can; add '%.80s' with persistent "
+                "false (it lasts until the daemon stops)", node->name,
+                node->drv->name, node->read_only ? ", read-only" : "",
                 name);
     return -1;
   }
@@ -115,6 +147,8 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
   }
   dirty_bitmap_link (d);
   txn_step (t, undo_add, NULL, NULL, d);
+  if (persistent && dirty_bitmaps_store (node, false, errp) == -1)
+    return -1;
   return 0;
 }
 
@@ -129,6 +163,8 @@ undo_remove (void *data)
   struct removed *r = data;
 
   dirty_bitmap_link (r->d);
+  if (r->d->persistent)
+    store_or_warn (r->d->node, "undoing block-dirty-bitmap-remove");
 }
 
 static void
@@ -162,9 +198,13 @@ cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
   if (opt_check_keys (args, "block-dirty-bitmap-remove", name_keys,
                       errp) == -1 ||
       lookup (t, args, "block-dirty-bitmap-remove", "name", &node, &d,
-              errp) == -1 ||
-      not_busy (d, errp) == -1)
+              errp) == -1)
     return -1;
+  if (d->busy) {
+    error_setg (errp, "bitmap '%s' is in use by %u export%s and cannot be "
+                "removed", d->name, d->busy, d->busy == 1 ? "" : "s");
+    return -1;
+  }
   r = calloc (1, sizeof *r);
   if (r == NULL || txn_reserve (t, 1, errp) == -1 ||
       txn_drain (t, &node, 1, errp) == -1) {
@@ -174,6 +214,8 @@ cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
   r->d = d;
   dirty_bitmap_unlink (d);
   txn_step (t, undo_remove, commit_remove, release_remove, r);
+  if (d->persistent && dirty_bitmaps_store (node, false, errp) == -1)
+    return -1;
   return 0;
 }
 
@@ -284,6 +326,11 @@ merge_sources (struct qmp_txn *t, struct json_object *list, struct node *node,
     if (((*srcs)[i] = dirty_bitmap_find (sn, name)) == NULL) {
       t->error_class = "DeviceNotFound";
       error_setg (errp, "node '%s' has no bitmap '%.80s'", sn->name, name);
+      return -1;
+    }
+    if ((*srcs)[i]->inconsistent) {
+      error_setg (errp, "bitmap '%s' is inconsistent and cannot be merged "
+                  "from", name);
       return -1;
     }
   }
@@ -398,7 +445,7 @@ dirty_bitmaps_info (const struct node *node)
     json_object_object_add (o, "persistent",
                             json_object_new_boolean (d->persistent));
     json_object_object_add (o, "inconsistent",
-                            json_object_new_boolean (false));
+                            json_object_new_boolean (d->inconsistent));
     json_object_array_add (a, o);
   }
   return a;

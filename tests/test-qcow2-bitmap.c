@@ -1,7 +1,7 @@
 /* Tests for formats/qcow2-bitmap.c: the qcow2 bitmaps extension.
  *
  * Without arguments (as 'make check' runs it), with qemu-img and
- * qemu-io as the oracle (skipped, exit 77, if they are missing):
+ * qemu-io as the oracle (they must be installed):
  *   - bitmaps made by 'qemu-img bitmap' and dirtied by 'qemu-io' writes
  *     are listed with their granularity and flags, and read back with
  *     exactly the bits QEMU recorded, from any granule;
@@ -101,6 +101,14 @@ try_open (const char *path, bool ro, struct error **errp)
   assert (o);
   n = node_open_spec (o, errp);
   json_object_put (o);
+  /* These tests drive the driver's bitmap functions directly: drop the
+   * graph's own copy of the bitmaps (loaded at open, stored again at
+   * close), or the close would store it over what a test wrote.
+   */
+  if (n) {
+    dirty_bitmaps_free_all (n);
+    n->bitmaps_on_disk = false;
+  }
   return n;
 }
 
@@ -1014,9 +1022,9 @@ main (int argc, char **argv)
     exit (helper (argc, argv));
   if (system ("qemu-img --version >/dev/null 2>&1") != 0 ||
       system ("qemu-io --version >/dev/null 2>&1") != 0) {
-    fprintf (stderr, "test-qcow2-bitmap: qemu-img/qemu-io missing: "
-             "skipped\n");
-    exit (77);
+    fprintf (stderr, "test-qcow2-bitmap: qemu-img and qemu-io are needed "
+             "(scripts/install-deps test installs them)\n");
+    exit (EXIT_FAILURE);
   }
   assert (mkdtemp (dir));
   test_read_qemu ();

@@ -235,3 +235,58 @@ def test_bitmap_below_a_filter(nbdd_server, tmp_path):
         h.pwrite(b"z" * 10, 3 * MiB + 5)
         assert dirty_map(h, "a", 4 * MiB) == [(3 * MiB, 65536)]
         h.shutdown()
+
+
+def qemu_bitmap_flags(img, force_share=False):
+    doc = json.loads(run(["qemu-img", "info"] +
+                         (["-U"] if force_share else []) +
+                         ["--output=json", img]).stdout)
+    return {b["name"]: sorted(b["flags"]) for b in
+            doc.get("format-specific", {}).get("data", {}).get("bitmaps", [])}
+
+
+def test_persistent_bitmap_lifecycle(nbdd_server, tmp_path):
+    """A persistent bitmap is in the image as soon as it is added (in use
+    while the daemon has the image), holds what was written when the
+    daemon stops, comes back at the next start, and qemu-img agrees at
+    every step."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        img = qcow2_graph(q, tmp_path, size=16 * MiB)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
+              persistent=True)
+        assert qemu_bitmap_flags(img, True) == {"p": ["auto", "in-use"]}
+        with pytest.raises(QMPError) as e:
+            raw_node(q, tmp_path, "r0")
+            q.cmd("block-dirty-bitmap-add", node="r0", name="x",
+                  persistent=True)
+        assert "cannot store bitmaps" in e.value.desc
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
+              writable=True)
+        h = srv.connect("disk0")
+        h.pwrite(b"p" * 4096, 5 * MiB)
+        h.flush()
+        h.shutdown()
+    srv.stop()
+    assert qemu_bitmap_flags(img) == {"p": ["auto"]}
+    run(["qemu-img", "check", img])
+
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        info = {n["node-name"]: n for n in
+                q.cmd("query-named-block-nodes")}["disk0"]
+        assert [(b["name"], b["persistent"], b["count"], b["inconsistent"])
+                for b in info["dirty-bitmaps"]] == [("p", True, 65536, False)]
+        q.cmd("block-export-del", id="e0")
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "bk",
+                                        "node-name": "disk0",
+                                        "name": "backup", "bitmaps": ["p"]})
+        h = connect_ctx(srv, "backup", [CONTEXT + "p"])
+        assert dirty_map(h, "p", 16 * MiB) == [(5 * MiB, 65536)]
+        h.shutdown()
+        q.cmd("block-export-del", id="bk")
+        q.cmd("block-dirty-bitmap-remove", node="disk0", name="p")
+        assert qemu_bitmap_flags(img, True) == {}
+    srv.stop()
+    assert qemu_bitmap_flags(img) == {}
+    run(["qemu-img", "check", img])
