@@ -8,6 +8,10 @@
  * are applied after it, so they replace the file's single-valued
  * settings and add to its lists (listen, blockdev, export), whose
  * entries come first.  Messages about a file line say FILE:LINE.
+ *
+ * Flags take an optional yes/no argument on the command line too
+ * (--tls-verify-peer=no), so that the command line can turn off what
+ * the file turned on.
  */
 #include <config.h>
 
@@ -19,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -58,17 +63,19 @@ usage (FILE *fp)
 "  --tls off|on|require        offer STARTTLS (on) or insist on it (require)\n"
 "  --tls-certificates DIR      ca-cert.pem, server-cert.pem, server-key.pem\n"
 "                              [, ca-crl.pem]\n"
-"  --tls-verify-peer           require a client certificate signed by the CA\n"
+"  --tls-verify-peer[=no]      require a client certificate signed by the CA\n"
 "  --tls-psk FILE              PSK keys in psktool's format (user:hexkey)\n"
 "\n"
 "Admin socket (QMP; see nbdctl):\n"
 "  --admin-socket PATH         default STATE_DIR/admin.sock with --state-dir,\n"
 "                              else none\n"
-"  --admin-group GROUP         members of GROUP may use it too (mode 0660)\n"
+"  --admin-group GROUP         members of GROUP may use it too (mode 0660;\n"
+"                              they cannot reach it in the 0700 state dir:\n"
+"                              give --admin-socket too)\n"
 "\n"
 "Daemon:\n"
 "  --config FILE               read options from FILE first (see below)\n"
-"  -f, --foreground            do not fork into the background\n"
+"  -f, --foreground[=no]       do not fork into the background\n"
 "  --state-dir DIR             directory for the daemon's state\n"
 "  --pidfile FILE              write the pid once ready to serve\n"
 "  --threads N                 I/O worker threads (default %u)\n"
@@ -77,20 +84,26 @@ usage (FILE *fp)
 "  --poll-max-ns N             poll this long at most before sleeping,\n"
 "                              adapting to the clients; 0 = never\n"
 "                              (default %" PRIu64 ")\n"
-"  --exit-with-parent          exit when the parent process exits\n"
-"  -v, --verbose               more messages (repeat for per-request)\n"
+"  --exit-with-parent[=no]     exit when the parent process exits\n"
+"  -v, --verbose[=N]           more messages (repeat, or N=2, for\n"
+"                              per-request ones; =0 or =no for none)\n"
 "  --version                   print the version and exit\n"
 "  --help                      print this help and exit\n"
 "\n"
+"Flags (--foreground, --stdio, --exit-with-parent, --tls-verify-peer)\n"
+"take an optional =yes/no, =on/off or =true/false (--stdio=no).\n"
+"\n"
 "Config file: one option per line, 'key = value' or 'key value', the key\n"
 "being the long option without '--' (listen, state-dir, blockdev, ...).\n"
-"The value is the rest of the line, as written (no quoting).  Flags take\n"
-"yes/no, on/off or true/false ('tls-verify-peer = yes'; a bare key means\n"
-"yes).  Lines starting with '#' and blank lines are ignored.  listen,\n"
-"blockdev and export may be repeated; other keys may appear once.  The\n"
-"file is read before the command line wherever --config stands: options\n"
-"given on the command line replace the file's settings, and add to its\n"
-"listen, blockdev and export lines.\n",
+"The value is the rest of the line, as written (no quoting).  A '#' at\n"
+"the start of a line or after a blank starts a comment; blank lines are\n"
+"ignored.  Flags take yes/no ('tls-verify-peer = yes'; a bare key means\n"
+"yes).  Paths (state-dir, pidfile, admin-socket, tls-certificates,\n"
+"tls-psk, listen unix:) must be absolute.  listen, blockdev and export\n"
+"may be repeated; other keys may appear once.  The file is read before\n"
+"the command line wherever --config stands: options given on the\n"
+"command line replace the file's settings, and add to its listen,\n"
+"blockdev and export lines.\n",
            config.threads, config.max_connections,
            config.handshake_timeout, config.poll_max_ns);
 }
@@ -105,25 +118,25 @@ enum {
 
 static const struct option long_options[] = {
   { "listen", required_argument, NULL, OPT_LISTEN },
-  { "stdio", no_argument, NULL, OPT_STDIO },
-  { "foreground", no_argument, NULL, 'f' },
+  { "stdio", optional_argument, NULL, OPT_STDIO },
+  { "foreground", optional_argument, NULL, 'f' },
   { "state-dir", required_argument, NULL, OPT_STATE_DIR },
   { "pidfile", required_argument, NULL, OPT_PIDFILE },
   { "threads", required_argument, NULL, OPT_THREADS },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
-  { "exit-with-parent", no_argument, NULL, OPT_EXIT_WITH_PARENT },
+  { "exit-with-parent", optional_argument, NULL, OPT_EXIT_WITH_PARENT },
   { "poll-max-ns", required_argument, NULL, OPT_POLL_MAX_NS },
   { "blockdev", required_argument, NULL, OPT_BLOCKDEV },
   { "export", required_argument, NULL, OPT_EXPORT },
   { "tls", required_argument, NULL, OPT_TLS },
   { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES },
-  { "tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER },
+  { "tls-verify-peer", optional_argument, NULL, OPT_TLS_VERIFY_PEER },
   { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
   { "admin-socket", required_argument, NULL, OPT_ADMIN_SOCKET },
   { "admin-group", required_argument, NULL, OPT_ADMIN_GROUP },
   { "config", required_argument, NULL, OPT_CONFIG },
-  { "verbose", no_argument, NULL, 'v' },
+  { "verbose", optional_argument, NULL, 'v' },
   { "version", no_argument, NULL, OPT_VERSION },
   { "help", no_argument, NULL, OPT_HELP },
   { NULL, 0, NULL, 0 },
@@ -176,6 +189,29 @@ set_string (char **field, const char *arg)
   *field = xstrdup (arg);
 }
 
+/* A path from a config file must be absolute: nbdd would resolve a
+ * relative one against its working directory, which is / under
+ * systemd, not the file's folder.  The command line's are the user's
+ * business (they know their cwd).
+ */
+static void
+check_file_path (const char *path)
+{
+  if (src_file && path[0] != '/')
+    bad_option ("'%s' is a relative path: give an absolute one (nbdd "
+                "would look for it in its working directory, not next to "
+                "this file)", path);
+}
+
+/* Replace a single-valued path setting. */
+static void
+set_path (char **field, const char *arg)
+{
+  if (*arg != '\0')
+    check_file_path (arg);
+  set_string (field, arg);
+}
+
 static char **
 append (char **v, size_t *n, const char *s)
 {
@@ -188,8 +224,8 @@ append (char **v, size_t *n, const char *s)
   return nv;
 }
 
-/* A flag's value: NULL on the command line (the flag is there), else
- * the config file's yes/no.
+/* A flag's value: NULL when the flag stands alone (--stdio, or a bare
+ * key in the file), else its yes/no.
  */
 static bool
 flag_value (const char *arg)
@@ -231,6 +267,8 @@ handle_option (int c, const char *arg)
     struct listen_spec *nl;
     if (strncmp (arg, "unix:", 5) != 0 && strncmp (arg, "tcp:", 4) != 0)
       bad_option ("expected unix:PATH or tcp:HOST:PORT, got '%s'", arg);
+    if (strncmp (arg, "unix:", 5) == 0)
+      check_file_path (arg + 5);
     nl = realloc (config.listen, (config.nr_listen + 1) * sizeof *nl);
     if (nl == NULL)
       bad_option ("out of memory");
@@ -246,10 +284,10 @@ handle_option (int c, const char *arg)
     config.foreground = flag_value (arg);
     break;
   case OPT_STATE_DIR:
-    set_string (&config.state_dir, arg);
+    set_path (&config.state_dir, arg);
     break;
   case OPT_PIDFILE:
-    set_string (&config.pidfile, arg);
+    set_path (&config.pidfile, arg);
     break;
   case OPT_THREADS:
     if (parse_uint32 (arg, &u) == -1 || u == 0 || u > 1024)
@@ -296,16 +334,16 @@ handle_option (int c, const char *arg)
       bad_option ("expected off, on or require, got '%s'", arg);
     break;
   case OPT_TLS_CERTIFICATES:
-    set_string (&config.tls_certificates, arg);
+    set_path (&config.tls_certificates, arg);
     break;
   case OPT_TLS_VERIFY_PEER:
     config.tls_verify_peer = flag_value (arg);
     break;
   case OPT_TLS_PSK:
-    set_string (&config.tls_psk, arg);
+    set_path (&config.tls_psk, arg);
     break;
   case OPT_ADMIN_SOCKET:
-    set_string (&config.admin_socket, arg);
+    set_path (&config.admin_socket, arg);
     break;
   case OPT_ADMIN_GROUP:
     set_string (&config.admin_group, arg);
@@ -314,15 +352,19 @@ handle_option (int c, const char *arg)
   case OPT_CONFIG:
     /* Read before the rest of the command line: see config_parse. */
     break;
-  case 'v':
-    /* A config file may say how verbose: yes/no or a count. */
+  case 'v': {
+    /* How verbose: yes/no or a count, or one more for each bare -v. */
+    bool b;
     if (arg == NULL)
       log_verbose++;
     else if (parse_uint32 (arg, &u) == 0 && u <= 2)
       log_verbose = u;
+    else if (parse_bool (arg, &b) == 0)
+      log_verbose = b;
     else
-      log_verbose = flag_value (arg);
+      bad_option ("expected yes, no or a count from 0 to 2, got '%s'", arg);
     break;
+  }
   case OPT_VERSION:
     printf ("nbdd %s\n", PACKAGE_VERSION);
     exit (EXIT_SUCCESS);
@@ -349,12 +391,27 @@ cleanup_fclose (FILE **fpp)
 }
 #define CLEANUP_FCLOSE __attribute__ ((cleanup (cleanup_fclose)))
 
+/* Cut a comment off @line: a '#' at the start of the line (after
+ * blanks) or after a blank.  A '#' inside a word stays ("dir#1"), so
+ * file names and specs keep theirs.
+ */
+static void
+strip_comment (char *line)
+{
+  for (char *p = line; *p; ++p)
+    if (*p == '#' && (p == line || p[-1] == ' ' || p[-1] == '\t')) {
+      *p = '\0';
+      return;
+    }
+}
+
 /* Read a config file: each line becomes one call of handle_option. */
 static void
 read_config_file (const char *path)
 {
   CLEANUP_FCLOSE FILE *fp = NULL;
   CLEANUP_FREE char *line = NULL;
+  struct stat st;
   size_t cap = 0;
   ssize_t len;
   /* Line of each single-valued option's first setting, to refuse a
@@ -368,6 +425,13 @@ read_config_file (const char *path)
     src_name = "config";
     bad_option ("cannot open '%s': %m", path);
   }
+  /* fopen opens a directory for reading; getline would then fail with
+   * a bare EISDIR.
+   */
+  if (fstat (fileno (fp), &st) == 0 && S_ISDIR (st.st_mode)) {
+    src_name = "config";
+    bad_option ("'%s' is a directory, not a config file", path);
+  }
   src_file = path;
   src_line = 0;
   while (errno = 0, (len = getline (&line, &cap, fp)) != -1) {
@@ -378,10 +442,17 @@ read_config_file (const char *path)
     src_name = NULL;
     if ((size_t) len != strlen (line))
       bad_option ("unexpected NUL byte");
+    /* Editors on Windows start UTF-8 files with a byte order mark
+     * (and end lines with CR LF, which the blanks below take care of).
+     */
+    if (src_line == 1 && strncmp (line, "\xef\xbb\xbf", 3) == 0)
+      memmove (line, line + 3, len - 2);
+    strip_comment (line);
+    len = strlen (line);
     while (len > 0 && strchr (" \t\r\n", line[len - 1]))
       line[--len] = '\0';
     key = line + strspn (line, " \t");
-    if (*key == '\0' || *key == '#')
+    if (*key == '\0')
       continue;
 
     /* key [=] value: the key ends at a blank or '='. */
@@ -498,6 +569,16 @@ config_parse (int argc, char **argv)
     if (asprintf (&config.admin_socket, "%s/admin.sock",
                   config.state_dir) == -1)
       bad_option ("out of memory");
+    /* nbdd creates the state dir 0700, and the group's members cannot
+     * pass through that.  Not an error: a state dir made beforehand
+     * may let them.
+     */
+    if (config.admin_group)
+      fprintf (stderr, "nbdd: warning: --admin-group %s: members of the "
+               "group cannot reach the admin socket %s if the state dir "
+               "is mode 0700, as nbdd creates it: give --admin-socket "
+               "outside it (such as /run/nbdd/admin.sock)\n",
+               config.admin_group, config.admin_socket);
   }
   if (config.admin_socket && strlen (config.admin_socket) >= sizeof sun.sun_path)
     bad_option ("--admin-socket: '%s' is too long for a unix socket (at most "

@@ -22,8 +22,11 @@
 #include "options.h"
 #include "utils.h"
 
-/* Longest node-name QEMU takes; overlay names we make up fit it. */
-#define MAX_NODE_NAME 31
+/* Longest node-name nbdd takes (graph/node.c), and the longest overlay
+ * name we make up, which QEMU would take too (its node_name[32]).
+ */
+#define MAX_NODE_NAME 128
+#define MAX_MADE_UP_NODE_NAME 31
 
 enum { OPT_JSON = 256, OPT_FIRST_COMMAND_OPTION };
 
@@ -107,14 +110,37 @@ parse_plain (struct nbdctl *ctl, const struct command *self, int argc,
   return 0;
 }
 
+/* The value @s of option --@opt as a size: 0, or the exit code. */
 static int
 parse_size_arg (const struct command *self, const char *opt, const char *s,
                 uint64_t *r)
 {
   if (parse_size (s, r) == -1 || *r > INT64_MAX)
-    return usage_error (self, "%s: expected a size (a number, optionally "
+    return usage_error (self, "--%s: expected a size (a number, optionally "
                         "with K, M, G or T), got '%s'", opt, s);
   return 0;
+}
+
+/* QEMU's rule, which nbdd follows (graph/node.c): a letter, then
+ * letters, digits, '-', '.' and '_'.
+ */
+static bool
+node_name_is_valid (const char *name)
+{
+  size_t len = strlen (name);
+
+  if (len == 0 || len > MAX_NODE_NAME)
+    return false;
+  if (!((name[0] >= 'a' && name[0] <= 'z') ||
+        (name[0] >= 'A' && name[0] <= 'Z')))
+    return false;
+  for (size_t i = 1; i < len; ++i) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
+      return false;
+  }
+  return true;
 }
 
 /* The daemon has its own working directory: make @path absolute. */
@@ -128,8 +154,9 @@ absolute_path (const char *path)
     return check_alloc (strdup (path));
   cwd = getcwd (NULL, 0);
   if (cwd == NULL) {
-    fprintf (stderr, "nbdctl: cannot find the current directory to make "
-             "'%s' absolute: %m\n", path);
+    int err = errno;
+    ctl_error ("cannot find the current directory to make '%s' absolute: "
+               "%s", path, strerror (err));
     return NULL;
   }
   if (asprintf (&r, "%s/%s", cwd, path) == -1)
@@ -553,14 +580,14 @@ cmd_image_create (struct nbdctl *ctl, const struct command *self, int argc,
       format = optarg;
       break;
     case O_SIZE:
-      if (parse_size_arg (self, "--size", optarg, &size))
+      if (parse_size_arg (self, "size", optarg, &size))
         return EXIT_USAGE;
       have_size = true;
       break;
     case O_BACKING: backing = optarg; break;
     case O_BACKING_FORMAT: backing_fmt = optarg; break;
     case O_CLUSTER_SIZE:
-      if (parse_size_arg (self, "--cluster-size", optarg, &cluster_size))
+      if (parse_size_arg (self, "cluster-size", optarg, &cluster_size))
         return EXIT_USAGE;
       break;
     }
@@ -579,7 +606,7 @@ cmd_image_create (struct nbdctl *ctl, const struct command *self, int argc,
 
   filename = absolute_path (argv[optind]);
   if (filename == NULL)
-    return EXIT_REFUSED;
+    return EXIT_LOCAL;
   o = image_options (format, filename, size);
   /* The backing name is written into the image as given: qemu reads a
    * relative one relative to the image's folder.
@@ -597,8 +624,8 @@ cmd_image_create (struct nbdctl *ctl, const struct command *self, int argc,
 /* ---- snapshot ---- */
 
 /* A node-name from the overlay's file name: "vm1-snap.qcow2" gives
- * "vm1-snap".  QEMU's rules: a letter first, then letters, digits,
- * '-', '.' and '_', at most 31 characters.
+ * "vm1-snap".  It follows node_name_is_valid's rule, and is at most 31
+ * bytes long.
  */
 static char *
 overlay_node_name (const char *file)
@@ -606,13 +633,13 @@ overlay_node_name (const char *file)
   const char *base = strrchr (file, '/') ? strrchr (file, '/') + 1 : file;
   const char *dot = strrchr (base, '.');
   size_t len = dot && dot != base ? (size_t) (dot - base) : strlen (base);
-  char *r = check_alloc (malloc (MAX_NODE_NAME + 1));
+  char *r = check_alloc (malloc (MAX_MADE_UP_NODE_NAME + 1));
   size_t n = 0;
 
   if (len == 0 || !((base[0] >= 'a' && base[0] <= 'z') ||
                     (base[0] >= 'A' && base[0] <= 'Z')))
     r[n++] = 'n';
-  for (size_t i = 0; i < len && n < MAX_NODE_NAME; ++i)
+  for (size_t i = 0; i < len && n < MAX_MADE_UP_NODE_NAME; ++i)
     r[n++] = strchr ("-._", base[i]) ||
       (base[i] >= 'a' && base[i] <= 'z') ||
       (base[i] >= 'A' && base[i] <= 'Z') ||
@@ -637,7 +664,9 @@ find_node (struct json_object *list, const char *name)
 /* Snapshot is three commands, not one transaction: blockdev-create
  * cannot be part of one.  Each step undoes the earlier ones if it
  * fails, except that a created file stays (nbdd does not delete
- * files): we say so.
+ * files): we say so.  So everything that can be checked beforehand
+ * (the overlay's node name, the backing file's name) is checked before
+ * the file is created.
  */
 static int
 cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
@@ -661,6 +690,11 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
     switch (c) {
     case O_FILE: file_arg = optarg; break;
     case O_NODE:
+      if (!node_name_is_valid (optarg))
+        return usage_error (self, "--overlay-node: '%s' is not a valid "
+                            "node name (a letter, then letters, digits, "
+                            "'-', '.' and '_'; at most %d bytes)", optarg,
+                            MAX_NODE_NAME);
       free (overlay);
       overlay = check_alloc (strdup (optarg));
       break;
@@ -672,10 +706,13 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
     return usage_error (self, "expected one NODE");
   if (file_arg == NULL)
     return usage_error (self, "--overlay-file is required");
+  if (*file_arg == '\0')
+    return usage_error (self, "--overlay-file: expected a file name, got "
+                        "an empty string");
   node = argv[optind];
   file = absolute_path (file_arg);
   if (file == NULL)
-    return EXIT_REFUSED;
+    return EXIT_LOCAL;
   if (overlay == NULL)
     overlay = overlay_node_name (file);
 
@@ -683,11 +720,21 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
   rc = ctl_call (ctl, "query-named-block-nodes", NULL, &nodes);
   if (rc)
     return rc;
-  n = json_object_is_type (nodes, json_type_array)
-    ? find_node (nodes, node) : NULL;
+  if (!json_object_is_type (nodes, json_type_array)) {
+    ctl_error ("snapshot: the daemon's query-named-block-nodes did not "
+               "return a list");
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+  n = find_node (nodes, node);
   if (n == NULL) {
-    fprintf (stderr, "nbdctl: snapshot: no node named '%s' (see nbdctl "
-             "node list)\n", node);
+    ctl_error ("snapshot: no node named '%s' (see nbdctl node list)", node);
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+  if (find_node (nodes, overlay)) {
+    ctl_error ("snapshot: the overlay's node name '%s' is in use: choose "
+               "another with --overlay-node NAME", overlay);
     rc = EXIT_REFUSED;
     goto out;
   }
@@ -700,8 +747,8 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
     fmt = "raw";                /* a file node is raw data */
   if (backing == NULL || *backing == '\0' || fmt == NULL ||
       !jint (image, "virtual-size", &size)) {
-    fprintf (stderr, "nbdctl: snapshot: the daemon does not say which "
-             "image file node '%s' reads, or its format or size\n", node);
+    ctl_error ("snapshot: the daemon does not say which image file node "
+               "'%s' reads, or its format or size", node);
     rc = EXIT_REFUSED;
     goto out;
   }
@@ -709,9 +756,21 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
    * filter's name (throttle) would make an image nothing can open.
    */
   if (strcmp (fmt, "qcow2") != 0 && strcmp (fmt, "raw") != 0) {
-    fprintf (stderr, "nbdctl: snapshot: node '%s' is a %s node, not an "
-             "image: snapshot the qcow2 or raw node under it, and move "
-             "the filter with blockdev-insert-node\n", node, fmt);
+    ctl_error ("snapshot: node '%s' is a %s node, not an image: snapshot "
+               "the qcow2 or raw node under it, and move the filter with "
+               "blockdev-insert-node", node, fmt);
+    rc = EXIT_REFUSED;
+    goto out;
+  }
+  /* Written into the overlay as it is, a relative name would be read
+   * relative to the overlay's folder, not the daemon's working
+   * directory where the node found it; a json: name is no file at all.
+   */
+  if (backing[0] != '/') {
+    ctl_error ("snapshot: node '%s' reads '%s', which is not an absolute "
+               "file name: the overlay could not find its backing file "
+               "(add the node again with an absolute file name)", node,
+               backing);
     rc = EXIT_REFUSED;
     goto out;
   }
@@ -724,8 +783,8 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
   json_object_put (ret);
   ret = NULL;
   if (rc) {
-    fprintf (stderr, "nbdctl: snapshot: creating the overlay %s failed; "
-             "the graph was not changed\n", file);
+    ctl_error ("snapshot: creating the overlay %s failed; the graph was "
+               "not changed", file);
     goto out;
   }
 
@@ -742,8 +801,8 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
   json_object_put (ret);
   ret = NULL;
   if (rc) {
-    fprintf (stderr, "nbdctl: snapshot: %s was created and is left in "
-             "place; remove it with rm\n", file);
+    ctl_error ("snapshot: %s was created and is left in place; remove it "
+               "with rm", file);
     goto out;
   }
 
@@ -761,11 +820,10 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
     undo = ctl_call (ctl, "blockdev-del", args, &ret);
     json_object_put (ret);
     if (undo)
-      fprintf (stderr, "nbdctl: snapshot: could not remove the overlay "
-               "node '%s' again: remove it with nbdctl node remove %s\n",
-               overlay, overlay);
-    fprintf (stderr, "nbdctl: snapshot: %s was created and is left in "
-             "place; remove it with rm\n", file);
+      ctl_error ("snapshot: could not remove the overlay node '%s' again: "
+                 "remove it with nbdctl node remove %s", overlay, overlay);
+    ctl_error ("snapshot: %s was created and is left in place; remove it "
+               "with rm", file);
     goto out;
   }
 
@@ -777,9 +835,12 @@ cmd_snapshot (struct nbdctl *ctl, const struct command *self, int argc,
     print_json (o);
     json_object_put (o);
   }
-  else
-    printf ("%s: new writes go to overlay node %s (%s)\n", node, overlay,
-            file);
+  else {
+    CLEANUP_FREE char *enode = escape_text (node);
+    CLEANUP_FREE char *efile = escape_text (file);
+    printf ("%s: new writes go to overlay node %s (%s)\n", enode, overlay,
+            efile);
+  }
  out:
   json_object_put (nodes);
   return rc;
@@ -961,19 +1022,11 @@ cmd_stats (struct nbdctl *ctl, const struct command *self, int argc,
 static struct json_object *
 parse_json_arg (const struct command *self, const char *what, const char *s)
 {
-  enum json_tokener_error jerr;
-  struct json_object *o = json_tokener_parse_verbose (s, &jerr);
+  CLEANUP_ERROR struct error *err = NULL;
+  struct json_object *o = qmp_parse_object (s, &err);
 
-  if (o == NULL) {
-    usage_error (self, "%s: not JSON (%s): %s", what,
-                 json_tokener_error_desc (jerr), s);
-    return NULL;
-  }
-  if (!json_object_is_type (o, json_type_object)) {
-    json_object_put (o);
-    usage_error (self, "%s: expected a JSON object, got %s", what, s);
-    return NULL;
-  }
+  if (o == NULL)
+    usage_error (self, "%s: %s: %s", what, err->msg, s);
   return o;
 }
 

@@ -76,9 +76,10 @@ qmp_wait (struct qmp *q, struct error **errp)
     return -1;
   }
   if (r == 0) {
-    error_setg (errp, "%s: no answer from the daemon within %d seconds "
-                "(raise --timeout if it is just busy)", q->path,
-                q->timeout_ms / 1000);
+    int secs = q->timeout_ms / 1000;
+    error_setg (errp, "%s: no answer from the daemon within %d second%s "
+                "(raise --timeout if it is just busy)", q->path, secs,
+                secs == 1 ? "" : "s");
     return -1;
   }
   return 0;
@@ -245,6 +246,43 @@ qmp_execute (struct qmp *q, const char *cmd, struct json_object *args,
   if (args)
     json_object_object_add (msg, "arguments", args);
   return qmp_execute_msg (q, msg, ret, errp);
+}
+
+struct json_object *
+qmp_parse_object (const char *s, struct error **errp)
+{
+  struct json_tokener *tok = check_alloc (json_tokener_new_ex
+                                          (MAX_JSON_DEPTH));
+  size_t len = strlen (s), end;
+  struct json_object *o;
+  enum json_tokener_error jerr;
+
+  /* An object ends at its '}': the tokener does not need to see what
+   * follows, and stops there.
+   */
+  o = json_tokener_parse_ex (tok, s, len);
+  jerr = json_tokener_get_error (tok);
+  end = tokener_parse_end (tok);
+  json_tokener_free (tok);
+  if (o == NULL) {
+    error_setg (errp, "not JSON (%s)",
+                jerr == json_tokener_continue ? "unexpected end of text"
+                : json_tokener_error_desc (jerr));
+    return NULL;
+  }
+  if (!json_object_is_type (o, json_type_object)) {
+    json_object_put (o);
+    error_setg (errp, "expected a JSON object");
+    return NULL;
+  }
+  end += strspn (s + end, " \t\r\n");
+  if (end < len) {
+    json_object_put (o);
+    error_setg (errp, "unexpected text after the JSON object: '%s'",
+                s + end);
+    return NULL;
+  }
+  return o;
 }
 
 struct qmp *

@@ -12,21 +12,26 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include "cleanup.h"
 #include "nbdctl.h"
 #include "utils.h"
 
-#define DEFAULT_SOCKET "/var/lib/nbdd/admin.sock"
+/* Where the packaged nbdd.conf puts it: the state dir is 0700, so a
+ * socket in it would serve root and nbdd only.
+ */
+#define DEFAULT_SOCKET "/run/nbdd/admin.sock"
 
 void
 out_of_memory (void)
 {
   fprintf (stderr, "nbdctl: out of memory\n");
-  exit (EXIT_REFUSED);
+  exit (EXIT_LOCAL);
 }
 
 void *
@@ -48,6 +53,22 @@ print_json (struct json_object *v)
   if (s == NULL)
     out_of_memory ();
   printf ("%s\n", s);
+}
+
+void
+ctl_error (const char *fs, ...)
+{
+  CLEANUP_FREE char *msg = NULL, *escaped = NULL;
+  va_list args;
+  int r;
+
+  va_start (args, fs);
+  r = vasprintf (&msg, fs, args);
+  va_end (args);
+  if (r == -1)
+    out_of_memory ();
+  escaped = escape_text (msg);
+  fprintf (stderr, "nbdctl: %s\n", escaped);
 }
 
 static void
@@ -81,13 +102,19 @@ usage (FILE *fp)
 "Sizes take K, M, G and T suffixes (powers of 1024).  The daemon opens\n"
 "the files named in node specs: give absolute paths there.\n"
 "\n"
+"Scripts should use --json.  Tables are for people: control characters,\n"
+"backslashes and invalid UTF-8 in them, and in the daemon's messages,\n"
+"are escaped (\\n, \\t, \\\\, \\xNN).\n"
+"\n"
 "Exit status:\n"
 "  0  success\n"
 "  1  the daemon refused the command (its reason is printed on stderr\n"
 "     as 'nbdctl: REASON')\n"
 "  2  usage error\n"
 "  3  cannot reach the daemon: no socket, nobody listening, access\n"
-"     denied, connection lost or --timeout passed\n");
+"     denied, connection lost or --timeout passed\n"
+"  4  nbdctl itself failed: out of memory, no working directory, or\n"
+"     cannot write its output\n");
 }
 
 void
@@ -122,14 +149,20 @@ connect_hint (const struct nbdctl *ctl, int errnum)
 {
   switch (errnum) {
   case ENOENT: case ECONNREFUSED: case ENOTDIR:
-    fprintf (stderr, "nbdctl: is nbdd running with --state-dir or "
-             "--admin-socket?  Name its socket with --socket PATH or "
-             "--state-dir DIR, or set NBDD_ADMIN_SOCKET\n");
+    ctl_error ("is nbdd running with --admin-socket or --state-dir?  Name "
+               "its socket with --socket PATH or --state-dir DIR, or set "
+               "NBDD_ADMIN_SOCKET");
     break;
   case EACCES: case EPERM:
-    fprintf (stderr, "nbdctl: %s serves root, the daemon's user and the "
-             "group given to nbdd --admin-group: run nbdctl as one of "
-             "them\n", ctl->socket);
+    /* connect needs search permission on every directory above the
+     * socket and write permission on the socket itself.
+     */
+    ctl_error ("%s serves root, the daemon's user and the group given to "
+               "nbdd --admin-group: run nbdctl as one of them.  Each "
+               "directory above the socket must also let them through (x "
+               "permission): nbdd makes its --state-dir 0700, so for the "
+               "group put the socket elsewhere with nbdd --admin-socket",
+               ctl->socket);
     break;
   }
 }
@@ -146,14 +179,14 @@ ctl_call_msg (struct nbdctl *ctl, struct json_object *msg,
     ctl->qmp = qmp_open (ctl->socket, ctl->timeout_ms, &err);
     if (ctl->qmp == NULL) {
       json_object_put (msg);
-      fprintf (stderr, "nbdctl: %s\n", err->msg);
+      ctl_error ("%s", err->msg);
       connect_hint (ctl, err->errnum);
       return EXIT_UNREACHABLE;
     }
   }
   r = qmp_execute_msg (ctl->qmp, msg, &v, &err);
   if (r != EXIT_OK) {
-    fprintf (stderr, "nbdctl: %s\n", err->msg);
+    ctl_error ("%s", err->msg);
     return r;
   }
   if (ret)
@@ -227,17 +260,64 @@ static const struct option long_options[] = {
   { NULL, 0, NULL, 0 },
 };
 
-int
-main (int argc, char **argv)
+/* Check that what we printed reached stdout: 'nbdctl --json node list
+ * >/dev/full' must not exit 0 (gnulib's close_stdout).  Returns @r, or
+ * EXIT_LOCAL if the output was lost and @r was success.
+ */
+static int
+close_stdout (int r)
+{
+  bool lost = false;
+  int err = 0;
+
+  if (fflush (stdout) != 0) {
+    lost = true;
+    err = errno;
+  }
+  else if (ferror (stdout))
+    lost = true;                /* an earlier write; its errno is gone */
+  if (fclose (stdout) != 0 && !lost) {
+    lost = true;
+    err = errno;
+  }
+  if (!lost)
+    return r;
+  if (err)
+    fprintf (stderr, "nbdctl: cannot write to standard output: %s\n",
+             strerror (err));
+  else
+    fprintf (stderr, "nbdctl: cannot write to standard output\n");
+  return r == EXIT_OK ? EXIT_LOCAL : r;
+}
+
+/* A usable socket path from @what, or the exit code. */
+static int
+check_socket_path (const char *what, const char *path)
+{
+  struct sockaddr_un sun;
+
+  if (*path == '\0') {
+    fprintf (stderr, "nbdctl: %s: expected a path, got an empty string\n",
+             what);
+    return EXIT_USAGE;
+  }
+  if (strlen (path) >= sizeof sun.sun_path) {
+    ctl_error ("%s: '%s' is too long for a unix socket path (at most %zu "
+               "bytes)", what, path, sizeof sun.sun_path - 1);
+    return EXIT_USAGE;
+  }
+  return EXIT_OK;
+}
+
+static int
+nbdctl_main (int argc, char **argv)
 {
   struct nbdctl ctl = { .timeout_ms = -1 };
-  const char *state_dir = NULL;
+  const char *state_dir = NULL, *socket_from = "--socket";
   CLEANUP_FREE char *socket_buf = NULL, *prog = NULL;
   const struct command *cmd = NULL;
   int c, words = 0, first, r;
   uint32_t secs;
-
-  signal (SIGPIPE, SIG_IGN);    /* a vanished daemon is EPIPE, not death */
 
   /* '+': stop at the command, whose options are its own. */
   while ((c = getopt_long (argc, argv, "+h", long_options, NULL)) != -1) {
@@ -275,14 +355,28 @@ main (int argc, char **argv)
     return EXIT_USAGE;
   }
   if (state_dir) {
+    if (*state_dir == '\0') {
+      fprintf (stderr, "nbdctl: --state-dir: expected a directory, got an "
+               "empty string\n");
+      return EXIT_USAGE;
+    }
     if (asprintf (&socket_buf, "%s/admin.sock", state_dir) == -1)
       out_of_memory ();
     ctl.socket = socket_buf;
+    socket_from = "--state-dir";
+  }
+  if (ctl.socket == NULL) {
+    /* An empty variable is an unset one, as for most programs. */
+    ctl.socket = getenv ("NBDD_ADMIN_SOCKET");
+    socket_from = "NBDD_ADMIN_SOCKET";
+    if (ctl.socket && *ctl.socket == '\0')
+      ctl.socket = NULL;
   }
   if (ctl.socket == NULL)
-    ctl.socket = getenv ("NBDD_ADMIN_SOCKET");
-  if (ctl.socket == NULL || *ctl.socket == '\0')
     ctl.socket = DEFAULT_SOCKET;
+  r = check_socket_path (socket_from, ctl.socket);
+  if (r != EXIT_OK)
+    return r;
 
   if (optind >= argc) {
     fprintf (stderr, "nbdctl: expected a command\n"
@@ -312,4 +406,11 @@ main (int argc, char **argv)
   r = cmd->run (&ctl, cmd, argc - first, argv + first);
   qmp_close (ctl.qmp);
   return r;
+}
+
+int
+main (int argc, char **argv)
+{
+  signal (SIGPIPE, SIG_IGN);    /* a vanished daemon is EPIPE, not death */
+  return close_stdout (nbdctl_main (argc, argv));
 }

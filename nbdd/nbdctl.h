@@ -22,6 +22,8 @@ enum {
   EXIT_REFUSED = 1,             /* the daemon refused the command */
   EXIT_USAGE = 2,               /* bad command line */
   EXIT_UNREACHABLE = 3,         /* no daemon, no access, connection lost */
+  EXIT_LOCAL = 4,               /* nbdctl itself failed: out of memory,
+                                 * no cwd, cannot write its output */
 };
 
 /* nbdctl-qmp.c: one QMP session over the admin socket. */
@@ -45,6 +47,10 @@ int qmp_execute_msg (struct qmp *q, struct json_object *msg,
 /* The same for command @cmd with @args (owned; NULL for none). */
 int qmp_execute (struct qmp *q, const char *cmd, struct json_object *args,
                  struct json_object **ret, struct error **errp);
+/* Parse @s as one JSON object, with nothing but blanks after it.
+ * Returns the object (caller puts it) or NULL with errp set.
+ */
+struct json_object *qmp_parse_object (const char *s, struct error **errp);
 
 /* nbdctl-table.c: aligned tables and human-readable sizes. */
 struct table {
@@ -57,12 +63,19 @@ struct table {
 
 void table_init (struct table *t, const char *const *headers,
                  const char *align);
-/* Append a row of @n == t->ncols strings (copied; NULL and "" print
- * as "-").
+/* Append a row of @n == t->ncols strings (copied, and escaped as
+ * escape_text does; NULL and "" print as "-").
  */
 void table_add (struct table *t, const char *const *row, size_t n);
 void table_print (const struct table *t, FILE *fp);
 void table_free (struct table *t);
+
+/* @s made safe for a terminal: control bytes and backslashes become
+ * \n, \t, \r, \\ or \xNN, and so does each byte of invalid UTF-8,
+ * of a C1 control and of a bidirectional override.  Valid UTF-8
+ * stays.  Caller frees.
+ */
+char *escape_text (const char *s);
 
 /* "512", "64K", "1.5G", "10T": powers of 1024, as ls -h and lsblk. */
 void human_size (uint64_t v, char *buf, size_t len);
@@ -87,6 +100,10 @@ int ctl_call_msg (struct nbdctl *ctl, struct json_object *msg,
                   struct json_object **ret);
 /* Print @v as pretty JSON on stdout. */
 void print_json (struct json_object *v);
+/* Print "nbdctl: MESSAGE" on stderr, the message escaped as
+ * escape_text does: it may hold the daemon's text or file names.
+ */
+void ctl_error (const char *fs, ...) __attribute__ ((format (printf, 1, 2)));
 static inline void
 cleanup_json_put (struct json_object **op)
 {

@@ -2,14 +2,20 @@
 
 The daemon is started for real and read with real clients (nbdinfo,
 libnbd); bad files must fail the start with FILE:LINE and exit 1."""
+import grp
 import os
+import re
+import socket
+import stat
 import subprocess
 
 import nbd
 import pytest
 
-from conftest import NBDD, TOP_DIR, have, make_image
+from conftest import NBDD, TOP_DIR, free_tcp_port, have, make_image
 from helpers import run
+
+SAMPLE = os.path.join(TOP_DIR, "etc", "nbdd.conf")
 
 
 def write_conf(tmp_path, text, name="nbdd.conf"):
@@ -120,19 +126,223 @@ export = type=nbd,id=e0,node-name=d0
 
 
 def test_sample_config_parses(tmp_path):
-    """etc/nbdd.conf, as shipped, starts a daemon (its state dir
-    overridden on the command line)."""
-    sample = os.path.join(TOP_DIR, "etc", "nbdd.conf")
+    """etc/nbdd.conf, as shipped, starts a daemon (its state dir and
+    admin socket overridden on the command line)."""
     img = make_image(tmp_path / "d0.img", 65536, [(0, b"samp")])
     h = nbd.NBD()
-    h.connect_command([NBDD, "--config", sample, "--stdio",
+    h.connect_command([NBDD, "--config", SAMPLE, "--stdio",
                        "--state-dir", str(tmp_path / "state"),
+                       "--admin-socket", str(tmp_path / "admin.sock"),
                        "--exit-with-parent",
                        "--blockdev", f"driver=raw,node-name=d0,"
                        f"file.driver=file,file.filename={img}",
                        "--export", "type=nbd,id=e0,node-name=d0"])
     assert h.pread(4, 0) == b"samp"
     h.shutdown()
+
+
+def sample_examples():
+    """(line number, key) of each example in etc/nbdd.conf: a line that
+    is a '#' right before a key (prose has a blank after its '#')."""
+    with open(SAMPLE) as f:
+        return [(n, m.group(1)) for n, line in enumerate(f, 1)
+                for m in [re.match(r"#([a-z][a-z-]*)( |=|$)", line)] if m]
+
+
+def have_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+        return True
+    except OSError:
+        return False
+
+
+def have_group(name):
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def sample_with(tmp_path, uncomment):
+    """etc/nbdd.conf with the lines numbered in @uncomment uncommented
+    and its paths moved under @tmp_path: (config file, {name: path})."""
+    dirs = {"/run/nbdd": tmp_path / "run", "/var/lib/nbdd":
+            tmp_path / "state", "/srv/images": tmp_path / "images",
+            "/etc/nbdd": tmp_path / "etc"}
+    for d in dirs.values():
+        d.mkdir(exist_ok=True)
+    port = str(free_tcp_port())
+    out = []
+    with open(SAMPLE) as f:
+        for n, line in enumerate(f, 1):
+            if n in uncomment:
+                line = line[1:]
+            for old, new in dirs.items():
+                line = line.replace(old, str(new))
+            out.append(line.replace(":10809", ":" + port))
+    return write_conf(tmp_path, "".join(out)), dirs
+
+
+# What each example line does alone, in a test: None when the daemon
+# starts, else the error it must stop with (the lines that need
+# something a test does not have, or another line).
+SAMPLE_EXPECT = {
+    "listen": None,
+    "tls": "nbdd: --tls=require needs --tls-certificates or --tls-psk",
+    "tls-certificates": "TLS credentials given but --tls is off",
+    "tls-verify-peer": "--tls-verify-peer needs --tls-certificates",
+    "tls-psk": "TLS credentials given but --tls is off",
+    "admin-group": None if have_group("nbdd-admin")
+    else "LINE: admin-group: no such group 'nbdd-admin'",
+    "threads": None,
+    "max-connections": None,
+    "handshake-timeout": None,
+    "poll-max-ns": None,
+    "verbose": None,
+    "pidfile": None,
+    "blockdev": None,
+    "export": "export: node 'disk0' does not exist",
+}
+
+
+@pytest.mark.parametrize("lineno, key", sample_examples(),
+                         ids=lambda v: str(v))
+def test_sample_config_examples(nbdd_server, tmp_path, lineno, key):
+    """Every commented example in etc/nbdd.conf works when uncommented,
+    or fails with the error that says what else it needs."""
+    assert key in SAMPLE_EXPECT, f"line {lineno}: no expectation for {key}"
+    conf, dirs = sample_with(tmp_path, {lineno})
+    if key == "listen" and "[::]" in open(conf).read().splitlines()[
+            lineno - 1] and not have_ipv6():
+        pytest.skip("no IPv6")
+    if key == "blockdev":
+        run(["qemu-img", "create", "-q", "-f", "qcow2",
+             str(dirs["/srv/images"] / "disk0.qcow2"), "1M"])
+    expect = SAMPLE_EXPECT[key]
+    if expect is None:
+        nbdd_server(["--config", conf], tcp=False)
+    else:
+        status, err = start_fails(["--config", conf, "--listen",
+                                   "unix:" + str(tmp_path / "x.sock")])
+        assert status == 1
+        assert expect.replace("LINE", f"{conf}:{lineno}") in err, err
+
+
+def test_sample_config_blockdev_and_export(nbdd_server, tmp_path):
+    """The sample's blockdev and export lines together serve disk0."""
+    lines = {n for n, key in sample_examples()
+             if key in ("blockdev", "export")}
+    assert len(lines) == 2
+    conf, dirs = sample_with(tmp_path, lines)
+    img = str(dirs["/srv/images"] / "disk0.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 4", img])
+    srv = nbdd_server(["--config", conf], tcp=False)
+    h = srv.connect("disk0")
+    assert h.pread(4, 0) == b"aaaa"
+    assert not h.is_read_only()
+    h.shutdown()
+    # The sample's admin socket, moved under tmp_path.
+    assert os.path.exists(dirs["/run/nbdd"] / "admin.sock")
+
+
+@pytest.mark.parametrize("keys, message", [
+    (("tls", "tls-certificates", "tls-verify-peer"),
+     "nbdd: error: TLS: ETC/pki/ca-cert.pem: needed by --tls-verify-peer, "
+     "but missing"),
+    (("tls", "tls-psk"),
+     "nbdd: error: TLS: ETC/keys.psk: No such file or directory"),
+])
+def test_sample_config_tls(tmp_path, keys, message):
+    """The sample's TLS lines, together, are valid: the daemon goes on
+    to load the credentials, which a test does not have."""
+    lines = {n for n, key in sample_examples() if key in keys}
+    assert len(lines) == len(keys)
+    conf, dirs = sample_with(tmp_path, lines)
+    status, err = start_fails(["--config", conf, "--listen",
+                               "unix:" + str(tmp_path / "x.sock")])
+    assert status == 1
+    assert message.replace("ETC", str(dirs["/etc/nbdd"])) in err, err
+
+
+def test_comment_after_a_value(nbdd_server, tmp_path):
+    """A '#' after a blank starts a comment; one inside a word does not
+    (test_json_spec_with_spaces_and_hash)."""
+    state = tmp_path / "state"
+    conf = write_conf(tmp_path, f"""\
+state-dir = {state} # the catalogue
+threads = 2\t# tab, then a comment
+foreground   # a bare flag
+""")
+    srv = nbdd_server(["--config", conf], tcp=False)
+    assert os.path.exists(state / "admin.sock")
+    assert [p.name for p in tmp_path.iterdir() if "#" in p.name] == []
+    srv.stop()
+    conf = write_conf(tmp_path, "threads = # none\n")
+    status, err = start_fails(["--config", conf])
+    assert f"{conf}:1: threads: expected a value" in err, err
+
+
+def test_crlf_and_byte_order_mark(tmp_path):
+    """A file from a Windows editor: UTF-8 BOM, CR LF line ends."""
+    img = make_image(tmp_path / "d0.img", 65536, [(0, b"crlf")])
+    text = (f"\ufeff# made on Windows\r\n"
+            f"stdio = on\r\n"
+            f"exit-with-parent\r\n"
+            f"\r\n"
+            f"blockdev = driver=raw,node-name=d0,file.driver=file,"
+            f"file.filename={img}\r\n"
+            f"export = type=nbd,id=e0,node-name=d0,name=disk\r\n")
+    conf = tmp_path / "win.conf"
+    conf.write_bytes(text.encode())
+    h = nbd.NBD()
+    h.connect_command([NBDD, "--config", str(conf)])
+    assert h.get_size() == 65536
+    assert h.pread(4, 0) == b"crlf"
+    h.shutdown()
+
+
+def test_command_line_turns_off_a_flag(nbdd_server, tmp_path):
+    """--flag=no undoes the file's 'flag = yes'."""
+    img = make_image(tmp_path / "d0.img", 65536, [(0, b"flag")])
+    conf = write_conf(tmp_path, f"""\
+stdio = yes
+blockdev = driver=raw,node-name=d0,file.driver=file,file.filename={img}
+export = type=nbd,id=e0,node-name=d0,name=disk0
+""")
+    # The fixture listens on a socket, which --stdio refuses.
+    status, err = start_fails(["--config", conf, "--listen",
+                               "unix:" + str(tmp_path / "x.sock")])
+    assert "--stdio cannot be combined with --listen" in err
+    srv = nbdd_server(["--config", conf, "--stdio=no"], tcp=False)
+    h = srv.connect("disk0")
+    assert h.pread(4, 0) == b"flag"
+    h.shutdown()
+    status, err = start_fails(["--foreground=maybe"])
+    assert status == 1
+    assert ("nbdd: --foreground: expected yes or no (or on/off, "
+            "true/false), got 'maybe'") in err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("state-dir", "state"),
+    ("pidfile", "run/nbdd.pid"),
+    ("admin-socket", "admin.sock"),
+    ("tls-certificates", "pki"),
+    ("tls-psk", "./keys.psk"),
+    ("listen", "unix:nbdd.sock"),
+])
+def test_relative_paths_refused_in_a_file(tmp_path, key, value):
+    """nbdd's working directory (/ under systemd) is not the file's."""
+    conf = write_conf(tmp_path, f"threads = 2\n{key} = {value}\n")
+    status, err = start_fails(["--config", conf])
+    assert status == 1
+    path = value[5:] if key == "listen" else value
+    assert (f"nbdd: {conf}:2: {key}: '{path}' is a relative path: give an "
+            "absolute one") in err, err
 
 
 @pytest.mark.parametrize("lines, bad_line, message", [
@@ -149,6 +359,8 @@ def test_sample_config_parses(tmp_path):
     (["tls = sometimes"], 1, "tls: expected off, on or require, got "
      "'sometimes'"),
     (["handshake-timeout = -1"], 1, "handshake-timeout: expected seconds"),
+    (["verbose = 5"], 1, "verbose: expected yes, no or a count from 0 to 2, "
+     "got '5'"),
 ])
 def test_errors_name_file_and_line(tmp_path, lines, bad_line, message):
     conf = write_conf(tmp_path, "\n".join(lines) + "\n")
@@ -175,6 +387,10 @@ def test_missing_file_and_config_twice(tmp_path):
     status, err = start_fails(["--config", conf, "--config", conf])
     assert status == 1
     assert "--config: given twice" in err
+    status, err = start_fails(["--config", str(tmp_path)])
+    assert status == 1
+    assert (f"nbdd: --config: '{tmp_path}' is a directory, not a config "
+            "file") in err, err
 
 
 def test_command_line_value_errors_unchanged(tmp_path):
@@ -189,11 +405,23 @@ def test_admin_group_must_exist(tmp_path):
                                "--admin-group", "no-such-group-nbdd"])
     assert status == 1
     assert "--admin-group: no such group 'no-such-group-nbdd'" in err
-    conf = write_conf(tmp_path, "state-dir = /tmp/x\n"
+    conf = write_conf(tmp_path, f"state-dir = {tmp_path / 's'}\n"
                                 "admin-group = no-such-group-nbdd\n")
     status, err = start_fails(["--config", conf])
     assert status == 1
     assert f"{conf}:2: admin-group: no such group" in err
+
+
+def test_admin_group_in_the_state_dir_warns(nbdd_server, tmp_path):
+    """The default admin socket is in the 0700 state dir, which the
+    group cannot pass through: the daemon says so, and starts."""
+    state = tmp_path / "s"
+    srv = nbdd_server(["--state-dir", str(state), "--admin-group", "root"],
+                      tcp=False)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert ("nbdd: warning: --admin-group root: members of the group "
+            f"cannot reach the admin socket {state}/admin.sock if the "
+            "state dir is mode 0700") in srv.output()
 
 
 def test_admin_group_needs_a_socket(tmp_path):
@@ -203,7 +431,7 @@ def test_admin_group_needs_a_socket(tmp_path):
 
 
 def test_admin_socket_path_too_long(tmp_path):
-    status, err = start_fails(["--admin-socket", "/tmp/" + "x" * 200])
+    status, err = start_fails(["--admin-socket", str(tmp_path / ("x" * 200))])
     assert status == 1
     assert "too long for a unix socket" in err
 
