@@ -233,6 +233,8 @@ undo_bits (void *data)
 
   bitmap_clear_all (s->d->bm);
   bitmap_merge (s->d->bm, s->old);
+  if (dirty_bitmap_persist (s->d) < 0)
+    nbdd_warn ("bitmap '%s': restored bits not stored", s->d->name);
 }
 
 static void
@@ -365,6 +367,14 @@ cmd_block_dirty_bitmap_merge (struct qmp_txn *t, struct json_object *args,
   for (size_t i = 0; i < n; ++i)
     if (srcs[i] != d)
       bitmap_merge (d->bm, srcs[i]->bm);
+  /* Merged bits stand for writes the image may already hold: they
+   * must be stored before anyone relies on them.
+   */
+  if (dirty_bitmap_persist (d) < 0) {
+    error_setg (errp, "bitmap '%s': the merged bits could not be stored",
+                d->name);
+    goto out;
+  }
   r = 0;
  out:
   free (srcs);

@@ -976,6 +976,9 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
                 "memory)", name);
     return -1;
   }
+  /* Stored bitmaps follow the image's size. */
+  if (dirty_bitmaps_store (node, false, errp) == -1)
+    return -1;
   nbdd_info ("node '%s' is now %" PRIu64 " bytes", name, node_size (node));
   return 0;
 }

@@ -246,16 +246,16 @@ def qemu_bitmap_flags(img, force_share=False):
 
 
 def test_persistent_bitmap_lifecycle(nbdd_server, tmp_path):
-    """A persistent bitmap is in the image as soon as it is added (in use
-    while the daemon has the image), holds what was written when the
-    daemon stops, comes back at the next start, and qemu-img agrees at
-    every step."""
+    """A persistent bitmap is in the image as soon as it is added (and
+    valid all along: write intent keeps it a superset of the writes),
+    holds what was written when the daemon stops, comes back at the
+    next start, and qemu-img agrees at every step."""
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
         img = qcow2_graph(q, tmp_path, size=16 * MiB)
         q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
               persistent=True)
-        assert qemu_bitmap_flags(img, True) == {"p": ["auto", "in-use"]}
+        assert qemu_bitmap_flags(img, True) == {"p": ["auto"]}
         with pytest.raises(QMPError) as e:
             raw_node(q, tmp_path, "r0")
             q.cmd("block-dirty-bitmap-add", node="r0", name="x",
