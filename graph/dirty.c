@@ -56,13 +56,38 @@ struct wi_fill {
   bool nomem;
 };
 
+/* The bits the image must hold: the bitmap's, and while forked its
+ * successor's too (their union is what a crash must leave).
+ */
+static void
+serialize_union (const struct dirty_bitmap *d, uint64_t offset,
+                 uint64_t count, void *buf)
+{
+  size_t bytes = bitmap_serialization_size (d->bm, offset, count);
+  uint8_t *b = buf, *tmp;
+
+  bitmap_serialize (d->bm, offset, count, buf);
+  if (d->successor == NULL)
+    return;
+  tmp = malloc (bytes);
+  if (tmp == NULL) {
+    /* No memory for the successor's bits: all ones is a superset. */
+    memset (buf, 0xff, bytes);
+    return;
+  }
+  bitmap_serialize (d->successor, offset, count, tmp);
+  for (size_t i = 0; i < bytes; ++i)
+    b[i] |= tmp[i];
+  free (tmp);
+}
+
 static int
 fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
 {
   struct wi_fill *f = opaque;
   size_t bytes = bitmap_serialization_size (f->d->bm, offset, count);
 
-  bitmap_serialize (f->d->bm, offset, count, buf);
+  serialize_union (f->d, offset, count, buf);
   if (f->len == f->cap) {
     size_t ncap = f->cap ? 2 * f->cap : 8;
     struct written *nv = realloc (f->v, ncap * sizeof *nv);
@@ -182,6 +207,8 @@ wi_start (struct dirty_bitmap *d)
     d->durable = bitmap_copy (d->bm);
     if (d->pending == NULL || d->spare == NULL || d->durable == NULL)
       return -ENOMEM;
+    if (d->successor)
+      bitmap_merge (d->durable, d->successor);
     pthread_mutex_init (&d->wi_lock, NULL);
     pthread_cond_init (&d->wi_cond, NULL);
     return 0;
@@ -193,6 +220,8 @@ wi_start (struct dirty_bitmap *d)
     return -ENOMEM;
   bitmap_clear_all (d->durable);
   bitmap_merge (d->durable, d->bm);
+  if (d->successor)
+    bitmap_merge (d->durable, d->successor);
   bitmap_clear_all (d->pending);
   d->wi_error = 0;
   return 0;
@@ -227,7 +256,7 @@ dirty_mark (struct node *node, uint64_t offset, uint64_t count)
   for (struct dirty_bitmap *d = node->dirty; d; d = d->next) {
     if (!__atomic_load_n (&d->enabled, __ATOMIC_RELAXED))
       continue;
-    bitmap_set (d->bm, offset, count);
+    bitmap_set (d->successor ? d->successor : d->bm, offset, count);
     /* A bit set but not yet durable may be another writer's, still on
      * its way to the image: wait for it as for one's own.
      */
@@ -310,12 +339,34 @@ dirty_bitmap_unlink (struct dirty_bitmap *d)
   d->next = NULL;
 }
 
+int
+dirty_bitmap_fork (struct dirty_bitmap *d)
+{
+  d->successor = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+  return d->successor ? 0 : -ENOMEM;
+}
+
+void
+dirty_bitmap_unfork (struct dirty_bitmap *d, bool success)
+{
+  if (success) {
+    bitmap_free (d->bm);
+    d->bm = d->successor;
+  }
+  else {
+    bitmap_merge (d->bm, d->successor);
+    bitmap_free (d->successor);
+  }
+  d->successor = NULL;
+}
+
 void
 dirty_bitmap_free (struct dirty_bitmap *d)
 {
   if (d == NULL)
     return;
   wi_free (d);
+  bitmap_free (d->successor);
   bitmap_free (d->bm);
   free (d->name);
   free (d);
@@ -337,7 +388,8 @@ int
 dirty_bitmaps_resize (struct node *node, uint64_t size)
 {
   for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
-    if (bitmap_resize (d->bm, size) == -1)
+    if (bitmap_resize (d->bm, size) < 0 ||
+        (d->successor && bitmap_resize (d->successor, size) < 0))
       return -ENOMEM;
   return 0;
 }
@@ -442,9 +494,7 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
 static int
 fill_bits (void *opaque, uint64_t offset, uint64_t count, void *buf)
 {
-  struct dirty_bitmap *d = opaque;
-
-  bitmap_serialize (d->bm, offset, count, buf);
+  serialize_union (opaque, offset, count, buf);
   return 0;
 }
 

@@ -69,7 +69,12 @@ struct dirty_bitmap {
   struct dirty_bitmap *next;
   struct node *node;            /* whose writes it records */
   char *name;
-  struct bitmap *bm;
+  struct bitmap *bm;            /* frozen while forked */
+  /* Forked: new writes go here; bm keeps the bits of the fork, for a
+   * backup to read.  The image holds their union (a crash ends the
+   * fork as a failure: nothing is lost).
+   */
+  struct bitmap *successor;
   bool enabled;                 /* recording (atomic) */
   bool persistent;              /* stored in the node's image */
   /* Loaded from an image that was not closed cleanly with it in use:
@@ -111,6 +116,12 @@ void dirty_bitmap_link (struct dirty_bitmap *d);
 void dirty_bitmap_unlink (struct dirty_bitmap *d);
 void dirty_bitmap_free (struct dirty_bitmap *d);
 void dirty_bitmaps_free_all (struct node *node);
+/* Fork (drained): freeze @d's bits, a successor records from now on.
+ * Unfork (drained): success drops the frozen bits (the successor's
+ * become @d's), failure merges the successor back.  0 or -ENOMEM.
+ */
+int dirty_bitmap_fork (struct dirty_bitmap *d);
+void dirty_bitmap_unfork (struct dirty_bitmap *d, bool success);
 /* Bits set other than by writes (a merge) reach the image now, for a
  * bitmap with write intent.  0 or -errno.
  */
