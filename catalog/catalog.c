@@ -133,7 +133,7 @@ enum cat_stmt {
   ST_NODE_PUT, ST_NODE_DEL, ST_NODE_LIST,
   ST_EXPORT_PUT, ST_EXPORT_DEL, ST_EXPORT_LIST,
   ST_GROUP_PUT, ST_GROUP_DEL, ST_GROUP_LIST,
-  ST_AUDIT, ST_AUDIT_COUNT,
+  ST_AUDIT, ST_AUDIT_COUNT, ST_LINEAGE_ADD, ST_LINEAGE_LIST,
   NR_STMTS
 };
 
@@ -162,6 +162,14 @@ static const char *const stmt_sql[NR_STMTS] = {
                      "(time_us, uid, pid, command, arguments, result) "
                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
   [ST_AUDIT_COUNT] = "SELECT count(*) FROM audit",
+  [ST_LINEAGE_ADD] = "INSERT INTO bitmap_lineage "
+                     "(node, bitmap, parent_bitmap, event, session) "
+                     "VALUES (?1, ?2, ?3, ?4, ?5)",
+  /* ?1/?2 NULL: every node/bitmap. */
+  [ST_LINEAGE_LIST] = "SELECT id, node, bitmap, parent_bitmap, event, "
+                      "session, time FROM bitmap_lineage "
+                      "WHERE (?1 IS NULL OR node = ?1) "
+                      "AND (?2 IS NULL OR bitmap = ?2) ORDER BY id",
 };
 
 /* The three keyed tables share put, del and foreach. */
@@ -931,4 +939,78 @@ catalog_audit_count (struct catalog *cat, struct error **errp)
   n = sqlite3_column_int64 (st, 0);
   sqlite3_reset (st);
   return n;
+}
+
+/* ---- bitmap lineage ------------------------------------------------ */
+
+int
+catalog_lineage_add (struct catalog *cat, const char *node,
+                     const char *bitmap, const char *parent,
+                     const char *event, const char *session,
+                     struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_LINEAGE_ADD];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if ((r = sqlite3_bind_text (st, 1, node, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 2, bitmap, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 3, parent, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 4, event, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 5, session, -1,
+                              SQLITE_STATIC)) != SQLITE_OK ||
+      (r = cat_step_done (st)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "recording the lineage of bitmap '%s'", bitmap);
+    cat_reset (st);
+    return -1;
+  }
+  cat_reset (st);
+  return 0;
+}
+
+int
+catalog_lineage_foreach (struct catalog *cat, const char *node,
+                         const char *bitmap, catalog_lineage_fn fn,
+                         void *opaque, struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_LINEAGE_LIST];
+  int r, ret = 0;
+
+  assert (!cat->in_foreach);
+  if ((r = sqlite3_bind_text (st, 1, node, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 2, bitmap, -1, SQLITE_STATIC)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "reading the bitmap lineage");
+    cat_reset (st);
+    return -1;
+  }
+  cat->in_foreach = true;
+  while ((r = sqlite3_step (st)) == SQLITE_ROW) {
+    struct catalog_lineage row = {
+      .id = sqlite3_column_int64 (st, 0),
+      .node = (const char *) sqlite3_column_text (st, 1),
+      .bitmap = (const char *) sqlite3_column_text (st, 2),
+      .parent = (const char *) sqlite3_column_text (st, 3),
+      .event = (const char *) sqlite3_column_text (st, 4),
+      .session = (const char *) sqlite3_column_text (st, 5),
+      .time = sqlite3_column_int64 (st, 6),
+    };
+    if (row.node == NULL || row.bitmap == NULL || row.event == NULL) {
+      r = sqlite3_errcode (cat->db);
+      break;
+    }
+    if (fn (&row, opaque) == -1) {
+      ret = -1;
+      r = SQLITE_DONE;
+      break;
+    }
+  }
+  if (r != SQLITE_DONE) {
+    cat_error (cat, r, errp, "reading the bitmap lineage");
+    ret = -1;
+  }
+  cat_reset (st);
+  cat->in_foreach = false;
+  return ret;
 }

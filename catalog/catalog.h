@@ -114,4 +114,28 @@ int catalog_audit (struct catalog *cat, int64_t time_us, int64_t uid,
 /* For tests and inspection: the number of audit rows, or -1. */
 int64_t catalog_audit_count (struct catalog *cat, struct error **errp);
 
+/* Bitmap lineage: one row per event in a bitmap's life (add, remove,
+ * clear, merge (parent: the source), fork, unfork-success,
+ * unfork-failure), appended in the command's transaction.
+ */
+int catalog_lineage_add (struct catalog *cat, const char *node,
+                         const char *bitmap, const char *parent,
+                         const char *event, const char *session,
+                         struct error **errp);
+struct catalog_lineage {
+  int64_t id;                   /* event order */
+  const char *node, *bitmap;
+  const char *parent, *session; /* NULL if none */
+  const char *event;
+  int64_t time;                 /* seconds since the epoch */
+};
+typedef int (*catalog_lineage_fn) (const struct catalog_lineage *row,
+                                   void *opaque);
+/* In event order; @node or @bitmap NULL: all.  fn returns 0 to go on,
+ * -1 to stop (the foreach then returns -1).
+ */
+int catalog_lineage_foreach (struct catalog *cat, const char *node,
+                             const char *bitmap, catalog_lineage_fn fn,
+                             void *opaque, struct error **errp);
+
 #endif /* NBDD_CATALOG_H */

@@ -117,6 +117,7 @@ struct node_bitmap_store {
   const char *name;
   uint32_t granularity;
   bool in_use, enabled;
+  bool preallocate;             /* room for every bit: bitmap_sync works */
   /* Fill @buf (zeroed) with the bits of the granule-aligned range
    * [offset, offset + count), which ends at the node's size or on a
    * granule.  0 or -errno.
@@ -277,6 +278,16 @@ struct node_driver {
   int (*bitmaps_store) (struct node *node,
                         const struct node_bitmap_store *bitmaps, size_t n,
                         struct error **errp);
+  /* Optional, any thread: rewrite in place the stored bits of bitmap
+   * @name that cover [offset, offset + count), @fill giving them a
+   * stored unit at a time (its whole range), then, with @sync, flush.
+   * The set was stored with preallocate.  0, or -1 with errp set.
+   */
+  int (*bitmap_sync) (struct node *node, const char *name, uint64_t offset,
+                      uint64_t count,
+                      int (*fill) (void *opaque, uint64_t offset,
+                                   uint64_t count, void *buf),
+                      void *opaque, bool sync, struct error **errp);
 };
 
 /* The node's size, safe to read while a growable node grows. */

@@ -1237,7 +1237,7 @@ write_bitmap (struct qcow2_state *s, const struct qcow2_bitmap_store *st,
     memset (buf + bytes, 0, cs - bytes);
     if (bits % 8)
       buf[bytes - 1] &= (1u << (bits % 8)) - 1;
-    if (memcmp (buf, s->zero_cluster, cs) == 0)
+    if (!st->preallocate && memcmp (buf, s->zero_cluster, cs) == 0)
       continue;                 /* a 0 entry, as QEMU stores it */
     if ((r = alloc_contiguous (s, 1, &host)) < 0)
       goto io;
@@ -1544,9 +1544,78 @@ qcow2_drv_bitmaps_store (struct node *node,
     q[i] = (struct qcow2_bitmap_store) {
       .name = bitmaps[i].name, .granularity = bitmaps[i].granularity,
       .in_use = bitmaps[i].in_use, .auto_ = bitmaps[i].enabled,
+      .preallocate = bitmaps[i].preallocate,
       .fill = bitmaps[i].fill, .opaque = bitmaps[i].opaque,
     };
   r = qcow2_bitmaps_store (node, q, n, errp);
   free (q);
   return r;
+}
+
+/* The write-intent path (graph/dirty.c): a bitmap stored preallocated
+ * has a data cluster for every table entry, so newly set bits can be
+ * made durable by rewriting just their clusters.  Worker threads call
+ * this, under the same lock as the allocator.
+ */
+int
+qcow2_bitmap_sync (struct node *node, const char *name, uint64_t offset,
+                   uint64_t count,
+                   int (*fill) (void *opaque, uint64_t offset, uint64_t count,
+                                void *buf),
+                   void *opaque, bool sync, struct error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  const struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size, size, cover, first, last;
+  CLEANUP_FREE uint8_t *buf = malloc (cs);
+  struct bm_entry *e;
+  int r = 0;
+
+  if (buf == NULL) {
+    error_setg_errno (errp, ENOMEM, "qcow2: %s: bitmap '%s'", s->filename,
+                      name);
+    return -1;
+  }
+  pthread_mutex_lock (&s->lock);
+  size = info->size;
+  e = find_entry (s->bitmaps, name);
+  if (e == NULL || !s->writable) {
+    pthread_mutex_unlock (&s->lock);
+    error_setg (errp, "qcow2: %s: no stored bitmap '%s' to update",
+                s->filename, name);
+    return -1;
+  }
+  cover = (cs * 8) << e->gran_bits;
+  first = offset / cover;
+  last = count == 0 || offset >= size ? 0
+    : (MIN (offset + count, size) - 1) / cover;
+  /* count 0: nothing to write, only the flush. */
+  for (uint64_t j = first; count > 0 && offset < size && j <= last && r == 0;
+       ++j) {
+    uint64_t off = j * cover, cnt = MIN (cover, size - off);
+    uint64_t bits = DIV_ROUND_UP (cnt, UINT64_C (1) << e->gran_bits);
+    uint64_t bytes = DIV_ROUND_UP (bits, 8);
+    uint64_t host = j < e->table_size ? e->table[j] : 0;
+
+    if (host == 0 || (host & 1) || !IS_ALIGNED (host, cs)) {
+      r = -ENOTSUP;             /* not stored preallocated */
+      break;
+    }
+    memset (buf, 0, cs);
+    if ((r = fill (opaque, off, cnt, buf)) < 0)
+      break;
+    memset (buf + bytes, 0, cs - bytes);
+    if (bits % 8)
+      buf[bytes - 1] &= (1u << (bits % 8)) - 1;
+    r = node_pwrite (s->file->node, buf, cs, host, 0);
+  }
+  pthread_mutex_unlock (&s->lock);
+  if (r == 0 && sync)
+    r = node_flush (s->file->node);
+  if (r < 0) {
+    error_setg_errno (errp, -r, "qcow2: %s: bitmap '%s': writing its bits",
+                      s->filename, name);
+    return -1;
+  }
+  return 0;
 }

@@ -814,4 +814,5 @@ const struct node_driver qcow2_driver = {
   .bitmaps_list     = qcow2_drv_bitmaps_list,
   .bitmap_read      = qcow2_bitmap_read,
   .bitmaps_store    = qcow2_drv_bitmaps_store,
+  .bitmap_sync      = qcow2_bitmap_sync,
 };

@@ -448,6 +448,10 @@ struct qcow2_bitmap_store {
   bool in_use, auto_;
   int (*fill) (void *opaque, uint64_t offset, uint64_t count, void *buf);
   void *opaque;
+  /* Give every table entry a data cluster, zeroes included, so that
+   * qcow2_bitmap_sync can update the bits in place.
+   */
+  bool preallocate;
 };
 /* Replace the whole set of persistent bitmaps of a read-write node with
  * @n bitmaps (n == 0 removes the extension and its autoclear bit), in
@@ -484,6 +488,17 @@ uint64_t qcow2_bitmaps_autoclear (struct qcow2_state *s);
  */
 int qcow2_bitmaps_write_open (struct qcow2_state *s, struct error **errp);
 void qcow2_bitmaps_close (struct qcow2_state *s);
+/* Write bitmap @name's bits for the granule-aligned guest range
+ * [offset, offset + count) in place: @fill gives the bits of each data
+ * cluster's whole guest range (as for a store), and the cluster is
+ * rewritten; with @sync the file is then flushed.  The bitmap must have
+ * been stored preallocated by this node.  0, or -1 with errp set.
+ */
+int qcow2_bitmap_sync (struct node *node, const char *name, uint64_t offset,
+                       uint64_t count,
+                       int (*fill) (void *opaque, uint64_t offset,
+                                    uint64_t count, void *buf),
+                       void *opaque, bool sync, struct error **errp);
 /* The driver.h ops, over the functions above. */
 int qcow2_drv_bitmaps_list (struct node *node, struct node_bitmap_info **list,
                             size_t *n, struct error **errp);

@@ -28,12 +28,245 @@
 
 #define MAX_BITMAP_NAME 1023    /* QEMU's limit (qcow2 stores it) */
 
-void
+/* ---- write intent ---- */
+
+/* Whether the image holds every bit of [offset, offset + count). */
+static bool
+range_durable (const struct dirty_bitmap *d, uint64_t offset, uint64_t count)
+{
+  uint64_t size = bitmap_size (d->durable);
+  uint64_t end = count > size - MIN (offset, size) ? size : offset + count;
+
+  return offset >= size ||
+    bitmap_next_clean (d->durable, offset, end) == UINT64_MAX;
+}
+
+/* The bits written in one flush, kept until the flush is done: only
+ * then does 'durable' say the image holds them.
+ */
+struct written {
+  uint64_t offset, count;
+  void *bits;
+};
+
+struct wi_fill {
+  struct dirty_bitmap *d;
+  struct written *v;
+  size_t len, cap;
+  bool nomem;
+};
+
+/* The bits the image must hold: the bitmap's, and while forked its
+ * successor's too (their union is what a crash must leave).
+ */
+static void
+serialize_union (const struct dirty_bitmap *d, uint64_t offset,
+                 uint64_t count, void *buf)
+{
+  size_t bytes = bitmap_serialization_size (d->bm, offset, count);
+  uint8_t *b = buf, *tmp;
+
+  bitmap_serialize (d->bm, offset, count, buf);
+  if (d->successor == NULL)
+    return;
+  tmp = malloc (bytes);
+  if (tmp == NULL) {
+    /* No memory for the successor's bits: all ones is a superset. */
+    memset (buf, 0xff, bytes);
+    return;
+  }
+  bitmap_serialize (d->successor, offset, count, tmp);
+  for (size_t i = 0; i < bytes; ++i)
+    b[i] |= tmp[i];
+  free (tmp);
+}
+
+static int
+fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
+{
+  struct wi_fill *f = opaque;
+  size_t bytes = bitmap_serialization_size (f->d->bm, offset, count);
+
+  serialize_union (f->d, offset, count, buf);
+  if (f->len == f->cap) {
+    size_t ncap = f->cap ? 2 * f->cap : 8;
+    struct written *nv = realloc (f->v, ncap * sizeof *nv);
+    if (nv == NULL)
+      return -ENOMEM;
+    f->v = nv;
+    f->cap = ncap;
+  }
+  f->v[f->len].bits = malloc (bytes);
+  if (f->v[f->len].bits == NULL)
+    return -ENOMEM;
+  memcpy (f->v[f->len].bits, buf, bytes);
+  f->v[f->len].offset = offset;
+  f->v[f->len].count = count;
+  f->len++;
+  return 0;
+}
+
+/* One flush: the stored units holding the bits of @p go to the image,
+ * which is then flushed, and 'durable' learns what it now holds.
+ */
+static int
+wi_write (struct node *node, struct dirty_bitmap *d, const struct bitmap *p)
+{
+  uint64_t size = bitmap_size (p), off = 0;
+  struct wi_fill f = { .d = d };
+  struct error *err = NULL;
+  int r = 0;
+
+  while (r == 0 &&
+         (off = bitmap_next_dirty (p, off, size)) != UINT64_MAX) {
+    uint64_t end = bitmap_next_clean (p, off, size);
+    if (end == UINT64_MAX)
+      end = size;
+    if (node->drv->bitmap_sync (node, d->name, off, end - off, fill_intent,
+                                &f, false, &err) == -1)
+      r = -EIO;
+    off = end;
+  }
+  if (r == 0 &&
+      node->drv->bitmap_sync (node, d->name, 0, 0, fill_intent, &f, true,
+                              &err) == -1)
+    r = -EIO;
+  if (r == 0)
+    for (size_t i = 0; i < f.len; ++i)
+      bitmap_deserialize (d->durable, f.v[i].offset, f.v[i].count,
+                          f.v[i].bits);
+  for (size_t i = 0; i < f.len; ++i)
+    free (f.v[i].bits);
+  free (f.v);
+  if (err) {
+    nbdd_error ("node '%s': bitmap '%s': %s: writes into new granules "
+                "fail from now on", node->name, d->name, err->msg);
+    error_free (err);
+  }
+  return r;
+}
+
+/* Make [offset, offset + count) of @d durable: join the next flush, or
+ * run it.  The writers that meet here while a flush runs are all
+ * served by the one after it.
+ */
+static int
+wi_persist (struct node *node, struct dirty_bitmap *d, uint64_t offset,
+            uint64_t count)
+{
+  uint64_t mine;
+  int r;
+
+  pthread_mutex_lock (&d->wi_lock);
+  if (d->wi_error) {
+    r = d->wi_error;
+    pthread_mutex_unlock (&d->wi_lock);
+    return r;
+  }
+  bitmap_set (d->pending, offset, count);
+  mine = ++d->wi_want;
+  while (d->wi_done < mine && d->wi_error == 0) {
+    struct bitmap *p;
+    uint64_t gen;
+
+    if (d->wi_flushing) {
+      pthread_cond_wait (&d->wi_cond, &d->wi_lock);
+      continue;
+    }
+    d->wi_flushing = true;
+    gen = d->wi_want;
+    p = d->pending;
+    d->pending = d->spare;
+    d->spare = NULL;
+    pthread_mutex_unlock (&d->wi_lock);
+    r = wi_write (node, d, p);
+    bitmap_clear_all (p);
+    pthread_mutex_lock (&d->wi_lock);
+    d->spare = p;
+    if (r < 0)
+      d->wi_error = r;
+    else
+      d->wi_done = gen;
+    d->wi_flushing = false;
+    pthread_cond_broadcast (&d->wi_cond);
+  }
+  r = d->wi_done >= mine ? 0 : d->wi_error;
+  pthread_mutex_unlock (&d->wi_lock);
+  return r;
+}
+
+/* After a store with preallocation the image holds exactly the bits in
+ * memory: write intent starts (or restarts) from there.
+ */
+static int
+wi_start (struct dirty_bitmap *d)
+{
+  if (d->durable == NULL) {
+    d->pending = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+    d->spare = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+    d->durable = bitmap_copy (d->bm);
+    if (d->pending == NULL || d->spare == NULL || d->durable == NULL)
+      return -ENOMEM;
+    if (d->successor)
+      bitmap_merge (d->durable, d->successor);
+    pthread_mutex_init (&d->wi_lock, NULL);
+    pthread_cond_init (&d->wi_cond, NULL);
+    return 0;
+  }
+  /* Drained: nothing waits or flushes now. */
+  if (bitmap_resize (d->durable, bitmap_size (d->bm)) < 0 ||
+      bitmap_resize (d->pending, bitmap_size (d->bm)) < 0 ||
+      bitmap_resize (d->spare, bitmap_size (d->bm)) < 0)
+    return -ENOMEM;
+  bitmap_clear_all (d->durable);
+  bitmap_merge (d->durable, d->bm);
+  if (d->successor)
+    bitmap_merge (d->durable, d->successor);
+  bitmap_clear_all (d->pending);
+  d->wi_error = 0;
+  return 0;
+}
+
+static void
+wi_free (struct dirty_bitmap *d)
+{
+  if (d->durable == NULL && d->pending == NULL && d->spare == NULL)
+    return;
+  bitmap_free (d->durable);
+  bitmap_free (d->pending);
+  bitmap_free (d->spare);
+  d->durable = d->pending = d->spare = NULL;
+  pthread_mutex_destroy (&d->wi_lock);
+  pthread_cond_destroy (&d->wi_cond);
+}
+
+int
+dirty_bitmap_persist (struct dirty_bitmap *d)
+{
+  if (d->durable == NULL)
+    return 0;
+  return wi_persist (d->node, d, 0, bitmap_size (d->bm));
+}
+
+int
 dirty_mark (struct node *node, uint64_t offset, uint64_t count)
 {
-  for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
-    if (__atomic_load_n (&d->enabled, __ATOMIC_RELAXED))
-      bitmap_set (d->bm, offset, count);
+  int r = 0;
+
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next) {
+    if (!__atomic_load_n (&d->enabled, __ATOMIC_RELAXED))
+      continue;
+    bitmap_set (d->successor ? d->successor : d->bm, offset, count);
+    /* A bit set but not yet durable may be another writer's, still on
+     * its way to the image: wait for it as for one's own.
+     */
+    if (d->durable && !range_durable (d, offset, count)) {
+      int r2 = wi_persist (node, d, offset, count);
+      if (r2 < 0)
+        r = r2;
+    }
+  }
+  return r;
 }
 
 struct dirty_bitmap *
@@ -106,11 +339,34 @@ dirty_bitmap_unlink (struct dirty_bitmap *d)
   d->next = NULL;
 }
 
+int
+dirty_bitmap_fork (struct dirty_bitmap *d)
+{
+  d->successor = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+  return d->successor ? 0 : -ENOMEM;
+}
+
+void
+dirty_bitmap_unfork (struct dirty_bitmap *d, bool success)
+{
+  if (success) {
+    bitmap_free (d->bm);
+    d->bm = d->successor;
+  }
+  else {
+    bitmap_merge (d->bm, d->successor);
+    bitmap_free (d->successor);
+  }
+  d->successor = NULL;
+}
+
 void
 dirty_bitmap_free (struct dirty_bitmap *d)
 {
   if (d == NULL)
     return;
+  wi_free (d);
+  bitmap_free (d->successor);
   bitmap_free (d->bm);
   free (d->name);
   free (d);
@@ -132,7 +388,8 @@ int
 dirty_bitmaps_resize (struct node *node, uint64_t size)
 {
   for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
-    if (bitmap_resize (d->bm, size) == -1)
+    if (bitmap_resize (d->bm, size) < 0 ||
+        (d->successor && bitmap_resize (d->successor, size) < 0))
       return -ENOMEM;
   return 0;
 }
@@ -168,6 +425,8 @@ load_bits (struct node *node, struct dirty_bitmap *d, struct error **errp)
   return 0;
 }
 
+bool dirty_bitmaps_autoload = true;
+
 int
 dirty_bitmaps_load (struct node *node, struct error **errp)
 {
@@ -175,7 +434,7 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
   struct error *err = NULL;
   size_t n;
 
-  if (node->drv->bitmaps_list == NULL)
+  if (node->drv->bitmaps_list == NULL || !dirty_bitmaps_autoload)
     return 0;
   if (node->drv->bitmaps_list (node, &list, &n, &err) == -1) {
     /* Broken bitmaps do not stop a read-only node (the driver said
@@ -214,6 +473,14 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
            node->name, d->name, bitmap_count (d->bm));
   }
   node_bitmap_infos_free (list, n);
+  /* Writable: stored again at once, ready for write intent, so that
+   * from the first write on a crash leaves them usable.
+   */
+  if (n > 0 && dirty_bitmaps_store (node, false, errp) == -1) {
+    dirty_bitmaps_free_all (node);
+    node->bitmaps_on_disk = false;
+    return -1;
+  }
   return 0;
 
  fail:
@@ -227,9 +494,7 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
 static int
 fill_bits (void *opaque, uint64_t offset, uint64_t count, void *buf)
 {
-  struct dirty_bitmap *d = opaque;
-
-  bitmap_serialize (d->bm, offset, count, buf);
+  serialize_union (opaque, offset, count, buf);
   return 0;
 }
 
@@ -237,6 +502,11 @@ int
 dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
 {
   struct node_bitmap_store *v;
+  /* With write intent the stored bits are always a superset of the
+   * writes on disk, so they are never in use; they are stored with
+   * room for every bit, to be updated in place.
+   */
+  bool intent = !closing && node->drv->bitmap_sync != NULL;
   size_t n = 0, i = 0;
   int r;
 
@@ -255,12 +525,19 @@ dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
     if (d->persistent)
       v[i++] = (struct node_bitmap_store) {
         .name = d->name, .granularity = bitmap_granularity (d->bm),
-        .in_use = !closing || d->inconsistent, .enabled = d->enabled,
+        .in_use = d->inconsistent || !(closing || intent),
+        .enabled = d->enabled, .preallocate = intent && !d->inconsistent,
         .fill = fill_bits, .opaque = d,
       };
   r = node->drv->bitmaps_store (node, v, n, errp);
   free (v);
   if (r == 0)
     node->bitmaps_on_disk = n > 0;
+  if (r == 0 && intent)
+    for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+      if (d->persistent && !d->inconsistent && wi_start (d) < 0) {
+        error_setg (errp, "out of memory for bitmap '%s'", d->name);
+        return -1;
+      }
   return r;
 }

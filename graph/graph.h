@@ -69,20 +69,40 @@ struct dirty_bitmap {
   struct dirty_bitmap *next;
   struct node *node;            /* whose writes it records */
   char *name;
-  struct bitmap *bm;
+  struct bitmap *bm;            /* frozen while forked */
+  /* Forked: new writes go here; bm keeps the bits of the fork, for a
+   * backup to read.  The image holds their union (a crash ends the
+   * fork as a failure: nothing is lost).
+   */
+  struct bitmap *successor;
   bool enabled;                 /* recording (atomic) */
   bool persistent;              /* stored in the node's image */
   /* Loaded from an image that was not closed cleanly with it in use:
    * its bits are unknown.  It can only be removed, as in QEMU.
    */
   bool inconsistent;
+  /* Write intent (persistent bitmaps of a read-write node whose driver
+   * updates stored bits in place): 'durable' is what the image holds.
+   * A write that sets a bit the image does not hold yet waits until it
+   * does; the writers that meet at one time share one flush.  NULL for
+   * the others.
+   */
+  struct bitmap *durable;
+  struct bitmap *pending, *spare; /* bits to write, under wi_lock */
+  pthread_mutex_t wi_lock;
+  pthread_cond_t wi_cond;
+  bool wi_flushing;
+  uint64_t wi_want, wi_done;    /* flush generations */
+  int wi_error;                 /* a failed flush: writes fail with it */
   unsigned busy;                /* exports using it: read-only for QMP */
 };
 
 /* The request path's hook: mark [offset, offset + count) in every
- * enabled bitmap of @node.  Any thread.
+ * enabled bitmap of @node, and, for bitmaps with write intent, wait
+ * until the image holds the new bits.  Any thread.  0, or -errno if
+ * the bits could not be made durable (the write must then fail).
  */
-void dirty_mark (struct node *node, uint64_t offset, uint64_t count);
+int dirty_mark (struct node *node, uint64_t offset, uint64_t count);
 struct dirty_bitmap *dirty_bitmap_find (const struct node *node,
                                         const char *name);
 /* A new bitmap for @node, not yet on its list (link it drained). */
@@ -96,11 +116,24 @@ void dirty_bitmap_link (struct dirty_bitmap *d);
 void dirty_bitmap_unlink (struct dirty_bitmap *d);
 void dirty_bitmap_free (struct dirty_bitmap *d);
 void dirty_bitmaps_free_all (struct node *node);
+/* Fork (drained): freeze @d's bits, a successor records from now on.
+ * Unfork (drained): success drops the frozen bits (the successor's
+ * become @d's), failure merges the successor back.  0 or -ENOMEM.
+ */
+int dirty_bitmap_fork (struct dirty_bitmap *d);
+void dirty_bitmap_unfork (struct dirty_bitmap *d, bool success);
+/* Bits set other than by writes (a merge) reach the image now, for a
+ * bitmap with write intent.  0 or -errno.
+ */
+int dirty_bitmap_persist (struct dirty_bitmap *d);
 /* The node was resized: so are its bitmaps.  0 or -ENOMEM. */
 int dirty_bitmaps_resize (struct node *node, uint64_t size);
 /* The persistent bitmaps of a node's image, loaded once it is open
  * (nothing to do for drivers without them).  0, or -1 with errp.
+ * Unless dirty_bitmaps_autoload is false (the driver's own tests): then
+ * nodes neither load nor store bitmaps.
  */
+extern bool dirty_bitmaps_autoload;
 int dirty_bitmaps_load (struct node *node, struct error **errp);
 /* Store the node's persistent bitmaps in its image: @closing says
  * whether their bits are final (else they are stored in use, as QEMU

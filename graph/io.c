@@ -268,8 +268,8 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
     return -EROFS;
   if (count == 0)
     return 0;
-  if (node->dirty)
-    dirty_mark (node, offset, count);
+  if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
+    return r;
   if (needs_bounce (node, buf, count, offset))
     r = pwrite_rmw (node, buf, count, offset, flags);
   else if (node->limits.request_alignment > 1) {
@@ -342,8 +342,8 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
     return 0;
   if ((flags & NODE_FAST_ZERO) && !node->can_fast_zero)
     return -ENOTSUP;
-  if (node->dirty)
-    dirty_mark (node, offset, count);
+  if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
+    return r;
   if (align == 1)
     return zero_aligned (node, count, offset, flags);
 
@@ -382,8 +382,8 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   end = ROUND_DOWN (offset + count, (uint64_t) align);
   if (node->drv->discard == NULL || start >= end)
     return (flags & NODE_FUA) ? node_flush (node) : 0;
-  if (node->dirty)
-    dirty_mark (node, start, end - start);
+  if (node->dirty && (r = dirty_mark (node, start, end - start)) < 0)
+    return r;
   if (align > 1)
     pthread_rwlock_rdlock (&node->rmw_lock);
   r = node->drv->discard (node, end - start, start, flags);

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -272,6 +273,44 @@ jnum (struct json_object *o, const char *key, bool size, char *buf,
   return buf;
 }
 
+/* A bitmap argument, NAME (on the node the command is about) or
+ * NODE:NAME, as QMP wants it: "NAME" or {"node", "name"}.  A node name
+ * cannot hold ':', so the first colon splits; a bitmap whose own name
+ * holds one is named NODE:NAME.  Returns NULL after a usage error
+ * about @what.
+ */
+static struct json_object *
+bitmap_ref (const struct command *self, const char *what, const char *s)
+{
+  const char *colon = strchr (s, ':');
+  CLEANUP_FREE char *node = NULL;
+  struct json_object *o;
+
+  if (colon == NULL) {
+    if (*s == '\0') {
+      usage_error (self, "%s: expected a bitmap name, got an empty string",
+                   what);
+      return NULL;
+    }
+    return check_alloc (json_object_new_string (s));
+  }
+  node = check_alloc (strndup (s, colon - s));
+  if (!node_name_is_valid (node)) {
+    usage_error (self, "%s: '%s': expected NAME or NODE:NAME, and '%s' is "
+                 "not a valid node name", what, s, node);
+    return NULL;
+  }
+  if (colon[1] == '\0') {
+    usage_error (self, "%s: '%s': expected a bitmap name after the colon",
+                 what, s);
+    return NULL;
+  }
+  o = jobj ();
+  jadd_str (o, "node", node);
+  jadd_str (o, "name", colon + 1);
+  return o;
+}
+
 /* Print a list the daemon returned, as a table or as JSON: @row adds
  * one element's row to the table.
  */
@@ -412,7 +451,7 @@ cmd_export_add (struct nbdctl *ctl, const struct command *self, int argc,
                 char **argv)
 {
   enum { O_ID = OPT_FIRST_COMMAND_OPTION, O_NAME, O_WRITABLE, O_DESC,
-         O_TLS_REQUIRED, O_TLS_ALLOW };
+         O_TLS_REQUIRED, O_TLS_ALLOW, O_BITMAP };
   static const struct option opts[] = {
     COMMON_OPTIONS,
     { "id", required_argument, NULL, O_ID },
@@ -421,9 +460,11 @@ cmd_export_add (struct nbdctl *ctl, const struct command *self, int argc,
     { "description", required_argument, NULL, O_DESC },
     { "tls-required", no_argument, NULL, O_TLS_REQUIRED },
     { "tls-allow", required_argument, NULL, O_TLS_ALLOW },
+    { "bitmap", required_argument, NULL, O_BITMAP },
     { NULL, 0, NULL, 0 },
   };
-  struct json_object *args = jobj (), *allow = NULL, *ret = NULL;
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  struct json_object *allow = NULL, *bitmaps = NULL, *bm, *ret = NULL;
   const char *id = NULL, *name = NULL;
   int c, rc;
 
@@ -442,19 +483,30 @@ cmd_export_add (struct nbdctl *ctl, const struct command *self, int argc,
       json_object_array_add (allow,
                              check_alloc (json_object_new_string (optarg)));
       break;
+    case O_BITMAP:
+      bm = bitmap_ref (self, "--bitmap", optarg);
+      if (bm == NULL)
+        return EXIT_USAGE;
+      if (bitmaps == NULL) {
+        bitmaps = check_alloc (json_object_new_array ());
+        jadd (args, "bitmaps", bitmaps);
+      }
+      if (json_object_array_add (bitmaps, bm) != 0)
+        out_of_memory ();
+      break;
     }
   }
-  if (c == -1 || argc - optind != 1) {
-    json_object_put (args);
-    return c == -1 ? rc : usage_error (self, "expected one NODE");
-  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one NODE");
   /* QEMU needs an id: the export's name, which defaults to the node's. */
   jadd_str (args, "type", "nbd");
   jadd_str (args, "node-name", argv[optind]);
   jadd_str (args, "id", id ? id : name ? name : argv[optind]);
   if (name)
     jadd_str (args, "name", name);
-  rc = ctl_call (ctl, "block-export-add", args, &ret);
+  rc = ctl_call (ctl, "block-export-add", steal_pointer (&args), &ret);
   return rc ? rc : done (ctl, ret);
 }
 
@@ -926,6 +978,183 @@ cmd_throttle (struct nbdctl *ctl, const struct command *self, int argc,
   return rc ? rc : done (ctl, ret);
 }
 
+/* ---- bitmap ---- */
+
+static int
+cmd_bitmap_add (struct nbdctl *ctl, const struct command *self, int argc,
+                char **argv)
+{
+  enum { O_GRANULARITY = OPT_FIRST_COMMAND_OPTION, O_PERSISTENT,
+         O_DISABLED };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "granularity", required_argument, NULL, O_GRANULARITY },
+    { "persistent", no_argument, NULL, O_PERSISTENT },
+    { "disabled", no_argument, NULL, O_DISABLED },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  struct json_object *ret = NULL;
+  uint64_t granularity;
+  int c, rc;
+
+  /* The daemon checks the granularity's range (a power of 2 from 512
+   * bytes to 2 GiB) and says so: we only parse the size.
+   */
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_GRANULARITY:
+      if (parse_size_arg (self, "granularity", optarg, &granularity))
+        return EXIT_USAGE;
+      jadd_int (args, "granularity", granularity);
+      break;
+    case O_PERSISTENT: jadd_bool (args, "persistent", true); break;
+    case O_DISABLED: jadd_bool (args, "disabled", true); break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE NAME");
+  jadd_str (args, "node", argv[optind]);
+  jadd_str (args, "name", argv[optind + 1]);
+  rc = ctl_call (ctl, "block-dirty-bitmap-add", steal_pointer (&args), &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* bitmap remove, clear, enable and disable: NODE NAME, and the QMP
+ * command is block-dirty-bitmap- followed by the subcommand.
+ */
+static int
+cmd_bitmap_node_name (struct nbdctl *ctl, const struct command *self,
+                      int argc, char **argv)
+{
+  const char *sub = strchr (self->name, ' ') + 1;
+  CLEANUP_FREE char *cmd = NULL;
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 2, 2, &rc) == -1)
+    return rc;
+  if (asprintf (&cmd, "block-dirty-bitmap-%s", sub) == -1)
+    out_of_memory ();
+  args = jobj ();
+  jadd_str (args, "node", argv[optind]);
+  jadd_str (args, "name", argv[optind + 1]);
+  rc = ctl_call (ctl, cmd, args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_bitmap_merge (struct nbdctl *ctl, const struct command *self, int argc,
+                  char **argv)
+{
+  CLEANUP_JSON_PUT struct json_object *args = NULL;
+  struct json_object *sources, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 3, INT_MAX, &rc) == -1)
+    return rc;
+  args = jobj ();
+  sources = check_alloc (json_object_new_array ());
+  jadd_str (args, "node", argv[optind]);
+  jadd_str (args, "target", argv[optind + 1]);
+  jadd (args, "bitmaps", sources);
+  for (int i = optind + 2; i < argc; ++i) {
+    struct json_object *src = bitmap_ref (self, "SOURCE", argv[i]);
+    if (src == NULL)
+      return EXIT_USAGE;
+    if (json_object_array_add (sources, src) != 0)
+      out_of_memory ();
+  }
+  rc = ctl_call (ctl, "block-dirty-bitmap-merge", steal_pointer (&args),
+                 &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static void
+bitmap_row (struct table *t, struct json_object *b)
+{
+  char granularity[32], count[32];
+
+  t_add (t, jstr (b, "node"), jstr (b, "name"),
+         jnum (b, "granularity", true, granularity, sizeof granularity),
+         jnum (b, "count", true, count, sizeof count),
+         jyesno (b, "recording"), jyesno (b, "busy"),
+         jyesno (b, "persistent"), jyesno (b, "inconsistent"));
+}
+
+/* The bitmaps of the nodes in @nodes (query-named-block-nodes), or of
+ * node @only, each as {"node", then the daemon's fields}.  Caller puts
+ * the list.
+ */
+static struct json_object *
+bitmaps_of_nodes (struct json_object *nodes, const char *only)
+{
+  struct json_object *list = check_alloc (json_object_new_array ());
+
+  for (size_t i = 0; i < json_object_array_length (nodes); ++i) {
+    struct json_object *n = json_object_array_get_idx (nodes, i);
+    struct json_object *bitmaps = jget (n, "dirty-bitmaps");
+    const char *node = jstr (n, "node-name");
+
+    if (node == NULL || !json_object_is_type (bitmaps, json_type_array) ||
+        (only && strcmp (node, only) != 0))
+      continue;
+    for (size_t j = 0; j < json_object_array_length (bitmaps); ++j) {
+      struct json_object *b = json_object_array_get_idx (bitmaps, j);
+      struct json_object *o;
+
+      if (!json_object_is_type (b, json_type_object))
+        continue;
+      o = jobj ();
+      jadd_str (o, "node", node);
+      json_object_object_foreach (b, key, v) {
+        if (strcmp (key, "node") != 0)
+          jadd (o, key, json_object_get (v));
+      }
+      if (json_object_array_add (list, o) != 0)
+        out_of_memory ();
+    }
+  }
+  return list;
+}
+
+static int
+cmd_bitmap_list (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  static const char *const headers[] = {
+    "NODE", "NAME", "GRANULARITY", "COUNT", "RECORDING", "BUSY",
+    "PERSISTENT", "INCONSISTENT", NULL
+  };
+  CLEANUP_JSON_PUT struct json_object *nodes = NULL, *list = NULL;
+  const char *only;
+  struct json_object *args;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 1, &rc) == -1)
+    return rc;
+  only = argc - optind == 1 ? argv[optind] : NULL;
+  args = jobj ();
+  jadd_bool (args, "flat", true);
+  rc = ctl_call (ctl, "query-named-block-nodes", args, &nodes);
+  if (rc)
+    return rc;
+  if (!json_object_is_type (nodes, json_type_array)) {
+    ctl_error ("bitmap list: the daemon's query-named-block-nodes did not "
+               "return a list");
+    return EXIT_REFUSED;
+  }
+  if (only && find_node (nodes, only) == NULL) {
+    ctl_error ("bitmap list: no node named '%s' (see nbdctl node list)",
+               only);
+    return EXIT_REFUSED;
+  }
+  list = bitmaps_of_nodes (nodes, only);
+  return print_list (ctl, list, headers, "llrrllll", bitmap_row);
+}
+
 /* ---- inspection ---- */
 
 static void
@@ -1095,10 +1324,13 @@ const struct command commands[] = {
   { "node list", "", "",
     "List the nodes (query-named-block-nodes).", cmd_node_list },
   { "export add", "NODE [--id ID] [--name NAME] [--writable] "
-    "[--description TEXT] [--tls-required] [--tls-allow IDENTITY]...",
+    "[--description TEXT] [--tls-required] [--tls-allow IDENTITY]... "
+    "[--bitmap NAME|NODE:NAME]...",
     "NODE [OPTIONS]",
     "Export NODE over NBD (block-export-add), read-only unless "
-    "--writable.  The name defaults to NODE, the id to the name.",
+    "--writable.  The name defaults to NODE, the id to the name.  Each "
+    "--bitmap is offered as the meta context qemu:dirty-bitmap:NAME; "
+    "NAME is found on NODE or down its chain, NODE:NAME on any node.",
     cmd_export_add },
   { "export remove", "ID [--force]", "ID [--force]",
     "Remove an export (block-export-del): refused while clients are "
@@ -1125,6 +1357,34 @@ const struct command commands[] = {
     "or of a group: --iops, --bps and their -read/-write variants, each "
     "also as -max (bursts) and -max-length (burst seconds), and "
     "--iops-size SIZE.  0 removes a limit.", cmd_throttle },
+  { "bitmap add", "NODE NAME [--granularity SIZE] [--persistent] "
+    "[--disabled]", "NODE NAME [OPTIONS]",
+    "Add a dirty bitmap to NODE (block-dirty-bitmap-add): it records "
+    "which granules writes touch (--granularity: a power of 2 from 512 "
+    "to 2G, 64K by default).  --persistent keeps it in NODE's qcow2 "
+    "image; --disabled adds it not recording.", cmd_bitmap_add },
+  { "bitmap remove", "NODE NAME", "NODE NAME",
+    "Remove a bitmap (block-dirty-bitmap-remove).",
+    cmd_bitmap_node_name },
+  { "bitmap clear", "NODE NAME", "NODE NAME",
+    "Clear all of a bitmap's bits (block-dirty-bitmap-clear).",
+    cmd_bitmap_node_name },
+  { "bitmap enable", "NODE NAME", "NODE NAME",
+    "Start recording writes in a bitmap (block-dirty-bitmap-enable).",
+    cmd_bitmap_node_name },
+  { "bitmap disable", "NODE NAME", "NODE NAME",
+    "Stop recording writes in a bitmap (block-dirty-bitmap-disable).",
+    cmd_bitmap_node_name },
+  { "bitmap merge", "NODE TARGET SOURCE...", "NODE TARGET SOURCE...",
+    "Set in bitmap TARGET of NODE every granule dirty in a SOURCE "
+    "(block-dirty-bitmap-merge).  A SOURCE is NAME, on NODE, or "
+    "OTHERNODE:NAME; granularities may differ.", cmd_bitmap_merge },
+  { "bitmap list", "[NODE]", "[NODE]",
+    "List the dirty bitmaps of every node, or of NODE "
+    "(query-named-block-nodes).  COUNT is the dirty bytes; a BUSY "
+    "bitmap is exported and cannot be changed; an INCONSISTENT one "
+    "(its image was not closed cleanly) can only be removed.",
+    cmd_bitmap_list },
   { "connections", "", "",
     "List the client connections (query-connections).", cmd_connections },
   { "stats", "", "",

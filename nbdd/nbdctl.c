@@ -71,6 +71,37 @@ ctl_error (const char *fs, ...)
   fprintf (stderr, "nbdctl: %s\n", escaped);
 }
 
+/* Is @c in group @group ("node" for "node add")?  NULL: every group. */
+static bool
+in_group (const struct command *c, const char *group)
+{
+  size_t len;
+
+  if (group == NULL)
+    return true;
+  len = strlen (group);
+  return strncmp (c->name, group, len) == 0 && c->name[len] == ' ';
+}
+
+/* The commands of @group (NULL: all), one or more lines each. */
+static void
+print_commands (FILE *fp, const char *group)
+{
+  for (const struct command *c = commands; c->name; ++c) {
+    int len;
+
+    if (!in_group (c, group))
+      continue;
+    len = fprintf (fp, "  %s%s%s", c->name, *c->brief ? " " : "", c->brief);
+    if (len > 30) {
+      fputc ('\n', fp);
+      len = 0;
+    }
+    fprintf (fp, "%*s", 31 - len, "");
+    print_wrapped (fp, c->help, 31, 31);
+  }
+}
+
 static void
 usage (FILE *fp)
 {
@@ -87,16 +118,7 @@ usage (FILE *fp)
 "  --help, --version\n"
 "\n"
 "Commands (COMMAND --help for its options):\n");
-  for (const struct command *c = commands; c->name; ++c) {
-    int len = fprintf (fp, "  %s%s%s", c->name, *c->brief ? " " : "",
-                       c->brief);
-    if (len > 30) {
-      fputc ('\n', fp);
-      len = 0;
-    }
-    fprintf (fp, "%*s", 31 - len, "");
-    print_wrapped (fp, c->help, 31, 31);
-  }
+  print_commands (fp, NULL);
   fprintf (fp,
 "\n"
 "Sizes take K, M, G and T suffixes (powers of 1024).  The daemon opens\n"
@@ -226,15 +248,28 @@ match_command (const char *name, int argc, char **argv)
   return n;
 }
 
-/* A first word that only starts commands ("node"): list them. */
+/* A first word that only starts commands ("node"): list them, on
+ * stdout for "nbdctl node --help", else as a usage error.
+ */
 static int
 unknown_command (int argc, char **argv)
 {
-  size_t len = strlen (argv[0]);
   bool group = false;
 
+  if (argc == 2 && (strcmp (argv[1], "--help") == 0 ||
+                    strcmp (argv[1], "-h") == 0)) {
+    for (const struct command *c = commands; c->name && !group; ++c)
+      group = in_group (c, argv[0]);
+    if (group) {
+      printf ("Usage: nbdctl [OPTIONS] %s SUBCOMMAND [ARGS]\n"
+              "Subcommands (SUBCOMMAND --help for its options):\n",
+              argv[0]);
+      print_commands (stdout, argv[0]);
+      return EXIT_OK;
+    }
+  }
   for (const struct command *c = commands; c->name; ++c)
-    if (strncmp (c->name, argv[0], len) == 0 && c->name[len] == ' ') {
+    if (in_group (c, argv[0])) {
       if (!group)
         fprintf (stderr, "nbdctl: %s: %s; one of:\n", argv[0],
                  argc > 1 ? "unknown subcommand" : "expected a subcommand");

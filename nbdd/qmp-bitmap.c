@@ -4,6 +4,13 @@
  * its node drained, and registers how to undo itself, so all of them
  * may be actions of a 'transaction'.
  *
+ * Fork and unfork are nbdd's own: a fork freezes a bitmap's bits (for a
+ * backup to read, exported) while a successor records new writes; the
+ * unfork's outcome says whether the backup took the frozen bits
+ * (success: they are dropped, the successor carries on under the
+ * name) or not (failure: the successor is merged back, nothing lost).
+ * Every change is a row of the bitmap's lineage in the catalogue.
+ *
  * A bitmap an export uses is busy: QEMU refuses to change such a
  * bitmap, and so do we (a backup reading it would see it change).  An
  * inconsistent one (loaded from an image not closed cleanly) can only
@@ -21,6 +28,7 @@
 #include <string.h>
 
 #include "bitmap.h"
+#include "catalog.h"
 #include "internal.h"
 #include "log.h"
 #include "options.h"
@@ -54,9 +62,32 @@ lookup (struct qmp_txn *t, struct json_object *args, const char *what,
   return 0;
 }
 
+/* One row of the bitmap's history, in the command's transaction. */
+static int
+lineage (const struct dirty_bitmap *d, const char *parent, const char *event,
+         const char *session, struct error **errp)
+{
+  if (catalog == NULL)
+    return 0;
+  return catalog_lineage_add (catalog, d->node->name, d->name, parent, event,
+                              session, errp);
+}
+
+static int
+not_forked (const struct dirty_bitmap *d, struct error **errp)
+{
+  if (d->successor == NULL)
+    return 0;
+  error_setg (errp, "bitmap '%s' is forked: end the fork first "
+              "(block-dirty-bitmap-unfork)", d->name);
+  return -1;
+}
+
 static int
 not_busy (const struct dirty_bitmap *d, struct error **errp)
 {
+  if (not_forked (d, errp) == -1)
+    return -1;
   if (d->inconsistent) {
     error_setg (errp, "bitmap '%s' is inconsistent (its image was not "
                 "closed cleanly): it can only be removed", d->name);
@@ -149,7 +180,7 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
   txn_step (t, undo_add, NULL, NULL, d);
   if (persistent && dirty_bitmaps_store (node, false, errp) == -1)
     return -1;
-  return 0;
+  return lineage (d, NULL, "add", NULL, errp);
 }
 
 struct removed {
@@ -205,6 +236,9 @@ cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
                 "removed", d->name, d->busy, d->busy == 1 ? "" : "s");
     return -1;
   }
+  if (not_forked (d, errp) == -1 || lineage (d, NULL, "remove", NULL,
+                                             errp) == -1)
+    return -1;
   r = calloc (1, sizeof *r);
   if (r == NULL || txn_reserve (t, 1, errp) == -1 ||
       txn_drain (t, &node, 1, errp) == -1) {
@@ -233,6 +267,8 @@ undo_bits (void *data)
 
   bitmap_clear_all (s->d->bm);
   bitmap_merge (s->d->bm, s->old);
+  if (dirty_bitmap_persist (s->d) < 0)
+    nbdd_warn ("bitmap '%s': restored bits not stored", s->d->name);
 }
 
 static void
@@ -276,7 +312,8 @@ cmd_block_dirty_bitmap_clear (struct qmp_txn *t, struct json_object *args,
       lookup (t, args, "block-dirty-bitmap-clear", "name", &node, &d,
               errp) == -1 ||
       not_busy (d, errp) == -1 ||
-      save_bits (t, node, d, errp) == -1)
+      save_bits (t, node, d, errp) == -1 ||
+      lineage (d, NULL, "clear", NULL, errp) == -1)
     return -1;
   bitmap_clear_all (d->bm);
   return 0;
@@ -363,8 +400,22 @@ cmd_block_dirty_bitmap_merge (struct qmp_txn *t, struct json_object *args,
       save_bits (t, node, d, errp) == -1)
     goto out;
   for (size_t i = 0; i < n; ++i)
-    if (srcs[i] != d)
+    if (srcs[i] != d) {
+      char parent[300];
       bitmap_merge (d->bm, srcs[i]->bm);
+      snprintf (parent, sizeof parent, "%s:%s", srcs[i]->node->name,
+                srcs[i]->name);
+      if (lineage (d, parent, "merge", NULL, errp) == -1)
+        goto out;
+    }
+  /* Merged bits stand for writes the image may already hold: they
+   * must be stored before anyone relies on them.
+   */
+  if (dirty_bitmap_persist (d) < 0) {
+    error_setg (errp, "bitmap '%s': the merged bits could not be stored",
+                d->name);
+    goto out;
+  }
   r = 0;
  out:
   free (srcs);
@@ -441,7 +492,11 @@ dirty_bitmaps_info (const struct node *node)
                                                    (d->bm)));
     json_object_object_add (o, "recording",
                             json_object_new_boolean (d->enabled));
-    json_object_object_add (o, "busy", json_object_new_boolean (d->busy > 0));
+    json_object_object_add (o, "busy",
+                            json_object_new_boolean (d->busy > 0 ||
+                                                     d->successor));
+    json_object_object_add (o, "frozen",
+                            json_object_new_boolean (d->successor != NULL));
     json_object_object_add (o, "persistent",
                             json_object_new_boolean (d->persistent));
     json_object_object_add (o, "inconsistent",
@@ -449,4 +504,189 @@ dirty_bitmaps_info (const struct node *node)
     json_object_array_add (a, o);
   }
   return a;
+}
+
+/* ---- fork, unfork ---- */
+
+static void
+undo_fork (void *data)
+{
+  dirty_bitmap_unfork (data, false);
+}
+
+static const char *const fork_keys[] = { "node", "name", "session", NULL };
+
+int
+cmd_block_dirty_bitmap_fork (struct qmp_txn *t, struct json_object *args,
+                             struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+  const char *session = NULL;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-fork", fork_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-fork", "name", &node, &d,
+              errp) == -1 ||
+      opt_get_string (args, "block-dirty-bitmap-fork", "session", false,
+                      &session, errp) == -1 ||
+      not_busy (d, errp) == -1 ||
+      txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1)
+    return -1;
+  if (dirty_bitmap_fork (d) < 0) {
+    error_setg (errp, "out of memory forking bitmap '%s'", d->name);
+    return -1;
+  }
+  txn_step (t, undo_fork, NULL, NULL, d);
+  return lineage (d, NULL, "fork", session, errp);
+}
+
+/* What an unfork replaced, to put back or free. */
+struct unfork {
+  struct dirty_bitmap *d;
+  struct bitmap *old_bm, *old_successor, *new_bm;
+  bool committed;
+};
+
+static void
+undo_unfork (void *data)
+{
+  struct unfork *u = data;
+
+  if (u->new_bm != u->old_successor)
+    bitmap_free (u->new_bm);
+  u->d->bm = u->old_bm;
+  u->d->successor = u->old_successor;
+}
+
+static void
+commit_unfork (void *data)
+{
+  struct unfork *u = data;
+
+  u->committed = true;
+}
+
+static void
+release_unfork (void *data)
+{
+  struct unfork *u = data;
+
+  if (u->committed) {
+    bitmap_free (u->old_bm);
+    if (u->new_bm != u->old_successor)
+      bitmap_free (u->old_successor);
+  }
+  free (u);
+}
+
+static const char *const unfork_keys[] = { "node", "name", "outcome", NULL };
+
+int
+cmd_block_dirty_bitmap_unfork (struct qmp_txn *t, struct json_object *args,
+                               struct json_object **ret, struct error **errp)
+{
+  struct node *node;
+  struct dirty_bitmap *d;
+  const char *outcome;
+  struct unfork *u;
+  bool success;
+
+  if (opt_check_keys (args, "block-dirty-bitmap-unfork", unfork_keys,
+                      errp) == -1 ||
+      lookup (t, args, "block-dirty-bitmap-unfork", "name", &node, &d,
+              errp) == -1 ||
+      opt_get_string (args, "block-dirty-bitmap-unfork", "outcome", true,
+                      &outcome, errp) == -1)
+    return -1;
+  if (strcmp (outcome, "success") != 0 && strcmp (outcome, "failure") != 0) {
+    error_setg (errp, "outcome must be 'success' or 'failure'");
+    return -1;
+  }
+  success = strcmp (outcome, "success") == 0;
+  if (d->successor == NULL) {
+    error_setg (errp, "bitmap '%s' is not forked", d->name);
+    return -1;
+  }
+  if (d->busy) {
+    error_setg (errp, "bitmap '%s' is exported: delete the export before "
+                "ending the fork", d->name);
+    return -1;
+  }
+  u = calloc (1, sizeof *u);
+  if (u == NULL || txn_reserve (t, 1, errp) == -1 ||
+      txn_drain (t, &node, 1, errp) == -1) {
+    free (u);
+    return -1;
+  }
+  u->d = d;
+  u->old_bm = d->bm;
+  u->old_successor = d->successor;
+  if (success)
+    u->new_bm = d->successor;
+  else {
+    u->new_bm = bitmap_copy (d->bm);
+    if (u->new_bm == NULL) {
+      free (u);
+      error_setg (errp, "out of memory");
+      return -1;
+    }
+    bitmap_merge (u->new_bm, d->successor);
+  }
+  d->bm = u->new_bm;
+  d->successor = NULL;
+  txn_step (t, undo_unfork, commit_unfork, release_unfork, u);
+  return lineage (d, NULL, success ? "unfork-success" : "unfork-failure",
+                  NULL, errp);
+}
+
+/* ---- lineage ---- */
+
+static int
+lineage_row (const struct catalog_lineage *row, void *opaque)
+{
+  struct json_object *o = json_object_new_object ();
+
+  json_object_object_add (o, "id", json_object_new_int64 (row->id));
+  json_object_object_add (o, "node", json_object_new_string (row->node));
+  json_object_object_add (o, "name", json_object_new_string (row->bitmap));
+  json_object_object_add (o, "event", json_object_new_string (row->event));
+  json_object_object_add (o, "parent", row->parent ?
+                          json_object_new_string (row->parent) : NULL);
+  json_object_object_add (o, "session", row->session ?
+                          json_object_new_string (row->session) : NULL);
+  json_object_object_add (o, "time", json_object_new_int64 (row->time));
+  json_object_array_add (opaque, o);
+  return 0;
+}
+
+static const char *const lineage_keys[] = { "node", "name", NULL };
+
+int
+cmd_query_bitmap_lineage (struct qmp_txn *t, struct json_object *args,
+                          struct json_object **ret, struct error **errp)
+{
+  const char *node = NULL, *name = NULL;
+  struct json_object *a;
+
+  if (opt_check_keys (args, "query-bitmap-lineage", lineage_keys,
+                      errp) == -1 ||
+      opt_get_string (args, "query-bitmap-lineage", "node", false, &node,
+                      errp) == -1 ||
+      opt_get_string (args, "query-bitmap-lineage", "name", false, &name,
+                      errp) == -1)
+    return -1;
+  if (catalog == NULL) {
+    error_setg (errp, "no catalogue keeps the lineage: start nbdd with "
+                "--state-dir");
+    return -1;
+  }
+  a = json_object_new_array ();
+  if (catalog_lineage_foreach (catalog, node, name, lineage_row, a,
+                               errp) == -1) {
+    json_object_put (a);
+    return -1;
+  }
+  *ret = a;
+  return 0;
 }

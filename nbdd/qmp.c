@@ -976,6 +976,9 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
                 "memory)", name);
     return -1;
   }
+  /* Stored bitmaps follow the image's size. */
+  if (dirty_bitmaps_store (node, false, errp) == -1)
+    return -1;
   nbdd_info ("node '%s' is now %" PRIu64 " bytes", name, node_size (node));
   return 0;
 }
@@ -1371,6 +1374,11 @@ static const struct command commands[] = {
     CMD_CHANGES | CMD_IN_TXN },
   { "block-dirty-bitmap-merge", cmd_block_dirty_bitmap_merge,
     CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-fork", cmd_block_dirty_bitmap_fork,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "block-dirty-bitmap-unfork", cmd_block_dirty_bitmap_unfork,
+    CMD_CHANGES | CMD_IN_TXN },
+  { "query-bitmap-lineage", cmd_query_bitmap_lineage, 0 },
   { "block-export-del", cmd_block_export_del, CMD_CHANGES | CMD_IN_TXN },
   { "transaction", cmd_transaction, CMD_CHANGES },
   { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },

@@ -51,7 +51,9 @@ typedef int qmp_command_fn (struct qmp_txn *t, struct json_object *args,
 /* qmp-bitmap.c */
 qmp_command_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
   cmd_block_dirty_bitmap_clear, cmd_block_dirty_bitmap_enable,
-  cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge;
+  cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge,
+  cmd_block_dirty_bitmap_fork, cmd_block_dirty_bitmap_unfork,
+  cmd_query_bitmap_lineage;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */
 struct json_object *dirty_bitmaps_info (const struct node *node);
 

@@ -246,16 +246,16 @@ def qemu_bitmap_flags(img, force_share=False):
 
 
 def test_persistent_bitmap_lifecycle(nbdd_server, tmp_path):
-    """A persistent bitmap is in the image as soon as it is added (in use
-    while the daemon has the image), holds what was written when the
-    daemon stops, comes back at the next start, and qemu-img agrees at
-    every step."""
+    """A persistent bitmap is in the image as soon as it is added (and
+    valid all along: write intent keeps it a superset of the writes),
+    holds what was written when the daemon stops, comes back at the
+    next start, and qemu-img agrees at every step."""
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
         img = qcow2_graph(q, tmp_path, size=16 * MiB)
         q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
               persistent=True)
-        assert qemu_bitmap_flags(img, True) == {"p": ["auto", "in-use"]}
+        assert qemu_bitmap_flags(img, True) == {"p": ["auto"]}
         with pytest.raises(QMPError) as e:
             raw_node(q, tmp_path, "r0")
             q.cmd("block-dirty-bitmap-add", node="r0", name="x",
@@ -290,3 +290,126 @@ def test_persistent_bitmap_lifecycle(nbdd_server, tmp_path):
     srv.stop()
     assert qemu_bitmap_flags(img) == {}
     run(["qemu-img", "check", img])
+
+
+def bitmaps_of(q, node):
+    n = {x["node-name"]: x for x in q.cmd("query-named-block-nodes")}[node]
+    return {b["name"]: b for b in n["dirty-bitmaps"]}
+
+
+def test_fork_and_unfork(nbdd_server, tmp_path):
+    """Fork freezes the bits a backup reads (exported) while a successor
+    records new writes; unfork success drops the frozen bits, failure
+    merges the successor back.  Every step is in the lineage."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="inc")
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        w = srv.connect("d0")
+        w.pwrite(b"1" * 4096, 0)
+        q.cmd("block-dirty-bitmap-fork", node="d0", name="inc",
+              session="backup-1")
+        b = bitmaps_of(q, "d0")["inc"]
+        assert b["frozen"] and b["busy"] and b["count"] == 65536
+        for cmd in ("clear", "enable", "disable", "remove"):
+            with pytest.raises(QMPError) as e:
+                q.cmd("block-dirty-bitmap-" + cmd, node="d0", name="inc")
+            assert "forked" in e.value.desc
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-fork", node="d0", name="inc")
+        assert "forked" in e.value.desc
+        # Written during the backup: not in the frozen bits.
+        w.pwrite(b"2" * 4096, MiB)
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "bk",
+                                        "node-name": "d0", "name": "bk",
+                                        "bitmaps": ["inc"]})
+        h = connect_ctx(srv, "bk", [CONTEXT + "inc"])
+        assert dirty_map(h, "inc", 4 * MiB) == [(0, 65536)]
+        h.shutdown()
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-unfork", node="d0", name="inc",
+                  outcome="success")
+        assert "exported" in e.value.desc
+        q.cmd("block-export-del", id="bk")
+        # The backup failed: nothing is lost.
+        q.cmd("block-dirty-bitmap-unfork", node="d0", name="inc",
+              outcome="failure")
+        b = bitmaps_of(q, "d0")["inc"]
+        assert not b["frozen"] and b["count"] == 2 * 65536
+        # Again, and this time it succeeds: only what came after stays.
+        q.cmd("block-dirty-bitmap-fork", node="d0", name="inc")
+        w.pwrite(b"3" * 4096, 2 * MiB)
+        q.cmd("block-dirty-bitmap-unfork", node="d0", name="inc",
+              outcome="success")
+        assert bitmaps_of(q, "d0")["inc"]["count"] == 65536
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-unfork", node="d0", name="inc",
+                  outcome="success")
+        assert "not forked" in e.value.desc
+        # A failed transaction undoes a fork and an unfork.
+        q.cmd("block-dirty-bitmap-fork", node="d0", name="inc")
+        with pytest.raises(QMPError):
+            q.cmd("transaction", actions=[
+                {"type": "block-dirty-bitmap-unfork",
+                 "data": {"node": "d0", "name": "inc",
+                          "outcome": "success"}}, FAIL])
+        assert bitmaps_of(q, "d0")["inc"]["frozen"]
+        q.cmd("block-dirty-bitmap-unfork", node="d0", name="inc",
+              outcome="failure")
+        w.shutdown()
+        rows = q.cmd("query-bitmap-lineage", node="d0", name="inc")
+        assert [r["event"] for r in rows] == [
+            "add", "fork", "unfork-failure", "fork", "unfork-success",
+            "fork", "unfork-failure"]
+        assert rows[1]["session"] == "backup-1"
+        assert all(r["time"] > 0 for r in rows)
+        q.cmd("block-dirty-bitmap-add", node="d0", name="other")
+        q.cmd("block-dirty-bitmap-merge", node="d0", target="other",
+              bitmaps=["inc"])
+        rows = q.cmd("query-bitmap-lineage", name="other")
+        assert [(r["event"], r["parent"]) for r in rows] == \
+            [("add", None), ("merge", "d0:inc")]
+
+
+def test_crash_during_a_fork_ends_as_failure(tmp_path):
+    """kill -9 while a persistent bitmap is forked: at the next start
+    the bitmap holds the frozen bits and the successor's (a failed
+    backup), so the next incremental backup is still complete."""
+    import os
+    import signal
+    from conftest import Server
+    from qmp import QMP as Q
+    state = tmp_path / "state"
+    srv = Server(tmp_path, ["--state-dir", str(state)])
+    admin = str(state / "admin.sock")
+    try:
+        with Q(admin) as q:
+            img = qcow2_graph(q, tmp_path, size=16 * MiB)
+            q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
+                  persistent=True)
+            q.cmd("block-export-add", type="nbd", id="e0",
+                  node_name="disk0", writable=True)
+            h = srv.connect("disk0")
+            h.pwrite(b"a" * 4096, 0)
+            q.cmd("block-dirty-bitmap-fork", node="disk0", name="p")
+            h.pwrite(b"b" * 4096, 4 * MiB)
+            h.flush()
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(timeout=20)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        srv.log.close()
+    assert qemu_bitmap_flags(img) == {"p": ["auto"]}
+    os.unlink(tmp_path / "nbdd.pid")      # left by the killed daemon
+    srv = Server(tmp_path, ["--state-dir", str(state)])
+    try:
+        with Q(admin) as q:
+            b = bitmaps_of(q, "disk0")["p"]
+            assert not b["inconsistent"] and not b["frozen"]
+            assert b["count"] == 2 * 65536
+    finally:
+        srv.stop()
