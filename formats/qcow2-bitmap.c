@@ -424,7 +424,12 @@ parse_entry (struct qcow2_state *s, const uint8_t *p, uint64_t left,
                 "byte", index);
     return -1;
   }
-  e->name = strndup (name, name_size);
+  /* Not strndup: the name may end the directory, with no byte after
+   * it to read.
+   */
+  e->name = malloc (name_size + 1);
+  if (e->name)
+    memcpy (e->name, name, name_size), e->name[name_size] = '\0';
   if (e->name == NULL) {
     error_setg_errno (errp, errno, "reading the bitmap directory");
     return -1;
