@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cleanup.h"
@@ -1072,6 +1073,130 @@ cmd_bitmap_merge (struct nbdctl *ctl, const struct command *self, int argc,
   return rc ? rc : done (ctl, ret);
 }
 
+static int
+cmd_bitmap_fork (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  enum { O_SESSION = OPT_FIRST_COMMAND_OPTION };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "session", required_argument, NULL, O_SESSION },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args, *ret = NULL;
+  const char *session = NULL;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0)
+    session = optarg;           /* O_SESSION, the only one */
+  if (c == -1)
+    return rc;
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE NAME");
+  args = jobj ();
+  jadd_str (args, "node", argv[optind]);
+  jadd_str (args, "name", argv[optind + 1]);
+  if (session)
+    jadd_str (args, "session", session);
+  rc = ctl_call (ctl, "block-dirty-bitmap-fork", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_bitmap_unfork (struct nbdctl *ctl, const struct command *self, int argc,
+                   char **argv)
+{
+  enum { O_SUCCESS = OPT_FIRST_COMMAND_OPTION, O_FAILURE };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "success", no_argument, NULL, O_SUCCESS },
+    { "failure", no_argument, NULL, O_FAILURE },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args, *ret = NULL;
+  bool success = false, failure = false;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    if (c == O_SUCCESS)
+      success = true;
+    else
+      failure = true;
+  }
+  if (c == -1)
+    return rc;
+  /* No default: guessing the backup's outcome would lose bits or keep
+   * stale ones.
+   */
+  if (success && failure)
+    return usage_error (self, "give --success or --failure, not both");
+  if (!success && !failure)
+    return usage_error (self, "expected --success or --failure");
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE NAME");
+  args = jobj ();
+  jadd_str (args, "node", argv[optind]);
+  jadd_str (args, "name", argv[optind + 1]);
+  jadd_str (args, "outcome", success ? "success" : "failure");
+  rc = ctl_call (ctl, "block-dirty-bitmap-unfork", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* Seconds since the epoch as ISO 8601 UTC, "-" if absent or out of
+ * range.
+ */
+static const char *
+jtime (struct json_object *o, const char *key, char *buf, size_t len)
+{
+  struct tm tm;
+  int64_t v;
+  time_t t;
+
+  if (!jint (o, key, &v) || v < 0 || (time_t) v != v)
+    return "-";
+  t = v;
+  if (gmtime_r (&t, &tm) == NULL ||
+      strftime (buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+    return "-";
+  return buf;
+}
+
+static void
+lineage_row (struct table *t, struct json_object *e)
+{
+  char id[32], when[64];
+
+  t_add (t, jtext (e, "id", id, sizeof id),
+         jtime (e, "time", when, sizeof when),
+         jstr (e, "node"), jstr (e, "name"), jstr (e, "event"),
+         jstr (e, "parent"), jstr (e, "session"));
+}
+
+static int
+cmd_bitmap_lineage (struct nbdctl *ctl, const struct command *self, int argc,
+                    char **argv)
+{
+  static const char *const headers[] = {
+    "ID", "TIME", "NODE", "NAME", "EVENT", "PARENT", "SESSION", NULL
+  };
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 2, &rc) == -1)
+    return rc;
+  args = jobj ();
+  if (argc - optind >= 1)
+    jadd_str (args, "node", argv[optind]);
+  if (argc - optind == 2)
+    jadd_str (args, "name", argv[optind + 1]);
+  rc = ctl_call (ctl, "query-bitmap-lineage", args, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "rllllll", lineage_row);
+  json_object_put (ret);
+  return rc;
+}
+
 static void
 bitmap_row (struct table *t, struct json_object *b)
 {
@@ -1080,7 +1205,7 @@ bitmap_row (struct table *t, struct json_object *b)
   t_add (t, jstr (b, "node"), jstr (b, "name"),
          jnum (b, "granularity", true, granularity, sizeof granularity),
          jnum (b, "count", true, count, sizeof count),
-         jyesno (b, "recording"), jyesno (b, "busy"),
+         jyesno (b, "recording"), jyesno (b, "busy"), jyesno (b, "frozen"),
          jyesno (b, "persistent"), jyesno (b, "inconsistent"));
 }
 
@@ -1125,7 +1250,7 @@ cmd_bitmap_list (struct nbdctl *ctl, const struct command *self, int argc,
                  char **argv)
 {
   static const char *const headers[] = {
-    "NODE", "NAME", "GRANULARITY", "COUNT", "RECORDING", "BUSY",
+    "NODE", "NAME", "GRANULARITY", "COUNT", "RECORDING", "BUSY", "FROZEN",
     "PERSISTENT", "INCONSISTENT", NULL
   };
   CLEANUP_JSON_PUT struct json_object *nodes = NULL, *list = NULL;
@@ -1152,7 +1277,7 @@ cmd_bitmap_list (struct nbdctl *ctl, const struct command *self, int argc,
     return EXIT_REFUSED;
   }
   list = bitmaps_of_nodes (nodes, only);
-  return print_list (ctl, list, headers, "llrrllll", bitmap_row);
+  return print_list (ctl, list, headers, "llrrlllll", bitmap_row);
 }
 
 /* ---- inspection ---- */
@@ -1379,12 +1504,28 @@ const struct command commands[] = {
     "Set in bitmap TARGET of NODE every granule dirty in a SOURCE "
     "(block-dirty-bitmap-merge).  A SOURCE is NAME, on NODE, or "
     "OTHERNODE:NAME; granularities may differ.", cmd_bitmap_merge },
+  { "bitmap fork", "NODE NAME [--session LABEL]",
+    "NODE NAME [--session LABEL]",
+    "Freeze a bitmap's bits for a backup to export, while a successor "
+    "records new writes (block-dirty-bitmap-fork).  LABEL names the "
+    "backup in the lineage.", cmd_bitmap_fork },
+  { "bitmap unfork", "NODE NAME --success|--failure",
+    "NODE NAME --success|--failure",
+    "End a fork (block-dirty-bitmap-unfork): --success drops the frozen "
+    "bits and the successor carries on under the name; --failure merges "
+    "the successor back, so nothing is lost.  Refused while the bitmap "
+    "is exported.", cmd_bitmap_unfork },
   { "bitmap list", "[NODE]", "[NODE]",
     "List the dirty bitmaps of every node, or of NODE "
     "(query-named-block-nodes).  COUNT is the dirty bytes; a BUSY "
-    "bitmap is exported and cannot be changed; an INCONSISTENT one "
-    "(its image was not closed cleanly) can only be removed.",
-    cmd_bitmap_list },
+    "bitmap is exported or forked and cannot be changed; a FROZEN one "
+    "is forked (see bitmap unfork); an INCONSISTENT one (its image was "
+    "not closed cleanly) can only be removed.", cmd_bitmap_list },
+  { "bitmap lineage", "[NODE [NAME]]", "[NODE [NAME]]",
+    "List, oldest first, every add, remove, clear, merge (PARENT: the "
+    "source, NODE:NAME), fork (SESSION: its label) and unfork of the "
+    "bitmaps, or of NODE's, or of one, as the daemon's catalogue keeps "
+    "them (query-bitmap-lineage).  TIME is UTC.", cmd_bitmap_lineage },
   { "connections", "", "",
     "List the client connections (query-connections).", cmd_connections },
   { "stats", "", "",

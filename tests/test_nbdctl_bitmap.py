@@ -4,6 +4,8 @@ Like test_nbdctl.py, these start the real daemon with a state dir and
 drive it with nbdctl; the bitmaps' effect is checked with libnbd
 writes, nbdinfo --map and qemu-img info."""
 import json
+import re
+import time
 
 import pytest
 
@@ -43,22 +45,22 @@ def test_bitmap_add_list_remove(admin, tmp_path):
     rows = table(ctl(admin.admin, "bitmap", "list").stdout)
     assert rows == [
         {"NODE": "d0", "NAME": "b0", "GRANULARITY": "64K", "COUNT": "0",
-         "RECORDING": "yes", "BUSY": "no", "PERSISTENT": "no",
-         "INCONSISTENT": "no"},
+         "RECORDING": "yes", "BUSY": "no", "FROZEN": "no",
+         "PERSISTENT": "no", "INCONSISTENT": "no"},
         {"NODE": "d0", "NAME": "b1", "GRANULARITY": "4K", "COUNT": "0",
-         "RECORDING": "no", "BUSY": "no", "PERSISTENT": "no",
-         "INCONSISTENT": "no"},
+         "RECORDING": "no", "BUSY": "no", "FROZEN": "no",
+         "PERSISTENT": "no", "INCONSISTENT": "no"},
         {"NODE": "d1", "NAME": "c0", "GRANULARITY": "64K", "COUNT": "0",
-         "RECORDING": "yes", "BUSY": "no", "PERSISTENT": "no",
-         "INCONSISTENT": "no"},
+         "RECORDING": "yes", "BUSY": "no", "FROZEN": "no",
+         "PERSISTENT": "no", "INCONSISTENT": "no"},
     ]
     # One node's only.
     assert [r["NAME"] for r in
             table(ctl(admin.admin, "bitmap", "list", "d1").stdout)] == ["c0"]
     assert bitmaps(admin.admin, "d1") == {("d1", "c0"): {
         "node": "d1", "name": "c0", "count": 0, "granularity": 65536,
-        "recording": True, "busy": False, "persistent": False,
-        "inconsistent": False}}
+        "recording": True, "busy": False, "frozen": False,
+        "persistent": False, "inconsistent": False}}
     p = ctl(admin.admin, "bitmap", "list", "nope", expect=1)
     assert p.stderr == ("nbdctl: bitmap list: no node named 'nope' (see "
                         "nbdctl node list)\n")
@@ -74,8 +76,8 @@ def test_bitmap_add_list_remove(admin, tmp_path):
     # No bitmaps: just the header.
     ctl(admin.admin, "bitmap", "remove", "d0", "b1")
     assert ctl(admin.admin, "bitmap", "list", "d0").stdout.splitlines() \
-        == ["NODE  NAME  GRANULARITY  COUNT  RECORDING  BUSY  PERSISTENT  "
-            "INCONSISTENT"]
+        == ["NODE  NAME  GRANULARITY  COUNT  RECORDING  BUSY  FROZEN  "
+            "PERSISTENT  INCONSISTENT"]
     assert bitmaps(admin.admin, "d0") == {}
 
 
@@ -252,19 +254,192 @@ def test_export_bitmap_shows_writes_and_is_busy(admin, tmp_path):
     assert p.stderr.startswith("nbdctl: ") and "nope" in p.stderr
 
 
+def dirty_runs(srv, export, name):
+    """The dirty ranges nbdinfo --map shows for bitmap @name."""
+    out = run(["nbdinfo", "--json", "--map=" + CONTEXT + name,
+               srv.uri(export)]).stdout
+    return [(e["offset"], e["length"]) for e in json.loads(out)
+            if e["type"] & 1]
+
+
+def test_bitmap_fork_then_unfork_failure(admin, tmp_path):
+    raw_node(admin, tmp_path, "d0")
+    ctl(admin.admin, "export", "add", "d0", "--writable", "--name", "w")
+    ctl(admin.admin, "bitmap", "add", "d0", "inc0")
+    write(admin, "w", b"a" * 4096, 0)
+
+    assert ctl(admin.admin, "bitmap", "fork", "d0", "inc0", "--session",
+               "bk1").stdout == ""
+    row = table(ctl(admin.admin, "bitmap", "list").stdout)[0]
+    assert (row["FROZEN"], row["BUSY"], row["COUNT"]) == ("yes", "yes", "64K")
+    b = bitmaps(admin.admin)[("d0", "inc0")]
+    assert (b["frozen"], b["busy"]) == (True, True)
+    # Frozen, it cannot be changed.
+    p = ctl(admin.admin, "bitmap", "clear", "d0", "inc0", expect=1)
+    assert p.stderr == ("nbdctl: bitmap 'inc0' is forked: end the fork "
+                        "first (block-dirty-bitmap-unfork)\n")
+    p = ctl(admin.admin, "bitmap", "fork", "d0", "inc0", expect=1)
+    assert p.stderr.startswith("nbdctl: bitmap 'inc0' is forked")
+
+    # A write after the fork goes to the successor, not the frozen bits
+    # a backup exports.
+    ctl(admin.admin, "export", "add", "d0", "--name", "backup", "--bitmap",
+        "inc0")
+    write(admin, "w", b"b" * 4096, 2 * MiB)
+    assert dirty_runs(admin, "backup", "inc0") == [(0, 64 * KiB)]
+    assert table(ctl(admin.admin, "bitmap", "list").stdout)[0]["COUNT"] \
+        == "64K"
+    p = ctl(admin.admin, "bitmap", "unfork", "d0", "inc0", "--failure",
+            expect=1)
+    assert p.stderr == ("nbdctl: bitmap 'inc0' is exported: delete the "
+                        "export before ending the fork\n")
+    ctl(admin.admin, "export", "remove", "backup")
+
+    # A failed backup loses nothing: the successor's write is back.
+    assert ctl(admin.admin, "bitmap", "unfork", "d0", "inc0",
+               "--failure").stdout == ""
+    row = table(ctl(admin.admin, "bitmap", "list").stdout)[0]
+    assert (row["FROZEN"], row["BUSY"], row["COUNT"]) == ("no", "no", "128K")
+    ctl(admin.admin, "export", "add", "d0", "--name", "backup", "--bitmap",
+        "inc0")
+    assert dirty_runs(admin, "backup", "inc0") == [(0, 64 * KiB),
+                                                   (2 * MiB, 64 * KiB)]
+
+
+def test_bitmap_fork_then_unfork_success(admin, tmp_path):
+    raw_node(admin, tmp_path, "d0")
+    ctl(admin.admin, "export", "add", "d0", "--writable", "--name", "w")
+    ctl(admin.admin, "bitmap", "add", "d0", "inc0")
+    write(admin, "w", b"a" * 4096, 0)
+    write(admin, "w", b"a" * 4096, MiB)
+    ctl(admin.admin, "bitmap", "fork", "d0", "inc0")
+    write(admin, "w", b"b" * 4096, 3 * MiB)
+    assert bitmaps(admin.admin)[("d0", "inc0")]["count"] == 128 * KiB
+
+    # The backup took the frozen bits: only the later write is left.
+    ctl(admin.admin, "bitmap", "unfork", "d0", "inc0", "--success")
+    row = table(ctl(admin.admin, "bitmap", "list").stdout)[0]
+    assert (row["FROZEN"], row["BUSY"], row["COUNT"]) == ("no", "no", "64K")
+    ctl(admin.admin, "export", "add", "d0", "--name", "backup", "--bitmap",
+        "inc0")
+    assert dirty_runs(admin, "backup", "inc0") == [(3 * MiB, 64 * KiB)]
+
+
+def test_bitmap_unfork_refused(admin, tmp_path):
+    raw_node(admin, tmp_path, "d0")
+    ctl(admin.admin, "bitmap", "add", "d0", "b0")
+    p = ctl(admin.admin, "bitmap", "unfork", "d0", "b0", "--success",
+            expect=1)
+    assert p.stderr == "nbdctl: bitmap 'b0' is not forked\n"
+    p = ctl(admin.admin, "bitmap", "unfork", "d0", "nope", "--failure",
+            expect=1)
+    assert p.stderr == "nbdctl: node 'd0' has no bitmap 'nope'\n"
+    p = ctl(admin.admin, "bitmap", "fork", "d0", "nope", expect=1)
+    assert p.stderr == "nbdctl: node 'd0' has no bitmap 'nope'\n"
+    # An exported bitmap cannot be forked.
+    ctl(admin.admin, "export", "add", "d0", "--bitmap", "b0")
+    p = ctl(admin.admin, "bitmap", "fork", "d0", "b0", expect=1)
+    assert p.stderr == ("nbdctl: bitmap 'b0' is in use by 1 export and "
+                        "cannot be changed\n")
+
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def test_bitmap_lineage(admin, tmp_path):
+    start = int(time.time())
+    raw_node(admin, tmp_path, "d0")
+    raw_node(admin, tmp_path, "d1")
+    for args in (["add", "d0", "b0"], ["add", "d1", "c0"],
+                 ["fork", "d0", "b0", "--session", "bk1"],
+                 ["unfork", "d0", "b0", "--failure"],
+                 ["fork", "d0", "b0", "--session", "bk2"],
+                 ["unfork", "d0", "b0", "--success"],
+                 ["clear", "d0", "b0"], ["merge", "d0", "b0", "d1:c0"],
+                 ["fork", "d0", "b0"], ["unfork", "d0", "b0", "--success"],
+                 ["remove", "d1", "c0"]):
+        ctl(admin.admin, "bitmap", *args)
+    end = int(time.time())
+
+    out = ctl(admin.admin, "bitmap", "lineage").stdout
+    assert out.splitlines()[0].split() == ["ID", "TIME", "NODE", "NAME",
+                                           "EVENT", "PARENT", "SESSION"]
+    rows = table(out)
+    assert [(r["NODE"], r["NAME"], r["EVENT"], r["PARENT"], r["SESSION"])
+            for r in rows] == [
+        ("d0", "b0", "add", "-", "-"),
+        ("d1", "c0", "add", "-", "-"),
+        ("d0", "b0", "fork", "-", "bk1"),
+        ("d0", "b0", "unfork-failure", "-", "-"),
+        ("d0", "b0", "fork", "-", "bk2"),
+        ("d0", "b0", "unfork-success", "-", "-"),
+        ("d0", "b0", "clear", "-", "-"),
+        ("d0", "b0", "merge", "d1:c0", "-"),
+        ("d0", "b0", "fork", "-", "-"),
+        ("d0", "b0", "unfork-success", "-", "-"),
+        ("d1", "c0", "remove", "-", "-"),
+    ]
+    ids = [int(r["ID"]) for r in rows]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+    # --json prints the return value; TIME is its epoch seconds in UTC.
+    v = json.loads(ctl(admin.admin, "--json", "bitmap", "lineage").stdout)
+    assert [e["id"] for e in v] == ids
+    assert v[2] == {"id": ids[2], "node": "d0", "name": "b0",
+                    "event": "fork", "parent": None, "session": "bk1",
+                    "time": v[2]["time"]}
+    for e, r in zip(v, rows):
+        assert start <= e["time"] <= end
+        assert ISO_UTC.match(r["TIME"]), r["TIME"]
+        assert r["TIME"] == time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                          time.gmtime(e["time"]))
+
+    # One node's, one bitmap's.
+    assert [r["EVENT"] for r in
+            table(ctl(admin.admin, "bitmap", "lineage", "d1").stdout)] \
+        == ["add", "remove"]
+    v = json.loads(ctl(admin.admin, "bitmap", "lineage", "d0", "b0",
+                       "--json").stdout)
+    assert [e["event"] for e in v] == [
+        "add", "fork", "unfork-failure", "fork", "unfork-success", "clear",
+        "merge", "fork", "unfork-success"]
+    assert json.loads(ctl(admin.admin, "--json", "bitmap", "lineage", "d0",
+                          "nope").stdout) == []
+    assert table(ctl(admin.admin, "bitmap", "lineage", "nope").stdout) == []
+
+
+def test_bitmap_lineage_is_escaped_in_tables(admin, tmp_path):
+    raw_node(admin, tmp_path, "d0")
+    ctl(admin.admin, "bitmap", "add", "d0", "b\x1b[2J")
+    ctl(admin.admin, "bitmap", "fork", "d0", "b\x1b[2J", "--session",
+        "s\x1b]0;x\x07\n")
+    out = ctl(admin.admin, "bitmap", "lineage").stdout
+    assert "\x1b" not in out and "\x07" not in out
+    rows = table(out)
+    assert [(r["NAME"], r["EVENT"], r["SESSION"]) for r in rows] == [
+        ("b\\x1b[2J", "add", "-"),
+        ("b\\x1b[2J", "fork", "s\\x1b]0;x\\x07\\n")]
+    v = json.loads(ctl(admin.admin, "--json", "bitmap", "lineage").stdout)
+    assert v[1]["session"] == "s\x1b]0;x\x07\n"
+
+
 def test_bitmap_json_output(admin, tmp_path):
     raw_node(admin, tmp_path, "d0")
     for args in (["add", "d0", "a", "--granularity", "64K"],
                  ["add", "d0", "b"], ["disable", "d0", "a"],
                  ["enable", "d0", "a"], ["clear", "d0", "a"],
-                 ["merge", "d0", "a", "b", "d0:b"], ["remove", "d0", "b"]):
+                 ["merge", "d0", "a", "b", "d0:b"], ["remove", "d0", "b"],
+                 ["fork", "d0", "a"], ["unfork", "d0", "a", "--failure"],
+                 ["fork", "d0", "a", "--session", "s"],
+                 ["unfork", "d0", "a", "--success"]):
         p = ctl(admin.admin, "--json", "bitmap", *args)
         assert json.loads(p.stdout) == {}, args
     # --json after the subcommand, as for every command.
     v = json.loads(ctl(admin.admin, "bitmap", "list", "--json").stdout)
     assert v == [{"node": "d0", "name": "a", "count": 0,
                   "granularity": 65536, "recording": True, "busy": False,
-                  "persistent": False, "inconsistent": False}]
+                  "frozen": False, "persistent": False,
+                  "inconsistent": False}]
     assert json.loads(ctl(admin.admin, "--json", "bitmap", "list",
                           "d0").stdout) == v
     ctl(admin.admin, "export", "add", "d0", "--bitmap", "a")
@@ -285,7 +460,19 @@ def test_bitmap_names_are_escaped_in_tables(admin, tmp_path):
 @pytest.mark.parametrize("args", [
     ["bitmap"],
     ["bitmap", "frob"],
-    ["bitmap", "fork", "d0", "a"],
+    ["bitmap", "fork"],
+    ["bitmap", "fork", "d0"],
+    ["bitmap", "fork", "d0", "a", "b"],
+    ["bitmap", "fork", "d0", "a", "--session"],
+    ["bitmap", "fork", "d0", "a", "--success"],
+    ["bitmap", "unfork", "d0", "a"],
+    ["bitmap", "unfork", "d0", "a", "--success", "--failure"],
+    ["bitmap", "unfork", "d0", "a", "--failure", "--success"],
+    ["bitmap", "unfork", "d0", "--success"],
+    ["bitmap", "unfork", "d0", "a", "b", "--failure"],
+    ["bitmap", "unfork", "d0", "a", "--outcome", "success"],
+    ["bitmap", "lineage", "d0", "a", "b"],
+    ["bitmap", "lineage", "--session", "x"],
     ["bitmap", "add"],
     ["bitmap", "add", "d0"],
     ["bitmap", "add", "d0", "b", "c"],
@@ -329,6 +516,17 @@ def test_bitmap_usage_messages():
                                "expected a bitmap name after the colon\n")
     p = ctl(None, "bitmap", "add", "d0", expect=2)
     assert p.stderr.startswith("nbdctl bitmap add: expected NODE NAME\n")
+    usage = "Usage: nbdctl bitmap unfork NODE NAME --success|--failure\n"
+    p = ctl(None, "bitmap", "unfork", "d0", "b", expect=2)
+    assert p.stderr == ("nbdctl bitmap unfork: expected --success or "
+                        "--failure\n" + usage)
+    p = ctl(None, "bitmap", "unfork", "d0", "b", "--success", "--failure",
+            expect=2)
+    assert p.stderr == ("nbdctl bitmap unfork: give --success or --failure, "
+                        "not both\n" + usage)
+    p = ctl(None, "bitmap", "unfork", "d0", "--failure", expect=2)
+    assert p.stderr == ("nbdctl bitmap unfork: expected NODE NAME\n" +
+                        usage)
 
 
 def test_bitmap_help():
@@ -336,10 +534,12 @@ def test_bitmap_help():
     subs = [line.split()[1] for line in p.stdout.splitlines()
             if line.startswith("  bitmap ")]
     assert subs == ["add", "remove", "clear", "enable", "disable", "merge",
-                    "list"]
+                    "fork", "unfork", "list", "lineage"]
     assert p.stdout.startswith("Usage: nbdctl [OPTIONS] bitmap SUBCOMMAND")
     for sub in subs:
-        assert f"block-dirty-bitmap-{sub}" in p.stdout or sub == "list"
+        assert f"block-dirty-bitmap-{sub}" in p.stdout or \
+            sub in ("list", "lineage")
+    assert "query-bitmap-lineage" in p.stdout
     assert ctl(None, "bitmap", "-h").stdout == p.stdout
     # A group's help is not a command's: still a usage error otherwise.
     ctl(None, "bitmap", "--help", "x", expect=2)
@@ -352,5 +552,16 @@ def test_bitmap_help():
                                "[--granularity SIZE] [--persistent]")
     p = ctl(None, "bitmap", "merge", "--help")
     assert "OTHERNODE:NAME" in p.stdout
+    p = ctl(None, "bitmap", "fork", "--help")
+    assert p.stdout.startswith("Usage: nbdctl bitmap fork NODE NAME "
+                               "[--session LABEL]\n")
+    p = ctl(None, "bitmap", "unfork", "--help")
+    assert p.stdout.startswith("Usage: nbdctl bitmap unfork NODE NAME "
+                               "--success|--failure\n")
+    p = ctl(None, "bitmap", "lineage", "--help")
+    assert p.stdout.startswith("Usage: nbdctl bitmap lineage "
+                               "[NODE [NAME]]\n")
+    p = ctl(None, "bitmap", "list", "--help")
+    assert "FROZEN" in p.stdout
     p = ctl(None, "export", "add", "--help")
     assert "[--bitmap NAME|NODE:NAME]..." in p.stdout
