@@ -134,6 +134,7 @@ enum cat_stmt {
   ST_EXPORT_PUT, ST_EXPORT_DEL, ST_EXPORT_LIST,
   ST_GROUP_PUT, ST_GROUP_DEL, ST_GROUP_LIST,
   ST_AUDIT, ST_AUDIT_COUNT, ST_LINEAGE_ADD, ST_LINEAGE_LIST,
+  ST_BITMAP_PUT, ST_BITMAP_DEL, ST_BITMAP_LIST,
   NR_STMTS
 };
 
@@ -165,6 +166,15 @@ static const char *const stmt_sql[NR_STMTS] = {
   [ST_LINEAGE_ADD] = "INSERT INTO bitmap_lineage "
                      "(node, bitmap, parent_bitmap, event, session) "
                      "VALUES (?1, ?2, ?3, ?4, ?5)",
+  [ST_BITMAP_PUT] = "INSERT INTO bitmaps "
+                    "(node, name, granularity, persistent, enabled) "
+                    "VALUES (?1, ?2, ?3, 1, ?4) "
+                    "ON CONFLICT (node, name) DO UPDATE SET "
+                    "granularity = excluded.granularity, "
+                    "enabled = excluded.enabled",
+  [ST_BITMAP_DEL] = "DELETE FROM bitmaps WHERE node = ?1 AND name = ?2",
+  [ST_BITMAP_LIST] = "SELECT node, name, granularity, enabled FROM bitmaps "
+                     "WHERE persistent = 1 ORDER BY node, name",
   /* ?1/?2 NULL: every node/bitmap. */
   [ST_LINEAGE_LIST] = "SELECT id, node, bitmap, parent_bitmap, event, "
                       "session, time FROM bitmap_lineage "
@@ -1008,6 +1018,84 @@ catalog_lineage_foreach (struct catalog *cat, const char *node,
   }
   if (r != SQLITE_DONE) {
     cat_error (cat, r, errp, "reading the bitmap lineage");
+    ret = -1;
+  }
+  cat_reset (st);
+  cat->in_foreach = false;
+  return ret;
+}
+
+/* ---- persistent bitmaps, for reconciling with the images --------- */
+
+int
+catalog_bitmap_put (struct catalog *cat, const char *node, const char *name,
+                    uint32_t granularity, bool enabled, struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_BITMAP_PUT];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if ((r = sqlite3_bind_text (st, 1, node, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 2, name, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_int64 (st, 3, granularity)) != SQLITE_OK ||
+      (r = sqlite3_bind_int (st, 4, enabled)) != SQLITE_OK ||
+      (r = cat_step_done (st)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "recording bitmap '%s'", name);
+    cat_reset (st);
+    return -1;
+  }
+  cat_reset (st);
+  return 0;
+}
+
+int
+catalog_bitmap_del (struct catalog *cat, const char *node, const char *name,
+                    struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_BITMAP_DEL];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if ((r = sqlite3_bind_text (st, 1, node, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 2, name, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = cat_step_done (st)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "forgetting bitmap '%s'", name);
+    cat_reset (st);
+    return -1;
+  }
+  cat_reset (st);
+  return 0;
+}
+
+int
+catalog_bitmap_foreach (struct catalog *cat, catalog_bitmap_fn fn,
+                        void *opaque, struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_BITMAP_LIST];
+  int r, ret = 0;
+
+  assert (!cat->in_foreach);
+  cat->in_foreach = true;
+  while ((r = sqlite3_step (st)) == SQLITE_ROW) {
+    const char *node = (const char *) sqlite3_column_text (st, 0);
+    const char *name = (const char *) sqlite3_column_text (st, 1);
+    if (node == NULL || name == NULL) {
+      r = sqlite3_errcode (cat->db);
+      break;
+    }
+    if (fn (node, name, (uint32_t) sqlite3_column_int64 (st, 2),
+            sqlite3_column_int (st, 3) != 0, opaque) == -1) {
+      ret = -1;
+      r = SQLITE_DONE;
+      break;
+    }
+  }
+  if (r != SQLITE_DONE) {
+    cat_error (cat, r, errp, "reading bitmaps");
     ret = -1;
   }
   cat_reset (st);

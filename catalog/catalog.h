@@ -8,6 +8,7 @@
 #ifndef NBDD_CATALOG_H
 #define NBDD_CATALOG_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "error.h"
@@ -137,5 +138,19 @@ typedef int (*catalog_lineage_fn) (const struct catalog_lineage *row,
 int catalog_lineage_foreach (struct catalog *cat, const char *node,
                              const char *bitmap, catalog_lineage_fn fn,
                              void *opaque, struct error **errp);
+
+/* The persistent bitmaps the daemon knows of, to find at start those
+ * that changed in the images behind its back.
+ */
+int catalog_bitmap_put (struct catalog *cat, const char *node,
+                        const char *name, uint32_t granularity, bool enabled,
+                        struct error **errp);
+int catalog_bitmap_del (struct catalog *cat, const char *node,
+                        const char *name, struct error **errp);
+typedef int (*catalog_bitmap_fn) (const char *node, const char *name,
+                                  uint32_t granularity, bool enabled,
+                                  void *opaque);
+int catalog_bitmap_foreach (struct catalog *cat, catalog_bitmap_fn fn,
+                            void *opaque, struct error **errp);
 
 #endif /* NBDD_CATALOG_H */

@@ -73,6 +73,18 @@ lineage (const struct dirty_bitmap *d, const char *parent, const char *event,
                               session, errp);
 }
 
+/* A persistent bitmap as the catalogue knows it (to find at start what
+ * changed in the image behind our back).
+ */
+static int
+record (const struct dirty_bitmap *d, struct error **errp)
+{
+  if (catalog == NULL || !d->persistent)
+    return 0;
+  return catalog_bitmap_put (catalog, d->node->name, d->name,
+                             bitmap_granularity (d->bm), d->enabled, errp);
+}
+
 static int
 not_forked (const struct dirty_bitmap *d, struct error **errp)
 {
@@ -180,6 +192,8 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
   txn_step (t, undo_add, NULL, NULL, d);
   if (persistent && dirty_bitmaps_store (node, false, errp) == -1)
     return -1;
+  if (record (d, errp) == -1)
+    return -1;
   return lineage (d, NULL, "add", NULL, errp);
 }
 
@@ -236,8 +250,10 @@ cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
                 "removed", d->name, d->busy, d->busy == 1 ? "" : "s");
     return -1;
   }
-  if (not_forked (d, errp) == -1 || lineage (d, NULL, "remove", NULL,
-                                             errp) == -1)
+  if (not_forked (d, errp) == -1 ||
+      lineage (d, NULL, "remove", NULL, errp) == -1 ||
+      (catalog && d->persistent &&
+       catalog_bitmap_del (catalog, node->name, d->name, errp) == -1))
     return -1;
   r = calloc (1, sizeof *r);
   if (r == NULL || txn_reserve (t, 1, errp) == -1 ||
@@ -458,7 +474,7 @@ set_enabled (struct qmp_txn *t, struct json_object *args, const char *what,
   u->was = d->enabled;
   __atomic_store_n (&d->enabled, enabled, __ATOMIC_RELAXED);
   txn_step (t, undo_flag, NULL, free, u);
-  return 0;
+  return record (d, errp);
 }
 
 int

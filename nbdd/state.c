@@ -10,10 +10,12 @@
  */
 #include <config.h>
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "bitmap.h"
 #include "catalog.h"
 #include "cleanup.h"
 #include "internal.h"
@@ -247,6 +249,139 @@ state_open (void)
   rebuild_nodes ();
 }
 
+/* ---- persistent bitmaps: the catalogue against the images ---- */
+
+struct known {
+  char *node, *name;
+  uint32_t granularity;
+  bool seen;
+};
+
+struct knowns {
+  struct known *v;
+  size_t len, cap;
+};
+
+static int
+collect_bitmap (const char *node, const char *name, uint32_t granularity,
+                bool enabled, void *opaque)
+{
+  struct knowns *k = opaque;
+
+  if (k->len == k->cap) {
+    size_t ncap = k->cap ? 2 * k->cap : 16;
+    struct known *nv = realloc (k->v, ncap * sizeof *nv);
+    if (nv == NULL)
+      return -1;
+    k->v = nv;
+    k->cap = ncap;
+  }
+  k->v[k->len++] = (struct known) { strdup (node), strdup (name),
+                                    granularity, false };
+  return 0;
+}
+
+/* Best effort: a drift is reported in the log and the lineage even if
+ * the catalogue cannot be updated.
+ */
+static void
+drift (const char *node, const char *name, const char *event)
+{
+  struct error *err = NULL;
+
+  if (catalog_lineage_add (catalog, node, name, NULL, event, NULL,
+                           &err) == -1) {
+    nbdd_warn ("catalogue: %s", err->msg);
+    error_free (err);
+  }
+}
+
+static void
+adopt_found (struct node *node, void *opaque)
+{
+  struct knowns *k = opaque;
+  struct error *err = NULL;
+
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next) {
+    bool known = false;
+    if (!d->persistent)
+      continue;
+    for (size_t i = 0; i < k->len; ++i)
+      if (strcmp (k->v[i].node, node->name) == 0 &&
+          strcmp (k->v[i].name, d->name) == 0)
+        known = true;
+    if (known)
+      continue;
+    nbdd_warn ("node '%s': bitmap '%s' is in the image but was not known "
+               "(added by another program?): now it is", node->name,
+               d->name);
+    drift (node->name, d->name, "found");
+    if (catalog_bitmap_put (catalog, node->name, d->name,
+                            bitmap_granularity (d->bm), d->enabled,
+                            &err) == -1) {
+      nbdd_warn ("catalogue: %s", err->msg);
+      error_free (err);
+      err = NULL;
+    }
+  }
+}
+
+/* The persistent bitmaps the catalogue knows against those the images
+ * hold: whatever changed while nbdd was not looking (qemu-img removed
+ * one, or added one, or an image was replaced) is reported, in the log
+ * and as a row of the bitmap's lineage, and never trusted silently: a
+ * bitmap whose granularity changed is marked inconsistent.
+ */
+static void
+reconcile_bitmaps (void)
+{
+  struct knowns k = { 0 };
+  struct error *err = NULL;
+
+  if (catalog_bitmap_foreach (catalog, collect_bitmap, &k, &err) == -1) {
+    nbdd_warn ("catalogue: bitmaps not reconciled: %s",
+               err ? err->msg : "out of memory");
+    error_free (err);
+    goto out;
+  }
+  for (size_t i = 0; i < k.len; ++i) {
+    struct known *r = &k.v[i];
+    struct node *node = r->node ? node_lookup (r->node) : NULL;
+    struct dirty_bitmap *d = node ? dirty_bitmap_find (node, r->name) : NULL;
+
+    if (r->node == NULL || r->name == NULL)
+      continue;
+    if (d == NULL) {
+      nbdd_warn ("node '%s': bitmap '%s' is gone from %s (removed by "
+                 "another program?)", r->node, r->name,
+                 node ? "the image" : "the daemon: no such node");
+      drift (r->node, r->name, "lost");
+      if (catalog_bitmap_del (catalog, r->node, r->name, &err) == -1) {
+        nbdd_warn ("catalogue: %s", err->msg);
+        error_free (err);
+        err = NULL;
+      }
+      continue;
+    }
+    if (bitmap_granularity (d->bm) != r->granularity && !d->inconsistent) {
+      nbdd_warn ("node '%s': bitmap '%s' has a granularity of %" PRIu32
+                 " in the image, %" PRIu32 " when nbdd last saw it: not "
+                 "trusted (inconsistent)", r->node, r->name,
+                 bitmap_granularity (d->bm), r->granularity);
+      d->inconsistent = true;
+      d->enabled = false;
+      drift (r->node, r->name, "changed");
+    }
+  }
+  node_foreach (adopt_found, &k);
+ out:
+  for (size_t i = 0; i < k.len; ++i) {
+    free (k.v[i].node);
+    free (k.v[i].name);
+  }
+  free (k.v);
+}
+
 void
 state_open_exports (void)
 {
@@ -254,6 +389,7 @@ state_open_exports (void)
 
   if (catalog == NULL)
     return;
+  reconcile_bitmaps ();
   if (catalog_throttle_group_foreach (catalog, restore_group, NULL,
                                       &err) == -1 ||
       catalog_export_foreach (catalog, restore_export, NULL, &err) == -1) {

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import run
 from qmp import QMP, QMPError
-from admintools import FAIL, MiB, qcow2_graph, raw_node, start
+from admintools import FAIL, MiB, qcow2_graph, raw_node, restart, start
 
 CONTEXT = "qemu:dirty-bitmap:"
 
@@ -413,3 +413,40 @@ def test_crash_during_a_fork_ends_as_failure(tmp_path):
             assert b["count"] == 2 * 65536
     finally:
         srv.stop()
+
+
+def test_drift_between_catalogue_and_images(nbdd_server, tmp_path):
+    """Bitmaps changed by another program while nbdd was stopped: a
+    removed one and one added are reported (log and lineage) and the
+    catalogue follows; one re-made with another granularity is not
+    trusted."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        img = qcow2_graph(q, tmp_path, size=16 * MiB)
+        for name in ("gone", "regran", "kept"):
+            q.cmd("block-dirty-bitmap-add", node="disk0", name=name,
+                  persistent=True)
+    srv.stop()
+    run(["qemu-img", "bitmap", "--remove", img, "gone"])
+    run(["qemu-img", "bitmap", "--remove", img, "regran"])
+    run(["qemu-img", "bitmap", "--add", "-g", "131072", img, "regran"])
+    run(["qemu-img", "bitmap", "--add", img, "new"])
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        bms = bitmaps_of(q, "disk0")
+        assert sorted(bms) == ["kept", "new", "regran"]
+        assert bms["regran"]["inconsistent"] and not bms["kept"][
+            "inconsistent"] and not bms["new"]["inconsistent"]
+        events = {(r["name"], r["event"]) for r in
+                  q.cmd("query-bitmap-lineage", node="disk0")}
+        assert {("gone", "lost"), ("new", "found"),
+                ("regran", "changed")} <= events
+        assert ("kept", "lost") not in events
+    out = srv.output()
+    assert "bitmap 'gone' is gone from the image" in out
+    assert "bitmap 'new' is in the image but was not known" in out
+    assert "bitmap 'regran' has a granularity of 131072" in out
+    # Reported once: the catalogue now knows.
+    srv = restart(srv, nbdd_server, tmp_path)
+    assert "gone from the image" not in srv.output()
+    assert "was not known" not in srv.output()
