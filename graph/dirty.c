@@ -28,6 +28,42 @@
 
 #define MAX_BITMAP_NAME 1023    /* QEMU's limit (qcow2 stores it) */
 
+/* ---- where a node's persistent bitmaps are kept ---- */
+
+/* In the image (the driver's ops: qcow2), or in a sidecar file in the
+ * state dir for nodes whose image has no room (sidecar.c).
+ */
+struct keeper {
+  int (*list) (struct node *node, struct node_bitmap_info **list,
+               size_t *n, struct error **errp);
+  int (*read) (struct node *node, const char *name, uint64_t offset,
+               uint64_t count, void *buf, struct error **errp);
+  int (*store) (struct node *node, const struct node_bitmap_store *bitmaps,
+                size_t n, struct error **errp);
+  int (*sync) (struct node *node, const char *name, uint64_t offset,
+               uint64_t count,
+               int (*fill) (void *opaque, uint64_t offset, uint64_t count,
+                            void *buf),
+               void *opaque, bool sync, struct error **errp);
+};
+
+static const struct keeper sidecar_keeper = {
+  sidecar_list, sidecar_read, sidecar_store, sidecar_sync,
+};
+
+static struct keeper
+keeper_of (const struct node *node)
+{
+  if (node->drv->bitmaps_list)
+    return (struct keeper) {
+      node->drv->bitmaps_list, node->drv->bitmap_read,
+      node->drv->bitmaps_store, node->drv->bitmap_sync,
+    };
+  if (sidecar_usable (node))
+    return sidecar_keeper;
+  return (struct keeper) { NULL, NULL, NULL, NULL };
+}
+
 /* ---- write intent ---- */
 
 /* Whether the image holds every bit of [offset, offset + count). */
@@ -122,14 +158,14 @@ wi_write (struct node *node, struct dirty_bitmap *d, const struct bitmap *p)
     uint64_t end = bitmap_next_clean (p, off, size);
     if (end == UINT64_MAX)
       end = size;
-    if (node->drv->bitmap_sync (node, d->name, off, end - off, fill_intent,
-                                &f, false, &err) == -1)
+    if (keeper_of (node).sync (node, d->name, off, end - off, fill_intent,
+                               &f, false, &err) == -1)
       r = -EIO;
     off = end;
   }
   if (r == 0 &&
-      node->drv->bitmap_sync (node, d->name, 0, 0, fill_intent, &f, true,
-                              &err) == -1)
+      keeper_of (node).sync (node, d->name, 0, 0, fill_intent, &f, true,
+                             &err) == -1)
     r = -EIO;
   if (r == 0)
     for (size_t i = 0; i < f.len; ++i)
@@ -397,7 +433,7 @@ dirty_bitmaps_resize (struct node *node, uint64_t size)
 bool
 dirty_bitmaps_can_store (const struct node *node)
 {
-  return node->drv->bitmaps_store != NULL && !node->read_only;
+  return keeper_of (node).store != NULL && !node->read_only;
 }
 
 /* One stored bitmap into memory: a chunk of bits at a time. */
@@ -415,7 +451,8 @@ load_bits (struct node *node, struct dirty_bitmap *d, struct error **errp)
   }
   for (uint64_t off = 0; off < size; off += step) {
     uint64_t count = MIN (step, size - off);
-    if (node->drv->bitmap_read (node, d->name, off, count, buf, errp) == -1) {
+    if (keeper_of (node).read (node, d->name, off, count, buf,
+                               errp) == -1) {
       free (buf);
       return -1;
     }
@@ -434,9 +471,9 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
   struct error *err = NULL;
   size_t n;
 
-  if (node->drv->bitmaps_list == NULL || !dirty_bitmaps_autoload)
+  if (keeper_of (node).list == NULL || !dirty_bitmaps_autoload)
     return 0;
-  if (node->drv->bitmaps_list (node, &list, &n, &err) == -1) {
+  if (keeper_of (node).list (node, &list, &n, &err) == -1) {
     /* Broken bitmaps do not stop a read-only node (the driver said
      * so in the log): its data is still good, and it never stores.
      */
@@ -506,7 +543,7 @@ dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
    * writes on disk, so they are never in use; they are stored with
    * room for every bit, to be updated in place.
    */
-  bool intent = !closing && node->drv->bitmap_sync != NULL;
+  bool intent = !closing && keeper_of (node).sync != NULL;
   size_t n = 0, i = 0;
   int r;
 
@@ -529,7 +566,7 @@ dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
         .enabled = d->enabled, .preallocate = intent && !d->inconsistent,
         .fill = fill_bits, .opaque = d,
       };
-  r = node->drv->bitmaps_store (node, v, n, errp);
+  r = keeper_of (node).store (node, v, n, errp);
   free (v);
   if (r == 0)
     node->bitmaps_on_disk = n > 0;

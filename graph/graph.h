@@ -145,6 +145,24 @@ int dirty_bitmaps_store (struct node *node, bool closing,
 /* Whether @node can keep persistent bitmaps. */
 bool dirty_bitmaps_can_store (const struct node *node);
 
+/* sidecar.c: persistent bitmaps of nodes without room in their image,
+ * in DIR/NODE-NAME.bitmaps (no DIR: none).  The functions are the
+ * driver.h bitmap ops'.
+ */
+void dirty_bitmaps_sidecar_dir (const char *dir);
+bool sidecar_usable (const struct node *node);
+int sidecar_list (struct node *node, struct node_bitmap_info **list,
+                  size_t *n, struct error **errp);
+int sidecar_read (struct node *node, const char *name, uint64_t offset,
+                  uint64_t count, void *buf, struct error **errp);
+int sidecar_store (struct node *node, const struct node_bitmap_store *v,
+                   size_t n, struct error **errp);
+int sidecar_sync (struct node *node, const char *name, uint64_t offset,
+                  uint64_t count,
+                  int (*fill) (void *opaque, uint64_t offset, uint64_t count,
+                               void *buf),
+                  void *opaque, bool sync, struct error **errp);
+
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));
 

@@ -219,6 +219,14 @@ main (int argc, char **argv)
   raise_fd_limit ();
   make_state_dir ();
   state_lock ();
+  /* Raw nodes keep their persistent bitmaps here. */
+  if (config.state_dir) {
+    char *dir;
+    if (asprintf (&dir, "%s/bitmaps", config.state_dir) == -1)
+      exit (EXIT_FAILURE);
+    dirty_bitmaps_sidecar_dir (dir);
+    free (dir);
+  }
   if (tls_init (&err) == -1)
     die (err);
   open_cli_nodes ();
@@ -285,6 +293,7 @@ main (int argc, char **argv)
   export_close_all ();
   node_close_all ();
   state_close ();
+  dirty_bitmaps_sidecar_dir (NULL);
   ev_ref (loop);
   ev_signal_stop (loop, &sigterm);
   ev_ref (loop);

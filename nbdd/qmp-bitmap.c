@@ -168,11 +168,12 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
                     &disabled, errp) == -1)
     return -1;
   if (persistent && !dirty_bitmaps_can_store (node)) {
-    error_setg (errp, "node '%s' (driver %s%s) cannot store bitmaps: only "
-                "read-write qcow2 nodes can; add '%.80s' with persistent "
-                "false (it lasts until the daemon stops)", node->name,
-                node->drv->name, node->read_only ? ", read-only" : "",
-                name);
+    error_setg (errp, "node '%s' (driver %s%s) cannot store bitmaps: "
+                "read-write qcow2 nodes can, and other named, writable "
+                "nodes of a daemon with a state dir; add '%.80s' with "
+                "persistent false (it lasts until the daemon stops)",
+                node->name, node->drv->name,
+                node->read_only ? ", read-only" : "", name);
     return -1;
   }
   if (granularity > UINT32_MAX) {

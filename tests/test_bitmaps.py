@@ -8,6 +8,7 @@ import random
 import nbd
 import pytest
 
+from conftest import make_image
 from helpers import run
 from qmp import QMP, QMPError
 from admintools import FAIL, MiB, qcow2_graph, raw_node, restart, start
@@ -256,9 +257,13 @@ def test_persistent_bitmap_lifecycle(nbdd_server, tmp_path):
         q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
               persistent=True)
         assert qemu_bitmap_flags(img, True) == {"p": ["auto"]}
+        ro = make_image(tmp_path / "ro.img", MiB)
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "ro",
+                                    "read-only": True,
+                                    "file": {"driver": "file",
+                                             "filename": ro}})
         with pytest.raises(QMPError) as e:
-            raw_node(q, tmp_path, "r0")
-            q.cmd("block-dirty-bitmap-add", node="r0", name="x",
+            q.cmd("block-dirty-bitmap-add", node="ro", name="x",
                   persistent=True)
         assert "cannot store bitmaps" in e.value.desc
         q.cmd("block-export-add", type="nbd", id="e0", node_name="disk0",
@@ -450,3 +455,79 @@ def test_drift_between_catalogue_and_images(nbdd_server, tmp_path):
     srv = restart(srv, nbdd_server, tmp_path)
     assert "gone from the image" not in srv.output()
     assert "was not known" not in srv.output()
+
+
+def test_raw_node_keeps_persistent_bitmaps_in_a_sidecar(nbdd_server,
+                                                        tmp_path):
+    """A raw node's persistent bitmap lives in STATE_DIR/bitmaps: it
+    comes back after a restart, survives kill -9 with every
+    acknowledged write in it, and a sidecar that belongs to another
+    image is set aside, not loaded."""
+    import os
+    import random
+    import signal
+    from conftest import Server
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="p", persistent=True,
+              granularity=4096)
+        q.cmd("block-export-add", type="nbd", id="e", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+        h.pwrite(b"s" * 10, 100000)
+        h.shutdown()
+    assert (srv.state / "bitmaps" / "d0.bitmaps").exists()
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        p = bitmaps_of(q, "d0")["p"]
+        assert (p["persistent"], p["count"], p["inconsistent"]) == \
+            (True, 4096, False)
+    srv.stop()
+
+    # kill -9 under write load.
+    srv = Server(tmp_path, ["--state-dir", str(srv.state)])
+    rnd = random.Random(7)
+    acked = []
+    try:
+        h = srv.connect("d0")
+        for i in range(200):
+            off = rnd.randrange(0, 4 * MiB // 4096) * 4096
+            h.pwrite(b"k" * 4096, off)
+            acked.append(off)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(timeout=20)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        srv.log.close()
+    os.unlink(tmp_path / "nbdd.pid")
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert not bitmaps_of(q, "d0")["p"]["inconsistent"]
+        q.cmd("block-export-del", id="e")
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "b",
+                                        "node-name": "d0", "name": "b",
+                                        "bitmaps": ["p"]})
+        h = connect_ctx(srv, "b", [CONTEXT + "p"])
+        runs = dirty_map(h, "p", 4 * MiB)
+        h.shutdown()
+        q.cmd("block-export-del", id="b")
+    for off in acked + [98304]:
+        assert any(o <= off < o + n for o, n in runs), off
+    srv.stop()
+
+    # Another image under the same node-name: the sidecar is not its.
+    img = tmp_path / "d0.img"
+    with open(img, "r+b") as f:
+        f.truncate(8 * MiB)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert bitmaps_of(q, "d0") == {}
+        events = [r["event"] for r in q.cmd("query-bitmap-lineage",
+                                            node="d0", name="p")]
+        assert events[-1] == "lost"
+    assert "is not this node's (it is for a node of another size)" in \
+        srv.output()
+    assert (srv.state / "bitmaps" / "d0.bitmaps.stale").exists()
