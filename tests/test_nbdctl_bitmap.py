@@ -4,6 +4,7 @@ Like test_nbdctl.py, these start the real daemon with a state dir and
 drive it with nbdctl; the bitmaps' effect is checked with libnbd
 writes, nbdinfo --map and qemu-img info."""
 import json
+import os
 import re
 import time
 
@@ -133,12 +134,23 @@ def test_bitmap_persistent_in_qcow2(admin, tmp_path):
                            img]).stdout)
     assert info["format-specific"]["data"].get("bitmaps", []) == []
 
-    # A raw node cannot store one.
+    # A raw node keeps one in a sidecar in the state dir.
     raw_node(admin, tmp_path, "d0")
-    p = ctl(admin.admin, "bitmap", "add", "d0", "pb", "--persistent",
+    ctl(admin.admin, "bitmap", "add", "d0", "pb", "--persistent")
+    rows = {r["NAME"]: r for r in
+            table(ctl(admin.admin, "bitmap", "list", "d0").stdout)}
+    assert rows["pb"]["PERSISTENT"] == "yes"
+    assert os.path.exists(os.path.join(os.path.dirname(admin.admin),
+                                       "bitmaps", "d0.bitmaps"))
+    # A read-only node cannot.
+    ro = make_image(tmp_path / "ro.img", MiB)
+    ctl(admin.admin, "node", "add",
+        f"driver=raw,node-name=ro,read-only=on,file.driver=file,"
+        f"file.filename={ro}")
+    p = ctl(admin.admin, "bitmap", "add", "ro", "pb", "--persistent",
             expect=1)
-    assert p.stderr.startswith("nbdctl: node 'd0' (driver raw) cannot "
-                               "store bitmaps")
+    assert p.stderr.startswith("nbdctl: node 'ro' (driver raw, read-only) "
+                               "cannot store bitmaps")
 
 
 def test_bitmap_disable_enable_clear(admin, tmp_path):
