@@ -531,3 +531,37 @@ def test_raw_node_keeps_persistent_bitmaps_in_a_sidecar(nbdd_server,
     assert "is not this node's (it is for a node of another size)" in \
         srv.output()
     assert (srv.state / "bitmaps" / "d0.bitmaps.stale").exists()
+
+
+def test_one_block_status_for_several_contexts(nbdd_server, tmp_path):
+    """An export with two bitmaps: one BLOCK_STATUS returns
+    base:allocation and both qemu:dirty-bitmap contexts, each right."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="a")
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        w = srv.connect("d0")
+        w.pwrite(b"1" * 4096, 0)
+        q.cmd("block-dirty-bitmap-add", node="d0", name="b",
+              granularity=1 << 20)
+        w.pwrite(b"2" * 4096, 2 * MiB)
+        w.shutdown()
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "r",
+                                        "node-name": "d0", "name": "r",
+                                        "bitmaps": ["a", "b"]})
+    h = connect_ctx(srv, "r", ["base:allocation", CONTEXT + "a",
+                               CONTEXT + "b"])
+    got = {}
+
+    def cb(metacontext, off, entries, err):
+        got[metacontext] = list(zip(entries[0::2], entries[1::2]))
+        return 0
+
+    h.block_status(4 * MiB, 0, cb)
+    assert set(got) == {"base:allocation", CONTEXT + "a", CONTEXT + "b"}
+    assert got[CONTEXT + "a"][:3] == [(65536, 1), (2 * MiB - 65536, 0),
+                                      (65536, 1)]
+    assert got[CONTEXT + "b"][:2] == [(2 * MiB, 0), (MiB, 1)]
+    h.shutdown()
