@@ -89,7 +89,6 @@ struct wi_fill {
   struct dirty_bitmap *d;
   struct written *v;
   size_t len, cap;
-  bool nomem;
 };
 
 /* The bits the image must hold: the bitmap's, and while forked its
@@ -232,35 +231,45 @@ wi_persist (struct node *node, struct dirty_bitmap *d, uint64_t offset,
 }
 
 /* After a store with preallocation the image holds exactly the bits in
- * memory: write intent starts (or restarts) from there.
+ * memory: write intent starts (or restarts) from there.  On failure
+ * the bitmap's writes fail (wi_error) rather than go unrecorded.
  */
 static int
 wi_start (struct dirty_bitmap *d)
 {
   if (d->durable == NULL) {
-    d->pending = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
-    d->spare = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
-    d->durable = bitmap_copy (d->bm);
-    if (d->pending == NULL || d->spare == NULL || d->durable == NULL)
-      return -ENOMEM;
-    if (d->successor)
-      bitmap_merge (d->durable, d->successor);
     pthread_mutex_init (&d->wi_lock, NULL);
     pthread_cond_init (&d->wi_cond, NULL);
-    return 0;
+    d->pending = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+    d->spare = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+    d->durable = bitmap_new (bitmap_size (d->bm), bitmap_granularity (d->bm));
+    if (d->pending == NULL || d->spare == NULL || d->durable == NULL) {
+      d->wi_error = -ENOMEM;
+      return -ENOMEM;
+    }
   }
   /* Drained: nothing waits or flushes now. */
-  if (bitmap_resize (d->durable, bitmap_size (d->bm)) < 0 ||
-      bitmap_resize (d->pending, bitmap_size (d->bm)) < 0 ||
-      bitmap_resize (d->spare, bitmap_size (d->bm)) < 0)
+  else if (bitmap_resize (d->durable, bitmap_size (d->bm)) < 0 ||
+           bitmap_resize (d->pending, bitmap_size (d->bm)) < 0 ||
+           bitmap_resize (d->spare, bitmap_size (d->bm)) < 0) {
+    d->wi_error = -ENOMEM;
     return -ENOMEM;
+  }
+  d->wi_error = 0;
+  dirty_bitmap_rebase (d);
+  bitmap_clear_all (d->pending);
+  return 0;
+}
+
+void
+dirty_bitmap_rebase (struct dirty_bitmap *d)
+{
+  if (d->durable == NULL)
+    return;
   bitmap_clear_all (d->durable);
   bitmap_merge (d->durable, d->bm);
   if (d->successor)
     bitmap_merge (d->durable, d->successor);
-  bitmap_clear_all (d->pending);
-  d->wi_error = 0;
-  return 0;
 }
 
 static void
@@ -328,6 +337,15 @@ dirty_bitmap_create (struct node *node, const char *name,
   if (dirty_bitmap_find (node, name)) {
     error_setg (errp, "node '%s' already has a bitmap '%.80s'", node->name,
                 name);
+    return NULL;
+  }
+  /* A format's file grows with the format's metadata: what a guest
+   * wrote is recorded by a bitmap on the format node.
+   */
+  if (node->growable) {
+    error_setg (errp, "node '%s' is the file of a writable format node "
+                "and grows with it: put the bitmap on the format node",
+                node->name);
     return NULL;
   }
   if (granularity < 512 || granularity > (UINT32_C (1) << 31) ||
@@ -513,7 +531,7 @@ dirty_bitmaps_load (struct node *node, struct error **errp)
   /* Writable: stored again at once, ready for write intent, so that
    * from the first write on a crash leaves them usable.
    */
-  if (n > 0 && dirty_bitmaps_store (node, false, errp) == -1) {
+  if (n > 0 && dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1) {
     dirty_bitmaps_free_all (node);
     node->bitmaps_on_disk = false;
     return -1;
@@ -536,14 +554,17 @@ fill_bits (void *opaque, uint64_t offset, uint64_t count, void *buf)
 }
 
 int
-dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
+dirty_bitmaps_store (struct node *node, enum dirty_store mode,
+                     struct error **errp)
 {
   struct node_bitmap_store *v;
   /* With write intent the stored bits are always a superset of the
    * writes on disk, so they are never in use; they are stored with
-   * room for every bit, to be updated in place.
+   * room for every bit, to be updated in place.  Without a way to
+   * update them in place, or asked to, they are stored in use.
    */
-  bool intent = !closing && keeper_of (node).sync != NULL;
+  bool closing = mode == DIRTY_STORE_FINAL;
+  bool intent = mode == DIRTY_STORE_INTENT && keeper_of (node).sync != NULL;
   size_t n = 0, i = 0;
   int r;
 
@@ -570,9 +591,17 @@ dirty_bitmaps_store (struct node *node, bool closing, struct error **errp)
   free (v);
   if (r == 0)
     node->bitmaps_on_disk = n > 0;
+  /* Stored in use: nothing to keep up to date on disk any more. */
+  if (r == 0 && mode == DIRTY_STORE_IN_USE)
+    for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+      wi_free (d);
   if (r == 0 && intent)
     for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
       if (d->persistent && !d->inconsistent && wi_start (d) < 0) {
+        struct error *err = NULL;
+        /* The image says it holds every write: it must not, now. */
+        if (dirty_bitmaps_store (node, DIRTY_STORE_IN_USE, &err) == -1)
+          error_free (err);
         error_setg (errp, "out of memory for bitmap '%s'", d->name);
         return -1;
       }

@@ -135,13 +135,22 @@ int dirty_bitmaps_resize (struct node *node, uint64_t size);
  */
 extern bool dirty_bitmaps_autoload;
 int dirty_bitmaps_load (struct node *node, struct error **errp);
-/* Store the node's persistent bitmaps in its image: @closing says
- * whether their bits are final (else they are stored in use, as QEMU
- * marks them while an image is open for writing).  Read-write nodes
- * whose driver stores bitmaps; 0, or -1 with errp.
+/* Store the node's persistent bitmaps in its image (or sidecar), as
+ * @mode says.  Read-write nodes that can keep bitmaps; 0, or -1 with
+ * errp.
  */
-int dirty_bitmaps_store (struct node *node, bool closing,
+enum dirty_store {
+  DIRTY_STORE_INTENT,           /* open: preallocated, not in use */
+  DIRTY_STORE_IN_USE,           /* open, bits not kept up to date */
+  DIRTY_STORE_FINAL,            /* closing: exact, not in use */
+};
+int dirty_bitmaps_store (struct node *node, enum dirty_store mode,
                          struct error **errp);
+/* What the image holds has changed under the bits in memory (a clear,
+ * an unfork, drained): say it holds only those.  Safe: a bit the image
+ * holds but 'durable' does not is only written again.
+ */
+void dirty_bitmap_rebase (struct dirty_bitmap *d);
 /* Whether @node can keep persistent bitmaps. */
 bool dirty_bitmaps_can_store (const struct node *node);
 

@@ -120,7 +120,7 @@ node_free (struct node *node)
    * before it closes.
    */
   if ((node->dirty || node->bitmaps_on_disk) &&
-      dirty_bitmaps_store (node, true, &err) == -1) {
+      dirty_bitmaps_store (node, DIRTY_STORE_FINAL, &err) == -1) {
     nbdd_error ("node '%s': bitmaps not stored: %s", node->name, err->msg);
     error_free (err);
   }

@@ -201,6 +201,13 @@ parse (const struct node *node, int fd, struct entry **ep, size_t *np,
       return 1;
     }
   }
+  for (uint32_t i = 0; i < count; ++i)
+    for (uint32_t j = i + 1; j < count; ++j)
+      if (strcmp (e[i].name, e[j].name) == 0) {
+        entries_free (e, count);
+        *why = "it names a bitmap twice";
+        return 1;
+      }
   *ep = e;
   *np = count;
   return 0;
@@ -208,8 +215,8 @@ parse (const struct node *node, int fd, struct entry **ep, size_t *np,
 
 /* Open and parse; a file that is not this node's is set aside. */
 static int
-open_parsed (struct node *node, int flags, int *fdp, struct entry **ep,
-             size_t *np, struct error **errp)
+open_parsed (struct node *node, int flags, bool set_aside, int *fdp,
+             struct entry **ep, size_t *np, struct error **errp)
 {
   CLEANUP_FREE char *path = sidecar_path (node, "");
   const char *why = NULL;
@@ -230,6 +237,14 @@ open_parsed (struct node *node, int flags, int *fdp, struct entry **ep,
     return -1;
   }
   r = parse (node, fd, ep, np, &why, errp);
+  if (r == 1 && !set_aside) {
+    /* On the write path the file is ours: a mismatch is an error, not
+     * a stranger's file.
+     */
+    error_setg (errp, "bitmap sidecar %s: %s", path, why);
+    close (fd);
+    return -1;
+  }
   if (r == 1) {
     CLEANUP_FREE char *stale = sidecar_path (node, ".stale");
     nbdd_warn ("node '%s': bitmap sidecar %s is not this node's (%s): set "
@@ -257,7 +272,7 @@ sidecar_list (struct node *node, struct node_bitmap_info **list, size_t *n,
 
   *list = NULL;
   *n = 0;
-  if (open_parsed (node, O_RDONLY, &fd, &e, &ne, errp) == -1)
+  if (open_parsed (node, O_RDONLY, true, &fd, &e, &ne, errp) == -1)
     return -1;
   if (fd == -1)
     return 0;
@@ -298,7 +313,7 @@ sidecar_read (struct node *node, const char *name, uint64_t offset,
   uint64_t first, bytes;
   int fd, r = -1;
 
-  if (open_parsed (node, O_RDONLY, &fd, &e, &ne, errp) == -1)
+  if (open_parsed (node, O_RDONLY, false, &fd, &e, &ne, errp) == -1)
     return -1;
   x = fd == -1 ? NULL : find (e, ne, name);
   if (x == NULL) {
@@ -334,6 +349,19 @@ put32 (uint8_t *p, uint32_t v) { v = htobe32 (v); memcpy (p, &v, 4); }
 static void
 put64 (uint8_t *p, uint64_t v) { v = htobe64 (v); memcpy (p, &v, 8); }
 
+/* A rename or an unlink in the directory must survive a crash too. */
+static void
+sync_dir (void)
+{
+  int dfd = open (sidecar_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+  if (dfd >= 0) {
+    if (fsync (dfd) == -1)
+      nbdd_warn ("bitmap sidecars: syncing %s: %m", sidecar_dir);
+    close (dfd);
+  }
+}
+
 int
 sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
                struct error **errp)
@@ -344,7 +372,7 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
   CLEANUP_FREE uint8_t *bits = NULL;
   const char *img = image_name (node);
   uint64_t size = node_size (node), hlen, pos, at;
-  int fd, dfd;
+  int fd;
 
   if (path == NULL || tmp == NULL) {
     error_setg (errp, "out of memory");
@@ -355,6 +383,7 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
       error_setg_errno (errp, errno, "removing %s", path);
       return -1;
     }
+    sync_dir ();
     return 0;
   }
   if (mkdir (sidecar_dir, 0700) == -1 && errno != EEXIST) {
@@ -406,18 +435,21 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
     bits = realloc (bits, room);
     if (bits == NULL) {
       close (fd);
+      unlink (tmp);
       error_setg (errp, "out of memory");
       return -1;
     }
     memset (bits, 0, room);
     if (size > 0 && (r = v[i].fill (v[i].opaque, 0, size, bits)) < 0) {
       close (fd);
+      unlink (tmp);
       error_setg_errno (errp, -r, "bitmap '%s'", v[i].name);
       return -1;
     }
     if (full_pwrite (fd, bits, room, at) < 0) {
       error_setg_errno (errp, errno, "writing %s", tmp);
       close (fd);
+      unlink (tmp);
       return -1;
     }
     at += room;
@@ -425,20 +457,16 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
   if (full_pwrite (fd, h, hlen, 0) < 0 || fsync (fd) == -1) {
     error_setg_errno (errp, errno, "writing %s", tmp);
     close (fd);
+    unlink (tmp);
     return -1;
   }
   close (fd);
   if (rename (tmp, path) == -1) {
     error_setg_errno (errp, errno, "renaming %s", tmp);
+    unlink (tmp);
     return -1;
   }
-  /* The rename itself must survive a crash. */
-  dfd = open (sidecar_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    if (fsync (dfd) == -1)
-      nbdd_warn ("bitmap sidecars: syncing %s: %m", sidecar_dir);
-    close (dfd);
-  }
+  sync_dir ();
   return 0;
 }
 
@@ -458,7 +486,7 @@ sidecar_sync (struct node *node, const char *name, uint64_t offset,
   uint8_t buf[BLOCK];
   int fd, r = 0;
 
-  if (open_parsed (node, O_RDWR, &fd, &e, &ne, errp) == -1)
+  if (open_parsed (node, O_RDWR, false, &fd, &e, &ne, errp) == -1)
     return -1;
   x = fd == -1 ? NULL : find (e, ne, name);
   if (x == NULL) {

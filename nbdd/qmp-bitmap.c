@@ -16,10 +16,12 @@
  * inconsistent one (loaded from an image not closed cleanly) can only
  * be removed.
  *
- * Persistent bitmaps live in the node's image (qcow2): adding or
- * removing one stores the node's set at once, so the change is durable
- * when the command returns.  While the image is open their bits on
- * disk are marked in use; they are stored final when the node closes.
+ * Persistent bitmaps live in the node's image (qcow2) or a sidecar:
+ * adding or removing one, or turning it on or off, stores the node's
+ * set at once, so the change is durable when the command returns.
+ * While the node is open the stored bits are a superset of the writes
+ * (write intent, graph/dirty.c); a clear or an unfork shrinks what
+ * the image is taken to hold; the exact bits are stored at close.
  */
 #include <config.h>
 
@@ -120,7 +122,7 @@ store_or_warn (struct node *node, const char *why)
 {
   struct error *err = NULL;
 
-  if (dirty_bitmaps_store (node, false, &err) == -1) {
+  if (dirty_bitmaps_store (node, DIRTY_STORE_INTENT, &err) == -1) {
     nbdd_warn ("node '%s': %s: bitmaps not stored: %s", node->name, why,
                err->msg);
     error_free (err);
@@ -191,7 +193,7 @@ cmd_block_dirty_bitmap_add (struct qmp_txn *t, struct json_object *args,
   }
   dirty_bitmap_link (d);
   txn_step (t, undo_add, NULL, NULL, d);
-  if (persistent && dirty_bitmaps_store (node, false, errp) == -1)
+  if (persistent && dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1)
     return -1;
   if (record (d, errp) == -1)
     return -1;
@@ -265,7 +267,7 @@ cmd_block_dirty_bitmap_remove (struct qmp_txn *t, struct json_object *args,
   r->d = d;
   dirty_bitmap_unlink (d);
   txn_step (t, undo_remove, commit_remove, release_remove, r);
-  if (d->persistent && dirty_bitmaps_store (node, false, errp) == -1)
+  if (d->persistent && dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1)
     return -1;
   return 0;
 }
@@ -333,6 +335,10 @@ cmd_block_dirty_bitmap_clear (struct qmp_txn *t, struct json_object *args,
       lineage (d, NULL, "clear", NULL, errp) == -1)
     return -1;
   bitmap_clear_all (d->bm);
+  /* The image still holds the old bits, but writes from now on must
+   * not count on them: the next flush of a unit rewrites it.
+   */
+  dirty_bitmap_rebase (d);
   return 0;
 }
 
@@ -467,7 +473,11 @@ set_enabled (struct qmp_txn *t, struct json_object *args, const char *what,
       not_busy (d, errp) == -1)
     return -1;
   u = malloc (sizeof *u);
-  if (u == NULL || txn_reserve (t, 1, errp) == -1) {
+  /* Drained: a write that passed the hook while the bitmap was off
+   * must not land after it is on, unrecorded.
+   */
+  if (u == NULL || txn_reserve (t, 1, errp) == -1 ||
+      txn_drain (t, &node, 1, errp) == -1) {
     free (u);
     return -1;
   }
@@ -475,6 +485,10 @@ set_enabled (struct qmp_txn *t, struct json_object *args, const char *what,
   u->was = d->enabled;
   __atomic_store_n (&d->enabled, enabled, __ATOMIC_RELAXED);
   txn_step (t, undo_flag, NULL, free, u);
+  /* The image's 'auto' flag follows at once. */
+  if (d->persistent &&
+      dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1)
+    return -1;
   return record (d, errp);
 }
 
@@ -574,6 +588,7 @@ undo_unfork (void *data)
     bitmap_free (u->new_bm);
   u->d->bm = u->old_bm;
   u->d->successor = u->old_successor;
+  dirty_bitmap_rebase (u->d);
 }
 
 static void
@@ -652,6 +667,7 @@ cmd_block_dirty_bitmap_unfork (struct qmp_txn *t, struct json_object *args,
   }
   d->bm = u->new_bm;
   d->successor = NULL;
+  dirty_bitmap_rebase (d);
   txn_step (t, undo_unfork, commit_unfork, release_unfork, u);
   return lineage (d, NULL, success ? "unfork-success" : "unfork-failure",
                   NULL, errp);

@@ -957,8 +957,19 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
                 node->limits.request_alignment);
     return -1;
   }
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+    if (d->busy) {
+      error_setg (errp, "node '%s': bitmap '%s' is exported: delete the "
+                  "export before resizing", name, d->name);
+      return -1;
+    }
   if (txn_reserve (t, 0, errp) == -1 ||
       txn_drain (t, &node, 1, errp) == -1)
+    return -1;
+  /* Stored bitmaps are sized for the image: until they are stored again
+   * at the new size, they must not look valid.
+   */
+  if (dirty_bitmaps_store (node, DIRTY_STORE_IN_USE, errp) == -1)
     return -1;
   r = node_truncate (node, size);
   if (r == -ENOTSUP && size < node_size (node)) {
@@ -977,7 +988,7 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
     return -1;
   }
   /* Stored bitmaps follow the image's size. */
-  if (dirty_bitmaps_store (node, false, errp) == -1)
+  if (dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1)
     return -1;
   nbdd_info ("node '%s' is now %" PRIu64 " bytes", name, node_size (node));
   return 0;

@@ -371,6 +371,12 @@ reconcile_bitmaps (void)
       d->inconsistent = true;
       d->enabled = false;
       drift (r->node, r->name, "changed");
+      /* In the image too, so that no one else trusts it. */
+      if (dirty_bitmaps_store (node, DIRTY_STORE_INTENT, &err) == -1) {
+        nbdd_warn ("node '%s': %s", r->node, err->msg);
+        error_free (err);
+        err = NULL;
+      }
     }
   }
   node_foreach (adopt_found, &k);

@@ -565,3 +565,101 @@ def test_one_block_status_for_several_contexts(nbdd_server, tmp_path):
                                       (65536, 1)]
     assert got[CONTEXT + "b"][:2] == [(2 * MiB, 0), (MiB, 1)]
     h.shutdown()
+
+
+def kill_and_restart(srv, nbdd_server, tmp_path):
+    import os
+    import signal
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(timeout=20)
+    srv.log.close()
+    srv.stop = lambda: None             # killed on purpose: no checks
+    os.unlink(tmp_path / "nbdd.pid")
+    return start(nbdd_server, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["qcow2", "raw"])
+def test_write_after_clear_is_durable(nbdd_server, tmp_path, kind):
+    """After a clear, writes into granules that were dirty before, and
+    next to them, are in the image's bitmap when they are acknowledged
+    (the race where a concurrent flush rewrites the unit is closed by
+    rebasing what the image is taken to hold at the clear; this test
+    runs the writes one after another); and a disabled bitmap stays
+    disabled across kill -9."""
+    import subprocess
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        if kind == "qcow2":
+            qcow2_graph(q, tmp_path, name="d0", size=16 * MiB)
+        else:
+            raw_node(q, tmp_path, "d0")
+        q.cmd("block-dirty-bitmap-add", node="d0", name="p", persistent=True)
+        q.cmd("block-dirty-bitmap-add", node="d0", name="off",
+              persistent=True)
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+        h.pwrite(b"x" * 4096, 0)            # granule 0: X
+        q.cmd("block-dirty-bitmap-clear", node="d0", name="p")
+        h.pwrite(b"y" * 4096, 65536)        # granule 1: Y, same unit
+        h.pwrite(b"x" * 4096, 0)            # X again: must be durable
+        q.cmd("block-dirty-bitmap-disable", node="d0", name="off")
+        h.shutdown()
+    proc = srv.proc
+    srv = kill_and_restart(srv, nbdd_server, tmp_path)
+    assert proc.returncode == -9
+    with QMP(srv.admin) as q:
+        b = bitmaps_of(q, "d0")
+        assert not b["p"]["inconsistent"]
+        assert b["p"]["count"] == 2 * 65536
+        assert b["off"]["recording"] is False
+        q.cmd("block-dirty-bitmap-remove", node="d0", name="off")
+        q.cmd("block-export-del", id="w")
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "r",
+                                        "node-name": "d0", "name": "r",
+                                        "bitmaps": ["p"]})
+        h = connect_ctx(srv, "r", [CONTEXT + "p"])
+        assert dirty_map(h, "p", 4 * MiB) == [(0, 2 * 65536)]
+        h.shutdown()
+
+
+def test_bitmaps_across_resize(nbdd_server, tmp_path):
+    """Growing a node with a persistent bitmap: the bitmap grows with
+    it, records writes past the old end, and is valid for qemu-img and
+    at the next start; an exported bitmap's node cannot be resized."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        img = qcow2_graph(q, tmp_path, name="d0", size=16 * MiB)
+        q.cmd("block-dirty-bitmap-add", node="d0", name="p", persistent=True)
+        q.cmd_args("block-export-add", {"type": "nbd", "id": "r",
+                                        "node-name": "d0", "name": "r",
+                                        "bitmaps": ["p"]})
+        with pytest.raises(QMPError) as e:
+            q.cmd("block_resize", node_name="d0", size=32 * MiB)
+        assert "exported" in e.value.desc
+        q.cmd("block-export-del", id="r")
+        q.cmd("block_resize", node_name="d0", size=32 * MiB)
+        q.cmd("block-export-add", type="nbd", id="w", node_name="d0",
+              writable=True)
+        h = srv.connect("d0")
+        h.pwrite(b"z" * 4096, 30 * MiB)
+        h.shutdown()
+        assert bitmaps_of(q, "d0")["p"]["count"] == 65536
+        # The file under a writable format grows with it: no bitmaps.
+        f2 = str(tmp_path / "f2.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", f2, "1M"])
+        q.cmd_args("blockdev-add", {"driver": "file", "node-name": "f2",
+                                    "filename": f2})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "q2",
+                                    "file": "f2"})
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-dirty-bitmap-add", node="f2", name="f")
+        assert "put the bitmap on the format node" in e.value.desc
+    assert qemu_bitmap_flags(img, True) == {"p": ["auto"]}
+    srv = restart(srv, nbdd_server, tmp_path)
+    srv.stop()
+    run(["qemu-img", "check", img])
+    out = run(["nbdinfo", "--json", "--map=" + CONTEXT + "p", "--", "[",
+               "qemu-nbd", "-r", "-f", "qcow2", "-B", "p", img, "]"]).stdout
+    assert [(e["offset"], e["length"]) for e in json.loads(out)
+            if e["type"] & 1] == [(30 * MiB, 65536)]
