@@ -12,7 +12,7 @@ import subprocess
 import nbd
 import pytest
 
-from conftest import NBDD, TOP_DIR, free_tcp_port, have, make_image
+from conftest import NBDD, TOP_DIR, free_tcp_port, make_image
 from helpers import run
 
 SAMPLE = os.path.join(TOP_DIR, "etc", "nbdd.conf")
@@ -49,9 +49,8 @@ threads = 2
 foreground = yes
 """)
     nbdd_server(["--config", conf], tcp=False)
-    if have("nbdinfo"):
-        p = run(["nbdinfo", "--size", f"nbd+unix:///disk?socket={sock}"])
-        assert p.stdout.strip() == str(1 << 20)
+    p = run(["nbdinfo", "--size", f"nbd+unix:///disk?socket={sock}"])
+    assert p.stdout.strip() == str(1 << 20)
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///disk?socket={sock}")
     assert h.pread(20, 0) == b"from the config file"
