@@ -219,3 +219,22 @@ monotonic_ns (void)
   clock_gettime (CLOCK_MONOTONIC, &ts);
   return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
+
+bool
+node_name_is_valid (const char *name)
+{
+  size_t len = strlen (name);
+
+  if (len == 0 || len > MAX_NODE_NAME)
+    return false;
+  if (!((name[0] >= 'a' && name[0] <= 'z') ||
+        (name[0] >= 'A' && name[0] <= 'Z')))
+    return false;
+  for (size_t i = 1; i < len; ++i) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
+      return false;
+  }
+  return true;
+}

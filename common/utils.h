@@ -55,6 +55,14 @@ int parse_size (const char *s, uint64_t *r);
 /* on/off/true/false/yes/no/1/0 */
 int parse_bool (const char *s, bool *r);
 
+/* QEMU's rule for node-names, which the daemon and nbdctl share: a
+ * letter, then letters, digits, '-', '.' and '_', at most
+ * MAX_NODE_NAME bytes.  Generated names start with '#', so they can
+ * never collide with a user's.
+ */
+#define MAX_NODE_NAME 128
+bool node_name_is_valid (const char *name);
+
 /* Monotonic time in nanoseconds. */
 uint64_t monotonic_ns (void);
 

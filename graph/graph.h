@@ -52,6 +52,8 @@ void node_close_all (void);
 void node_foreach (void (*fn) (struct node *node, void *opaque),
                    void *opaque);
 
+/* The file @n's data comes from, down its primary children, or NULL. */
+const char *node_filename (const struct node *n);
 /* Every live node, registered or not: follow node->all_next. */
 struct node *node_first (void);
 /* Edges into a node: reserve room (0, or -1 out of memory), then link

@@ -20,7 +20,6 @@
 #include "throttle.h"
 #include "utils.h"
 
-#define MAX_NODE_NAME 128
 
 /* Registered nodes, in creation order.  The registry owns one ref. */
 static struct node **registry;
@@ -37,6 +36,27 @@ node_first (void)
 
 /* node-name -> registered node; keys are the nodes' own names. */
 static struct lh_table *by_name;
+
+/* The file a node reads, found down its primary children. */
+const char *
+node_filename (const struct node *n)
+{
+  struct json_object *v;
+
+  while (n) {
+    const struct node *next = NULL;
+    if (json_object_object_get_ex (n->spec, "filename", &v) &&
+        json_object_is_type (v, json_type_string))
+      return json_object_get_string (v);
+    for (size_t i = 0; i < n->nr_children; ++i)
+      if (n->children[i]->role & CHILD_PRIMARY) {
+        next = n->children[i]->node;
+        break;
+      }
+    n = next;
+  }
+  return NULL;
+}
 
 struct node *
 node_lookup (const char *name)
@@ -153,29 +173,6 @@ node_unref (struct node *node)
   assert (node->refcnt > 0);
   if (--node->refcnt == 0)
     node_free (node);
-}
-
-/* QEMU's rule: a node-name starts with a letter and holds letters,
- * digits, '-', '.', '_'.  Generated names start with '#', so they can
- * never collide with a user's.
- */
-static bool
-node_name_is_valid (const char *name)
-{
-  size_t len = strlen (name);
-
-  if (len == 0 || len > MAX_NODE_NAME)
-    return false;
-  if (!((name[0] >= 'a' && name[0] <= 'z') ||
-        (name[0] >= 'A' && name[0] <= 'Z')))
-    return false;
-  for (size_t i = 1; i < len; ++i) {
-    char c = name[i];
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-          (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
-      return false;
-  }
-  return true;
 }
 
 static int

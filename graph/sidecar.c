@@ -82,27 +82,6 @@ sidecar_path (const struct node *node, const char *suffix)
   return p;
 }
 
-/* The file the node's data comes from, down its primary children. */
-static const char *
-image_name (const struct node *n)
-{
-  struct json_object *v;
-
-  while (n) {
-    const struct node *next = NULL;
-    if (json_object_object_get_ex (n->spec, "filename", &v) &&
-        json_object_is_type (v, json_type_string))
-      return json_object_get_string (v);
-    for (size_t i = 0; i < n->nr_children; ++i)
-      if (n->children[i]->role & CHILD_PRIMARY) {
-        next = n->children[i]->node;
-        break;
-      }
-    n = next;
-  }
-  return "";
-}
-
 struct entry {
   char *name;
   uint32_t granularity, flags;
@@ -132,7 +111,7 @@ parse (const struct node *node, int fd, struct entry **ep, size_t *np,
   CLEANUP_FREE uint8_t *h = NULL;
   uint32_t count, hlen;
   uint64_t file_size, pos;
-  const char *img = image_name (node);
+  const char *img = node_filename (node) ?: "";
   struct stat st;
   struct entry *e;
   uint16_t len;
@@ -370,7 +349,7 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
   CLEANUP_FREE char *tmp = sidecar_path (node, ".tmp");
   CLEANUP_FREE uint8_t *h = NULL;
   CLEANUP_FREE uint8_t *bits = NULL;
-  const char *img = image_name (node);
+  const char *img = node_filename (node) ?: "";
   uint64_t size = node_size (node), hlen, pos, at;
   int fd;
 

@@ -27,7 +27,6 @@
 /* Longest node-name nbdd takes (graph/node.c), and the longest overlay
  * name we make up, which QEMU would take too (its node_name[32]).
  */
-#define MAX_NODE_NAME 128
 #define MAX_MADE_UP_NODE_NAME 31
 
 enum { OPT_JSON = 256, OPT_FIRST_COMMAND_OPTION };
@@ -121,28 +120,6 @@ parse_size_arg (const struct command *self, const char *opt, const char *s,
     return usage_error (self, "--%s: expected a size (a number, optionally "
                         "with K, M, G or T), got '%s'", opt, s);
   return 0;
-}
-
-/* QEMU's rule, which nbdd follows (graph/node.c): a letter, then
- * letters, digits, '-', '.' and '_'.
- */
-static bool
-node_name_is_valid (const char *name)
-{
-  size_t len = strlen (name);
-
-  if (len == 0 || len > MAX_NODE_NAME)
-    return false;
-  if (!((name[0] >= 'a' && name[0] <= 'z') ||
-        (name[0] >= 'A' && name[0] <= 'Z')))
-    return false;
-  for (size_t i = 1; i < len; ++i) {
-    char c = name[i];
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-          (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'))
-      return false;
-  }
-  return true;
 }
 
 /* The daemon has its own working directory: make @path absolute. */

@@ -204,27 +204,6 @@ cmd_blockdev_del (struct qmp_txn *t, struct json_object *args,
   return 0;
 }
 
-/* The file a node reads, found down its primary children. */
-static const char *
-node_filename (const struct node *n)
-{
-  struct json_object *v;
-
-  while (n) {
-    const struct node *next = NULL;
-    if (json_object_object_get_ex (n->spec, "filename", &v) &&
-        json_object_is_type (v, json_type_string))
-      return json_object_get_string (v);
-    for (size_t i = 0; i < n->nr_children; ++i)
-      if (n->children[i]->role & CHILD_PRIMARY) {
-        next = n->children[i]->node;
-        break;
-      }
-    n = next;
-  }
-  return NULL;
-}
-
 static struct json_object *
 node_info (struct node *n)
 {
