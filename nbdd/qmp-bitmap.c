@@ -46,19 +46,18 @@ lookup (struct qmp_txn *t, struct json_object *args, const char *what,
         const char *bitmap_key, struct node **nodep, struct dirty_bitmap **dp,
         struct error **errp)
 {
-  const char *node_name, *name;
+  const char *name;
 
-  if (opt_get_string (args, what, "node", true, &node_name, errp) == -1)
+  if (arg_node (t, args, what, "node", nodep, errp) == -1)
     return -1;
-  if ((*nodep = node_lookup (node_name)) == NULL)
-    return not_found (t, errp, "node", node_name);
   if (bitmap_key == NULL)
     return 0;
   if (opt_get_string (args, what, bitmap_key, true, &name, errp) == -1)
     return -1;
   if ((*dp = dirty_bitmap_find (*nodep, name)) == NULL) {
     t->error_class = "DeviceNotFound";
-    error_setg (errp, "node '%s' has no bitmap '%.80s'", node_name, name);
+    error_setg (errp, "node '%s' has no bitmap '%.80s'", (*nodep)->name,
+                name);
     return -1;
   }
   return 0;

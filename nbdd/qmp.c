@@ -96,6 +96,19 @@ not_found (struct qmp_txn *t, struct error **errp, const char *what,
   return -1;
 }
 
+int
+arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
+          const char *key, struct node **nodep, struct error **errp)
+{
+  const char *name;
+
+  if (opt_get_string (args, what, key, true, &name, errp) == -1)
+    return -1;
+  if ((*nodep = node_lookup (name)) == NULL)
+    return not_found (t, errp, "node", name);
+  return 0;
+}
+
 const char *
 json_text (struct json_object *o)
 {
@@ -182,12 +195,9 @@ cmd_blockdev_del (struct qmp_txn *t, struct json_object *args,
   struct node *node;
 
   if (opt_check_keys (args, "blockdev-del", node_del_keys, errp) == -1 ||
-      opt_get_string (args, "blockdev-del", "node-name", true, &name,
-                      errp) == -1)
+      arg_node (t, args, "blockdev-del", "node-name", &node, errp) == -1)
     return -1;
-  node = node_lookup (name);
-  if (node == NULL)
-    return not_found (t, errp, "node", name);
+  name = node->name;
   if (node->nr_parents > 0) {
     char users[512];
     node_describe_users (node, users, sizeof users);
@@ -631,15 +641,12 @@ cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
 
   if (opt_check_keys (args, "blockdev-insert-node", insert_keys,
                       errp) == -1 ||
-      opt_get_string (args, "blockdev-insert-node", "node", true, &name,
-                      errp) == -1 ||
-      opt_get_string (args, "blockdev-insert-node", "filter", true, &fname,
-                      errp) == -1)
+      arg_node (t, args, "blockdev-insert-node", "node", &node, errp) == -1 ||
+      arg_node (t, args, "blockdev-insert-node", "filter", &filter,
+                errp) == -1)
     return -1;
-  if ((node = node_lookup (name)) == NULL)
-    return not_found (t, errp, "node", name);
-  if ((filter = node_lookup (fname)) == NULL)
-    return not_found (t, errp, "node", fname);
+  name = node->name;
+  fname = filter->name;
   fc = filtered_child (filter);
   if (!filter->drv->is_filter || fc == NULL) {
     error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
@@ -775,11 +782,10 @@ cmd_blockdev_remove_node (struct qmp_txn *t, struct json_object *args,
 
   if (opt_check_keys (args, "blockdev-remove-node", remove_keys,
                       errp) == -1 ||
-      opt_get_string (args, "blockdev-remove-node", "filter", true, &fname,
-                      errp) == -1)
+      arg_node (t, args, "blockdev-remove-node", "filter", &filter,
+                errp) == -1)
     return -1;
-  if ((filter = node_lookup (fname)) == NULL)
-    return not_found (t, errp, "node", fname);
+  fname = filter->name;
   fc = filtered_child (filter);
   if (!filter->drv->is_filter || fc == NULL) {
     error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
@@ -834,15 +840,12 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
 
   if (opt_check_keys (args, "blockdev-snapshot", snapshot_keys,
                       errp) == -1 ||
-      opt_get_string (args, "blockdev-snapshot", "node", true, &name,
-                      errp) == -1 ||
-      opt_get_string (args, "blockdev-snapshot", "overlay", true, &oname,
-                      errp) == -1)
+      arg_node (t, args, "blockdev-snapshot", "node", &node, errp) == -1 ||
+      arg_node (t, args, "blockdev-snapshot", "overlay", &overlay,
+                errp) == -1)
     return -1;
-  if ((node = node_lookup (name)) == NULL)
-    return not_found (t, errp, "node", name);
-  if ((overlay = node_lookup (oname)) == NULL)
-    return not_found (t, errp, "node", oname);
+  name = node->name;
+  oname = overlay->name;
   if (node == overlay) {
     error_setg (errp, "a node cannot be its own "
                 "overlay");
@@ -916,13 +919,11 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
   int r;
 
   if (opt_check_keys (args, "block_resize", resize_keys, errp) == -1 ||
-      opt_get_string (args, "block_resize", "node-name", true, &name,
-                      errp) == -1 ||
+      arg_node (t, args, "block_resize", "node-name", &node, errp) == -1 ||
       opt_get_uint64 (args, "block_resize", "size", true, &size,
                       errp) == -1)
     return -1;
-  if ((node = node_lookup (name)) == NULL)
-    return not_found (t, errp, "node", name);
+  name = node->name;
   for (size_t i = 0; i < node->nr_parents; ++i)
     if (node->parents[i]->parent) {
       error_setg (errp, "node '%s' is used by node '%s': resize the node "

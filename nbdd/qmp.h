@@ -39,6 +39,11 @@ int txn_drain (struct qmp_txn *t, struct node *const *nodes, size_t n,
 /* DeviceNotFound: "@what '@name' does not exist". */
 int not_found (struct qmp_txn *t, struct error **errp, const char *what,
                const char *name);
+/* The existing node named by the string argument @key of @args;
+ * errors say what is wrong (DeviceNotFound for no such node).
+ */
+int arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
+              const char *key, struct node **nodep, struct error **errp);
 /* Compact JSON text (owned by @o). */
 const char *json_text (struct json_object *o);
 
