@@ -23,6 +23,9 @@
 #include "graph.h"
 #include "log.h"
 
+/* Write intent marks the image's bitmap a region at a time. */
+#define WI_REGION (UINT64_C (64) << 20)
+
 /* Bits read from an image per call: 1M granules. */
 #define LOAD_CHUNK_GRANULES (UINT64_C (1) << 20)
 
@@ -87,6 +90,7 @@ struct written {
 
 struct wi_fill {
   struct dirty_bitmap *d;
+  const struct bitmap *intent;  /* whole regions to mark on disk */
   struct written *v;
   size_t len, cap;
 };
@@ -121,8 +125,22 @@ fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
 {
   struct wi_fill *f = opaque;
   size_t bytes = bitmap_serialization_size (f->d->bm, offset, count);
+  uint8_t *b = buf, *whole = malloc (bytes);
 
   serialize_union (f->d, offset, count, buf);
+  /* The regions flushed for are marked whole, and what the image holds
+   * already stays: a superset, which the next writes into those
+   * regions need not flush again.
+   */
+  if (whole == NULL)
+    return -ENOMEM;
+  bitmap_serialize (f->intent, offset, count, whole);
+  for (size_t i = 0; i < bytes; ++i)
+    b[i] |= whole[i];
+  bitmap_serialize (f->d->durable, offset, count, whole);
+  for (size_t i = 0; i < bytes; ++i)
+    b[i] |= whole[i];
+  free (whole);
   if (f->len == f->cap) {
     size_t ncap = f->cap ? 2 * f->cap : 8;
     struct written *nv = realloc (f->v, ncap * sizeof *nv);
@@ -148,7 +166,7 @@ static int
 wi_write (struct node *node, struct dirty_bitmap *d, const struct bitmap *p)
 {
   uint64_t size = bitmap_size (p), off = 0;
-  struct wi_fill f = { .d = d };
+  struct wi_fill f = { .d = d, .intent = p };
   struct error *err = NULL;
   int r = 0;
 
@@ -198,7 +216,20 @@ wi_persist (struct node *node, struct dirty_bitmap *d, uint64_t offset,
     pthread_mutex_unlock (&d->wi_lock);
     return r;
   }
-  bitmap_set (d->pending, offset, count);
+  /* Whole regions, as md's write-intent bitmap does with its chunks:
+   * a burst of writes over a region costs one flush, not one per new
+   * granule.  After a crash the bitmap holds those regions whole (more
+   * to copy, nothing missed); a clean close stores the exact bits.
+   */
+  {
+    uint64_t size = bitmap_size (d->pending);
+    uint64_t unit = MAX ((uint64_t) WI_REGION,
+                         (uint64_t) bitmap_granularity (d->pending));
+    uint64_t start = ROUND_DOWN (MIN (offset, size), unit);
+    uint64_t end = MIN (size, offset + count > size ? size :
+                        ROUND_UP (offset + count, unit));
+    bitmap_set (d->pending, start, end - start);
+  }
   mine = ++d->wi_want;
   while (d->wi_done < mine && d->wi_error == 0) {
     struct bitmap *p;

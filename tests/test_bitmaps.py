@@ -380,7 +380,7 @@ def test_fork_and_unfork(nbdd_server, tmp_path):
 
 def test_crash_during_a_fork_ends_as_failure(tmp_path):
     """kill -9 while a persistent bitmap is forked: at the next start
-    the bitmap holds the frozen bits and the successor's (a failed
+    the bitmap covers the frozen bits and the successor's (a failed
     backup), so the next incremental backup is still complete."""
     import os
     import signal
@@ -391,7 +391,7 @@ def test_crash_during_a_fork_ends_as_failure(tmp_path):
     admin = str(state / "admin.sock")
     try:
         with Q(admin) as q:
-            img = qcow2_graph(q, tmp_path, size=16 * MiB)
+            img = qcow2_graph(q, tmp_path, size=256 * MiB)
             q.cmd("block-dirty-bitmap-add", node="disk0", name="p",
                   persistent=True)
             q.cmd("block-export-add", type="nbd", id="e0",
@@ -399,7 +399,7 @@ def test_crash_during_a_fork_ends_as_failure(tmp_path):
             h = srv.connect("disk0")
             h.pwrite(b"a" * 4096, 0)
             q.cmd("block-dirty-bitmap-fork", node="disk0", name="p")
-            h.pwrite(b"b" * 4096, 4 * MiB)
+            h.pwrite(b"b" * 4096, 200 * MiB)
             h.flush()
             os.kill(srv.proc.pid, signal.SIGKILL)
             srv.proc.wait(timeout=20)
@@ -415,7 +415,9 @@ def test_crash_during_a_fork_ends_as_failure(tmp_path):
         with Q(admin) as q:
             b = bitmaps_of(q, "disk0")["p"]
             assert not b["inconsistent"] and not b["frozen"]
-            assert b["count"] == 2 * 65536
+            # Both writes, the one before the fork and the one after:
+            # the 64 MiB regions write intent marked around each.
+            assert b["count"] == 2 * 64 * MiB
     finally:
         srv.stop()
 
