@@ -260,9 +260,8 @@ int graph_replace_node (struct node *from, struct node *to,
  */
 int graph_move_edges (struct node_child *const *edges, size_t n,
                       struct node *to, struct error **errp);
-/* Write "export 'e0', node 'q' (child 'file')" for @n's users into
- * @buf; returns how many there are.
- */
-size_t node_describe_users (const struct node *n, char *buf, size_t len);
+/* 0 if @n has no users, else -1 with "@what 'NAME' is in use by ...". */
+int node_check_unused (const struct node *n, const char *what,
+                       struct error **errp);
 
 #endif /* NBDD_GRAPH_H */

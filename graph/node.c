@@ -484,12 +484,8 @@ node_delete (const char *name, struct error **errp)
     error_setg (errp, "node '%.80s' does not exist", name);
     return -1;
   }
-  if (node->nr_parents > 0) {
-    char users[512];
-    node_describe_users (node, users, sizeof users);
-    error_setg (errp, "node '%s' is in use by %s", name, users);
+  if (node_check_unused (node, "node", errp) == -1)
     return -1;
-  }
   node_unregister (node);
   node_unref (node);
   return 0;

@@ -388,7 +388,8 @@ graph_replace_node (struct node *from, struct node *to,
   return 0;
 }
 
-size_t
+/* "export 'e0', node 'q' (child 'file')" for @n's users, in @buf. */
+static void
 node_describe_users (const struct node *n, char *buf, size_t len)
 {
   size_t used = 0;
@@ -405,5 +406,17 @@ node_describe_users (const struct node *n, char *buf, size_t len)
       break;
     used += MIN ((size_t) k, len - used - 1);
   }
-  return n->nr_parents;
+}
+
+int
+node_check_unused (const struct node *n, const char *what,
+                   struct error **errp)
+{
+  char users[512];
+
+  if (n->nr_parents == 0)
+    return 0;
+  node_describe_users (n, users, sizeof users);
+  error_setg (errp, "%s '%s' is in use by %s", what, n->name, users);
+  return -1;
 }

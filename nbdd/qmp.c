@@ -198,12 +198,8 @@ cmd_blockdev_del (struct qmp_txn *t, struct json_object *args,
       arg_node (t, args, "blockdev-del", "node-name", &node, errp) == -1)
     return -1;
   name = node->name;
-  if (node->nr_parents > 0) {
-    char users[512];
-    node_describe_users (node, users, sizeof users);
-    error_setg (errp, "node '%s' is in use by %s", name, users);
+  if (node_check_unused (node, "node", errp) == -1)
     return -1;
-  }
   if (txn_reserve (t, 1, errp) == -1)
     return -1;
   /* The registry's reference is now the step's. */
@@ -350,13 +346,8 @@ create_target (struct json_object *opts, struct error **errp)
                   json_object_get_string (ref));
       return NULL;
     }
-    if (node->nr_parents > 0) {
-      char users[512];
-      node_describe_users (node, users, sizeof users);
-      error_setg (errp, "node '%s' is in use by %s",
-                  node->name, users);
+    if (node_check_unused (node, "node", errp) == -1)
       return NULL;
-    }
     node_ref (node);
     return node;
   }
@@ -658,12 +649,8 @@ cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
                 "filters '%s')", fname, name, fc->node->name);
     return -1;
   }
-  if (filter->nr_parents > 0) {
-    char users[512];
-    node_describe_users (filter, users, sizeof users);
-    error_setg (errp, "filter '%s' is already in use by %s", fname, users);
+  if (node_check_unused (filter, "filter", errp) == -1)
     return -1;
-  }
   return replace_users (t, node, filter, filter, errp);
 }
 
@@ -862,13 +849,8 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
                 oname);
     return -1;
   }
-  if (overlay->nr_parents > 0) {
-    char users[512];
-    node_describe_users (overlay, users, sizeof users);
-    error_setg (errp, "overlay '%s' is already in use "
-                "by %s", oname, users);
+  if (node_check_unused (overlay, "overlay", errp) == -1)
     return -1;
-  }
   if (node_size (overlay) < node_size (node)) {
     error_setg (errp, "overlay '%s' (%" PRIu64 " bytes) "
                 "is smaller than node '%s' (%" PRIu64 " bytes)", oname,
