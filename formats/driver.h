@@ -219,6 +219,13 @@ struct node_driver {
                   unsigned flags);
   int (*flush) (struct node *node);
   int (*cache) (struct node *node, uint64_t count, uint64_t offset);
+  /* Optional: the range's written data is at the device (its cache)
+   * when this returns, unflushed: a later FUA write or flush on the
+   * node makes it durable too.  Only where overwriting data written
+   * before needs no metadata; -ENOTSUP (or NULL) elsewhere, which a
+   * call with @count 0 asks without writing anything.
+   */
+  int (*writeback) (struct node *node, uint64_t count, uint64_t offset);
   /* NULL: everything is data. */
   int (*block_status) (struct node *node, uint64_t count, uint64_t offset,
                        struct extent_list *el);
@@ -280,14 +287,18 @@ struct node_driver {
                         struct error **errp);
   /* Optional, any thread: rewrite in place the stored bits of bitmap
    * @name that cover [offset, offset + count), @fill giving them a
-   * stored unit at a time (its whole range), then, with @sync, flush.
+   * stored unit at a time (its whole range), and make those units
+   * durable before returning -- only them: the write-intent path must
+   * not pay for a flush of the guest's data.  @fill returns 0 (the
+   * unit filled), 1 (nothing new there: left unfilled, not to be
+   * rewritten), or -errno.
    * The set was stored with preallocate.  0, or -1 with errp set.
    */
   int (*bitmap_sync) (struct node *node, const char *name, uint64_t offset,
                       uint64_t count,
                       int (*fill) (void *opaque, uint64_t offset,
                                    uint64_t count, void *buf),
-                      void *opaque, bool sync, struct error **errp);
+                      void *opaque, struct error **errp);
 };
 
 /* The node's size, safe to read while a growable node grows. */
@@ -338,6 +349,8 @@ int node_discard (struct node *node, uint64_t count, uint64_t offset,
                   unsigned flags);
 int node_flush (struct node *node);
 int node_cache (struct node *node, uint64_t count, uint64_t offset);
+/* See the driver's writeback: 0, -ENOTSUP, or -errno. */
+int node_writeback (struct node *node, uint64_t count, uint64_t offset);
 /* Fills @el from el->offset; at least one extent on success. */
 int node_block_status (struct node *node, uint64_t count,
                        struct extent_list *el);

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -36,6 +37,10 @@ struct file_state {
   bool is_block;
   bool direct;
   uint32_t alignment;           /* O_DIRECT alignment, else 1 */
+  /* Overwriting written data needs no metadata (a block device, ext4,
+   * XFS): file_writeback may stand in for a sync of a range.
+   */
+  bool in_place;
   /* Latched absences of fast primitives (set once, read racily: a
    * stale 'true' costs one failed syscall).
    */
@@ -106,8 +111,14 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
     error_setg_errno (errp, errno, "file: stat '%s'", filename);
     return -1;
   }
-  if (S_ISREG (st.st_mode))
+  if (S_ISREG (st.st_mode)) {
+    struct statfs fs;
     node->size = st.st_size;
+    s->in_place = fstatfs (s->fd, &fs) == 0 &&
+      (fs.f_type == 0xEF53 /* ext2/3/4 */ ||
+       fs.f_type == 0x58465342 /* XFS */ ||
+       fs.f_type == 0x01021994 /* tmpfs */);
+  }
 #ifdef BLKGETSIZE64
   else if (S_ISBLK (st.st_mode)) {
     uint64_t size;
@@ -117,6 +128,7 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
     }
     node->size = size;
     s->is_block = true;
+    s->in_place = true;
   }
 #endif
   else {
@@ -354,6 +366,29 @@ file_pwrite (struct node *node, const void *buf, uint32_t count,
   return r;
 }
 
+/* Written data of the range to the device, without a device flush:
+ * the next FUA write or flush makes it durable (sync_file_range, which
+ * is only that where overwrites need no metadata).
+ */
+static int
+file_writeback (struct node *node, uint64_t count, uint64_t offset)
+{
+  struct file_state *s = node->opaque;
+
+  if (!s->in_place)
+    return -ENOTSUP;
+  if (count == 0 || s->direct)
+    return 0;                   /* no page cache: at the device already */
+  if (sync_file_range (s->fd, offset, count,
+                       SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                       SYNC_FILE_RANGE_WAIT_AFTER) == -1) {
+    int err = errno == EINTR ? EIO : errno;
+    latch_flush_error (s, err);
+    return -err;
+  }
+  return 0;
+}
+
 /* Try one fallocate mode; latch EOPNOTSUPP.  1 = not supported. */
 static int
 try_fallocate (struct file_state *s, atomic_bool *can, int mode,
@@ -561,6 +596,7 @@ const struct node_driver file_driver = {
   .discard        = file_discard,
   .flush          = file_flush,
   .cache          = file_cache,
+  .writeback      = file_writeback,
   .block_status   = file_block_status,
   .truncate       = file_truncate,
 };

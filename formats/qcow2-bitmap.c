@@ -1388,6 +1388,7 @@ qcow2_bitmaps_store (struct node *node,
     return -1;
   cs = s->info.cluster_size;
 
+  pthread_rwlock_wrlock (&s->bitmaps_lock);
   pthread_mutex_lock (&s->lock);
   b = s->bitmaps;
   /* Nothing stored, nothing to store (a stale extension of a version 2
@@ -1395,6 +1396,7 @@ qcow2_bitmaps_store (struct node *node,
    */
   if (n == 0 && b && (b->state == BM_NONE || b->state == BM_STALE)) {
     pthread_mutex_unlock (&s->lock);
+    pthread_rwlock_unlock (&s->bitmaps_lock);
     return 0;
   }
   if (s->corrupt) {
@@ -1463,6 +1465,7 @@ qcow2_bitmaps_store (struct node *node,
     b->state = BM_BROKEN;
     b->error = strdup ("a bitmap store failed part way");
     pthread_mutex_unlock (&s->lock);
+    pthread_rwlock_unlock (&s->bitmaps_lock);
     return -1;
   }
 
@@ -1484,6 +1487,7 @@ qcow2_bitmaps_store (struct node *node,
   b->n = n;
   b->e = ne;
   pthread_mutex_unlock (&s->lock);
+  pthread_rwlock_unlock (&s->bitmaps_lock);
   if (r < 0)
     nbdd_warn ("qcow2: %s: freeing the old bitmap clusters: %s (they are "
                "leaked)", s->filename, strerror (-r));
@@ -1498,6 +1502,7 @@ qcow2_bitmaps_store (struct node *node,
     free_entry_clusters (s, &ne[i]);
   entries_free (ne, n);
   pthread_mutex_unlock (&s->lock);
+  pthread_rwlock_unlock (&s->bitmaps_lock);
   return -1;
 }
 
@@ -1557,66 +1562,130 @@ qcow2_drv_bitmaps_store (struct node *node,
   return r;
 }
 
+/* The write-intent path rewrites bits a page at a time: a 64 KiB
+ * cluster holds the bits of 32 GiB at the default granularity, and a
+ * burst of new regions rarely needs more than a page of them.
+ */
+#define SYNC_UNIT 4096
+/* Most bytes one write-intent write carries: its pages go in one FUA
+ * write, so one device flush, however many there are.
+ */
+#define SYNC_RUN_MAX (UINT64_C (64) << 10)
+
 /* The write-intent path (graph/dirty.c): a bitmap stored preallocated
  * has a data cluster for every table entry, so newly set bits can be
- * made durable by rewriting just their clusters.  Worker threads call
- * this, under the same lock as the allocator.
+ * made durable by rewriting just their pages, with FUA.  A flush of the
+ * file instead would push out every dirty guest page with them and
+ * cost a writeback per new region.  Changed pages that follow each
+ * other in the file (alloc_contiguous makes clusters so) go in one
+ * write.  Worker threads call this holding only bitmaps_lock (read),
+ * which keeps the clusters the bitmap's.
+ */
+/* Where the file can write back a range unflushed (ext4, XFS, block
+ * devices), the pages go without FUA, are written back together, and
+ * one FUA write (the last run again) makes them all durable: a device
+ * flush covers every write completed before it.  One device flush per
+ * call, however many pages.  Elsewhere each run is a FUA write.
  */
 int
 qcow2_bitmap_sync (struct node *node, const char *name, uint64_t offset,
                    uint64_t count,
                    int (*fill) (void *opaque, uint64_t offset, uint64_t count,
                                 void *buf),
-                   void *opaque, bool sync, struct error **errp)
+                   void *opaque, struct error **errp)
 {
   struct qcow2_state *s = node->opaque;
   const struct qcow2_info *info = &s->info;
-  uint64_t cs = info->cluster_size, size, cover, first, last;
-  CLEANUP_FREE uint8_t *buf = malloc (cs);
+  uint64_t cs = info->cluster_size, unit = MIN (cs, (uint64_t) SYNC_UNIT);
+  uint64_t size, cover, first, last, per_cluster = cs / unit;
+  uint64_t run_host = 0, run_len = 0;
+  uint64_t lo = UINT64_MAX, hi = 0, done_host = 0, done_len = 0;
+  CLEANUP_FREE uint8_t *bufs = NULL;
+  uint8_t *buf, *done = NULL;     /* the run filling, the last written */
+  struct node *file;
+  unsigned flags;
   struct bm_entry *e;
   int r = 0;
 
-  if (buf == NULL) {
-    error_setg_errno (errp, ENOMEM, "qcow2: %s: bitmap '%s'", s->filename,
-                      name);
-    return -1;
-  }
+  pthread_rwlock_rdlock (&s->bitmaps_lock);
   pthread_mutex_lock (&s->lock);
   size = info->size;
+  pthread_mutex_unlock (&s->lock);
   e = find_entry (s->bitmaps, name);
   if (e == NULL || !s->writable) {
-    pthread_mutex_unlock (&s->lock);
+    pthread_rwlock_unlock (&s->bitmaps_lock);
     error_setg (errp, "qcow2: %s: no stored bitmap '%s' to update",
                 s->filename, name);
     return -1;
   }
-  cover = (cs * 8) << e->gran_bits;
+  if (count == 0 || offset >= size) {
+    pthread_rwlock_unlock (&s->bitmaps_lock);
+    return 0;
+  }
+  file = s->file->node;
+  flags = node_writeback (file, 0, 0) == 0 ? 0 : NODE_FUA;
+  cover = (unit * 8) << e->gran_bits;
   first = offset / cover;
-  last = count == 0 || offset >= size ? 0
-    : (MIN (offset + count, size) - 1) / cover;
-  /* count 0: nothing to write, only the flush. */
-  for (uint64_t j = first; count > 0 && offset < size && j <= last && r == 0;
-       ++j) {
-    uint64_t off = j * cover, cnt = MIN (cover, size - off);
+  last = (MIN (offset + count, size) - 1) / cover;
+  /* Two buffers, each with room for the page that ends a full run. */
+  if ((bufs = malloc (2 * (SYNC_RUN_MAX + unit))) == NULL)
+    r = -ENOMEM;
+  buf = bufs;
+  for (uint64_t u = first; u <= last + 1 && r == 0; ++u) {
+    bool end = u > last;
+    uint64_t off = u * cover, cnt = end ? 0 : MIN (cover, size - off);
     uint64_t bits = DIV_ROUND_UP (cnt, UINT64_C (1) << e->gran_bits);
     uint64_t bytes = DIV_ROUND_UP (bits, 8);
-    uint64_t host = j < e->table_size ? e->table[j] : 0;
+    uint64_t j = u / per_cluster;
+    uint64_t host = !end && j < e->table_size ? e->table[j] : 0;
+    uint8_t *c = buf + run_len;
+    int filled = 1;
 
-    if (host == 0 || (host & 1) || !IS_ALIGNED (host, cs)) {
-      r = -ENOTSUP;             /* not stored preallocated */
-      break;
+    if (!end) {
+      if (host == 0 || (host & 1) || !IS_ALIGNED (host, cs)) {
+        r = -ENOTSUP;           /* not stored preallocated */
+        break;
+      }
+      host += (u % per_cluster) * unit;
+      memset (c, 0, unit);
+      if ((filled = fill (opaque, off, cnt, c)) < 0) {
+        r = filled;
+        break;
+      }
     }
-    memset (buf, 0, cs);
-    if ((r = fill (opaque, off, cnt, buf)) < 0)
-      break;
-    memset (buf + bytes, 0, cs - bytes);
+    /* The end, a page with nothing new, one not next to the run in the
+     * file, or a full buffer: the run goes.
+     */
+    if (run_len > 0 &&
+        (filled == 1 || host != run_host + run_len ||
+         run_len + unit > SYNC_RUN_MAX)) {
+      if ((r = node_pwrite (file, buf, run_len, run_host, flags)) < 0)
+        break;
+      done = buf;
+      done_host = run_host;
+      done_len = run_len;
+      lo = MIN (lo, run_host);
+      hi = MAX (hi, run_host + run_len);
+      buf = done == bufs ? bufs + SYNC_RUN_MAX + unit : bufs;
+      if (filled == 0)
+        memcpy (buf, c, unit);  /* this page starts the next run */
+      c = buf;
+      run_len = 0;
+    }
+    if (filled == 1)            /* nothing new */
+      continue;
+    if (run_len == 0)
+      run_host = host;
+    /* The unused tail bits of the last cluster must be zero (spec). */
+    memset (c + bytes, 0, unit - bytes);
     if (bits % 8)
-      buf[bytes - 1] &= (1u << (bits % 8)) - 1;
-    r = node_pwrite (s->file->node, buf, cs, host, 0);
+      c[bytes - 1] &= (1u << (bits % 8)) - 1;
+    run_len += unit;
   }
-  pthread_mutex_unlock (&s->lock);
-  if (r == 0 && sync)
-    r = node_flush (s->file->node);
+  if (r == 0 && done && flags == 0 &&
+      (r = node_writeback (file, hi - lo, lo)) == 0)
+    r = node_pwrite (file, done, done_len, done_host, NODE_FUA);
+  pthread_rwlock_unlock (&s->bitmaps_lock);
   if (r < 0) {
     error_setg_errno (errp, -r, "qcow2: %s: bitmap '%s': writing its bits",
                       s->filename, name);

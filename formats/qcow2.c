@@ -438,6 +438,7 @@ qcow2_open (struct node *node, struct json_object *opts,
   if (has_ro == 1)
     ro = false;
   pthread_mutex_init (&s->lock, NULL);
+  pthread_rwlock_init (&s->bitmaps_lock, NULL);
   pthread_cond_init (&s->inflight_done, NULL);
 
   s->file = node_open_child (node, opts, "file",
@@ -519,6 +520,7 @@ qcow2_close (struct node *node)
   free (s->filename);
   pthread_cond_destroy (&s->inflight_done);
   pthread_mutex_destroy (&s->lock);
+  pthread_rwlock_destroy (&s->bitmaps_lock);
   qcow2_info_free (&s->info);
 }
 

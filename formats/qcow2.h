@@ -237,8 +237,13 @@ struct qcow2_state {
   bool lazy_refcounts;
   bool corrupt;                 /* incompat CORRUPT (lock, once open) */
   struct qcow2_meta_map *meta;  /* lock: where metadata is (writable) */
-  struct qcow2_bitmaps *bitmaps;  /* lock: the bitmap directory, loaded
-                                     and checked at open (qcow2-bitmap.c) */
+  /* The bitmap directory, loaded and checked at open (qcow2-bitmap.c).
+   * Replaced under both bitmaps_lock (write) and lock; read under
+   * either, so the write-intent path (qcow2_bitmap_sync) rewrites bits
+   * without holding up the allocator.
+   */
+  struct qcow2_bitmaps *bitmaps;
+  pthread_rwlock_t bitmaps_lock;
   atomic_uint corrupt_reports;  /* messages logged, to log only a few */
 };
 
@@ -491,14 +496,15 @@ void qcow2_bitmaps_close (struct qcow2_state *s);
 /* Write bitmap @name's bits for the granule-aligned guest range
  * [offset, offset + count) in place: @fill gives the bits of each data
  * cluster's whole guest range (as for a store), and the cluster is
- * rewritten; with @sync the file is then flushed.  The bitmap must have
- * been stored preallocated by this node.  0, or -1 with errp set.
+ * rewritten with FUA, durable on return without flushing the rest of
+ * the file.  The bitmap must have been stored preallocated by this
+ * node.  0, or -1 with errp set.
  */
 int qcow2_bitmap_sync (struct node *node, const char *name, uint64_t offset,
                        uint64_t count,
                        int (*fill) (void *opaque, uint64_t offset,
                                     uint64_t count, void *buf),
-                       void *opaque, bool sync, struct error **errp);
+                       void *opaque, struct error **errp);
 /* The driver.h ops, over the functions above. */
 int qcow2_drv_bitmaps_list (struct node *node, struct node_bitmap_info **list,
                             size_t *n, struct error **errp);

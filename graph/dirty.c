@@ -23,8 +23,22 @@
 #include "graph.h"
 #include "log.h"
 
-/* Write intent marks the image's bitmap a region at a time. */
-#define WI_REGION (UINT64_C (64) << 20)
+/* Write intent marks the image's bitmap a region at a time: 64 MiB, or
+ * on a node over 64 GiB a 1024th of it (a power of 2), so that the
+ * flushes a fresh bitmap costs stay in the hundreds whatever the size.
+ */
+#define WI_REGION_MIN (UINT64_C (64) << 20)
+#define WI_REGIONS_MAX 1024
+
+static uint64_t
+wi_region (const struct bitmap *b)
+{
+  uint64_t r = WI_REGION_MIN, size = bitmap_size (b);
+
+  while (r < size / WI_REGIONS_MAX)
+    r <<= 1;
+  return MAX (r, (uint64_t) bitmap_granularity (b));
+}
 
 /* Bits read from an image per call: 1M granules. */
 #define LOAD_CHUNK_GRANULES (UINT64_C (1) << 20)
@@ -47,7 +61,7 @@ struct keeper {
                uint64_t count,
                int (*fill) (void *opaque, uint64_t offset, uint64_t count,
                             void *buf),
-               void *opaque, bool sync, struct error **errp);
+               void *opaque, struct error **errp);
 };
 
 static const struct keeper sidecar_keeper = {
@@ -127,6 +141,11 @@ fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
   size_t bytes = bitmap_serialization_size (f->d->bm, offset, count);
   uint8_t *b = buf, *whole = malloc (bytes);
 
+  /* A unit with no region to mark is not rewritten: what the image
+   * holds there is what 'durable' says.
+   */
+  if (bitmap_next_dirty (f->intent, offset, offset + count) == UINT64_MAX)
+    return 1;
   serialize_union (f->d, offset, count, buf);
   /* The regions flushed for are marked whole, and what the image holds
    * already stays: a superset, which the next writes into those
@@ -159,8 +178,9 @@ fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
   return 0;
 }
 
-/* One flush: the stored units holding the bits of @p go to the image,
- * which is then flushed, and 'durable' learns what it now holds.
+/* One flush: the stored units holding the bits of @p go durably to
+ * the keeper (only they are flushed, not the guest's data), and
+ * 'durable' learns what it now holds.
  */
 static int
 wi_write (struct node *node, struct dirty_bitmap *d, const struct bitmap *p)
@@ -170,20 +190,22 @@ wi_write (struct node *node, struct dirty_bitmap *d, const struct bitmap *p)
   struct error *err = NULL;
   int r = 0;
 
-  while (r == 0 &&
-         (off = bitmap_next_dirty (p, off, size)) != UINT64_MAX) {
-    uint64_t end = bitmap_next_clean (p, off, size);
-    if (end == UINT64_MAX)
-      end = size;
+  /* One call from the first region to the last: the keeper skips the
+   * units between them that have nothing new, and may write the others
+   * that follow each other in one go (one device flush, not one each).
+   */
+  if ((off = bitmap_next_dirty (p, 0, size)) != UINT64_MAX) {
+    uint64_t end = off, next;
+    while (end < size &&
+           (next = bitmap_next_dirty (p, end, size)) != UINT64_MAX) {
+      end = bitmap_next_clean (p, next, size);
+      if (end == UINT64_MAX)
+        end = size;
+    }
     if (keeper_of (node).sync (node, d->name, off, end - off, fill_intent,
-                               &f, false, &err) == -1)
+                               &f, &err) == -1)
       r = -EIO;
-    off = end;
   }
-  if (r == 0 &&
-      keeper_of (node).sync (node, d->name, 0, 0, fill_intent, &f, true,
-                             &err) == -1)
-    r = -EIO;
   if (r == 0)
     for (size_t i = 0; i < f.len; ++i)
       bitmap_deserialize (d->durable, f.v[i].offset, f.v[i].count,
@@ -223,14 +245,18 @@ wi_persist (struct node *node, struct dirty_bitmap *d, uint64_t offset,
    */
   {
     uint64_t size = bitmap_size (d->pending);
-    uint64_t unit = MAX ((uint64_t) WI_REGION,
-                         (uint64_t) bitmap_granularity (d->pending));
+    uint64_t unit = wi_region (d->pending);
     uint64_t start = ROUND_DOWN (MIN (offset, size), unit);
     uint64_t end = MIN (size, offset + count > size ? size :
                         ROUND_UP (offset + count, unit));
     bitmap_set (d->pending, start, end - start);
   }
   mine = ++d->wi_want;
+  /* The wait holds a worker: say so, so that another one serves the
+   * requests queued meanwhile, and they join the next flush rather
+   * than queue behind this one.
+   */
+  node_io_sleep_begin ();
   while (d->wi_done < mine && d->wi_error == 0) {
     struct bitmap *p;
     uint64_t gen;
@@ -258,6 +284,7 @@ wi_persist (struct node *node, struct dirty_bitmap *d, uint64_t offset,
   }
   r = d->wi_done >= mine ? 0 : d->wi_error;
   pthread_mutex_unlock (&d->wi_lock);
+  node_io_sleep_end ();
   return r;
 }
 

@@ -172,7 +172,7 @@ int sidecar_sync (struct node *node, const char *name, uint64_t offset,
                   uint64_t count,
                   int (*fill) (void *opaque, uint64_t offset, uint64_t count,
                                void *buf),
-                  void *opaque, bool sync, struct error **errp);
+                  void *opaque, struct error **errp);
 
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));

@@ -411,6 +411,18 @@ node_cache (struct node *node, uint64_t count, uint64_t offset)
 }
 
 int
+node_writeback (struct node *node, uint64_t count, uint64_t offset)
+{
+  int r = check_range (node, count, offset);
+
+  if (r < 0)
+    return r;
+  if (node->drv->writeback == NULL)
+    return -ENOTSUP;
+  return node->drv->writeback (node, count, offset);
+}
+
+int
 node_block_status (struct node *node, uint64_t count,
                    struct extent_list *el)
 {

@@ -450,14 +450,15 @@ sidecar_store (struct node *node, const struct node_bitmap_store *v, size_t n,
 }
 
 /* Write intent: the 4 KiB blocks of bits that cover the range, filled
- * and written in place, then (with @sync) flushed.
+ * and written in place, then flushed (a file of bits alone: its flush
+ * costs no guest data).
  */
 int
 sidecar_sync (struct node *node, const char *name, uint64_t offset,
               uint64_t count,
               int (*fill) (void *opaque, uint64_t offset, uint64_t count,
                            void *buf),
-              void *opaque, bool sync, struct error **errp)
+              void *opaque, struct error **errp)
 {
   struct entry *e, *x;
   size_t ne;
@@ -484,6 +485,10 @@ sidecar_sync (struct node *node, const char *name, uint64_t offset,
       memset (buf, 0, sizeof buf);
       if ((r = fill (opaque, off, cnt, buf)) < 0)
         break;
+      if (r == 1) {             /* unchanged */
+        r = 0;
+        continue;
+      }
       if (full_pwrite (fd, buf,
                        DIV_ROUND_UP (DIV_ROUND_UP (cnt, (uint64_t)
                                                    x->granularity), 8),
@@ -491,7 +496,7 @@ sidecar_sync (struct node *node, const char *name, uint64_t offset,
         r = -errno;
     }
   }
-  if (r == 0 && sync && fdatasync (fd) == -1)
+  if (r == 0 && fdatasync (fd) == -1)
     r = -errno;
   close (fd);
   entries_free (e, ne);

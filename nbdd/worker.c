@@ -16,10 +16,12 @@
  * trip through it.
  *
  * A worker that sleeps inside the graph (a throttle holding a request
- * back) says so, and while it sleeps with work queued and nobody idle,
- * an extra worker is started in its place; extras leave when they find
- * nothing to do.  So a throttled client costs threads, not the service
- * of every other client.
+ * back, a write waiting for its dirty bit to be durable) says so: the
+ * requests of its batch not started yet go back to the queue, and
+ * while it sleeps with work queued and nobody idle, an extra worker is
+ * started in its place; extras leave when they find nothing to do.  So
+ * a throttled client costs threads, not the service of every other
+ * client, and writers that wait for one flush all reach it.
  *
  * Locking: runq_lock protects runq, quit, idle_workers, sleeping and
  * nr_extra; done_lock protects done.  A request is owned by exactly one
@@ -31,6 +33,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "internal.h"
 #include "log.h"
@@ -48,6 +51,7 @@ static unsigned sleeping;       /* workers asleep in the graph */
 static unsigned nr_extra;       /* extra workers running */
 static pthread_cond_t extras_gone = PTHREAD_COND_INITIALIZER;
 #define MAX_EXTRA_WORKERS 1024
+#define EXTRA_LINGER_NS 50000000  /* 50 ms */
 
 static pthread_mutex_t done_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct request *done_head, *done_tail;
@@ -100,11 +104,41 @@ maybe_add_worker_locked (void)
   pthread_attr_destroy (&attr);
 }
 
+/* The worker thread's batch: the request running, and the last one. */
+static __thread struct request *running, **batch_last;
+
+/* The requests of this worker's batch that have not started go back to
+ * the head of the queue, for another worker: they must not wait for
+ * this one to wake up.
+ */
+static void
+hand_back_locked (void)
+{
+  struct request *rest, *tail;
+  unsigned n = 1;
+
+  if (running == NULL || running->next == NULL)
+    return;
+  rest = running->next;
+  for (tail = rest; tail->next; tail = tail->next)
+    n++;
+  running->next = NULL;
+  *batch_last = running;
+  tail->next = runq_head;
+  runq_head = rest;
+  if (runq_tail == NULL)
+    runq_tail = tail;
+  runq_len += n;
+  if (idle_workers > 0)
+    pthread_cond_signal (&runq_cond);
+}
+
 static void
 sleep_begin (void)
 {
   pthread_mutex_lock (&runq_lock);
   sleeping++;
+  hand_back_locked ();
   maybe_add_worker_locked ();
   pthread_mutex_unlock (&runq_lock);
 }
@@ -133,6 +167,21 @@ worker_main (void *arg)
       pthread_cond_wait (&runq_cond, &runq_lock);
       idle_workers--;
     }
+    /* An extra lingers a moment: sleepers come in bursts (a flush of
+     * dirty bits), and a thread per sleeper would be the cost.
+     */
+    if (runq_head == NULL && !quit && extra) {
+      struct timespec ts;
+      clock_gettime (CLOCK_REALTIME, &ts);
+      ts.tv_nsec += EXTRA_LINGER_NS;
+      if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+      }
+      idle_workers++;
+      pthread_cond_timedwait (&runq_cond, &runq_lock, &ts);
+      idle_workers--;
+    }
     if (runq_head == NULL) {    /* quit (or an extra out of work) */
       if (extra && --nr_extra == 0)
         pthread_cond_broadcast (&extras_gone);
@@ -156,8 +205,12 @@ worker_main (void *arg)
     pthread_mutex_unlock (&runq_lock);
     last->next = NULL;
 
-    for (req = batch; req; req = req->next)
+    batch_last = &last;
+    for (req = batch; req; req = req->next) {
+      running = req;
       request_run (req);
+    }
+    running = NULL;
     /* Send the replies from here, one writev per connection: the loop
      * thread has enough to do, and this saves a trip through it.
      */
