@@ -135,6 +135,7 @@ enum cat_stmt {
   ST_GROUP_PUT, ST_GROUP_DEL, ST_GROUP_LIST,
   ST_AUDIT, ST_AUDIT_COUNT, ST_LINEAGE_ADD, ST_LINEAGE_LIST,
   ST_BITMAP_PUT, ST_BITMAP_DEL, ST_BITMAP_LIST,
+  ST_FLEECE_PUT, ST_FLEECE_DEL, ST_FLEECE_LIST, ST_FLEECE_RECLAIM,
   NR_STMTS
 };
 
@@ -175,6 +176,18 @@ static const char *const stmt_sql[NR_STMTS] = {
   [ST_BITMAP_DEL] = "DELETE FROM bitmaps WHERE node = ?1 AND name = ?2",
   [ST_BITMAP_LIST] = "SELECT node, name, granularity, enabled FROM bitmaps "
                      "WHERE persistent = 1 ORDER BY node, name",
+  [ST_FLEECE_PUT] = "INSERT INTO fleece_sessions (id, node, state, scratch) "
+                    "VALUES (?1, ?2, ?3, ?4) "
+                    "ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+  [ST_FLEECE_DEL] = "DELETE FROM fleece_sessions WHERE id = ?1",
+  [ST_FLEECE_LIST] = "SELECT id, node, state, scratch, started "
+                     "FROM fleece_sessions ORDER BY started, id",
+  /* The bitmaps a session forked, each ended as a failure. */
+  [ST_FLEECE_RECLAIM] = "INSERT INTO bitmap_lineage "
+                        "(node, bitmap, event, session) "
+                        "SELECT node, bitmap, 'unfork-failure', session "
+                        "FROM bitmap_lineage "
+                        "WHERE session = ?1 AND event = 'fork'",
   /* ?1/?2 NULL: every node/bitmap. */
   [ST_LINEAGE_LIST] = "SELECT id, node, bitmap, parent_bitmap, event, "
                       "session, time FROM bitmap_lineage "
@@ -1096,6 +1109,99 @@ catalog_bitmap_foreach (struct catalog *cat, catalog_bitmap_fn fn,
   }
   if (r != SQLITE_DONE) {
     cat_error (cat, r, errp, "reading bitmaps");
+    ret = -1;
+  }
+  cat_reset (st);
+  cat->in_foreach = false;
+  return ret;
+}
+
+/* ---- fleece sessions ---------------------------------------------- */
+
+int
+catalog_fleece_put (struct catalog *cat, const char *id, const char *node,
+                    const char *state, const char *scratch,
+                    struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_FLEECE_PUT];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if ((r = sqlite3_bind_text (st, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 2, node, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 3, state, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = sqlite3_bind_text (st, 4, scratch, -1,
+                              SQLITE_STATIC)) != SQLITE_OK ||
+      (r = cat_step_done (st)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "recording fleece '%s'", id);
+    cat_reset (st);
+    return -1;
+  }
+  cat_reset (st);
+  return 0;
+}
+
+/* Gone; with @failed, its forked bitmaps' lineage says so too. */
+int
+catalog_fleece_end (struct catalog *cat, const char *id, bool failed,
+                    struct error **errp)
+{
+  sqlite3_stmt *rc = cat->st[ST_FLEECE_RECLAIM];
+  sqlite3_stmt *st = cat->st[ST_FLEECE_DEL];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if (failed &&
+      ((r = sqlite3_bind_text (rc, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK ||
+       (r = cat_step_done (rc)) != SQLITE_OK)) {
+    cat_error (cat, r, errp, "ending fleece '%s'", id);
+    cat_reset (rc);
+    return -1;
+  }
+  cat_reset (rc);
+  if ((r = sqlite3_bind_text (st, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK ||
+      (r = cat_step_done (st)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "ending fleece '%s'", id);
+    cat_reset (st);
+    return -1;
+  }
+  cat_reset (st);
+  return 0;
+}
+
+int
+catalog_fleece_foreach (struct catalog *cat, catalog_fleece_fn fn,
+                        void *opaque, struct error **errp)
+{
+  sqlite3_stmt *st = cat->st[ST_FLEECE_LIST];
+  int r, ret = 0;
+
+  assert (!cat->in_foreach);
+  cat->in_foreach = true;
+  while ((r = sqlite3_step (st)) == SQLITE_ROW) {
+    struct catalog_fleece row = {
+      .id = (const char *) sqlite3_column_text (st, 0),
+      .node = (const char *) sqlite3_column_text (st, 1),
+      .state = (const char *) sqlite3_column_text (st, 2),
+      .scratch = (const char *) sqlite3_column_text (st, 3),
+      .started = sqlite3_column_int64 (st, 4),
+    };
+    if (row.id == NULL || row.node == NULL || row.state == NULL) {
+      r = sqlite3_errcode (cat->db);
+      break;
+    }
+    if (fn (&row, opaque) == -1) {
+      ret = -1;
+      r = SQLITE_DONE;
+      break;
+    }
+  }
+  if (r != SQLITE_DONE) {
+    cat_error (cat, r, errp, "reading fleece sessions");
     ret = -1;
   }
   cat_reset (st);

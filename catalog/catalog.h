@@ -153,4 +153,24 @@ typedef int (*catalog_bitmap_fn) (const char *node, const char *name,
 int catalog_bitmap_foreach (struct catalog *cat, catalog_bitmap_fn fn,
                             void *opaque, struct error **errp);
 
+/* Fleece sessions (nbdd/fleece.c): recorded while they run, so that
+ * one cut short by a crash is ended at the next start.
+ */
+int catalog_fleece_put (struct catalog *cat, const char *id,
+                        const char *node, const char *state,
+                        const char *scratch, struct error **errp);
+/* Remove it; with @failed, add an 'unfork-failure' lineage row for
+ * every bitmap it forked.
+ */
+int catalog_fleece_end (struct catalog *cat, const char *id, bool failed,
+                        struct error **errp);
+struct catalog_fleece {
+  const char *id, *node, *state, *scratch;  /* scratch may be NULL */
+  int64_t started;              /* unix seconds */
+};
+typedef int (*catalog_fleece_fn) (const struct catalog_fleece *row,
+                                  void *opaque);
+int catalog_fleece_foreach (struct catalog *cat, catalog_fleece_fn fn,
+                            void *opaque, struct error **errp);
+
 #endif /* NBDD_CATALOG_H */

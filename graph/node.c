@@ -17,6 +17,7 @@
 #include "graph.h"
 #include "log.h"
 #include "options.h"
+#include "cbw.h"
 #include "throttle.h"
 #include "utils.h"
 
@@ -267,7 +268,7 @@ node_new (const struct node_driver *drv, const char *name,
 
 /* Filters live in graph/, formats and protocols in formats/. */
 static const struct node_driver *const filter_drivers[] = {
-  &throttle_driver,
+  &throttle_driver, &cbw_driver, &snapshot_access_driver,
 };
 
 static const struct node_driver *

@@ -569,6 +569,13 @@ void state_open_exports (void);
 void state_close (void);
 
 
+/* fleece.c: point-in-time snapshots for backups (the commands are in
+ * qmp.h).  Events go out from the loop; at start, the sessions a crash
+ * cut short end as failures (0, or -1 with errp).
+ */
+void fleece_init (struct ev_loop *loop);
+int fleece_recover (struct error **errp);
+
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;
 

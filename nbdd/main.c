@@ -238,6 +238,7 @@ main (int argc, char **argv)
   }
 
   qmp_init ();
+  fleece_init (loop);
 
   if (!config.stdio && listeners_open (loop, &err) == -1)
     die (err);

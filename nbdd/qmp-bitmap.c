@@ -475,8 +475,11 @@ set_enabled (struct qmp_txn *t, struct json_object *args, const char *what,
   /* Drained: a write that passed the hook while the bitmap was off
    * must not land after it is on, unrecorded.
    */
-  if (u == NULL || txn_reserve (t, 1, errp) == -1 ||
-      txn_drain (t, &node, 1, errp) == -1) {
+  if (u == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1) {
     free (u);
     return -1;
   }
@@ -559,8 +562,17 @@ cmd_block_dirty_bitmap_fork (struct qmp_txn *t, struct json_object *args,
       lookup (t, args, "block-dirty-bitmap-fork", "name", &node, &d,
               errp) == -1 ||
       opt_get_string (args, "block-dirty-bitmap-fork", "session", false,
-                      &session, errp) == -1 ||
-      not_busy (d, errp) == -1 ||
+                      &session, errp) == -1)
+    return -1;
+  return txn_bitmap_fork (t, node, d, session, errp);
+}
+
+int
+txn_bitmap_fork (struct qmp_txn *t, struct node *node,
+                 struct dirty_bitmap *d, const char *session,
+                 struct error **errp)
+{
+  if (not_busy (d, errp) == -1 ||
       txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1)
     return -1;
   if (dirty_bitmap_fork (d) < 0) {
@@ -620,7 +632,6 @@ cmd_block_dirty_bitmap_unfork (struct qmp_txn *t, struct json_object *args,
   struct node *node;
   struct dirty_bitmap *d;
   const char *outcome;
-  struct unfork *u;
   bool success;
 
   if (opt_check_keys (args, "block-dirty-bitmap-unfork", unfork_keys,
@@ -644,9 +655,21 @@ cmd_block_dirty_bitmap_unfork (struct qmp_txn *t, struct json_object *args,
                 "ending the fork", d->name);
     return -1;
   }
-  u = calloc (1, sizeof *u);
-  if (u == NULL || txn_reserve (t, 1, errp) == -1 ||
-      txn_drain (t, &node, 1, errp) == -1) {
+  return txn_bitmap_unfork (t, node, d, success, NULL, errp);
+}
+
+int
+txn_bitmap_unfork (struct qmp_txn *t, struct node *node,
+                   struct dirty_bitmap *d, bool success, const char *session,
+                   struct error **errp)
+{
+  struct unfork *u = calloc (1, sizeof *u);
+
+  if (u == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1) {
     free (u);
     return -1;
   }
@@ -669,7 +692,7 @@ cmd_block_dirty_bitmap_unfork (struct qmp_txn *t, struct json_object *args,
   dirty_bitmap_rebase (d);
   txn_step (t, undo_unfork, commit_unfork, release_unfork, u);
   return lineage (d, NULL, success ? "unfork-success" : "unfork-failure",
-                  NULL, errp);
+                  session, errp);
 }
 
 /* ---- lineage ---- */

@@ -582,12 +582,9 @@ release_replace (void *data)
   free (u);
 }
 
-/* Move every user of @from except @except to @to, drained until the
- * end of the command.
- */
-static int
-replace_users (struct qmp_txn *t, struct node *from, struct node *to,
-               struct node *except, struct error **errp)
+int
+txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
+                   struct node *except, bool record, struct error **errp)
 {
   struct node *nodes[] = { from, to };
   struct replace_undo *u = calloc (1, sizeof *u);
@@ -607,7 +604,8 @@ replace_users (struct qmp_txn *t, struct node *from, struct node *to,
   u->from = from;
   u->to = to;
   txn_step (t, undo_replace, NULL, release_replace, u);
-  return record_moved_users (t, u->moved, u->nr_moved, to, errp);
+  return record ? record_moved_users (t, u->moved, u->nr_moved, to, errp)
+    : 0;
 }
 
 /* The child a filter passes requests to. */
@@ -651,7 +649,7 @@ cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
   }
   if (node_check_unused (filter, "filter", errp) == -1)
     return -1;
-  return replace_users (t, node, filter, filter, errp);
+  return txn_replace_users (t, node, filter, filter, true, errp);
 }
 
 /* blockdev-replace (as proposed for QEMU): point one edge, an
@@ -784,7 +782,7 @@ cmd_blockdev_remove_node (struct qmp_txn *t, struct json_object *args,
                 "cannot be recorded as using it", fname);
     return -1;
   }
-  return replace_users (t, filter, fc->node, NULL, errp);
+  return txn_replace_users (t, filter, fc->node, NULL, true, errp);
 }
 
 struct snapshot_undo {
@@ -882,7 +880,7 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
       catalog_node_put (catalog, oname, json_text (overlay->spec),
                         errp) == -1)
     return -1;
-  return replace_users (t, node, overlay, overlay, errp);
+  return txn_replace_users (t, node, overlay, overlay, true, errp);
 }
 
 /* QEMU's block_resize: grow a node that only exports use (a parent
@@ -1353,6 +1351,9 @@ static const struct command commands[] = {
     CMD_CHANGES | CMD_IN_TXN },
   { "query-bitmap-lineage", cmd_query_bitmap_lineage, 0 },
   { "block-export-del", cmd_block_export_del, CMD_CHANGES | CMD_IN_TXN },
+  { "fleece-start", cmd_fleece_start, CMD_CHANGES | CMD_IN_TXN },
+  { "fleece-stop", cmd_fleece_stop, CMD_CHANGES | CMD_IN_TXN },
+  { "query-fleeces", cmd_query_fleeces, 0 },
   { "transaction", cmd_transaction, CMD_CHANGES },
   { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },
   { "query-block-exports", cmd_query_block_exports, 0 },

@@ -44,6 +44,13 @@ int not_found (struct qmp_txn *t, struct error **errp, const char *what,
  */
 int arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
               const char *key, struct node **nodep, struct error **errp);
+/* Move every user of @from except the node @except to @to, both
+ * drained until the end of the command; with @record, the specs (and
+ * the catalogue) say so too.
+ */
+int txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
+                       struct node *except, bool record,
+                       struct error **errp);
 /* Compact JSON text (owned by @o). */
 const char *json_text (struct json_object *o);
 
@@ -59,6 +66,18 @@ qmp_command_fn cmd_block_dirty_bitmap_add, cmd_block_dirty_bitmap_remove,
   cmd_block_dirty_bitmap_disable, cmd_block_dirty_bitmap_merge,
   cmd_block_dirty_bitmap_fork, cmd_block_dirty_bitmap_unfork,
   cmd_query_bitmap_lineage;
+/* Fork or end the fork of bitmap @d of @node for fleece @session (the
+ * commands' work, without their checks that the bitmap is not
+ * exported).
+ */
+int txn_bitmap_fork (struct qmp_txn *t, struct node *node,
+                     struct dirty_bitmap *d, const char *session,
+                     struct error **errp);
+int txn_bitmap_unfork (struct qmp_txn *t, struct node *node,
+                       struct dirty_bitmap *d, bool success,
+                       const char *session, struct error **errp);
+/* fleece.c */
+qmp_command_fn cmd_fleece_start, cmd_fleece_stop, cmd_query_fleeces;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */
 struct json_object *dirty_bitmaps_info (const struct node *node);
 

@@ -396,6 +396,8 @@ state_open_exports (void)
   if (catalog == NULL)
     return;
   reconcile_bitmaps ();
+  if (fleece_recover (&err) == -1)
+    die (err, "catalogue");
   if (catalog_throttle_group_foreach (catalog, restore_group, NULL,
                                       &err) == -1 ||
       catalog_export_foreach (catalog, restore_export, NULL, &err) == -1) {
