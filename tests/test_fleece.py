@@ -439,3 +439,43 @@ def test_nbdinfo_sees_the_snapshot_bitmap(nbdd_server, tmp_path):
         assert dirty == [[str(5 * MiB), "65536"]]
         q.cmd("fleece-stop", id="f", outcome="success")
         h.shutdown()
+
+
+def test_scratch_dir_that_vanishes(nbdd_server, tmp_path):
+    """The scratch image deleted under a running fleece: the open image
+    goes on serving, and the stop does not trip on the missing file."""
+    import shutil
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        qcow2_graph(q, tmp_path, size=16 * MiB)
+        live(q)
+        h = srv.connect("live")
+        fill(h, 16 * MiB, 5)
+        q.cmd("fleece-start", node="disk0", id="f")
+        shutil.rmtree(srv.state / "fleece")
+        h.pwrite(b"n" * MiB, 0)
+        s = snapshot(srv, "f")
+        assert s.pread(MiB, 0) == bytes([6]) * MiB
+        s.shutdown()
+        q.cmd("fleece-stop", id="f", outcome="success")
+        assert q.cmd("query-fleeces") == []
+        # A new fleece makes the directory again.
+        q.cmd("fleece-start", node="disk0", id="f")
+        q.cmd("fleece-stop", id="f", outcome="success")
+        h.shutdown()
+
+
+def test_scratch_leftovers_go_at_start(nbdd_server, tmp_path):
+    """A scratch image without a session (the daemon killed inside
+    fleece-start, before the catalogue had it) is deleted at start."""
+    srv = start(nbdd_server, tmp_path)
+    srv.stop()
+    (srv.state / "fleece").mkdir()
+    stray = srv.state / "fleece" / "lost.qcow2"
+    stray.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    keep = srv.state / "fleece" / "notes.txt"
+    keep.write_text("not ours to delete")
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-fleeces") == []
+    assert not stray.exists() and keep.exists()
