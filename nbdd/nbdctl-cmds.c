@@ -1257,6 +1257,214 @@ cmd_bitmap_list (struct nbdctl *ctl, const struct command *self, int argc,
   return print_list (ctl, list, headers, "llrrlllll", bitmap_row);
 }
 
+/* ---- fleece ---- */
+
+static int
+cmd_fleece_start (struct nbdctl *ctl, const struct command *self, int argc,
+                  char **argv)
+{
+  enum { O_ID = OPT_FIRST_COMMAND_OPTION, O_BITMAP, O_EXPORT,
+         O_SCRATCH_LIMIT };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "id", required_argument, NULL, O_ID },
+    { "bitmap", required_argument, NULL, O_BITMAP },
+    { "export", required_argument, NULL, O_EXPORT },
+    { "scratch-limit", required_argument, NULL, O_SCRATCH_LIMIT },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  struct json_object *bitmaps = NULL, *ret = NULL;
+  const char *id, *export;
+  uint64_t limit;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_ID:
+      /* It names the fleece's nodes (ID-scratch, ID-cbw, ID-snap). */
+      if (!node_name_is_valid (optarg))
+        return usage_error (self, "--id: '%s' is not a valid fleece id (a "
+                            "letter, then letters, digits, '-', '.' and "
+                            "'_')", optarg);
+      jadd_str (args, "id", optarg);
+      break;
+    case O_BITMAP:
+      /* A name on NODE: a fleece forks only the fleeced node's. */
+      if (*optarg == '\0')
+        return usage_error (self, "--bitmap: expected a bitmap name, got "
+                            "an empty string");
+      if (bitmaps == NULL) {
+        bitmaps = check_alloc (json_object_new_array ());
+        jadd (args, "bitmaps", bitmaps);
+      }
+      /* The daemon would fork it twice, and say the second time that
+       * it is forked already.
+       */
+      for (size_t i = 0; i < json_object_array_length (bitmaps); ++i)
+        if (strcmp (json_object_get_string
+                    (json_object_array_get_idx (bitmaps, i)), optarg) == 0)
+          return usage_error (self, "--bitmap: '%s' is given twice",
+                              optarg);
+      if (json_object_array_add (bitmaps, check_alloc
+                                 (json_object_new_string (optarg))) != 0)
+        out_of_memory ();
+      break;
+    case O_EXPORT:
+      if (*optarg == '\0')
+        return usage_error (self, "--export: expected an export name, got "
+                            "an empty string");
+      jadd_str (args, "export", optarg);
+      break;
+    case O_SCRATCH_LIMIT:
+      if (parse_size_arg (self, "scratch-limit", optarg, &limit))
+        return EXIT_USAGE;
+      jadd_int (args, "scratch-limit", limit);
+      break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one NODE");
+  jadd_str (args, "node", argv[optind]);
+  rc = ctl_call (ctl, "fleece-start", steal_pointer (&args), &ret);
+  if (rc)
+    return rc;
+  id = jstr (ret, "id");
+  export = jstr (ret, "export");
+  if (ctl->json || id == NULL || export == NULL)
+    print_json (ret);
+  else {
+    CLEANUP_FREE char *eid = escape_text (id);
+    CLEANUP_FREE char *enode = escape_text (argv[optind]);
+    CLEANUP_FREE char *eexport = escape_text (export);
+    printf ("fleece %s: %s as it is now, exported as %s\n", eid, enode,
+            eexport);
+  }
+  json_object_put (ret);
+  return EXIT_OK;
+}
+
+static int
+cmd_fleece_stop (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  enum { O_SUCCESS = OPT_FIRST_COMMAND_OPTION, O_FAILURE };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "success", no_argument, NULL, O_SUCCESS },
+    { "failure", no_argument, NULL, O_FAILURE },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args, *ret = NULL;
+  bool success = false, failure = false;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    if (c == O_SUCCESS)
+      success = true;
+    else
+      failure = true;
+  }
+  if (c == -1)
+    return rc;
+  /* No default, as for bitmap unfork: the backup's outcome decides
+   * what the bitmaps keep.
+   */
+  if (success && failure)
+    return usage_error (self, "give --success or --failure, not both");
+  if (!success && !failure)
+    return usage_error (self, "expected --success or --failure");
+  if (argc - optind != 1)
+    return usage_error (self, "expected one fleece ID");
+  args = jobj ();
+  jadd_str (args, "id", argv[optind]);
+  jadd_str (args, "outcome", success ? "success" : "failure");
+  rc = ctl_call (ctl, "fleece-stop", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* A list of strings, comma-joined ("b0,b1"), or NULL if empty. */
+static char *
+join_strings (struct json_object *list)
+{
+  char *s = NULL;
+  size_t len = 0, n = 0;
+  FILE *fp;
+
+  if (!json_object_is_type (list, json_type_array) ||
+      json_object_array_length (list) == 0)
+    return NULL;
+  fp = check_alloc (open_memstream (&s, &len));
+  for (size_t i = 0; i < json_object_array_length (list); ++i) {
+    struct json_object *v = json_object_array_get_idx (list, i);
+    if (json_object_is_type (v, json_type_string))
+      fprintf (fp, "%s%s", n++ ? "," : "", json_object_get_string (v));
+  }
+  if (fclose (fp) != 0)
+    out_of_memory ();
+  return s;
+}
+
+/* Seconds as ps shows elapsed time, [[DD-]hh:]mm:ss; "-" if absent. */
+static const char *
+jage (struct json_object *o, const char *key, char *buf, size_t len)
+{
+  int64_t v;
+
+  if (!jint (o, key, &v) || v < 0)
+    return "-";
+  if (v >= 86400)
+    snprintf (buf, len, "%" PRId64 "-%02" PRId64 ":%02" PRId64 ":%02"
+              PRId64, v / 86400, v / 3600 % 24, v / 60 % 60, v % 60);
+  else if (v >= 3600)
+    snprintf (buf, len, "%02" PRId64 ":%02" PRId64 ":%02" PRId64,
+              v / 3600, v / 60 % 60, v % 60);
+  else
+    snprintf (buf, len, "%02" PRId64 ":%02" PRId64, v / 60, v % 60);
+  return buf;
+}
+
+static void
+fleece_row (struct table *t, struct json_object *f)
+{
+  CLEANUP_FREE char *bitmaps = join_strings (jget (f, "bitmaps"));
+  char scratch[32], limit_buf[32], age[32], clients[32];
+  const char *limit = jnum (f, "scratch-limit", true, limit_buf,
+                            sizeof limit_buf);
+  int64_t l;
+
+  if (jint (f, "scratch-limit", &l) && l == 0)
+    limit = "-";                /* none but the filesystem's */
+  t_add (t, jstr (f, "id"), jstr (f, "node"), jstr (f, "export"), bitmaps,
+         jnum (f, "scratch-bytes", true, scratch, sizeof scratch), limit,
+         jage (f, "age", age, sizeof age),
+         jnum (f, "clients", false, clients, sizeof clients),
+         jstr (f, "state"), jstr (f, "error"));
+}
+
+static int
+cmd_fleece_list (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  static const char *const headers[] = {
+    "ID", "NODE", "EXPORT", "BITMAPS", "SCRATCH", "LIMIT", "AGE", "CLIENTS",
+    "STATE", "ERROR", NULL
+  };
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "query-fleeces", NULL, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "llllrrrrll", fleece_row);
+  json_object_put (ret);
+  return rc;
+}
+
 /* ---- inspection ---- */
 
 static void
@@ -1503,6 +1711,27 @@ const struct command commands[] = {
     "source, NODE:NAME), fork (SESSION: its label) and unfork of the "
     "bitmaps, or of NODE's, or of one, as the daemon's catalogue keeps "
     "them (query-bitmap-lineage).  TIME is UTC.", cmd_bitmap_lineage },
+  { "fleece start", "NODE [--id ID] [--bitmap NAME]... [--export NAME] "
+    "[--scratch-limit SIZE]", "NODE [OPTIONS]",
+    "Export NODE as it is now, for a backup, while its users go on "
+    "writing (fleece-start): a write first saves the old data to a "
+    "scratch image in the daemon's state dir.  Each --bitmap of NODE is "
+    "forked and its frozen bits offered as qemu:dirty-bitmap:NAME.  The "
+    "id defaults to fleece0, fleece1, ..., the export's name to the id.  "
+    "Past --scratch-limit the snapshot breaks, never NODE.",
+    cmd_fleece_start },
+  { "fleece stop", "ID --success|--failure", "ID --success|--failure",
+    "End a fleece (fleece-stop): its export goes, disconnecting its "
+    "clients, and so does its scratch image.  Give exactly one of "
+    "--success, which drops the bitmaps' frozen bits, and --failure, "
+    "which merges back those not trimmed, so nothing is lost.",
+    cmd_fleece_stop },
+  { "fleece list", "", "",
+    "List the fleeces (query-fleeces).  SCRATCH is the old data saved so "
+    "far, LIMIT the scratch limit, AGE the time since the start "
+    "([[DD-]hh:]mm:ss).  A broken fleece fails its reads and ERROR says "
+    "why: stop it with --failure.",
+    cmd_fleece_list },
   { "connections", "", "",
     "List the client connections (query-connections).", cmd_connections },
   { "stats", "", "",
