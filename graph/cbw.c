@@ -506,6 +506,11 @@ cbw_open (struct node *node, struct json_object *opts, struct error **errp)
   if (s->target == NULL)
     return -1;
   size = s->file->node->size;
+  if (s->target->node == s->file->node) {
+    error_setg (errp, "copy-before-write: the target must be another node "
+                "than '%s'", s->file->node->name);
+    return -1;
+  }
   if (s->target->node->size < size) {
     error_setg (errp, "copy-before-write: target '%s' (%" PRIu64 " bytes) "
                 "is smaller than '%s' (%" PRIu64 " bytes)",

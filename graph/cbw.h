@@ -47,6 +47,7 @@ void cbw_stop (struct node *cbw);
 uint64_t cbw_scratch_bytes (struct node *cbw);
 const char *cbw_broken_reason (struct node *cbw);
 bool cbw_is (const struct node *node);
+bool snapshot_access_is (const struct node *node);
 
 /* For snapshot-access: the snapshot's data, its discard and status. */
 int cbw_snapshot_read (struct node *cbw, void *buf, uint32_t count,

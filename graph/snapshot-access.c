@@ -16,6 +16,12 @@ struct snapshot_state {
   struct node_child *file;      /* the copy-before-write filter */
 };
 
+bool
+snapshot_access_is (const struct node *node)
+{
+  return node->drv == &snapshot_access_driver;
+}
+
 static const char *const snapshot_keys[] = {
   "driver", "node-name", "file", NULL
 };

@@ -369,9 +369,9 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
                   "fleece first", src->name, g->id);
       return -1;
     }
-  if (cbw_is (src)) {
-    error_setg (errp, "node '%s' is a fleece's filter: fleece the node "
-                "under it", src->name);
+  if (cbw_is (src) || snapshot_access_is (src)) {
+    error_setg (errp, "node '%s' is a %s node: fleece the node it "
+                "reads", src->name, src->drv->name);
     return -1;
   }
   if (export_by_id (export_id)) {
@@ -418,8 +418,12 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
     fleece_free (f);
     return -1;
   }
-  f->next = fleeces;
-  fleeces = f;
+  {
+    struct fleece **p = &fleeces;       /* oldest first */
+    while (*p)
+      p = &(*p)->next;
+    *p = f;
+  }
   txn_step (t, undo_fleece_add, NULL, NULL, f);
 
   /* 1. The scratch image and its node. */

@@ -319,7 +319,12 @@ def test_errors_are_clear_and_change_nothing(nbdd_server, tmp_path):
         q.cmd("fleece-start", node="disk0", id="f")
         refused("already fleeced by 'f'", node="disk0", id="g")
         refused("fleece 'f' exists", node="r0", id="f")
-        refused("is a fleece's filter", node="f-cbw")
+        refused("is a copy-before-write node", node="f-cbw")
+        refused("is a snapshot-access node", node="f-snap")
+        with pytest.raises(QMPError, match="another node"):
+            q.cmd_args("blockdev-add", {"driver": "copy-before-write",
+                                        "node-name": "c0", "file": "r0",
+                                        "target": "r0"})
         # Nothing the refusals made is left over.
         assert [f["id"] for f in q.cmd("query-fleeces")] == ["f"]
         assert sorted(os.listdir(srv.state / "fleece")) == ["f.qcow2"]
