@@ -9,11 +9,13 @@
 extern const struct node_driver file_driver;
 extern const struct node_driver raw_driver;
 extern const struct node_driver qcow2_driver;
+extern const struct node_driver nbd_driver;
 
 static const struct node_driver *const drivers[] = {
   &file_driver,
   &raw_driver,
   &qcow2_driver,
+  &nbd_driver,
 };
 
 const struct node_driver *

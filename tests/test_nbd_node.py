@@ -1,0 +1,260 @@
+"""The 'nbd' protocol node: a remote NBD export (another nbdd here) as a
+node of the graph, over a unix socket or TCP, with or without TLS, that
+rides out the remote going away."""
+import os
+import threading
+import time
+
+import nbd
+import pytest
+
+from admintools import MiB, start
+from conftest import Server, blockdev_args, export_args, make_image
+from helpers import map_export, run
+from pki import PKI
+from qmp import QMP, QMPError
+
+SIZE = 16 * MiB
+# Data with holes between: what a remote's block status should show.
+PATTERN = [(0, b"head" * 1024), (2 * MiB + 512, os.urandom(3 * MiB)),
+           (9 * MiB, b"\xa5" * 65536), (SIZE - 4096, b"tail" * 1024)]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki")).make()
+
+
+class Remote:
+    """A second nbdd serving IMG as 'disk0', in its own directory, that
+    can be stopped and started again on the same sockets."""
+
+    def __init__(self, d, img, extra=()):
+        self.dir = d
+        self.dir.mkdir(exist_ok=True)
+        self.args = blockdev_args(img) + export_args() + list(extra)
+        self.srv = None
+        self.port = None
+        self.start()
+
+    def start(self):
+        """The first start listens on TCP too; a restart on the unix
+        socket only (another process may have the port by then)."""
+        self.srv = Server(self.dir, self.args, tcp=self.port is None)
+        if self.port is None:
+            self.port = self.srv.port
+        return self
+
+    @property
+    def sock(self):
+        return self.srv.sock
+
+    def stop(self):
+        self.srv.stop()
+        if os.path.exists(self.srv.pidfile):
+            os.unlink(self.srv.pidfile)
+
+
+@pytest.fixture
+def remote(tmp_path):
+    remotes = []
+
+    def make(img, extra=()):
+        r = Remote(tmp_path / f"remote{len(remotes)}", img, extra)
+        remotes.append(r)
+        return r
+
+    yield make
+    for r in remotes:
+        if r.srv.alive():
+            r.srv.stop()
+
+
+def add_nbd(q, name="rem", **opts):
+    spec = {"driver": "nbd", "node-name": name}
+    spec.update({k.replace("_", "-"): v for k, v in opts.items()})
+    q.cmd_args("blockdev-add", spec)
+
+
+def test_remote_export_as_a_node(nbdd_server, remote, tmp_path):
+    img = make_image(tmp_path / "remote.img", SIZE, PATTERN)
+    rem = remote(img)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_nbd(q, server={"type": "unix", "path": rem.sock},
+                export="disk0")
+        add_nbd(q, "rem-tcp", uri=f"nbd://127.0.0.1:{rem.port}/disk0")
+        q.cmd("block-export-add", type="nbd", id="e0", node_name="rem",
+              name="via", writable=True)
+        q.cmd("block-export-add", type="nbd", id="e1", node_name="rem-tcp",
+              name="via-tcp")
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img,
+             srv.uri("via")])
+        h = srv.connect("via")
+        h.pwrite(b"R" * 70000, 5 * MiB + 3)
+        h.zero(MiB, 8 * MiB)
+        h.trim(MiB, 10 * MiB)
+        h.flush()
+        with open(img, "rb") as f:
+            f.seek(5 * MiB + 3)
+            assert f.read(70000) == b"R" * 70000
+            f.seek(8 * MiB)
+            assert f.read(MiB) == b"\0" * MiB
+        t = srv.connect("via-tcp")
+        assert t.pread(70000, 5 * MiB + 3) == b"R" * 70000
+        assert t.is_read_only()
+        # Holes the remote reports come through as holes.
+        mine = nbd.NBD()
+        mine.add_meta_context("base:allocation")
+        mine.connect_uri(srv.uri("via-tcp"))
+        theirs = nbd.NBD()
+        theirs.add_meta_context("base:allocation")
+        theirs.connect_uri(f"nbd+unix:///disk0?socket={rem.sock}")
+        m = map_export(mine)
+        assert m == map_export(theirs)
+        assert any(flags & 1 for _, flags in m)     # there are holes
+        mine.shutdown()
+        theirs.shutdown()
+        info = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+        assert info["rem"]["drv"] == "nbd"
+        h.shutdown()
+        t.shutdown()
+
+
+def test_qcow2_overlay_on_a_remote_backing(nbdd_server, remote, tmp_path):
+    """A backing file on another appliance: a local qcow2 overlay reads
+    through the nbd node, and writes stay local."""
+    img = make_image(tmp_path / "base.img", SIZE, PATTERN)
+    before = open(img, "rb").read()
+    rem = remote(img)
+    srv = start(nbdd_server, tmp_path)
+    ov = str(tmp_path / "overlay.qcow2")
+    with QMP(srv.admin) as q:
+        add_nbd(q, server={"type": "unix", "path": rem.sock},
+                export="disk0", read_only=True)
+        q.cmd("blockdev-create", job_id="c", options={
+            "driver": "qcow2", "size": SIZE,
+            "file": {"driver": "file", "filename": ov}})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                    "backing": "rem",
+                                    "file": {"driver": "file",
+                                             "filename": ov}})
+        q.cmd("block-export-add", type="nbd", id="e", node_name="top",
+              name="top", writable=True)
+        h = srv.connect("top")
+        assert h.pread(MiB, 2 * MiB) == before[2 * MiB:3 * MiB]
+        h.pwrite(b"L" * 4096, 0)
+        assert h.pread(4096, 0) == b"L" * 4096
+        h.shutdown()
+    assert open(img, "rb").read() == before
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_tls(nbdd_server, remote, tmp_path, pki, kind):
+    img = make_image(tmp_path / "remote.img", SIZE, PATTERN)
+    if kind == "x509":
+        rem = remote(img, ["--tls", "require", "--tls-certificates",
+                           pki.server])
+        creds = {"tls-certificates": pki.certs["client1"]}
+    else:
+        rem = remote(img, ["--tls", "require", "--tls-psk", pki.psk])
+        creds = {"tls-psk": pki.psk, "tls-username": "alice"}
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        with pytest.raises(QMPError, match="nbd: .*"):
+            add_nbd(q, "plain", server={"type": "unix", "path": rem.sock},
+                    export="disk0")
+        add_nbd(q, server={"type": "inet", "host": "127.0.0.1",
+                           "port": str(rem.port)}, export="disk0",
+                **creds)
+        q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+              name="via")
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img,
+             srv.uri("via")])
+        h = srv.connect("via")
+        assert h.pread(MiB, 0) == open(img, "rb").read(MiB)
+        h.shutdown()
+
+
+def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
+                                               tmp_path):
+    """Writes through the node while the remote restarts: they wait and
+    land, none is lost.  A remote away longer than reconnect-delay fails
+    requests with EIO, and the node works again once it is back."""
+    img = make_image(tmp_path / "remote.img", SIZE)
+    rem = remote(img)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_nbd(q, server={"type": "unix", "path": rem.sock},
+                export="disk0", reconnect_delay=15)
+        add_nbd(q, "short", server={"type": "unix", "path": rem.sock},
+                export="disk0", reconnect_delay=0.5)
+        q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+              name="via", writable=True)
+        q.cmd("block-export-add", type="nbd", id="s", node_name="short",
+              name="short")
+        h = srv.connect("via")
+        s = srv.connect("short")
+        done, errors = [], []
+
+        def writer():
+            w = srv.connect("via")
+            try:
+                for i in range(200):
+                    w.pwrite(bytes([i % 250 + 1]) * 4096, i * 65536)
+                    done.append(i)
+                    time.sleep(0.005)
+                w.flush()
+            except nbd.Error as e:
+                errors.append(e)
+            w.shutdown()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        while len(done) < 40:
+            time.sleep(0.01)
+        rem.stop()
+        with pytest.raises(nbd.Error) as e:
+            s.pread(4096, 0)                    # 0.5 s: gives up
+        assert e.value.errno == "EIO"
+        time.sleep(1)
+        rem.start()
+        t.join(60)
+        assert not errors, errors
+        assert len(done) == 200
+        with open(img, "rb") as f:
+            data = f.read()
+        for i in range(200):
+            assert data[i * 65536:i * 65536 + 4096] == \
+                bytes([i % 250 + 1]) * 4096, i
+        assert s.pread(4096, 65536) == bytes([2]) * 4096   # back
+        h.shutdown()
+        s.shutdown()
+
+
+def test_bad_options_are_refused_clearly(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    nowhere = str(tmp_path / "nobody-listens.sock")
+    with QMP(srv.admin) as q:
+        for spec, match in [
+                ({}, "give 'server'"),
+                ({"server": {"type": "vsock", "cid": 3}}, "unknown|not"),
+                ({"server": {"type": "udp", "path": "/x"}}, "'unix' or"),
+                ({"server": {"type": "unix", "path": "rel.sock"}},
+                 "absolute"),
+                ({"server": {"type": "unix", "path": nowhere}},
+                 "nobody-listens"),
+                ({"uri": "nbd+unix:///?socket=" + nowhere,
+                  "export": "x"}, "not both"),
+                ({"uri": "gopher://x"}, "nbd: "),
+                ({"server": {"type": "unix", "path": nowhere},
+                  "connections": 0}, "connections"),
+                ({"server": {"type": "unix", "path": nowhere},
+                  "reconnect-delay": -1}, "reconnect-delay"),
+                ({"server": {"type": "unix", "path": nowhere},
+                  "tls-psk": "/a", "tls-certificates": "/b"}, "not both"),
+        ]:
+            with pytest.raises(QMPError, match=match):
+                add_nbd(q, "bad", **spec)
+        assert "bad" not in [n["node-name"]
+                             for n in q.cmd("query-named-block-nodes")]
