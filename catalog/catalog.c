@@ -182,12 +182,19 @@ static const char *const stmt_sql[NR_STMTS] = {
   [ST_FLEECE_DEL] = "DELETE FROM fleece_sessions WHERE id = ?1",
   [ST_FLEECE_LIST] = "SELECT id, node, state, scratch, started "
                      "FROM fleece_sessions ORDER BY started, id",
-  /* The bitmaps a session forked, each ended as a failure. */
+  /* The forks of a session that did not end, each ended as a failure
+   * (ids are reused: forks of an earlier session of the name ended).
+   */
   [ST_FLEECE_RECLAIM] = "INSERT INTO bitmap_lineage "
                         "(node, bitmap, event, session) "
-                        "SELECT node, bitmap, 'unfork-failure', session "
-                        "FROM bitmap_lineage "
-                        "WHERE session = ?1 AND event = 'fork'",
+                        "SELECT f.node, f.bitmap, 'unfork-failure', "
+                        "f.session FROM bitmap_lineage f "
+                        "WHERE f.session = ?1 AND f.event = 'fork' "
+                        "AND NOT EXISTS (SELECT 1 FROM bitmap_lineage u "
+                        "WHERE u.session = f.session AND u.node = f.node "
+                        "AND u.bitmap = f.bitmap AND u.id > f.id "
+                        "AND u.event IN ('unfork-success', "
+                        "'unfork-failure'))",
   /* ?1/?2 NULL: every node/bitmap. */
   [ST_LINEAGE_LIST] = "SELECT id, node, bitmap, parent_bitmap, event, "
                       "session, time FROM bitmap_lineage "

@@ -375,10 +375,13 @@ file_writeback (struct node *node, uint64_t count, uint64_t offset)
 {
   struct file_state *s = node->opaque;
 
-  if (!s->in_place)
+  /* With O_DIRECT a FUA write may reach the device as a plain FUA, no
+   * cache flush: it would not cover the runs written before it.
+   */
+  if (!s->in_place || s->direct)
     return -ENOTSUP;
-  if (count == 0 || s->direct)
-    return 0;                   /* no page cache: at the device already */
+  if (count == 0)
+    return 0;
   if (sync_file_range (s->fd, offset, count,
                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                        SYNC_FILE_RANGE_WAIT_AFTER) == -1) {

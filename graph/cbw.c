@@ -197,24 +197,29 @@ copy_range (struct node *node, uint64_t start, uint64_t end)
       cbw_break (s, true, "out of memory saving old data");
       return;
     }
-    if (s->limit && atomic_load (&s->used) + len > s->limit) {
+    /* Reserved before the copy, so that copies at once cannot pass
+     * the limit together.
+     */
+    if (atomic_fetch_add (&s->used, len) + len > s->limit && s->limit) {
+      atomic_fetch_sub (&s->used, len);
       cbw_break (s, true, "the scratch limit of %" PRIu64 " bytes was "
                  "reached", s->limit);
       return;
     }
     if ((r = node_pread (s->file->node, buf, len, off, 0)) < 0) {
+      atomic_fetch_sub (&s->used, len);
       cbw_break (s, true, "reading the old data at %" PRIu64 ": %s", off,
                  strerror (-r));
       return;
     }
     if ((r = node_pwrite (s->target->node, buf, len, off, 0)) < 0) {
+      atomic_fetch_sub (&s->used, len);
       cbw_break (s, true, "saving the old data at %" PRIu64 " to '%s': %s",
                  off, s->target->node->name, strerror (-r));
       return;
     }
     bitmap_set (s->copied, off, len);
     bitmap_set (s->done, off, len);
-    atomic_fetch_add (&s->used, len);
     off += len;
   }
 }
@@ -377,7 +382,9 @@ cbw_snapshot_read (struct node *cbw, void *buf, uint32_t count,
     pthread_mutex_lock (&s->lock);
     busy_enter_locked (s, &me, start, end);
     pthread_mutex_unlock (&s->lock);
-    r = read_runs (s, buf, count, offset);
+    /* A discard may have given the range up while we waited. */
+    r = bitmap_range_is_zero (s->gone, offset, count)
+      ? read_runs (s, buf, count, offset) : -EIO;
     busy_leave (s, &me);
   }
   if (r == 0 && atomic_load (&s->broken))
@@ -395,6 +402,9 @@ cbw_snapshot_discard (struct node *cbw, uint64_t count, uint64_t offset)
   uint64_t freed = 0, off;
   struct busy_range me;
 
+  /* Once stopped or broken, the snapshot's owner may be gone. */
+  if (atomic_load (&s->broken))
+    return -EIO;
   if (start >= end)
     return 0;
   pthread_mutex_lock (&s->lock);
@@ -452,11 +462,24 @@ cbw_snapshot_block_status (struct node *cbw, uint64_t count,
 
       next = bitmap_next_dirty (s->copied, off, end);
       next = MIN (next == UINT64_MAX ? end : next, gone_next);
-      extents_init (&sub, off, el->max ? el->max : 1024);
       pthread_mutex_lock (&s->lock);
       busy_enter_locked (s, &me, ROUND_DOWN (off, s->cluster),
                          MIN (ROUND_UP (next, s->cluster), cbw->size));
       pthread_mutex_unlock (&s->lock);
+      /* A write may have saved part of the range while we waited: the
+       * live node's status no longer speaks for that part.
+       */
+      {
+        uint64_t saved = bitmap_next_dirty (s->copied, off, next);
+        if (saved == off || !bitmap_range_is_zero (s->gone, off,
+                                                     next - off)) {
+          busy_leave (s, &me);
+          continue;
+        }
+        if (saved != UINT64_MAX)
+          next = saved;
+      }
+      extents_init (&sub, off, el->max ? el->max : 1024);
       r = node_block_status (s->file->node, next - off, &sub);
       busy_leave (s, &me);
       if (r == 0) {
@@ -471,9 +494,11 @@ cbw_snapshot_block_status (struct node *cbw, uint64_t count,
       extents_free (&sub);
     }
     if (r == 1)                 /* the list is full */
-      return 0;
+      break;
     off = next;
   }
+  if (r >= 0 && atomic_load (&s->broken))
+    return -EIO;
   return r < 0 ? r : 0;
 }
 
@@ -506,6 +531,12 @@ cbw_open (struct node *node, struct json_object *opts, struct error **errp)
   if (s->target == NULL)
     return -1;
   size = s->file->node->size;
+  if (s->file->node->growable) {
+    error_setg (errp, "copy-before-write: '%s' is the file of a writable "
+                "format node and grows with it: filter the format node",
+                s->file->node->name);
+    return -1;
+  }
   if (s->target->node == s->file->node) {
     error_setg (errp, "copy-before-write: the target must be another node "
                 "than '%s'", s->file->node->name);

@@ -139,13 +139,14 @@ fill_intent (void *opaque, uint64_t offset, uint64_t count, void *buf)
 {
   struct wi_fill *f = opaque;
   size_t bytes = bitmap_serialization_size (f->d->bm, offset, count);
-  uint8_t *b = buf, *whole = malloc (bytes);
+  uint8_t *b = buf, *whole;
 
   /* A unit with no region to mark is not rewritten: what the image
    * holds there is what 'durable' says.
    */
   if (bitmap_next_dirty (f->intent, offset, offset + count) == UINT64_MAX)
     return 1;
+  whole = malloc (bytes);
   serialize_union (f->d, offset, count, buf);
   /* The regions flushed for are marked whole, and what the image holds
    * already stays: a superset, which the next writes into those
@@ -372,19 +373,55 @@ dirty_mark (struct node *node, uint64_t offset, uint64_t count)
   return r;
 }
 
+void
+dirty_remark (struct node *node, uint64_t offset, uint64_t count)
+{
+  for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
+    if (d->internal && __atomic_load_n (&d->enabled, __ATOMIC_RELAXED))
+      bitmap_set (d->successor ? d->successor : d->bm, offset, count);
+}
+
 struct dirty_bitmap *
 dirty_bitmap_find (const struct node *node, const char *name)
 {
   for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
-    if (strcmp (d->name, name) == 0)
+    if (!d->internal && strcmp (d->name, name) == 0)
       return d;
   return NULL;
 }
+
+static struct dirty_bitmap *create (struct node *node, const char *name,
+                                    uint32_t granularity, bool persistent,
+                                    bool enabled, struct error **errp);
 
 struct dirty_bitmap *
 dirty_bitmap_create (struct node *node, const char *name,
                      uint32_t granularity, bool persistent, bool enabled,
                      struct error **errp)
+{
+  if (name[0] == '#') {
+    error_setg (errp, "bitmap names starting with '#' are the daemon's "
+                "own");
+    return NULL;
+  }
+  return create (node, name, granularity, persistent, enabled, errp);
+}
+
+struct dirty_bitmap *
+dirty_bitmap_create_internal (struct node *node, const char *name,
+                              uint32_t granularity, struct error **errp)
+{
+  struct dirty_bitmap *d = create (node, name, granularity, false, true,
+                                   errp);
+
+  if (d)
+    d->internal = true;
+  return d;
+}
+
+static struct dirty_bitmap *
+create (struct node *node, const char *name, uint32_t granularity,
+        bool persistent, bool enabled, struct error **errp)
 {
   struct dirty_bitmap *d;
 

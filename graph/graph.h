@@ -97,6 +97,11 @@ struct dirty_bitmap {
   uint64_t wi_want, wi_done;    /* flush generations */
   int wi_error;                 /* a failed flush: writes fail with it */
   unsigned busy;                /* exports using it: read-only for QMP */
+  /* A job's (a mirror's copy list, named '#...'): not listed, not for
+   * QMP, transient.  Its bits are set again once a write is done, so
+   * that a job clearing one while the write runs copies it again.
+   */
+  bool internal;
 };
 
 /* The request path's hook: mark [offset, offset + count) in every
@@ -105,6 +110,8 @@ struct dirty_bitmap {
  * the bits could not be made durable (the write must then fail).
  */
 int dirty_mark (struct node *node, uint64_t offset, uint64_t count);
+/* After the write: internal bitmaps are marked again. */
+void dirty_remark (struct node *node, uint64_t offset, uint64_t count);
 struct dirty_bitmap *dirty_bitmap_find (const struct node *node,
                                         const char *name);
 /* A new bitmap for @node, not yet on its list (link it drained). */
@@ -113,6 +120,11 @@ struct dirty_bitmap *dirty_bitmap_create (struct node *node,
                                           uint32_t granularity,
                                           bool persistent, bool enabled,
                                           struct error **errp);
+/* A job's (see 'internal'), named '#...'. */
+struct dirty_bitmap *dirty_bitmap_create_internal (struct node *node,
+                                                   const char *name,
+                                                   uint32_t granularity,
+                                                   struct error **errp);
 /* On or off the node's list: with the node drained. */
 void dirty_bitmap_link (struct dirty_bitmap *d);
 void dirty_bitmap_unlink (struct dirty_bitmap *d);

@@ -279,6 +279,8 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
   }
   else
     r = pwrite_aligned (node, buf, count, offset, flags);
+  if (node->dirty)
+    dirty_remark (node, offset, count);
   if (r == 0)
     grown_to (node, offset + count);
   return r;
@@ -326,12 +328,13 @@ zero_aligned (struct node *node, uint64_t count, uint64_t offset,
   return zero_by_writing (node, count, offset, flags);
 }
 
+static int zero_marked (struct node *node, uint64_t count, uint64_t offset,
+                        unsigned flags);
+
 int
 node_zero (struct node *node, uint64_t count, uint64_t offset,
            unsigned flags)
 {
-  uint32_t align = node->limits.request_alignment;
-  uint64_t head_end, tail_start, end;
   int r = check_range (node, count, offset);
 
   if (r < 0)
@@ -344,6 +347,21 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
     return -ENOTSUP;
   if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
     return r;
+  r = zero_marked (node, count, offset, flags);
+  if (node->dirty)
+    dirty_remark (node, offset, count);
+  return r;
+}
+
+/* node_zero once the bitmaps are marked. */
+static int
+zero_marked (struct node *node, uint64_t count, uint64_t offset,
+             unsigned flags)
+{
+  uint32_t align = node->limits.request_alignment;
+  uint64_t head_end, tail_start, end;
+  int r;
+
   if (align == 1)
     return zero_aligned (node, count, offset, flags);
 
@@ -389,6 +407,8 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   r = node->drv->discard (node, end - start, start, flags);
   if (align > 1)
     pthread_rwlock_unlock (&node->rmw_lock);
+  if (node->dirty)
+    dirty_remark (node, start, end - start);
   return r;
 }
 
@@ -488,23 +508,27 @@ node_truncate (struct node *node, uint64_t size)
 static void (*sleep_begin_hook) (void);
 static void (*sleep_end_hook) (void);
 
+/* Set while job threads may be sleeping too: atomic. */
 void
 graph_set_sleep_hooks (void (*begin) (void), void (*end) (void))
 {
-  sleep_begin_hook = begin;
-  sleep_end_hook = end;
+  __atomic_store_n (&sleep_begin_hook, begin, __ATOMIC_RELEASE);
+  __atomic_store_n (&sleep_end_hook, end, __ATOMIC_RELEASE);
 }
 
 void
 node_io_sleep_begin (void)
 {
-  if (sleep_begin_hook)
-    sleep_begin_hook ();
+  void (*hook) (void) = __atomic_load_n (&sleep_begin_hook,
+                                         __ATOMIC_ACQUIRE);
+  if (hook)
+    hook ();
 }
 
 void
 node_io_sleep_end (void)
 {
-  if (sleep_end_hook)
-    sleep_end_hook ();
+  void (*hook) (void) = __atomic_load_n (&sleep_end_hook, __ATOMIC_ACQUIRE);
+  if (hook)
+    hook ();
 }

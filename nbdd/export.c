@@ -424,6 +424,15 @@ export_discard (struct export *exp)
       index_remove (exp);
       break;
     }
+  /* Its nodes are free at once, even while a command still holds the
+   * export itself (until its drains end).
+   */
+  for (size_t i = 0; i < exp->nr_bitmaps; ++i) {
+    exp->bitmaps[i]->busy--;
+    node_unref (exp->bitmaps[i]->node);
+  }
+  exp->nr_bitmaps = 0;
+  root_detach (&exp->root);
   export_unref (exp);
 }
 

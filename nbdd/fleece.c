@@ -61,6 +61,8 @@ struct fleece {
   char *id, *export_id;
   char *scratch_path;
   struct node *source, *cbw, *snap, *scratch;   /* references */
+  struct export *exp;           /* its snapshot export (a reference) */
+  bool stopping;                /* a fleece-stop is in the command */
   char **bitmaps;               /* names on source, NULL-terminated */
   size_t nr_bitmaps;
   uint64_t limit;
@@ -95,6 +97,8 @@ fleece_free (struct fleece *f)
     node_unref (f->snap);
   if (f->scratch)
     node_unref (f->scratch);
+  if (f->exp)
+    export_unref (f->exp);
   opt_free_strings (f->bitmaps);
   pthread_mutex_destroy (&f->consume_lock);
   free (f->id);
@@ -192,10 +196,28 @@ undo_fleece_add (void *data)
   fleece_free (f);
 }
 
+/* The filter's users are back: it keeps others from writing under it
+ * again.
+ */
 static void
 undo_detaching (void *data)
 {
-  cbw_set_detaching (data, false);
+  struct node *cbw = data;
+  struct error *err = NULL;
+
+  cbw_set_detaching (cbw, false);
+  if (graph_perm_update (&cbw, 1, &err) == -1) {
+    nbdd_warn ("undoing fleece-stop: %s", err->msg);
+    error_free (err);
+  }
+}
+
+static void
+undo_stopping (void *data)
+{
+  struct fleece *f = data;
+
+  f->stopping = false;
 }
 
 static void
@@ -369,6 +391,18 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
                   "fleece first", src->name, g->id);
       return -1;
     }
+  for (size_t i = 0; i < src->nr_parents; ++i) {
+    struct node_child *e = src->parents[i];
+    if (e->parent == NULL &&
+        strcmp (container_of (e, struct node_root, edge)->kind,
+                "job") == 0) {
+      char who[200];
+      edge_describe (e, who, sizeof who);
+      error_setg (errp, "node '%s' is in use by %s: end the job first",
+                  src->name, who);
+      return -1;
+    }
+  }
   if (cbw_is (src) || snapshot_access_is (src)) {
     error_setg (errp, "node '%s' is a %s node: fleece the node it "
                 "reads", src->name, src->drv->name);
@@ -495,7 +529,11 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
   json_object_put (spec);
   exp = export_by_id (export_id);
   exp->recorded = false;
-  txn_step (t, undo_export_add, NULL, NULL, exp);
+  /* Held by the fleece, and by the command until its drains end. */
+  export_ref (exp);
+  f->exp = exp;
+  export_ref (exp);
+  txn_step (t, undo_export_add, NULL, release_export, exp);
 
   /* 6. The record that ends it at the next start if it is cut short. */
   if (catalog &&
@@ -530,11 +568,12 @@ static void
 commit_stop (void *data)
 {
   struct fleece *f = data;
-  struct export *exp = export_by_id (f->export_id);
+  struct export *exp = f->exp;
   struct error *err = NULL;
 
   cbw_stop (f->cbw);
-  if (exp && !exp->deleted && export_delete (exp, true, &err) == -1) {
+  cbw_set_hooks (f->cbw, &(struct cbw_hooks) { NULL });
+  if (!exp->deleted && export_delete (exp, true, &err) == -1) {
     nbdd_warn ("fleece '%s': deleting export '%s': %s", f->id, f->export_id,
                err->msg);
     error_free (err);
@@ -577,17 +616,22 @@ cmd_fleece_stop (struct qmp_txn *t, struct json_object *args,
   success = strcmp (outcome, "success") == 0;
   if ((f = fleece_find (id)) == NULL)
     return not_found (t, errp, "fleece", id);
+  if (f->stopping) {
+    error_setg (errp, "fleece '%s' is being stopped already", id);
+    return -1;
+  }
   drain[0] = f->source;
   drain[1] = f->snap;
-  if (txn_reserve (t, 4, errp) == -1 || txn_drain (t, drain, 2, errp) == -1)
+  if (txn_reserve (t, 5, errp) == -1 || txn_drain (t, drain, 2, errp) == -1)
     return -1;
+  f->stopping = true;
+  txn_step (t, undo_stopping, NULL, NULL, f);
   /* The drain holds the export's root until the end of the command,
    * after commit_stop deleted it.
    */
-  if ((exp = export_by_id (f->export_id)) != NULL) {
-    export_ref (exp);
-    txn_step (t, NULL, NULL, release_export, exp);
-  }
+  exp = f->exp;
+  export_ref (exp);
+  txn_step (t, NULL, NULL, release_export, exp);
   for (size_t i = 0; i < f->nr_bitmaps; ++i) {
     struct dirty_bitmap *d = dirty_bitmap_find (f->source, f->bitmaps[i]);
     if (d && d->successor &&
@@ -601,6 +645,17 @@ cmd_fleece_stop (struct qmp_txn *t, struct json_object *args,
     return -1;
   txn_step (t, NULL, commit_stop, NULL, f);
   return 0;
+}
+
+/* ---- what graph changes must leave alone ---- */
+
+const char *
+fleece_owning (const struct node *n)
+{
+  for (struct fleece *f = fleeces; f; f = f->next)
+    if (n == f->source || n == f->cbw || n == f->snap || n == f->scratch)
+      return f->id;
+  return NULL;
 }
 
 /* ---- query-fleeces ---- */
@@ -619,7 +674,7 @@ cmd_query_fleeces (struct qmp_txn *t, struct json_object *args,
   }
   for (struct fleece *f = fleeces; f; f = f->next) {
     struct json_object *o = json_object_new_object (), *b;
-    struct export *exp = export_by_id (f->export_id);
+    struct export *exp = f->exp->deleted ? NULL : f->exp;
     const char *reason = cbw_broken_reason (f->cbw);
 
     json_object_object_add (o, "id", json_object_new_string (f->id));
@@ -713,8 +768,11 @@ fleece_recover (struct error **errp)
   if (catalog == NULL)
     return 0;
   remove_scratch_leftovers ();
-  if (catalog_fleece_foreach (catalog, collect, &l, errp) == -1)
+  if (catalog_fleece_foreach (catalog, collect, &l, errp) == -1) {
+    if (errp && *errp == NULL)
+      error_setg (errp, "out of memory reading fleece sessions");
     r = -1;
+  }
   if (r == 0 && l.len > 0 && catalog_begin (catalog, errp) == -1)
     r = -1;
   for (size_t i = 0; i < l.len && r == 0; ++i) {

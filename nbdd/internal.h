@@ -575,6 +575,13 @@ void state_close (void);
  */
 void fleece_init (struct ev_loop *loop);
 int fleece_recover (struct error **errp);
+/* The id of the fleece @n is part of (its node, filter, snapshot or
+ * scratch), or NULL: graph changes there are refused.
+ */
+const char *fleece_owning (const struct node *n);
+
+/* qmp-job.c: block jobs tell the loop when they are ready or done. */
+void qmp_jobs_init (struct ev_loop *loop);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

@@ -24,6 +24,7 @@
 #endif
 
 #include "internal.h"
+#include "job.h"
 #include "log.h"
 #include "options.h"
 
@@ -239,6 +240,7 @@ main (int argc, char **argv)
 
   qmp_init ();
   fleece_init (loop);
+  qmp_jobs_init (loop);
 
   if (!config.stdio && listeners_open (loop, &err) == -1)
     die (err);
@@ -288,6 +290,7 @@ main (int argc, char **argv)
   admin_close ();
   listeners_close (loop);
   conns_close_all ("shutting down");
+  jobs_cancel_all ();
   workers_stop ();
   conns_flush_dirty ();
   pipes_free_all ();

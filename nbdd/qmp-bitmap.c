@@ -515,7 +515,11 @@ dirty_bitmaps_info (const struct node *node)
   struct json_object *a = json_object_new_array ();
 
   for (const struct dirty_bitmap *d = node->dirty; d; d = d->next) {
-    struct json_object *o = json_object_new_object ();
+    struct json_object *o;
+
+    if (d->internal)
+      continue;
+    o = json_object_new_object ();
     json_object_object_add (o, "name", json_object_new_string (d->name));
     json_object_object_add (o, "count",
                             json_object_new_int64 ((int64_t)

@@ -608,6 +608,21 @@ txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
     : 0;
 }
 
+/* Graph changes leave a fleece's nodes alone: they would change what
+ * its snapshot shows, or cut its filter out of the live node's path.
+ */
+int
+not_fleeced (const struct node *n, struct error **errp)
+{
+  const char *id = fleece_owning (n);
+
+  if (id == NULL)
+    return 0;
+  error_setg (errp, "node '%s' is part of fleece '%s': stop the fleece "
+              "first", n->name, id);
+  return -1;
+}
+
 /* The child a filter passes requests to. */
 static struct node_child *
 filtered_child (struct node *f)
@@ -636,6 +651,8 @@ cmd_blockdev_insert_node (struct qmp_txn *t, struct json_object *args,
     return -1;
   name = node->name;
   fname = filter->name;
+  if (not_fleeced (node, errp) == -1 || not_fleeced (filter, errp) == -1)
+    return -1;
   fc = filtered_child (filter);
   if (!filter->drv->is_filter || fc == NULL) {
     error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
@@ -725,6 +742,9 @@ cmd_blockdev_replace (struct qmp_txn *t, struct json_object *args,
   }
   if (edge->node == to)
     return 0;
+  if (not_fleeced (edge->node, errp) == -1 || not_fleeced (to, errp) == -1 ||
+      (edge->parent && not_fleeced (edge->parent, errp) == -1))
+    return -1;
   if (node_size (to) != node_size (edge->node)) {
     error_setg (errp, "node '%s' has %" PRIu64 " bytes and '%s' %" PRIu64
                 ": a replacement must have the same size", new_name,
@@ -771,6 +791,8 @@ cmd_blockdev_remove_node (struct qmp_txn *t, struct json_object *args,
                 errp) == -1)
     return -1;
   fname = filter->name;
+  if (not_fleeced (filter, errp) == -1)
+    return -1;
   fc = filtered_child (filter);
   if (!filter->drv->is_filter || fc == NULL) {
     error_setg (errp, "node '%s' (driver %s) is not a filter", fname,
@@ -831,6 +853,8 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
     return -1;
   name = node->name;
   oname = overlay->name;
+  if (not_fleeced (node, errp) == -1 || not_fleeced (overlay, errp) == -1)
+    return -1;
   if (node == overlay) {
     error_setg (errp, "a node cannot be its own "
                 "overlay");
@@ -908,6 +932,15 @@ cmd_block_resize (struct qmp_txn *t, struct json_object *args,
     if (node->parents[i]->parent) {
       error_setg (errp, "node '%s' is used by node '%s': resize the node "
                   "its exports use", name, node->parents[i]->parent->name);
+      return -1;
+    }
+  /* A job copying the node takes it as it is. */
+  for (size_t i = 0; i < node->nr_parents; ++i)
+    if (!(node->parents[i]->shared & PERM_RESIZE)) {
+      char who[200];
+      edge_describe (node->parents[i], who, sizeof who);
+      error_setg (errp, "node '%s' cannot be resized: %s does not allow "
+                  "it", name, who);
       return -1;
     }
   if (node->limits.request_alignment > 1 &&
@@ -1050,6 +1083,12 @@ undo_export_add (void *data)
   export_discard (data);
 }
 
+static void
+release_export_ref (void *data)
+{
+  export_unref (data);
+}
+
 static int
 cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
                       struct json_object **ret, struct error **errp)
@@ -1070,7 +1109,9 @@ cmd_block_export_add (struct qmp_txn *t, struct json_object *args,
     return -1;
   exp = export_nth (export_count () - 1);
   exp->recorded = catalog != NULL;
-  txn_step (t, undo_export_add, NULL, NULL, exp);
+  /* Kept until the command's drains end (an undo frees it before). */
+  export_ref (exp);
+  txn_step (t, undo_export_add, NULL, release_export_ref, exp);
   if (catalog && catalog_export_put (catalog, exp->id, json_text (exp->spec),
                                      errp) == -1)
     return -1;
@@ -1354,6 +1395,14 @@ static const struct command commands[] = {
   { "fleece-start", cmd_fleece_start, CMD_CHANGES | CMD_IN_TXN },
   { "fleece-stop", cmd_fleece_stop, CMD_CHANGES | CMD_IN_TXN },
   { "query-fleeces", cmd_query_fleeces, 0 },
+  { "blockdev-mirror", cmd_blockdev_mirror, CMD_CHANGES },
+  { "query-block-jobs", cmd_query_block_jobs, 0 },
+  { "block-job-pause", cmd_block_job_pause, CMD_CHANGES },
+  { "block-job-resume", cmd_block_job_resume, CMD_CHANGES },
+  { "block-job-cancel", cmd_block_job_cancel, CMD_CHANGES },
+  { "block-job-complete", cmd_block_job_complete, CMD_CHANGES },
+  { "block-job-set-speed", cmd_block_job_set_speed, CMD_CHANGES },
+  { "job-dismiss", cmd_job_dismiss, CMD_CHANGES },
   { "transaction", cmd_transaction, CMD_CHANGES },
   { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },
   { "query-block-exports", cmd_query_block_exports, 0 },

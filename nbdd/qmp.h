@@ -51,6 +51,8 @@ int arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
 int txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
                        struct node *except, bool record,
                        struct error **errp);
+/* 0, or -1 with errp naming the fleece @n is part of. */
+int not_fleeced (const struct node *n, struct error **errp);
 /* Compact JSON text (owned by @o). */
 const char *json_text (struct json_object *o);
 
@@ -78,6 +80,10 @@ int txn_bitmap_unfork (struct qmp_txn *t, struct node *node,
                        const char *session, struct error **errp);
 /* fleece.c */
 qmp_command_fn cmd_fleece_start, cmd_fleece_stop, cmd_query_fleeces;
+/* qmp-job.c */
+qmp_command_fn cmd_blockdev_mirror, cmd_query_block_jobs,
+  cmd_block_job_pause, cmd_block_job_resume, cmd_block_job_cancel,
+  cmd_block_job_complete, cmd_block_job_set_speed, cmd_job_dismiss;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */
 struct json_object *dirty_bitmaps_info (const struct node *node);
 

@@ -1,0 +1,532 @@
+/* Block jobs: the lifecycle shared by every kind (see job.h). */
+#include <config.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cleanup.h"
+#include "job.h"
+#include "log.h"
+#include "utils.h"
+
+#define SLICE_NS 100000000ULL   /* the speed limit's accounting slice */
+
+static struct job *jobs;        /* main thread */
+static void (*wake_hook) (void);
+static void (*event_hook) (const char *name, struct json_object *data);
+
+void
+jobs_set_hooks (void (*wake) (void),
+                void (*event) (const char *name, struct json_object *data))
+{
+  wake_hook = wake;
+  event_hook = event;
+}
+
+static const char *const status_names[] = {
+  [JOB_CREATED] = "created", [JOB_RUNNING] = "running",
+  [JOB_PAUSED] = "paused", [JOB_READY] = "ready",
+  [JOB_ABORTING] = "aborting", [JOB_CONCLUDED] = "concluded",
+  [JOB_NULL] = "null",
+};
+
+const char *
+job_status_name (enum job_status s)
+{
+  return status_names[s];
+}
+
+static void
+event (const char *name, struct json_object *data)
+{
+  if (event_hook)
+    event_hook (name, data);
+  else
+    json_object_put (data);
+}
+
+static void
+set_status (struct job *job, enum job_status s)
+{
+  struct json_object *d;
+
+  if (job->status == s)
+    return;
+  job->status = s;
+  d = json_object_new_object ();
+  json_object_object_add (d, "id", json_object_new_string (job->id));
+  json_object_object_add (d, "status",
+                          json_object_new_string (job_status_name (s)));
+  event ("JOB_STATUS_CHANGE", d);
+}
+
+/* BLOCK_JOB_READY, _COMPLETED and _CANCELLED carry the same fields. */
+static void
+block_event (struct job *job, const char *name, const char *error)
+{
+  struct json_object *d = json_object_new_object ();
+
+  json_object_object_add (d, "type", json_object_new_string (job->drv->type));
+  json_object_object_add (d, "device", json_object_new_string (job->id));
+  json_object_object_add (d, "len", json_object_new_int64
+                          ((int64_t) atomic_load (&job->len)));
+  json_object_object_add (d, "offset", json_object_new_int64
+                          ((int64_t) atomic_load (&job->offset)));
+  json_object_object_add (d, "speed",
+                          json_object_new_int64 ((int64_t) job->speed));
+  if (error)
+    json_object_object_add (d, "error", json_object_new_string (error));
+  event (name, d);
+}
+
+struct job *
+job_find (const char *id)
+{
+  for (struct job *j = jobs; j; j = j->next)
+    if (strcmp (j->id, id) == 0)
+      return j;
+  return NULL;
+}
+
+struct job *
+jobs_first (void)
+{
+  return jobs;
+}
+
+struct job *
+job_new (const char *id, const struct job_driver *drv, void *opaque,
+         uint64_t speed, bool auto_dismiss, struct error **errp)
+{
+  struct job *job, **p;
+
+  if (!node_name_is_valid (id)) {
+    error_setg (errp, "job id '%.80s' is not valid (a letter, then "
+                "letters, digits, '-', '.' or '_')", id);
+    return NULL;
+  }
+  if (job_find (id)) {
+    error_setg (errp, "a job with id '%s' exists", id);
+    return NULL;
+  }
+  job = calloc (1, sizeof *job);
+  if (job == NULL || (job->id = strdup (id)) == NULL) {
+    free (job);
+    error_setg (errp, "out of memory");
+    return NULL;
+  }
+  job->drv = drv;
+  job->opaque = opaque;
+  job->speed = speed;
+  job->auto_dismiss = auto_dismiss;
+  job->status = JOB_CREATED;
+  pthread_mutex_init (&job->lock, NULL);
+  pthread_cond_init (&job->cond, NULL);
+  root_init (&job->root);
+  job->root.kind = "job";
+  job->root.owner_name = job->id;
+  job->root.owner = job;
+  for (p = &jobs; *p; p = &(*p)->next)
+    ;
+  *p = job;
+  return job;
+}
+
+static void
+job_free (struct job *job)
+{
+  for (struct job **p = &jobs; *p; p = &(*p)->next)
+    if (*p == job) {
+      *p = job->next;
+      break;
+    }
+  if (root_node (&job->root))
+    root_detach (&job->root);
+  root_destroy (&job->root);
+  if (job->drv->free)
+    job->drv->free (job);
+  pthread_cond_destroy (&job->cond);
+  pthread_mutex_destroy (&job->lock);
+  free (job->error);
+  free (job->id);
+  free (job);
+}
+
+void
+job_discard (struct job *job)
+{
+  job_free (job);
+}
+
+static void *
+job_thread (void *arg)
+{
+  struct job *job = arg;
+  int r = job->drv->run (job);
+
+  pthread_mutex_lock (&job->lock);
+  job->ret = r;
+  job->finished = true;
+  pthread_mutex_unlock (&job->lock);
+  if (wake_hook)
+    wake_hook ();
+  return NULL;
+}
+
+int
+job_start (struct job *job, struct error **errp)
+{
+  sigset_t all, old;
+  int r;
+
+  sigfillset (&all);
+  pthread_sigmask (SIG_BLOCK, &all, &old);
+  r = pthread_create (&job->thread, NULL, job_thread, job);
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  if (r != 0) {
+    error_setg_errno (errp, r, "job '%s': starting its thread", job->id);
+    return -1;
+  }
+  job->thread_started = true;
+  set_status (job, JOB_RUNNING);
+  return 0;
+}
+
+void
+job_stop_thread (struct job *job)
+{
+  if (!job->thread_started)
+    return;
+  pthread_mutex_lock (&job->lock);
+  job->stop_requested = true;
+  pthread_cond_broadcast (&job->cond);
+  pthread_mutex_unlock (&job->lock);
+  pthread_join (job->thread, NULL);
+  job->thread_started = false;
+}
+
+/* Auto-dismissed on the next jobs_poll, not now: the command that
+ * concluded it may still hold its edges in a drain.
+ */
+static void
+conclude (struct job *job)
+{
+  set_status (job, JOB_CONCLUDED);
+  if (job->auto_dismiss) {
+    job->dismiss_pending = true;
+    if (wake_hook)
+      wake_hook ();
+  }
+}
+
+/* The thread is done: finish the job, one way or the other. */
+static void
+job_end (struct job *job)
+{
+  struct error *err = NULL, *ferr = NULL;
+  bool cancelled = job->cancel_requested;
+  bool ok = job->ret == 0 && !cancelled;
+
+  job_stop_thread (job);
+  if (job->ret < 0 && !cancelled)
+    error_setg_errno (&err, -job->ret, "job '%s'", job->id);
+  if (job->drv->finish (job, ok, &ferr) == -1) {
+    ok = false;
+    if (err == NULL)
+      err = steal_pointer (&ferr);
+  }
+  error_free (ferr);
+  if (!ok && !cancelled) {
+    set_status (job, JOB_ABORTING);
+    job->error = strdup (err ? err->msg : "failed");
+    nbdd_warn ("job '%s' failed: %s", job->id, job->error);
+  }
+  if (cancelled)
+    block_event (job, "BLOCK_JOB_CANCELLED", NULL);
+  else
+    block_event (job, "BLOCK_JOB_COMPLETED", ok ? NULL : job->error);
+  error_free (err);
+  conclude (job);
+}
+
+void
+jobs_poll (void)
+{
+  struct job *j, *next;
+
+  for (j = jobs; j; j = next) {
+    bool ready, finished;
+
+    next = j->next;
+    pthread_mutex_lock (&j->lock);
+    ready = j->ready;
+    finished = j->finished;
+    pthread_mutex_unlock (&j->lock);
+    if (j->status == JOB_CONCLUDED) {
+      if (j->dismiss_pending) {
+        set_status (j, JOB_NULL);
+        job_free (j);
+      }
+      continue;
+    }
+    if (ready && !j->ready_seen && !finished) {
+      j->ready_seen = true;
+      if (j->status == JOB_RUNNING)
+        set_status (j, JOB_READY);
+      block_event (j, "BLOCK_JOB_READY", NULL);
+    }
+    if (finished)
+      job_end (j);
+  }
+}
+
+static int
+not_concluded (struct job *job, const char *what, struct error **errp)
+{
+  if (job->status == JOB_CONCLUDED || job->status == JOB_ABORTING) {
+    error_setg (errp, "job '%s' has ended: it cannot be %s", job->id, what);
+    return -1;
+  }
+  return 0;
+}
+
+int
+job_pause (struct job *job, struct error **errp)
+{
+  if (not_concluded (job, "paused", errp) == -1)
+    return -1;
+  pthread_mutex_lock (&job->lock);
+  job->pause_requested = true;
+  pthread_mutex_unlock (&job->lock);
+  set_status (job, JOB_PAUSED);
+  return 0;
+}
+
+int
+job_resume (struct job *job, struct error **errp)
+{
+  if (not_concluded (job, "resumed", errp) == -1)
+    return -1;
+  if (job->status != JOB_PAUSED) {
+    error_setg (errp, "job '%s' is not paused", job->id);
+    return -1;
+  }
+  pthread_mutex_lock (&job->lock);
+  job->pause_requested = false;
+  pthread_cond_broadcast (&job->cond);
+  pthread_mutex_unlock (&job->lock);
+  set_status (job, job->ready_seen ? JOB_READY : JOB_RUNNING);
+  return 0;
+}
+
+int
+job_cancel (struct job *job, struct error **errp)
+{
+  if (not_concluded (job, "cancelled", errp) == -1)
+    return -1;
+  pthread_mutex_lock (&job->lock);
+  job->cancel_requested = true;
+  job->pause_requested = false;
+  pthread_cond_broadcast (&job->cond);
+  pthread_mutex_unlock (&job->lock);
+  return 0;
+}
+
+int
+job_complete (struct job *job, const struct job_graph_ops *ops,
+              struct error **errp)
+{
+  if (job->drv->complete == NULL) {
+    error_setg (errp, "job '%s' (%s) cannot be completed: it ends by "
+                "itself", job->id, job->drv->type);
+    return -1;
+  }
+  if (job->status != JOB_READY) {
+    error_setg (errp, "job '%s' is not ready (it is %s): wait for "
+                "BLOCK_JOB_READY", job->id, job_status_name (job->status));
+    return -1;
+  }
+  job_stop_thread (job);
+  if (job->drv->complete (job, ops, errp) == -1) {
+    job->error = strdup (*errp ? (*errp)->msg : "failed");
+    set_status (job, JOB_ABORTING);
+    block_event (job, "BLOCK_JOB_COMPLETED", job->error);
+    conclude (job);
+    return -1;
+  }
+  block_event (job, "BLOCK_JOB_COMPLETED", NULL);
+  conclude (job);
+  return 0;
+}
+
+int
+job_set_speed (struct job *job, uint64_t speed, struct error **errp)
+{
+  if (not_concluded (job, "changed", errp) == -1)
+    return -1;
+  pthread_mutex_lock (&job->lock);
+  job->speed = speed;
+  pthread_cond_broadcast (&job->cond);
+  pthread_mutex_unlock (&job->lock);
+  return 0;
+}
+
+int
+job_dismiss (struct job *job, struct error **errp)
+{
+  if (job->status != JOB_CONCLUDED || job->dismiss_pending) {
+    error_setg (errp, "job '%s' is %s: only a concluded job can be "
+                "dismissed", job->id, job->dismiss_pending ? "going"
+                : job_status_name (job->status));
+    return -1;
+  }
+  set_status (job, JOB_NULL);
+  job_free (job);
+  return 0;
+}
+
+void
+jobs_cancel_all (void)
+{
+  struct job *j, *next;
+
+  for (j = jobs; j; j = next) {
+    next = j->next;
+    if (j->thread_started) {
+      pthread_mutex_lock (&j->lock);
+      j->cancel_requested = true;
+      pthread_mutex_unlock (&j->lock);
+      job_stop_thread (j);
+    }
+    if (j->status != JOB_CONCLUDED) {
+      struct error *err = NULL;
+      j->drv->finish (j, false, &err);
+      error_free (err);
+    }
+    job_free (j);
+  }
+}
+
+struct json_object *
+job_info (struct job *job)
+{
+  struct json_object *o = json_object_new_object ();
+  bool busy;
+
+  pthread_mutex_lock (&job->lock);
+  busy = job->thread_started && !job->paused && !job->finished;
+  pthread_mutex_unlock (&job->lock);
+  json_object_object_add (o, "type", json_object_new_string (job->drv->type));
+  json_object_object_add (o, "device", json_object_new_string (job->id));
+  json_object_object_add (o, "id", json_object_new_string (job->id));
+  json_object_object_add (o, "len", json_object_new_int64
+                          ((int64_t) atomic_load (&job->len)));
+  json_object_object_add (o, "offset", json_object_new_int64
+                          ((int64_t) atomic_load (&job->offset)));
+  json_object_object_add (o, "busy", json_object_new_boolean (busy));
+  json_object_object_add (o, "paused", json_object_new_boolean
+                          (job->status == JOB_PAUSED));
+  json_object_object_add (o, "speed",
+                          json_object_new_int64 ((int64_t) job->speed));
+  json_object_object_add (o, "io-status", json_object_new_string ("ok"));
+  json_object_object_add (o, "ready", json_object_new_boolean
+                          (job->status == JOB_READY || (job->ready_seen &&
+                                                        job->status ==
+                                                        JOB_PAUSED)));
+  json_object_object_add (o, "status", json_object_new_string
+                          (job_status_name (job->status)));
+  json_object_object_add (o, "auto-finalize", json_object_new_boolean (true));
+  json_object_object_add (o, "auto-dismiss",
+                          json_object_new_boolean (job->auto_dismiss));
+  if (job->error)
+    json_object_object_add (o, "error", json_object_new_string (job->error));
+  return o;
+}
+
+/* ---- the job's thread ---- */
+
+bool
+job_pause_point (struct job *job)
+{
+  bool stop;
+
+  pthread_mutex_lock (&job->lock);
+  while (job->pause_requested && !job->cancel_requested &&
+         !job->stop_requested) {
+    job->paused = true;
+    pthread_cond_wait (&job->cond, &job->lock);
+  }
+  job->paused = false;
+  stop = job->cancel_requested || job->stop_requested;
+  pthread_mutex_unlock (&job->lock);
+  return stop;
+}
+
+bool
+job_is_cancelled (struct job *job)
+{
+  bool c;
+
+  pthread_mutex_lock (&job->lock);
+  c = job->cancel_requested;
+  pthread_mutex_unlock (&job->lock);
+  return c;
+}
+
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+void
+job_rate_limit (struct job *job, uint64_t bytes)
+{
+  pthread_mutex_lock (&job->lock);
+  atomic_fetch_add (&job->offset, bytes);
+  for (;;) {
+    uint64_t now = now_ns (), quota;
+    struct timespec until;
+
+    if (job->speed == 0 || job->cancel_requested || job->stop_requested)
+      break;
+    if (now - job->slice_start_ns >= SLICE_NS) {
+      job->slice_start_ns = now;
+      job->slice_bytes = 0;
+    }
+    quota = job->speed / (1000000000ULL / SLICE_NS);
+    if (job->slice_bytes + bytes <= MAX (quota, UINT64_C (1)) ||
+        job->slice_bytes == 0) {
+      job->slice_bytes += bytes;
+      break;
+    }
+    /* Over this slice's quota: wait for the next one. */
+    clock_gettime (CLOCK_REALTIME, &until);
+    {
+      uint64_t ns = until.tv_nsec + (job->slice_start_ns + SLICE_NS - now);
+      until.tv_sec += ns / 1000000000ULL;
+      until.tv_nsec = ns % 1000000000ULL;
+    }
+    pthread_cond_timedwait (&job->cond, &job->lock, &until);
+  }
+  pthread_mutex_unlock (&job->lock);
+}
+
+void
+job_set_ready (struct job *job)
+{
+  bool first;
+
+  pthread_mutex_lock (&job->lock);
+  first = !job->ready;
+  job->ready = true;
+  pthread_mutex_unlock (&job->lock);
+  if (first && wake_hook)
+    wake_hook ();
+}

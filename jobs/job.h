@@ -1,0 +1,139 @@
+/* jobs/: long-running block jobs (mirror, backup, ...) with QEMU's
+ * lifecycle, on a thread of their own.
+ *
+ * A job's states are QEMU's JobStatus: created, running, paused,
+ * ready, concluded and null (plus aborting, on the way to concluded
+ * after an error or a cancel).  The job's thread does the copying
+ * (job_driver.run) and checks at each step whether to pause, stop or
+ * slow down; everything else (creating, completing, ending, events)
+ * runs on the main thread.  The thread tells the main thread that
+ * something happened through a hook the daemon sets (an ev_async),
+ * and the main thread calls jobs_poll.
+ */
+#ifndef NBDD_JOB_H
+#define NBDD_JOB_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <json-c/json.h>
+
+#include "error.h"
+#include "graph.h"
+
+enum job_status {
+  JOB_CREATED, JOB_RUNNING, JOB_PAUSED, JOB_READY, JOB_ABORTING,
+  JOB_CONCLUDED, JOB_NULL,
+};
+
+struct job;
+
+/* What completing a job may do to the graph, given by the caller (the
+ * admin command, whose transaction holds the drains and undoes the
+ * moves if it fails).
+ */
+struct job_graph_ops {
+  /* Drain @nodes until the end of the command. */
+  int (*drain) (void *ctx, struct node *const *nodes, size_t n,
+                struct error **errp);
+  /* Every user of @from now uses @to, in the specs and the catalogue
+   * too.
+   */
+  int (*replace) (void *ctx, struct node *from, struct node *to,
+                  struct error **errp);
+  void *ctx;
+};
+
+struct job_driver {
+  const char *type;             /* QEMU's JobType: "mirror", "backup" */
+  /* The job's thread: copy until done (or, after job_set_ready, until
+   * job_should_stop).  0, or -errno (the job fails).
+   */
+  int (*run) (struct job *job);
+  /* Main thread, run returned: finish (ok: pivot, unfork a bitmap...)
+   * or undo.  0, or -1 with errp (the job fails).
+   */
+  int (*finish) (struct job *job, bool ok, struct error **errp);
+  /* Main thread: block-job-complete on a ready job, with its thread
+   * stopped.  NULL: the job cannot be completed (it ends by itself).
+   * On failure the job fails.
+   */
+  int (*complete) (struct job *job, const struct job_graph_ops *ops,
+                   struct error **errp);
+  void (*free) (struct job *job);
+};
+
+struct job {
+  struct job *next;
+  char *id;
+  const struct job_driver *drv;
+  void *opaque;                 /* the driver's */
+  enum job_status status;       /* main thread */
+  bool auto_dismiss;
+  struct node_root root;        /* the job's edge into the graph */
+
+  pthread_t thread;
+  bool thread_started;
+  pthread_mutex_t lock;         /* everything below */
+  pthread_cond_t cond;
+  bool pause_requested, paused, cancel_requested, stop_requested;
+  bool ready, finished;         /* the thread said so */
+  int ret;                      /* run's result, once finished */
+  bool ready_seen;              /* main thread: event sent */
+  bool dismiss_pending;         /* main thread: concluded, goes soon */
+  uint64_t speed;               /* bytes/s; 0: no limit */
+  uint64_t slice_start_ns, slice_bytes;
+
+  atomic_uint_fast64_t offset, len;   /* progress */
+  char *error;                  /* why it failed, once concluded */
+};
+
+/* The daemon's: the job thread wakes the main thread, which calls
+ * jobs_poll; and events (QMP's, on the main thread).
+ */
+void jobs_set_hooks (void (*wake) (void),
+                     void (*event) (const char *name,
+                                    struct json_object *data));
+
+/* Main thread. */
+struct job *job_new (const char *id, const struct job_driver *drv,
+                     void *opaque, uint64_t speed, bool auto_dismiss,
+                     struct error **errp);
+/* Start the thread (the job was set up). */
+int job_start (struct job *job, struct error **errp);
+/* A job that never started goes without a trace. */
+void job_discard (struct job *job);
+struct job *job_find (const char *id);
+struct job *jobs_first (void);
+/* Main thread: react to what job threads said (ready, finished). */
+void jobs_poll (void);
+int job_pause (struct job *job, struct error **errp);
+int job_resume (struct job *job, struct error **errp);
+int job_cancel (struct job *job, struct error **errp);
+int job_complete (struct job *job, const struct job_graph_ops *ops,
+                  struct error **errp);
+int job_set_speed (struct job *job, uint64_t speed, struct error **errp);
+int job_dismiss (struct job *job, struct error **errp);
+/* Stop the thread of a job, waiting for it (before a graph change
+ * that completes it).  Main thread.
+ */
+void job_stop_thread (struct job *job);
+/* At exit: cancel every job and wait for their threads. */
+void jobs_cancel_all (void);
+const char *job_status_name (enum job_status s);
+struct json_object *job_info (struct job *job);
+
+/* The job's thread. */
+/* Wait while paused; true if the job must stop (cancelled, or its
+ * completion asked).
+ */
+bool job_pause_point (struct job *job);
+/* Account @bytes copied and sleep as the speed limit says. */
+void job_rate_limit (struct job *job, uint64_t bytes);
+/* Caught up (mirror): event BLOCK_JOB_READY; job_complete allowed. */
+void job_set_ready (struct job *job);
+bool job_is_cancelled (struct job *job);
+
+#endif /* NBDD_JOB_H */

@@ -1,0 +1,315 @@
+/* The mirror job (QEMU's blockdev-mirror): copy a live node to a target
+ * node, local or remote (an 'nbd' node: live storage migration between
+ * two appliances), then, on block-job-complete, move the node's users
+ * onto the target.
+ *
+ * What is left to copy is a bitmap on the source, internal to the job:
+ * all of it (sync=full), what the top layer holds (top) or nothing
+ * (none) at first, and every write since.  The job's thread takes a
+ * dirty run, clears its bits, reads it from the source and writes it
+ * to the target.  A guest write that races with the copy marks its
+ * bits before it starts and again once it is done (an internal bitmap,
+ * graph/dirty.c), so whichever side of the clear it falls on, it is
+ * copied again.  Once the bitmap is empty the job is ready, and goes on
+ * copying new writes until it is completed: then, with the source
+ * drained, the last dirty runs are copied, the target flushed, and the
+ * users moved, in one admin command.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bitmap.h"
+#include "job.h"
+#include "log.h"
+#include "mirror.h"
+#include "utils.h"
+
+#define MIRROR_CHUNK_MAX (UINT64_C (64) << 20)
+
+struct mirror {
+  struct node *source, *target;       /* references */
+  struct node_root target_root;       /* the job's write edge */
+  struct dirty_bitmap *bm;            /* internal, on source */
+  uint64_t chunk;
+};
+
+static struct mirror *
+mirror_of (struct job *job)
+{
+  return job->opaque;
+}
+
+static void
+update_len (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+
+  atomic_store (&job->len, atomic_load (&job->offset) +
+                bitmap_count (m->bm->bm));
+}
+
+static int
+copy (struct node *from, struct node *to, void *buf, uint64_t n,
+      uint64_t off)
+{
+  int r = node_pread (from, buf, n, off, 0);
+
+  return r < 0 ? r : node_pwrite (to, buf, n, off, 0);
+}
+
+static int
+mirror_run (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+  uint64_t size = node_size (m->source), off = 0;
+  void *buf = malloc (m->chunk);
+  int r = 0;
+
+  if (buf == NULL)
+    return -ENOMEM;
+  while (!job_pause_point (job)) {
+    uint64_t start = bitmap_next_dirty (m->bm->bm, off, size), end, n;
+    struct node *src, *dst;
+
+    if (start == UINT64_MAX) {
+      if (off > 0) {            /* the rest is before where we were */
+        off = 0;
+        continue;
+      }
+      update_len (job);
+      job_set_ready (job);
+      nanosleep (&(struct timespec) { .tv_nsec = 5000000 }, NULL);
+      continue;
+    }
+    end = bitmap_next_clean (m->bm->bm, start, MIN (size, start + m->chunk));
+    if (end == UINT64_MAX)
+      end = MIN (size, start + m->chunk);
+    n = end - start;
+    bitmap_clear (m->bm->bm, start, n);
+    src = root_io_begin (&job->root);
+    dst = root_io_begin (&m->target_root);
+    r = copy (src, dst, buf, n, start);
+    root_io_end (&m->target_root);
+    root_io_end (&job->root);
+    if (r < 0) {
+      bitmap_set (m->bm->bm, start, n);
+      break;
+    }
+    job_rate_limit (job, n);
+    update_len (job);
+    off = end;
+  }
+  free (buf);
+  return r;
+}
+
+/* Drained: the bitmap off the source, the edges gone. */
+static void
+let_go (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+
+  if (m->bm) {
+    dirty_bitmap_unlink (m->bm);
+    dirty_bitmap_free (m->bm);
+    m->bm = NULL;
+  }
+  if (root_node (&job->root))
+    root_detach (&job->root);
+  if (root_node (&m->target_root))
+    root_detach (&m->target_root);
+}
+
+/* The thread ended by itself: an error, or a cancel.  The target keeps
+ * what was copied; nothing moves.
+ */
+static int
+mirror_finish (struct job *job, bool ok, struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+  struct graph_drain *d = graph_drain_begin (&m->source, 1, errp);
+
+  if (d == NULL)
+    return -1;
+  let_go (job);
+  graph_drain_end (d);
+  return ok ? 0 : -1;
+}
+
+static int
+mirror_complete (struct job *job, const struct job_graph_ops *ops,
+                 struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+  struct node *nodes[] = { m->source, m->target };
+  uint64_t size = node_size (m->source), off = 0;
+  void *buf;
+  int r = 0;
+
+  if (ops->drain (ops->ctx, nodes, 2, errp) == -1)
+    return -1;
+  /* Drained: the bitmap holds still; what it still marks goes now. */
+  if ((buf = malloc (m->chunk)) == NULL) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  while (r == 0 &&
+         (off = bitmap_next_dirty (m->bm->bm, off, size)) != UINT64_MAX) {
+    uint64_t end = bitmap_next_clean (m->bm->bm, off,
+                                      MIN (size, off + m->chunk));
+    if (end == UINT64_MAX)
+      end = MIN (size, off + m->chunk);
+    if ((r = copy (m->source, m->target, buf, end - off, off)) == 0)
+      atomic_fetch_add (&job->offset, end - off);
+    off = end;
+  }
+  free (buf);
+  if (r == 0)
+    r = node_flush (m->target);
+  if (r < 0) {
+    error_setg_errno (errp, -r, "mirror '%s': the last copy to '%s'",
+                      job->id, m->target->name);
+    return -1;
+  }
+  atomic_store (&job->len, atomic_load (&job->offset));
+  let_go (job);
+  return ops->replace (ops->ctx, m->source, m->target, errp);
+}
+
+static void
+mirror_free (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+
+  if (m == NULL)
+    return;
+  if (m->bm) {                  /* never started: never linked */
+    dirty_bitmap_free (m->bm);
+  }
+  if (root_node (&m->target_root))
+    root_detach (&m->target_root);
+  root_destroy (&m->target_root);
+  node_unref (m->source);
+  node_unref (m->target);
+  free (m);
+}
+
+static const struct job_driver mirror_driver = {
+  .type = "mirror",
+  .run = mirror_run,
+  .finish = mirror_finish,
+  .complete = mirror_complete,
+  .free = mirror_free,
+};
+
+/* Mark what sync=top copies: what @n itself holds, not its backing. */
+static int
+mark_top (struct node *n, struct bitmap *b, struct error **errp)
+{
+  uint64_t size = node_size (n), off = 0;
+
+  while (off < size) {
+    uint64_t pnum;
+    unsigned depth;
+    int r = node_allocation_depth (n, size - off, off, &pnum, &depth);
+    if (r < 0) {
+      error_setg_errno (errp, -r, "mirror: allocation of '%s'", n->name);
+      return -1;
+    }
+    if (depth == 1)
+      bitmap_set (b, off, pnum);
+    off += pnum;
+  }
+  return 0;
+}
+
+struct job *
+mirror_create (const char *id, struct node *source, struct node *target,
+               enum mirror_sync sync, uint64_t speed, uint32_t granularity,
+               uint64_t buf_size, bool auto_dismiss, struct error **errp)
+{
+  struct mirror *m;
+  struct job *job;
+  struct graph_drain *d;
+  char user[160], name[160];
+
+  if (source == target) {
+    error_setg (errp, "mirror: the target must be another node than "
+                "'%s'", source->name);
+    return NULL;
+  }
+  if (node_size (target) != node_size (source)) {
+    error_setg (errp, "mirror: target '%s' has %" PRIu64 " bytes, source "
+                "'%s' %" PRIu64 ": they must be the same size",
+                target->name, node_size (target), source->name,
+                node_size (source));
+    return NULL;
+  }
+  if (target->read_only) {
+    error_setg (errp, "mirror: target '%s' is read-only", target->name);
+    return NULL;
+  }
+  if (buf_size == 0)
+    buf_size = UINT64_C (1) << 20;
+  if (buf_size < granularity || buf_size > MIRROR_CHUNK_MAX) {
+    error_setg (errp, "mirror: buf-size must be from the granularity "
+                "(%" PRIu32 ") to %" PRIu64 " bytes", granularity,
+                MIRROR_CHUNK_MAX);
+    return NULL;
+  }
+  m = calloc (1, sizeof *m);
+  if (m == NULL) {
+    error_setg (errp, "out of memory");
+    return NULL;
+  }
+  root_init (&m->target_root);
+  node_ref (source);
+  node_ref (target);
+  m->source = source;
+  m->target = target;
+  m->chunk = ROUND_DOWN (buf_size, (uint64_t) granularity);
+  if ((job = job_new (id, &mirror_driver, m, speed, auto_dismiss,
+                      errp)) == NULL) {
+    root_destroy (&m->target_root);
+    node_unref (source);
+    node_unref (target);
+    free (m);
+    return NULL;
+  }
+  /* The guest goes on writing to the source; nobody else may write to
+   * the target, and neither may change size.
+   */
+  snprintf (user, sizeof user, "job '%s'", id);
+  if (root_attach (&job->root, source, PERM_CONSISTENT_READ,
+                   PERM_ALL & ~PERM_RESIZE, user, errp) == -1 ||
+      root_attach (&m->target_root, target, PERM_WRITE,
+                   PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED, user,
+                   errp) == -1)
+    goto fail;
+  snprintf (name, sizeof name, "#mirror:%s", id);
+  if ((m->bm = dirty_bitmap_create_internal (source, name, granularity,
+                                             errp)) == NULL)
+    goto fail;
+  if (sync == MIRROR_SYNC_FULL)
+    bitmap_set_all (m->bm->bm);
+  else if (sync == MIRROR_SYNC_TOP && mark_top (source, m->bm->bm,
+                                                errp) == -1)
+    goto fail;
+  /* From here every write to the source is marked too. */
+  if ((d = graph_drain_begin (&source, 1, errp)) == NULL)
+    goto fail;
+  dirty_bitmap_link (m->bm);
+  graph_drain_end (d);
+  atomic_store (&job->len, bitmap_count (m->bm->bm));
+  return job;
+
+ fail:
+  job_discard (job);
+  return NULL;
+}

@@ -1,0 +1,27 @@
+/* The mirror job (mirror.c). */
+#ifndef NBDD_MIRROR_H
+#define NBDD_MIRROR_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "job.h"
+
+enum mirror_sync {
+  MIRROR_SYNC_FULL,             /* everything */
+  MIRROR_SYNC_TOP,              /* what the top layer holds */
+  MIRROR_SYNC_NONE,             /* only what is written from now on */
+};
+
+/* A mirror job of @source to @target (same size), not started: copy
+ * lists of @granularity, copies of up to @buf_size bytes (0: 1 MiB),
+ * @speed bytes/s (0: no limit).  NULL with errp set.
+ */
+struct job *mirror_create (const char *id, struct node *source,
+                           struct node *target, enum mirror_sync sync,
+                           uint64_t speed, uint32_t granularity,
+                           uint64_t buf_size, bool auto_dismiss,
+                           struct error **errp);
+
+#endif /* NBDD_MIRROR_H */

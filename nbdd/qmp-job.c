@@ -1,0 +1,252 @@
+/* Block jobs on the admin socket: blockdev-mirror, query-block-jobs,
+ * block-job-pause/-resume/-cancel/-complete/-set-speed and job-dismiss,
+ * with QEMU's names, arguments and events (jobs/job.h).
+ */
+#include <config.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <ev.h>
+
+#include "internal.h"
+#include "job.h"
+#include "log.h"
+#include "mirror.h"
+#include "options.h"
+#include "qmp.h"
+
+#define DEFAULT_GRANULARITY 65536
+
+static struct ev_loop *job_loop;
+static ev_async job_async;
+
+static void
+wake (void)
+{
+  ev_async_send (job_loop, &job_async);
+}
+
+static void
+job_async_cb (struct ev_loop *loop, ev_async *w, int revents)
+{
+  jobs_poll ();
+}
+
+void
+qmp_jobs_init (struct ev_loop *loop)
+{
+  job_loop = loop;
+  ev_async_init (&job_async, job_async_cb);
+  ev_async_start (loop, &job_async);
+  ev_unref (loop);
+  jobs_set_hooks (wake, admin_event);
+}
+
+/* The job named by argument @key (QEMU's "device" or "id"). */
+static int
+arg_job (struct qmp_txn *t, struct json_object *args, const char *what,
+         const char *key, struct job **jobp, struct error **errp)
+{
+  const char *id;
+
+  if (opt_get_string (args, what, key, true, &id, errp) == -1)
+    return -1;
+  if ((*jobp = job_find (id)) == NULL)
+    return not_found (t, errp, "job", id);
+  return 0;
+}
+
+static const char *const mirror_keys[] = {
+  "job-id", "device", "target", "sync", "speed", "granularity", "buf-size",
+  "auto-dismiss", "auto-finalize", "replaces", NULL
+};
+
+int
+cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
+                     struct json_object **ret, struct error **errp)
+{
+  const char *id, *sync_s;
+  struct node *source, *target;
+  uint64_t speed = 0, granularity = DEFAULT_GRANULARITY, buf_size = 0;
+  bool auto_dismiss = true, auto_finalize = true;
+  enum mirror_sync sync;
+  struct job *job;
+
+  if (opt_check_keys (args, "blockdev-mirror", mirror_keys, errp) == -1 ||
+      opt_get_string (args, "blockdev-mirror", "job-id", true, &id,
+                      errp) == -1 ||
+      arg_node (t, args, "blockdev-mirror", "device", &source, errp) == -1 ||
+      arg_node (t, args, "blockdev-mirror", "target", &target, errp) == -1 ||
+      opt_get_string (args, "blockdev-mirror", "sync", true, &sync_s,
+                      errp) == -1 ||
+      opt_get_uint64 (args, "blockdev-mirror", "speed", false, &speed,
+                      errp) == -1 ||
+      opt_get_size (args, "blockdev-mirror", "granularity", false,
+                    &granularity, errp) == -1 ||
+      opt_get_size (args, "blockdev-mirror", "buf-size", false, &buf_size,
+                    errp) == -1 ||
+      opt_get_bool (args, "blockdev-mirror", "auto-dismiss", false,
+                    &auto_dismiss, errp) == -1 ||
+      opt_get_bool (args, "blockdev-mirror", "auto-finalize", false,
+                    &auto_finalize, errp) == -1)
+    return -1;
+  if (not_fleeced (source, errp) == -1 || not_fleeced (target, errp) == -1)
+    return -1;
+  if (json_object_object_get_ex (args, "replaces", NULL)) {
+    error_setg (errp, "blockdev-mirror: 'replaces' is not supported: the "
+                "users of 'device' move to 'target'");
+    return -1;
+  }
+  if (!auto_finalize) {
+    error_setg (errp, "blockdev-mirror: 'auto-finalize' false is not "
+                "supported");
+    return -1;
+  }
+  if (strcmp (sync_s, "full") == 0)
+    sync = MIRROR_SYNC_FULL;
+  else if (strcmp (sync_s, "top") == 0)
+    sync = MIRROR_SYNC_TOP;
+  else if (strcmp (sync_s, "none") == 0)
+    sync = MIRROR_SYNC_NONE;
+  else {
+    error_setg (errp, "blockdev-mirror: sync must be 'full', 'top' or "
+                "'none'");
+    return -1;
+  }
+  if (granularity < 512 || granularity > (UINT64_C (64) << 20) ||
+      (granularity & (granularity - 1))) {
+    error_setg (errp, "blockdev-mirror: granularity must be a power of 2 "
+                "from 512 bytes to 64 MiB");
+    return -1;
+  }
+  job = mirror_create (id, source, target, sync, speed,
+                       (uint32_t) granularity, buf_size, auto_dismiss, errp);
+  if (job == NULL)
+    return -1;
+  if (job_start (job, errp) == -1) {
+    job->drv->finish (job, false, NULL);
+    job_discard (job);
+    return -1;
+  }
+  return 0;
+}
+
+int
+cmd_query_block_jobs (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  struct json_object *list = json_object_new_array ();
+
+  for (struct job *j = jobs_first (); j; j = j->next)
+    if (!j->dismiss_pending)
+      json_object_array_add (list, job_info (j));
+  *ret = list;
+  return 0;
+}
+
+static const char *const device_keys[] = { "device", NULL };
+
+int
+cmd_block_job_pause (struct qmp_txn *t, struct json_object *args,
+                     struct json_object **ret, struct error **errp)
+{
+  struct job *job;
+
+  if (opt_check_keys (args, "block-job-pause", device_keys, errp) == -1 ||
+      arg_job (t, args, "block-job-pause", "device", &job, errp) == -1)
+    return -1;
+  return job_pause (job, errp);
+}
+
+int
+cmd_block_job_resume (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  struct job *job;
+
+  if (opt_check_keys (args, "block-job-resume", device_keys, errp) == -1 ||
+      arg_job (t, args, "block-job-resume", "device", &job, errp) == -1)
+    return -1;
+  return job_resume (job, errp);
+}
+
+static const char *const cancel_keys[] = { "device", "force", NULL };
+
+int
+cmd_block_job_cancel (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  struct job *job;
+  bool force = false;
+
+  if (opt_check_keys (args, "block-job-cancel", cancel_keys, errp) == -1 ||
+      arg_job (t, args, "block-job-cancel", "device", &job, errp) == -1 ||
+      opt_get_bool (args, "block-job-cancel", "force", false, &force,
+                    errp) == -1)
+    return -1;
+  return job_cancel (job, errp);
+}
+
+/* block-job-complete's graph changes go in its transaction. */
+static int
+ops_drain (void *ctx, struct node *const *nodes, size_t n,
+           struct error **errp)
+{
+  struct qmp_txn *t = ctx;
+
+  return txn_reserve (t, 1, errp) == -1 ? -1
+    : txn_drain (t, nodes, n, errp);
+}
+
+static int
+ops_replace (void *ctx, struct node *from, struct node *to,
+             struct error **errp)
+{
+  return txn_replace_users (ctx, from, to, NULL, true, errp);
+}
+
+int
+cmd_block_job_complete (struct qmp_txn *t, struct json_object *args,
+                        struct json_object **ret, struct error **errp)
+{
+  struct job_graph_ops ops = { ops_drain, ops_replace, t };
+  struct job *job;
+
+  if (opt_check_keys (args, "block-job-complete", device_keys,
+                      errp) == -1 ||
+      arg_job (t, args, "block-job-complete", "device", &job, errp) == -1)
+    return -1;
+  return job_complete (job, &ops, errp);
+}
+
+static const char *const speed_keys[] = { "device", "speed", NULL };
+
+int
+cmd_block_job_set_speed (struct qmp_txn *t, struct json_object *args,
+                         struct json_object **ret, struct error **errp)
+{
+  struct job *job;
+  uint64_t speed;
+
+  if (opt_check_keys (args, "block-job-set-speed", speed_keys, errp) == -1 ||
+      arg_job (t, args, "block-job-set-speed", "device", &job, errp) == -1 ||
+      opt_get_uint64 (args, "block-job-set-speed", "speed", true, &speed,
+                      errp) == -1)
+    return -1;
+  return job_set_speed (job, speed, errp);
+}
+
+static const char *const id_keys[] = { "id", NULL };
+
+int
+cmd_job_dismiss (struct qmp_txn *t, struct json_object *args,
+                 struct json_object **ret, struct error **errp)
+{
+  struct job *job;
+
+  if (opt_check_keys (args, "job-dismiss", id_keys, errp) == -1 ||
+      arg_job (t, args, "job-dismiss", "id", &job, errp) == -1)
+    return -1;
+  return job_dismiss (job, errp);
+}
