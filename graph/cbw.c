@@ -245,6 +245,43 @@ before_write (struct node *node, uint64_t offset, uint64_t count)
   busy_leave (s, &me);
 }
 
+void
+cbw_copy (struct node *cbw, uint64_t offset, uint64_t count)
+{
+  before_write (cbw, offset, count);
+}
+
+bool
+cbw_all_done (struct node *cbw, uint64_t offset, uint64_t count)
+{
+  struct cbw_state *s = cbw->opaque;
+
+  return bitmap_next_clean (s->done, offset, offset + count) == UINT64_MAX;
+}
+
+int
+cbw_copy_only (struct node *cbw, const struct bitmap *set)
+{
+  struct cbw_state *s = cbw->opaque;
+  uint64_t size = cbw->size, off = 0;
+
+  /* Done is what need not be copied: everything the set does not
+   * mark, to the cluster.
+   */
+  bitmap_set_all (s->done);
+  while ((off = bitmap_next_dirty (set, off, size)) != UINT64_MAX) {
+    uint64_t end = bitmap_next_clean (set, off, size);
+    uint64_t a, b;
+    if (end == UINT64_MAX)
+      end = size;
+    a = ROUND_DOWN (off, s->cluster);
+    b = MIN (ROUND_UP (end, s->cluster), size);
+    bitmap_clear (s->done, a, b - a);
+    off = end;
+  }
+  return 0;
+}
+
 static int
 cbw_pwrite (struct node *node, const void *buf, uint32_t count,
             uint64_t offset, unsigned flags)

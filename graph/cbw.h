@@ -49,6 +49,16 @@ const char *cbw_broken_reason (struct node *cbw);
 bool cbw_is (const struct node *node);
 bool snapshot_access_is (const struct node *node);
 
+/* For a backup job.  Before any I/O: only the clusters @set marks (a
+ * bitmap of the node's size) are to be saved, the others never.  Then
+ * any thread: save what of [offset, offset + count) is not yet (as a
+ * write there would); and whether all of it is.
+ */
+struct bitmap;
+int cbw_copy_only (struct node *cbw, const struct bitmap *set);
+void cbw_copy (struct node *cbw, uint64_t offset, uint64_t count);
+bool cbw_all_done (struct node *cbw, uint64_t offset, uint64_t count);
+
 /* For snapshot-access: the snapshot's data, its discard and status. */
 int cbw_snapshot_read (struct node *cbw, void *buf, uint32_t count,
                        uint64_t offset);

@@ -9,6 +9,9 @@
 
 #include <ev.h>
 
+#include "backup.h"
+#include "catalog.h"
+#include "cbw.h"
 #include "internal.h"
 #include "job.h"
 #include "log.h"
@@ -130,6 +133,151 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
     return -1;
   }
   return 0;
+}
+
+/* ---- blockdev-backup ---- */
+
+/* How a backup's fork ended, in the bitmap's lineage. */
+static void
+backup_unforked (struct dirty_bitmap *d, bool success, const char *job)
+{
+  struct error *err = NULL;
+
+  if (catalog == NULL)
+    return;
+  if (catalog_begin (catalog, &err) == -1 ||
+      catalog_lineage_add (catalog, d->node->name, d->name, NULL,
+                           success ? "unfork-success" : "unfork-failure",
+                           job, &err) == -1 ||
+      catalog_commit (catalog, &err) == -1) {
+    catalog_rollback (catalog);
+    nbdd_warn ("backup '%s': bitmap '%s': lineage not recorded: %s", job,
+               d->name, err ? err->msg : "?");
+    error_free (err);
+  }
+}
+
+static void
+undo_backup (void *data)
+{
+  struct job *job = data;
+
+  job_stop_thread (job);
+  job_discard (job);
+}
+
+static void
+undo_backup_attach (void *data)
+{
+  cbw_set_detaching (data, true);
+}
+
+static const char *const backup_keys[] = {
+  "job-id", "device", "target", "sync", "bitmap", "bitmap-mode", "speed",
+  "auto-dismiss", "auto-finalize", NULL
+};
+
+int
+cmd_blockdev_backup (struct qmp_txn *t, struct json_object *args,
+                     struct json_object **ret, struct error **errp)
+{
+  const char *id, *sync, *bname = NULL, *mode_s = NULL;
+  struct node *source, *target, *cbw;
+  struct dirty_bitmap *d = NULL;
+  enum backup_bitmap_mode mode = BACKUP_BITMAP_ON_SUCCESS;
+  uint64_t speed = 0;
+  bool auto_dismiss = true, auto_finalize = true;
+  struct job *job;
+
+  if (opt_check_keys (args, "blockdev-backup", backup_keys, errp) == -1 ||
+      opt_get_string (args, "blockdev-backup", "job-id", true, &id,
+                      errp) == -1 ||
+      arg_node (t, args, "blockdev-backup", "device", &source, errp) == -1 ||
+      arg_node (t, args, "blockdev-backup", "target", &target, errp) == -1 ||
+      opt_get_string (args, "blockdev-backup", "sync", true, &sync,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-backup", "bitmap", false, &bname,
+                      errp) == -1 ||
+      opt_get_string (args, "blockdev-backup", "bitmap-mode", false, &mode_s,
+                      errp) == -1 ||
+      opt_get_uint64 (args, "blockdev-backup", "speed", false, &speed,
+                      errp) == -1 ||
+      opt_get_bool (args, "blockdev-backup", "auto-dismiss", false,
+                    &auto_dismiss, errp) == -1 ||
+      opt_get_bool (args, "blockdev-backup", "auto-finalize", false,
+                    &auto_finalize, errp) == -1)
+    return -1;
+  if (!auto_finalize) {
+    error_setg (errp, "blockdev-backup: 'auto-finalize' false is not "
+                "supported");
+    return -1;
+  }
+  if (strcmp (sync, "full") != 0 && strcmp (sync, "incremental") != 0 &&
+      strcmp (sync, "bitmap") != 0) {
+    error_setg (errp, "blockdev-backup: sync must be 'full', "
+                "'incremental' or 'bitmap'");
+    return -1;
+  }
+  if ((strcmp (sync, "full") == 0) != (bname == NULL)) {
+    error_setg (errp, "blockdev-backup: sync '%s' %s", sync,
+                bname ? "takes no 'bitmap'" : "needs a 'bitmap'");
+    return -1;
+  }
+  if (mode_s) {
+    if (strcmp (sync, "bitmap") != 0 &&
+        strcmp (mode_s, "on-success") != 0) {
+      error_setg (errp, "blockdev-backup: 'bitmap-mode' other than "
+                  "'on-success' is for sync 'bitmap'");
+      return -1;
+    }
+    if (strcmp (mode_s, "on-success") == 0)
+      mode = BACKUP_BITMAP_ON_SUCCESS;
+    else if (strcmp (mode_s, "never") == 0)
+      mode = BACKUP_BITMAP_NEVER;
+    else if (strcmp (mode_s, "always") == 0)
+      mode = BACKUP_BITMAP_ALWAYS;
+    else {
+      error_setg (errp, "blockdev-backup: bitmap-mode must be "
+                  "'on-success', 'never' or 'always'");
+      return -1;
+    }
+  }
+  if (not_fleeced (source, errp) == -1 || not_fleeced (target, errp) == -1)
+    return -1;
+  for (size_t i = 0; i < source->nr_parents; ++i)
+    if (source->parents[i]->parent && cbw_is (source->parents[i]->parent)) {
+      error_setg (errp, "blockdev-backup: node '%s' is being backed up "
+                  "already", source->name);
+      return -1;
+    }
+  if (target->read_only) {
+    error_setg (errp, "blockdev-backup: target '%s' is read-only",
+                target->name);
+    return -1;
+  }
+  if (bname && (d = dirty_bitmap_find (source, bname)) == NULL) {
+    t->error_class = "DeviceNotFound";
+    error_setg (errp, "node '%s' has no bitmap '%.80s'", source->name,
+                bname);
+    return -1;
+  }
+  if (txn_reserve (t, 4, errp) == -1 ||
+      txn_drain (t, &source, 1, errp) == -1 ||
+      (d && txn_bitmap_fork (t, source, d, id, errp) == -1))
+    return -1;
+  job = backup_create (id, source, target, d, mode, speed, auto_dismiss,
+                       backup_unforked, &cbw, errp);
+  if (job == NULL)
+    return -1;
+  txn_step (t, undo_backup, NULL, NULL, job);
+  if (txn_replace_users (t, source, cbw, cbw, false, errp) == -1)
+    return -1;
+  /* Now nobody else may write under the filter. */
+  cbw_set_detaching (cbw, false);
+  txn_step (t, undo_backup_attach, NULL, NULL, cbw);
+  if (graph_perm_update (&cbw, 1, errp) == -1)
+    return -1;
+  return job_start (job, errp);
 }
 
 int

@@ -1396,6 +1396,7 @@ static const struct command commands[] = {
   { "fleece-stop", cmd_fleece_stop, CMD_CHANGES | CMD_IN_TXN },
   { "query-fleeces", cmd_query_fleeces, 0 },
   { "blockdev-mirror", cmd_blockdev_mirror, CMD_CHANGES },
+  { "blockdev-backup", cmd_blockdev_backup, CMD_CHANGES | CMD_IN_TXN },
   { "query-block-jobs", cmd_query_block_jobs, 0 },
   { "block-job-pause", cmd_block_job_pause, CMD_CHANGES },
   { "block-job-resume", cmd_block_job_resume, CMD_CHANGES },

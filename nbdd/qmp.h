@@ -81,7 +81,7 @@ int txn_bitmap_unfork (struct qmp_txn *t, struct node *node,
 /* fleece.c */
 qmp_command_fn cmd_fleece_start, cmd_fleece_stop, cmd_query_fleeces;
 /* qmp-job.c */
-qmp_command_fn cmd_blockdev_mirror, cmd_query_block_jobs,
+qmp_command_fn cmd_blockdev_mirror, cmd_blockdev_backup, cmd_query_block_jobs,
   cmd_block_job_pause, cmd_block_job_resume, cmd_block_job_cancel,
   cmd_block_job_complete, cmd_block_job_set_speed, cmd_job_dismiss;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */

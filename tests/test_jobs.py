@@ -266,3 +266,165 @@ def test_bad_mirror_arguments(nbdd_server, tmp_path):
             with pytest.raises(QMPError) as e:
                 q.cmd(cmd, device="nope")
             assert e.value.cls == "DeviceNotFound"
+
+
+# ---------------------------------------------------------------------
+# blockdev-backup: a point-in-time push
+
+def record(srv, out):
+    from helpers import run
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri("live"),
+         str(out)])
+    return str(out)
+
+
+def bits(q, node, name):
+    for n in q.cmd("query-named-block-nodes"):
+        if n["node-name"] == node:
+            for b in n["dirty-bitmaps"]:
+                if b["name"] == name:
+                    return b
+    return None
+
+
+def test_full_then_incremental_backup_under_writes(nbdd_server, tmp_path):
+    import shutil
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        seed(srv, SIZE, model)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
+              persistent=True)
+        # Full: the target holds the disk as it was at the start.
+        ref0 = record(srv, tmp_path / "ref0.raw")
+        full = raw_target(q, tmp_path, "full")
+        w = Writer(srv.uri("live"), SIZE, model, seed=3)
+        q.cmd("blockdev-backup", job_id="b-full", device="disk0",
+              target="full", sync="full", speed=64 * MiB)
+        w.start()
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert ev["data"]["device"] == "b-full" and "error" not in ev["data"]
+        assert ev["data"]["type"] == "backup"
+        w.stop()
+        assert open(full, "rb").read() == open(ref0, "rb").read()
+        q.cmd("blockdev-del", node_name="full")
+        # The writes since are what b0 holds now; an incremental on a
+        # copy of the full backup gives the disk as it is at its start.
+        dirty = bits(q, "disk0", "b0")["count"]
+        assert 0 < dirty < SIZE
+        inc = str(tmp_path / "inc.img")
+        shutil.copy(full, inc)
+        q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "inc",
+                                    "file": {"driver": "file",
+                                             "filename": inc}})
+        ref1 = record(srv, tmp_path / "ref1.raw")
+        w = Writer(srv.uri("live"), SIZE, model, seed=4)
+        q.cmd("blockdev-backup", job_id="b-inc", device="disk0",
+              target="inc", sync="incremental", bitmap="b0")
+        j = job(q, "b-inc")
+        assert j is None or j["len"] == dirty
+        w.start()
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert "error" not in ev["data"]
+        w.stop()
+        assert open(inc, "rb").read() == open(ref1, "rb").read()
+        # Success: b0 holds only what was written since the incremental.
+        b = bits(q, "disk0", "b0")
+        assert not b["frozen"] and b["count"] < SIZE
+        events = [(e["event"], e["session"]) for e in
+                  q.cmd("query-bitmap-lineage", node="disk0", name="b0")]
+        assert events[-2:] == [("fork", "b-inc"), ("unfork-success", "b-inc")]
+        # The live export is back on the node itself.
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "disk0"
+        assert not [n for n in q.cmd("query-named-block-nodes")
+                    if n["node-name"].startswith("#backup")]
+
+
+def test_failed_and_cancelled_backups_keep_the_bits(nbdd_server, tmp_path):
+    """The target goes away mid-backup (an nbd node whose server stops):
+    the job fails, the guest never sees an error, and the bitmap gets
+    its frozen bits back; a cancel does the same; bitmap-mode 'always'
+    drops them even so."""
+    other = tmp_path / "other"
+    other.mkdir()
+    remote_img = make_image(other / "t.img", SIZE)
+    remote = Server(other, blockdev_args(remote_img) + export_args())
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        seed(srv, SIZE, model)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+        h = srv.connect("live")
+        h.pwrite(b"x" * 8 * MiB, 0)
+        q.cmd_args("blockdev-add", {
+            "driver": "nbd", "node-name": "away", "reconnect-delay": 0,
+            "server": {"type": "unix", "path": remote.sock},
+            "export": "disk0"})
+        q.cmd("blockdev-backup", job_id="doomed", device="disk0",
+              target="away", sync="incremental", bitmap="b0",
+              speed=1 * MiB)
+        time.sleep(0.5)
+        remote.stop()
+        h.pwrite(b"y" * MiB, 0)                 # the guest goes on
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+        assert ev["data"]["error"]
+        b = bits(q, "disk0", "b0")
+        assert not b["frozen"] and b["count"] == 8 * MiB
+        assert h.pread(MiB, 0) == b"y" * MiB
+        raw_target(q, tmp_path)
+        q.cmd("blockdev-backup", job_id="c", device="disk0", target="tgt",
+              sync="bitmap", bitmap="b0", bitmap_mode="on-success",
+              speed=1 * MiB)
+        time.sleep(0.3)
+        q.cmd("block-job-cancel", device="c")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        assert bits(q, "disk0", "b0")["count"] == 8 * MiB
+        q.cmd("blockdev-backup", job_id="a", device="disk0", target="tgt",
+              sync="bitmap", bitmap="b0", bitmap_mode="always",
+              speed=1 * MiB)
+        time.sleep(0.3)
+        q.cmd("block-job-cancel", device="a")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        assert bits(q, "disk0", "b0")["count"] == 0
+        h.shutdown()
+
+
+def test_backup_refusals(nbdd_server, tmp_path):
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        raw_target(q, tmp_path)
+        raw_target(q, tmp_path, "small", size=SIZE // 2)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+        for args, match in [
+                ({"target": "tgt", "sync": "top"}, "sync must be"),
+                ({"target": "tgt", "sync": "incremental"}, "needs a"),
+                ({"target": "tgt", "sync": "full", "bitmap": "b0"},
+                 "takes no"),
+                ({"target": "tgt", "sync": "incremental", "bitmap": "zz"},
+                 "no bitmap"),
+                ({"target": "small", "sync": "full"}, "smaller"),
+                ({"target": "disk0", "sync": "full"}, "another node"),
+                ({"target": "tgt", "sync": "bitmap", "bitmap": "b0",
+                  "bitmap-mode": "sometimes"}, "bitmap-mode"),
+        ]:
+            a = {"job-id": "bad", "device": "disk0"}
+            a.update(args)
+            with pytest.raises(QMPError, match=match):
+                q.cmd_args("blockdev-backup", a)
+        assert q.cmd("query-block-jobs") == []
+        assert not bits(q, "disk0", "b0")["frozen"]
+        q.cmd("blockdev-backup", job_id="slow", device="disk0",
+              target="tgt", sync="full", speed=1 * MiB)
+        with pytest.raises(QMPError, match="backed up already"):
+            q.cmd("blockdev-backup", job_id="two", device="disk0",
+                  target="small", sync="full")
+        with pytest.raises(QMPError, match="#backup:slow"):
+            q.cmd("block_resize", node_name="disk0", size=2 * SIZE)
+        with pytest.raises(QMPError, match="in use"):
+            q.cmd("blockdev-del", node_name="tgt")
+        q.cmd("block-job-cancel", device="slow")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
