@@ -122,6 +122,14 @@ static const char *const migrations[] = {
   "  result    TEXT                 -- NULL: success, else the error\n"
   ");\n"
   "PRAGMA user_version = 1;\n",
+  /* 1 -> 2: block jobs that run, to pick up again after a restart. */
+  "CREATE TABLE jobs (\n"
+  "  seq     INTEGER PRIMARY KEY,\n"
+  "  id      TEXT NOT NULL UNIQUE,\n"
+  "  spec    TEXT NOT NULL,         -- {execute, arguments} that made it\n"
+  "  created INTEGER NOT NULL DEFAULT " NOW "\n"
+  ");\n"
+  "PRAGMA user_version = 2;\n",
 };
 
 _Static_assert (ARRAY_SIZE (migrations) == CATALOG_SCHEMA_VERSION,
@@ -136,6 +144,7 @@ enum cat_stmt {
   ST_AUDIT, ST_AUDIT_COUNT, ST_LINEAGE_ADD, ST_LINEAGE_LIST,
   ST_BITMAP_PUT, ST_BITMAP_DEL, ST_BITMAP_LIST,
   ST_FLEECE_PUT, ST_FLEECE_DEL, ST_FLEECE_LIST, ST_FLEECE_RECLAIM,
+  ST_JOB_PUT, ST_JOB_DEL, ST_JOB_LIST,
   NR_STMTS
 };
 
@@ -180,6 +189,10 @@ static const char *const stmt_sql[NR_STMTS] = {
                     "VALUES (?1, ?2, ?3, ?4) "
                     "ON CONFLICT (id) DO UPDATE SET state = excluded.state",
   [ST_FLEECE_DEL] = "DELETE FROM fleece_sessions WHERE id = ?1",
+  [ST_JOB_PUT]    = "INSERT INTO jobs (id, spec) VALUES (?1, ?2) "
+                    "ON CONFLICT (id) DO UPDATE SET spec = excluded.spec",
+  [ST_JOB_DEL]    = "DELETE FROM jobs WHERE id = ?1",
+  [ST_JOB_LIST]   = "SELECT id, spec FROM jobs ORDER BY seq",
   [ST_FLEECE_LIST] = "SELECT id, node, state, scratch, started "
                      "FROM fleece_sessions ORDER BY started, id",
   /* The forks of a session that did not end, each ended as a failure
@@ -216,6 +229,9 @@ static const struct cat_table exports_table = {
 };
 static const struct cat_table groups_table = {
   "throttle group", ST_GROUP_PUT, ST_GROUP_DEL, ST_GROUP_LIST,
+};
+static const struct cat_table jobs_table = {
+  "job", ST_JOB_PUT, ST_JOB_DEL, ST_JOB_LIST,
 };
 
 struct catalog {
@@ -1150,26 +1166,40 @@ catalog_fleece_put (struct catalog *cat, const char *id, const char *node,
   return 0;
 }
 
+int
+catalog_lineage_reclaim (struct catalog *cat, const char *session,
+                         struct error **errp)
+{
+  sqlite3_stmt *rc = cat->st[ST_FLEECE_RECLAIM];
+  int r;
+
+  assert (!cat->in_foreach);
+  if (cat_txn_lost (cat, errp) == -1)
+    return -1;
+  if ((r = sqlite3_bind_text (rc, 1, session, -1,
+                              SQLITE_STATIC)) != SQLITE_OK ||
+      (r = cat_step_done (rc)) != SQLITE_OK) {
+    cat_error (cat, r, errp, "ending the forks of '%s'", session);
+    cat_reset (rc);
+    return -1;
+  }
+  cat_reset (rc);
+  return 0;
+}
+
 /* Gone; with @failed, its forked bitmaps' lineage says so too. */
 int
 catalog_fleece_end (struct catalog *cat, const char *id, bool failed,
                     struct error **errp)
 {
-  sqlite3_stmt *rc = cat->st[ST_FLEECE_RECLAIM];
   sqlite3_stmt *st = cat->st[ST_FLEECE_DEL];
   int r;
 
   assert (!cat->in_foreach);
   if (cat_txn_lost (cat, errp) == -1)
     return -1;
-  if (failed &&
-      ((r = sqlite3_bind_text (rc, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK ||
-       (r = cat_step_done (rc)) != SQLITE_OK)) {
-    cat_error (cat, r, errp, "ending fleece '%s'", id);
-    cat_reset (rc);
+  if (failed && catalog_lineage_reclaim (cat, id, errp) == -1)
     return -1;
-  }
-  cat_reset (rc);
   if ((r = sqlite3_bind_text (st, 1, id, -1, SQLITE_STATIC)) != SQLITE_OK ||
       (r = cat_step_done (st)) != SQLITE_OK) {
     cat_error (cat, r, errp, "ending fleece '%s'", id);
@@ -1214,4 +1244,26 @@ catalog_fleece_foreach (struct catalog *cat, catalog_fleece_fn fn,
   cat_reset (st);
   cat->in_foreach = false;
   return ret;
+}
+
+/* ---- jobs --------------------------------------------------------- */
+
+int
+catalog_job_put (struct catalog *cat, const char *id, const char *spec_json,
+                 struct error **errp)
+{
+  return cat_put (cat, &jobs_table, id, spec_json, errp);
+}
+
+int
+catalog_job_del (struct catalog *cat, const char *id, struct error **errp)
+{
+  return cat_del (cat, &jobs_table, id, errp);
+}
+
+int
+catalog_job_foreach (struct catalog *cat, catalog_foreach_fn fn,
+                     void *opaque, struct error **errp)
+{
+  return cat_foreach (cat, &jobs_table, fn, opaque, errp);
 }

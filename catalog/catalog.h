@@ -16,7 +16,7 @@
 struct catalog;
 
 /* The schema version this build writes (PRAGMA user_version). */
-#define CATALOG_SCHEMA_VERSION 1
+#define CATALOG_SCHEMA_VERSION 2
 
 /* Open (creating if absent) STATE_DIR/catalog.db, mode 0600.
  *
@@ -135,6 +135,11 @@ typedef int (*catalog_lineage_fn) (const struct catalog_lineage *row,
 /* In event order; @node or @bitmap NULL: all.  fn returns 0 to go on,
  * -1 to stop (the foreach then returns -1).
  */
+/* An 'unfork-failure' row for every fork of @session (a fleece or a
+ * job id) that has not ended.
+ */
+int catalog_lineage_reclaim (struct catalog *cat, const char *session,
+                             struct error **errp);
 int catalog_lineage_foreach (struct catalog *cat, const char *node,
                              const char *bitmap, catalog_lineage_fn fn,
                              void *opaque, struct error **errp);
@@ -172,5 +177,15 @@ typedef int (*catalog_fleece_fn) (const struct catalog_fleece *row,
                                   void *opaque);
 int catalog_fleece_foreach (struct catalog *cat, catalog_fleece_fn fn,
                             void *opaque, struct error **errp);
+
+/* Block jobs while they run: the command that made each, as
+ * {"execute": NAME, "arguments": {...}}.
+ */
+int catalog_job_put (struct catalog *cat, const char *id,
+                     const char *spec_json, struct error **errp);
+int catalog_job_del (struct catalog *cat, const char *id,
+                     struct error **errp);
+int catalog_job_foreach (struct catalog *cat, catalog_foreach_fn fn,
+                         void *opaque, struct error **errp);
 
 #endif /* NBDD_CATALOG_H */

@@ -17,13 +17,16 @@
 static struct job *jobs;        /* main thread */
 static void (*wake_hook) (void);
 static void (*event_hook) (const char *name, struct json_object *data);
+static void (*concluded_hook) (struct job *job);
 
 void
 jobs_set_hooks (void (*wake) (void),
-                void (*event) (const char *name, struct json_object *data))
+                void (*event) (const char *name, struct json_object *data),
+                void (*concluded) (struct job *job))
 {
   wake_hook = wake;
   event_hook = event;
+  concluded_hook = concluded;
 }
 
 static const char *const status_names[] = {
@@ -215,6 +218,8 @@ static void
 conclude (struct job *job)
 {
   set_status (job, JOB_CONCLUDED);
+  if (concluded_hook)
+    concluded_hook (job);
   if (job->auto_dismiss) {
     job->dismiss_pending = true;
     if (wake_hook)

@@ -91,11 +91,13 @@ struct job {
 };
 
 /* The daemon's: the job thread wakes the main thread, which calls
- * jobs_poll; and events (QMP's, on the main thread).
+ * jobs_poll; events (QMP's, on the main thread); and a job concluded
+ * (main thread; it stops being one to pick up after a restart).
  */
 void jobs_set_hooks (void (*wake) (void),
                      void (*event) (const char *name,
-                                    struct json_object *data));
+                                    struct json_object *data),
+                     void (*concluded) (struct job *job));
 
 /* Main thread. */
 struct job *job_new (const char *id, const struct job_driver *drv,

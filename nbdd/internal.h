@@ -580,8 +580,11 @@ int fleece_recover (struct error **errp);
  */
 const char *fleece_owning (const struct node *n);
 
-/* qmp-job.c: block jobs tell the loop when they are ready or done. */
+/* qmp-job.c: block jobs tell the loop when they are ready or done; at
+ * start, the jobs a stop cut short are picked up (state_open_exports).
+ */
 void qmp_jobs_init (struct ev_loop *loop);
+void qmp_jobs_recover (void);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

@@ -6,6 +6,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <ev.h>
 
@@ -23,6 +24,37 @@
 
 static struct ev_loop *job_loop;
 static ev_async job_async;
+
+/* The catalogue keeps the command that made each running job; a job
+ * that concludes goes from it.
+ */
+static int
+record (const char *execute, const char *id, struct json_object *args,
+        struct error **errp)
+{
+  struct json_object *o;
+  int r;
+
+  if (catalog == NULL)
+    return 0;
+  o = json_object_new_object ();
+  json_object_object_add (o, "execute", json_object_new_string (execute));
+  json_object_object_add (o, "arguments", json_object_get (args));
+  r = catalog_job_put (catalog, id, json_text (o), errp);
+  json_object_put (o);
+  return r;
+}
+
+static void
+concluded (struct job *job)
+{
+  struct error *err = NULL;
+
+  if (catalog && catalog_job_del (catalog, job->id, &err) == -1) {
+    nbdd_warn ("job '%s': %s", job->id, err->msg);
+    error_free (err);
+  }
+}
 
 static void
 wake (void)
@@ -43,7 +75,7 @@ qmp_jobs_init (struct ev_loop *loop)
   ev_async_init (&job_async, job_async_cb);
   ev_async_start (loop, &job_async);
   ev_unref (loop);
-  jobs_set_hooks (wake, admin_event);
+  jobs_set_hooks (wake, admin_event, concluded);
 }
 
 /* The job named by argument @key (QEMU's "device" or "id"). */
@@ -127,7 +159,8 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                        (uint32_t) granularity, buf_size, auto_dismiss, errp);
   if (job == NULL)
     return -1;
-  if (job_start (job, errp) == -1) {
+  if (record ("blockdev-mirror", id, args, errp) == -1 ||
+      job_start (job, errp) == -1) {
     job->drv->finish (job, false, NULL);
     job_discard (job);
     return -1;
@@ -143,14 +176,12 @@ backup_unforked (struct dirty_bitmap *d, bool success, const char *job)
 {
   struct error *err = NULL;
 
+  /* Its own statement, or part of the command that ended the job. */
   if (catalog == NULL)
     return;
-  if (catalog_begin (catalog, &err) == -1 ||
-      catalog_lineage_add (catalog, d->node->name, d->name, NULL,
+  if (catalog_lineage_add (catalog, d->node->name, d->name, NULL,
                            success ? "unfork-success" : "unfork-failure",
-                           job, &err) == -1 ||
-      catalog_commit (catalog, &err) == -1) {
-    catalog_rollback (catalog);
+                           job, &err) == -1) {
     nbdd_warn ("backup '%s': bitmap '%s': lineage not recorded: %s", job,
                d->name, err ? err->msg : "?");
     error_free (err);
@@ -275,7 +306,8 @@ cmd_blockdev_backup (struct qmp_txn *t, struct json_object *args,
   /* Now nobody else may write under the filter. */
   cbw_set_detaching (cbw, false);
   txn_step (t, undo_backup_attach, NULL, NULL, cbw);
-  if (graph_perm_update (&cbw, 1, errp) == -1)
+  if (graph_perm_update (&cbw, 1, errp) == -1 ||
+      record ("blockdev-backup", id, args, errp) == -1)
     return -1;
   return job_start (job, errp);
 }
@@ -397,4 +429,75 @@ cmd_job_dismiss (struct qmp_txn *t, struct json_object *args,
       arg_job (t, args, "job-dismiss", "id", &job, errp) == -1)
     return -1;
   return job_dismiss (job, errp);
+}
+
+/* ---- after a restart ---- */
+
+static int
+collect_job (const char *key, const char *json, void *opaque)
+{
+  struct json_object *list = opaque, *o = json_object_new_object ();
+
+  json_object_object_add (o, "id", json_object_new_string (key));
+  json_object_object_add (o, "spec", json_tokener_parse (json));
+  json_object_array_add (list, o);
+  return 0;
+}
+
+/* The jobs a stop cut short: a backup's point in time is gone, so it
+ * ends as a failure (its bitmap holds frozen and successor bits, as
+ * the image keeps them); the others start again with the same
+ * arguments, and if they cannot, say why and end.
+ */
+void
+qmp_jobs_recover (void)
+{
+  struct json_object *list = json_object_new_array ();
+  struct admin_peer self = { getuid (), getpid () };
+  struct error *err = NULL;
+
+  if (catalog == NULL)
+    return;
+  if (catalog_job_foreach (catalog, collect_job, list, &err) == -1) {
+    nbdd_warn ("reading the jobs to pick up: %s", err->msg);
+    error_free (err);
+  }
+  for (size_t i = 0; i < json_object_array_length (list); ++i) {
+    struct json_object *o = json_object_array_get_idx (list, i);
+    const char *id = json_object_get_string (json_object_object_get (o,
+                                                                     "id"));
+    struct json_object *spec = json_object_object_get (o, "spec");
+    const char *execute = json_object_get_string
+      (json_object_object_get (spec, "execute"));
+    struct json_object *args = json_object_object_get (spec, "arguments");
+    struct json_object *reply;
+    bool again = execute && strcmp (execute, "blockdev-backup") != 0;
+
+    if (again) {
+      reply = qmp_execute (execute, args, &self);
+      if (json_object_object_get_ex (reply, "return", NULL))
+        nbdd_info ("job '%s' (%s) was cut short by the stop: started "
+                   "again", id, execute);
+      else {
+        nbdd_warn ("job '%s' (%s) was cut short by the stop and cannot "
+                   "start again: %s", id, execute, json_object_get_string
+                   (json_object_object_get (json_object_object_get
+                                            (reply, "error"), "desc")));
+        again = false;
+      }
+      json_object_put (reply);
+    }
+    else
+      nbdd_warn ("job '%s' (%s) was cut short by the stop: ended as a "
+                 "failure, its bitmap keeps every bit", id,
+                 execute ? execute : "?");
+    if (!again &&
+        (catalog_lineage_reclaim (catalog, id, &err) == -1 ||
+         catalog_job_del (catalog, id, &err) == -1)) {
+      nbdd_warn ("job '%s': %s", id, err->msg);
+      error_free (err);
+      err = NULL;
+    }
+  }
+  json_object_put (list);
 }

@@ -405,6 +405,7 @@ state_open_exports (void)
       die (err, "catalogue");
     exit (EXIT_FAILURE);
   }
+  qmp_jobs_recover ();
 }
 
 void

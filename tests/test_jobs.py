@@ -428,3 +428,91 @@ def test_backup_refusals(nbdd_server, tmp_path):
             q.cmd("blockdev-del", node_name="tgt")
         q.cmd("block-job-cancel", device="slow")
         q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+
+
+def test_jobs_after_a_restart(tmp_path):
+    """kill -9 with a mirror and a backup running: at the next start the
+    mirror runs again (same arguments) and the backup has ended as a
+    failure, its bitmap whole.  A catalogue from before jobs were kept
+    (schema 1) is brought up to date on the way."""
+    import os
+    import signal
+    import sqlite3
+    state = tmp_path / "state"
+
+    def daemon():
+        s = Server(tmp_path, ["--state-dir", str(state)])
+        s.admin = str(state / "admin.sock")
+        return s
+
+    srv = daemon()
+    try:
+        with QMP(srv.admin) as q:
+            qcow2_graph(q, tmp_path, size=SIZE)
+            q.cmd("block-dirty-bitmap-add", node="disk0", name="b0",
+                  persistent=True)
+            q.cmd("block-export-add", type="nbd", id="live",
+                  node_name="disk0", name="live", writable=True)
+            h = srv.connect("live")
+            h.pwrite(b"a" * 4 * MiB, 0)
+            h.flush()
+            raw_target(q, tmp_path)
+            raw_target(q, tmp_path, "bk")
+            q.cmd("blockdev-mirror", job_id="m", device="disk0",
+                  target="tgt", sync="full", speed=1 * MiB)
+            with pytest.raises(QMPError, match="conflicting permissions"):
+                q.cmd("blockdev-backup", job_id="b", device="tgt",
+                      target="disk0", sync="full")
+            q.cmd("blockdev-backup", job_id="b", device="disk0",
+                  target="bk", sync="incremental", bitmap="b0",
+                  speed=1 * MiB)
+            h.pwrite(b"b" * MiB, 20 * MiB)
+            h.flush()
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(timeout=20)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        srv.log.close()
+    os.unlink(tmp_path / "nbdd.pid")
+    # As an older daemon left it: no jobs table, schema 1 (but the rows
+    # are ours to keep: put them back after).
+    db = sqlite3.connect(state / "catalog.db")
+    rows = db.execute("select id, spec from jobs order by seq").fetchall()
+    assert [r[0] for r in rows] == ["m", "b"]
+    db.execute("drop table jobs")
+    db.execute("pragma user_version = 1")
+    db.commit()
+    db.close()
+    srv = daemon()
+    srv.stop()
+    db = sqlite3.connect(state / "catalog.db")
+    assert db.execute("pragma user_version").fetchone()[0] == 2
+    db.executemany("insert into jobs (id, spec) values (?, ?)", rows)
+    db.commit()
+    db.close()
+    srv = daemon()
+    try:
+        with QMP(srv.admin) as q:
+            jobs = {j["device"]: j for j in q.cmd("query-block-jobs")}
+            assert list(jobs) == ["m"] and jobs["m"]["type"] == "mirror"
+            b = bits(q, "disk0", "b0")
+            assert not b["frozen"] and b["count"] >= 5 * MiB
+            events = [(e["event"], e["session"]) for e in
+                      q.cmd("query-bitmap-lineage", node="disk0",
+                            name="b0")]
+            assert events[-2:] == [("fork", "b"), ("unfork-failure", "b")]
+            q.cmd("block-job-cancel", device="m")
+            q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        out = srv.output()
+        assert "job 'm' (blockdev-mirror) was cut short" in out
+        assert "job 'b' (blockdev-backup) was cut short" in out
+    finally:
+        srv.stop()
+    srv = daemon()
+    try:
+        with QMP(srv.admin) as q:
+            assert q.cmd("query-block-jobs") == []    # cancelled: gone
+    finally:
+        srv.stop()
