@@ -5,9 +5,10 @@
  *
  * What is left to copy is a bitmap on the source, internal to the job:
  * all of it (sync=full), what the top layer holds (top) or nothing
- * (none) at first, and every write since.  The job's thread takes a
- * dirty run, clears its bits, reads it from the source and writes it
- * to the target.  A guest write that races with the copy marks its
+ * (none) at first, and every write since.  Each of the job's copiers
+ * (its thread and three more, so that copies to a remote target
+ * overlap their round trips) takes a dirty run, clears its bits, reads
+ * it from the source and writes it to the target.  A guest write that races with the copy marks its
  * bits before it starts and again once it is done (an internal bitmap,
  * graph/dirty.c), so whichever side of the clear it falls on, it is
  * copied again.  Once the bitmap is empty the job is ready, and goes on
@@ -18,6 +19,8 @@
 #include <config.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,9 +34,14 @@
 #include "utils.h"
 
 #define MIRROR_CHUNK_MAX (UINT64_C (64) << 20)
+#define MIRROR_COPIERS 4
 
 struct mirror {
   struct node *source, *target;       /* references */
+  pthread_mutex_t lock;               /* the copiers' below, and clears */
+  uint64_t cursor;                    /* where the next copy starts */
+  unsigned in_flight;                 /* copies under way */
+  int error;                          /* the first copy that failed */
   struct node_root target_root;       /* the job's write edge */
   struct dirty_bitmap *bm;            /* internal, on source */
   uint64_t chunk;
@@ -63,27 +71,41 @@ copy (struct node *from, struct node *to, void *buf, uint64_t n,
   return r < 0 ? r : node_pwrite (to, buf, n, off, 0);
 }
 
+/* One of the job's copiers: take the next dirty run (under the lock,
+ * which is also what lets several clear bits), copy it, go on.
+ */
 static int
-mirror_run (struct job *job)
+copier (struct job *job)
 {
   struct mirror *m = mirror_of (job);
-  uint64_t size = node_size (m->source), off = 0;
+  uint64_t size = node_size (m->source);
   void *buf = malloc (m->chunk);
   int r = 0;
 
   if (buf == NULL)
     return -ENOMEM;
   while (!job_pause_point (job)) {
-    uint64_t start = bitmap_next_dirty (m->bm->bm, off, size), end, n;
+    uint64_t start, end, n;
     struct node *src, *dst;
 
+    pthread_mutex_lock (&m->lock);
+    if (m->error) {
+      pthread_mutex_unlock (&m->lock);
+      break;
+    }
+    start = bitmap_next_dirty (m->bm->bm, m->cursor, size);
+    if (start == UINT64_MAX && m->cursor > 0) {
+      m->cursor = 0;            /* the rest is before where we were */
+      start = bitmap_next_dirty (m->bm->bm, 0, size);
+    }
     if (start == UINT64_MAX) {
-      if (off > 0) {            /* the rest is before where we were */
-        off = 0;
-        continue;
+      /* Caught up once nobody is copying either. */
+      bool idle = m->in_flight == 0;
+      pthread_mutex_unlock (&m->lock);
+      if (idle) {
+        update_len (job);
+        job_set_ready (job);
       }
-      update_len (job);
-      job_set_ready (job);
       nanosleep (&(struct timespec) { .tv_nsec = 5000000 }, NULL);
       continue;
     }
@@ -92,21 +114,62 @@ mirror_run (struct job *job)
       end = MIN (size, start + m->chunk);
     n = end - start;
     bitmap_clear (m->bm->bm, start, n);
+    m->cursor = end;
+    m->in_flight++;
+    pthread_mutex_unlock (&m->lock);
+
     src = root_io_begin (&job->root);
     dst = root_io_begin (&m->target_root);
     r = copy (src, dst, buf, n, start);
     root_io_end (&m->target_root);
     root_io_end (&job->root);
+
+    pthread_mutex_lock (&m->lock);
+    m->in_flight--;
     if (r < 0) {
       bitmap_set (m->bm->bm, start, n);
-      break;
+      m->error = r;
     }
+    pthread_mutex_unlock (&m->lock);
+    if (r < 0)
+      break;
     job_rate_limit (job, n);
     update_len (job);
-    off = end;
   }
   free (buf);
   return r;
+}
+
+static void *
+copier_thread (void *arg)
+{
+  copier (arg);
+  return NULL;
+}
+
+/* Several copies in flight: a remote target is far, each copy waits
+ * for its round trip.  The job's thread is one copier; it starts the
+ * others and waits for them.
+ */
+static int
+mirror_run (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+  pthread_t more[MIRROR_COPIERS - 1];
+  unsigned started = 0;
+  sigset_t all, old;
+  int r;
+
+  sigfillset (&all);
+  pthread_sigmask (SIG_BLOCK, &all, &old);
+  for (; started < MIRROR_COPIERS - 1; ++started)
+    if (pthread_create (&more[started], NULL, copier_thread, job) != 0)
+      break;
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  r = copier (job);
+  for (unsigned i = 0; i < started; ++i)
+    pthread_join (more[i], NULL);
+  return r < 0 ? r : m->error;
 }
 
 /* Drained: the bitmap off the source, the edges gone. */
@@ -195,6 +258,7 @@ mirror_free (struct job *job)
   if (root_node (&m->target_root))
     root_detach (&m->target_root);
   root_destroy (&m->target_root);
+  pthread_mutex_destroy (&m->lock);
   node_unref (m->source);
   node_unref (m->target);
   free (m);
@@ -269,6 +333,7 @@ mirror_create (const char *id, struct node *source, struct node *target,
     return NULL;
   }
   root_init (&m->target_root);
+  pthread_mutex_init (&m->lock, NULL);
   node_ref (source);
   node_ref (target);
   m->source = source;
@@ -277,6 +342,7 @@ mirror_create (const char *id, struct node *source, struct node *target,
   if ((job = job_new (id, &mirror_driver, m, speed, auto_dismiss,
                       errp)) == NULL) {
     root_destroy (&m->target_root);
+    pthread_mutex_destroy (&m->lock);
     node_unref (source);
     node_unref (target);
     free (m);
