@@ -516,3 +516,40 @@ def test_jobs_after_a_restart(tmp_path):
             assert q.cmd("query-block-jobs") == []    # cancelled: gone
     finally:
         srv.stop()
+
+
+def test_mirror_rides_out_a_remote_restart(nbdd_server, tmp_path):
+    """The destination appliance restarts in the middle of a mirror: the
+    nbd node waits for it (reconnect-delay) and the mirror goes on to
+    the end, nothing lost."""
+    other = tmp_path / "other"
+    other.mkdir()
+    remote_img = make_image(other / "disk.img", SIZE)
+    args = blockdev_args(remote_img) + export_args()
+    remote = Server(other, args)
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    try:
+        with QMP(srv.admin) as q:
+            live_disk(q, tmp_path)
+            seed(srv, SIZE, model)
+            q.cmd_args("blockdev-add", {
+                "driver": "nbd", "node-name": "away", "reconnect-delay": 20,
+                "server": {"type": "unix", "path": remote.sock},
+                "export": "disk0"})
+            q.cmd("blockdev-mirror", job_id="m", device="disk0",
+                  target="away", sync="full", speed=8 * MiB)
+            time.sleep(1)
+            assert 0 < job(q, "m")["offset"] < SIZE
+            remote.stop()
+            time.sleep(1)
+            remote = Server(other, args, tcp=False)
+            q.cmd("block-job-set-speed", device="m", speed=0)
+            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            q.cmd("block-job-complete", device="m")
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+            assert "error" not in ev["data"]
+        with open(remote_img, "rb") as f:
+            assert f.read() == model
+    finally:
+        remote.stop()
