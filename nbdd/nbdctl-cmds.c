@@ -1465,6 +1465,487 @@ cmd_fleece_list (struct nbdctl *ctl, const struct command *self, int argc,
   return rc;
 }
 
+/* ---- block jobs ---- */
+
+static int
+cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
+            char **argv)
+{
+  enum { O_SYNC = OPT_FIRST_COMMAND_OPTION, O_ID, O_SPEED, O_GRANULARITY,
+         O_BUF_SIZE, O_NO_AUTO_DISMISS };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "sync", required_argument, NULL, O_SYNC },
+    { "id", required_argument, NULL, O_ID },
+    { "speed", required_argument, NULL, O_SPEED },
+    { "granularity", required_argument, NULL, O_GRANULARITY },
+    { "buf-size", required_argument, NULL, O_BUF_SIZE },
+    { "no-auto-dismiss", no_argument, NULL, O_NO_AUTO_DISMISS },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  CLEANUP_FREE char *id = NULL;
+  struct json_object *ret = NULL;
+  const char *sync = NULL;
+  uint64_t v;
+  int c, rc;
+
+  /* The daemon checks the granularity and buf-size ranges (they depend
+   * on each other) and says so: we only parse the sizes.
+   */
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_SYNC:
+      if (strcmp (optarg, "full") != 0 && strcmp (optarg, "top") != 0 &&
+          strcmp (optarg, "none") != 0)
+        return usage_error (self, "--sync: expected full, top or none, "
+                            "got '%s'", optarg);
+      sync = optarg;
+      break;
+    case O_ID:
+      if (!node_name_is_valid (optarg))
+        return usage_error (self, "--id: '%s' is not a valid job id (a "
+                            "letter, then letters, digits, '-', '.' and "
+                            "'_')", optarg);
+      free (id);
+      id = check_alloc (strdup (optarg));
+      break;
+    case O_SPEED:
+      if (parse_size_arg (self, "speed", optarg, &v))
+        return EXIT_USAGE;
+      jadd_int (args, "speed", v);
+      break;
+    case O_GRANULARITY:
+      if (parse_size_arg (self, "granularity", optarg, &v))
+        return EXIT_USAGE;
+      jadd_int (args, "granularity", v);
+      break;
+    case O_BUF_SIZE:
+      if (parse_size_arg (self, "buf-size", optarg, &v))
+        return EXIT_USAGE;
+      jadd_int (args, "buf-size", v);
+      break;
+    case O_NO_AUTO_DISMISS:
+      jadd_bool (args, "auto-dismiss", false);
+      break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE TARGET");
+  /* No default, as in QEMU: copying everything or only new writes is
+   * the caller's choice.
+   */
+  if (sync == NULL)
+    return usage_error (self, "--sync full|top|none is required");
+  if (id == NULL) {
+    if (asprintf (&id, "mirror-%s", argv[optind]) == -1)
+      out_of_memory ();
+    if (!node_name_is_valid (id))
+      return usage_error (self, "'%s' is not a valid job id: give one with "
+                          "--id", id);
+  }
+  jadd_str (args, "job-id", id);
+  jadd_str (args, "device", argv[optind]);
+  jadd_str (args, "target", argv[optind + 1]);
+  jadd_str (args, "sync", sync);
+  rc = ctl_call (ctl, "blockdev-mirror", steal_pointer (&args), &ret);
+  if (rc)
+    return rc;
+  json_object_put (ret);
+  /* The id may be ours: say it, as fleece start does. */
+  if (ctl->json) {
+    struct json_object *o = jobj ();
+    jadd_str (o, "id", id);
+    print_json (o);
+    json_object_put (o);
+  }
+  else {
+    CLEANUP_FREE char *eid = escape_text (id);
+    CLEANUP_FREE char *enode = escape_text (argv[optind]);
+    CLEANUP_FREE char *etarget = escape_text (argv[optind + 1]);
+    printf ("job %s: mirroring %s to %s (sync %s)\n", eid, enode, etarget,
+            sync);
+  }
+  return EXIT_OK;
+}
+
+/* A job's progress, offset of len, as "[#####.....]  52%": ten steps of
+ * 10%, rounded down, so that 100% means all of it.  Nothing to copy
+ * (len 0) is all of it.
+ */
+static const char *
+progress_bar (struct json_object *job, char *buf, size_t len)
+{
+  int64_t offset, total;
+  unsigned pct;
+
+  if (!jint (job, "offset", &offset) || !jint (job, "len", &total) ||
+      offset < 0 || total < 0)
+    return "-";
+  if (offset >= total)
+    pct = 100;
+  else {
+    /* In floating point: offset * 100 could overflow. */
+    pct = (unsigned) ((double) offset * 100 / (double) total);
+    if (pct > 99)
+      pct = 99;
+  }
+  snprintf (buf, len, "[%.*s%.*s] %3u%%", (int) (pct / 10), "##########",
+            (int) (10 - pct / 10), "..........", pct);
+  return buf;
+}
+
+/* A speed limit in bytes/s, "4M/s"; "-" for none. */
+static const char *
+jspeed (struct json_object *o, char *buf, size_t len)
+{
+  char size[32];
+  int64_t v;
+
+  if (!jint (o, "speed", &v) || v <= 0)
+    return "-";
+  human_size (v, size, sizeof size);
+  snprintf (buf, len, "%s/s", size);
+  return buf;
+}
+
+static void
+job_row (struct table *t, struct json_object *j)
+{
+  char progress[32], speed[40];
+
+  t_add (t, jstr (j, "id") ? jstr (j, "id") : jstr (j, "device"),
+         jstr (j, "type"), jstr (j, "status"),
+         progress_bar (j, progress, sizeof progress),
+         jspeed (j, speed, sizeof speed), jyesno (j, "ready"),
+         jstr (j, "error"));
+}
+
+static int
+cmd_job_list (struct nbdctl *ctl, const struct command *self, int argc,
+              char **argv)
+{
+  static const char *const headers[] = {
+    "ID", "TYPE", "STATUS", "PROGRESS", "SPEED", "READY", "ERROR", NULL
+  };
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 0, 0, &rc) == -1)
+    return rc;
+  rc = ctl_call (ctl, "query-block-jobs", NULL, &ret);
+  if (rc)
+    return rc;
+  rc = print_list (ctl, ret, headers, "lllllll", job_row);
+  json_object_put (ret);
+  return rc;
+}
+
+/* job pause, resume, complete: ID, and the QMP command is
+ * block-job- followed by the subcommand.
+ */
+static int
+cmd_job_device (struct nbdctl *ctl, const struct command *self, int argc,
+                char **argv)
+{
+  const char *sub = strchr (self->name, ' ') + 1;
+  CLEANUP_FREE char *cmd = NULL;
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 1, 1, &rc) == -1)
+    return rc;
+  if (asprintf (&cmd, "block-job-%s", sub) == -1)
+    out_of_memory ();
+  args = jobj ();
+  jadd_str (args, "device", argv[optind]);
+  rc = ctl_call (ctl, cmd, args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_job_cancel (struct nbdctl *ctl, const struct command *self, int argc,
+                char **argv)
+{
+  enum { O_FORCE = OPT_FIRST_COMMAND_OPTION };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "force", no_argument, NULL, O_FORCE },
+    { NULL, 0, NULL, 0 },
+  };
+  struct json_object *args, *ret = NULL;
+  bool force = false;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0)
+    force = true;               /* O_FORCE, the only one */
+  if (c == -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one job ID");
+  args = jobj ();
+  jadd_str (args, "device", argv[optind]);
+  if (force)
+    jadd_bool (args, "force", true);
+  rc = ctl_call (ctl, "block-job-cancel", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_job_dismiss (struct nbdctl *ctl, const struct command *self, int argc,
+                 char **argv)
+{
+  struct json_object *args, *ret = NULL;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 1, 1, &rc) == -1)
+    return rc;
+  args = jobj ();
+  jadd_str (args, "id", argv[optind]);
+  rc = ctl_call (ctl, "job-dismiss", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+static int
+cmd_job_speed (struct nbdctl *ctl, const struct command *self, int argc,
+               char **argv)
+{
+  struct json_object *args, *ret = NULL;
+  uint64_t speed;
+  int rc;
+
+  if (parse_plain (ctl, self, argc, argv, 2, 2, &rc) == -1)
+    return rc;
+  if (parse_size (argv[optind + 1], &speed) == -1 || speed > INT64_MAX)
+    return usage_error (self, "SPEED: expected bytes per second (a number, "
+                        "optionally with K, M, G or T; 0 for no limit), "
+                        "got '%s'", argv[optind + 1]);
+  args = jobj ();
+  jadd_str (args, "device", argv[optind]);
+  jadd_int (args, "speed", speed);
+  rc = ctl_call (ctl, "block-job-set-speed", args, &ret);
+  return rc ? rc : done (ctl, ret);
+}
+
+/* job wait follows a job by polling query-block-jobs.  A job that is
+ * auto-dismissed is gone from the list soon after it ends, so how it
+ * ended comes from its event, BLOCK_JOB_COMPLETED (with "error" if it
+ * failed) or BLOCK_JOB_CANCELLED, which the session sees while it
+ * waits for a query's answer.
+ */
+#define WAIT_POLL_NS 200000000  /* between queries: 200 ms */
+/* --ready, and the job ended (completed by hand or by itself). */
+#define ENDED_NOT_READY "job '%s' has ended: it is not ready to complete"
+
+struct job_wait {
+  const char *id;
+  struct json_object *end;      /* the job's last end event, or NULL */
+  /* --progress */
+  bool tty;                     /* redraw one line on stderr */
+  size_t drawn;                 /* length of the line drawn */
+  int last_tens;                /* not a tty: last tens of % printed */
+  char last_status[32];
+};
+
+static void
+job_wait_event (struct json_object *ev, void *opaque)
+{
+  struct job_wait *w = opaque;
+  const char *name = jstr (ev, "event");
+  const char *dev = jstr (jget (ev, "data"), "device");
+
+  if (name && dev && strcmp (dev, w->id) == 0 &&
+      (strcmp (name, "BLOCK_JOB_COMPLETED") == 0 ||
+       strcmp (name, "BLOCK_JOB_CANCELLED") == 0)) {
+    json_object_put (w->end);
+    w->end = json_object_get (ev);
+  }
+}
+
+/* The job @id in query-block-jobs' list, or NULL. */
+static struct json_object *
+find_job (struct json_object *list, const char *id)
+{
+  if (!json_object_is_type (list, json_type_array))
+    return NULL;
+  for (size_t i = 0; i < json_object_array_length (list); ++i) {
+    struct json_object *j = json_object_array_get_idx (list, i);
+    const char *jid = jstr (j, "id") ? jstr (j, "id") : jstr (j, "device");
+    if (jid && strcmp (jid, id) == 0)
+      return j;
+  }
+  return NULL;
+}
+
+/* --progress: on a terminal one line redrawn in place, else a line
+ * each time the status or the tens of the percentage change (a log).
+ */
+static void
+draw_progress (struct job_wait *w, struct json_object *job, bool last)
+{
+  CLEANUP_FREE char *eid = escape_text (w->id);
+  CLEANUP_FREE char *estatus = NULL;
+  const char *status = jstr (job, "status") ? jstr (job, "status") : "?";
+  char bar[32], speed[40], line[256];
+  int64_t offset, len;
+  int tens = -1, n;
+
+  estatus = escape_text (status);
+  if (jint (job, "offset", &offset) && jint (job, "len", &len) &&
+      offset >= 0 && len > 0)
+    tens = offset >= len ? 10 : (int) ((double) offset * 10 / len);
+  n = snprintf (line, sizeof line, "%s: %s  %s  %s", eid,
+                progress_bar (job, bar, sizeof bar), estatus,
+                jspeed (job, speed, sizeof speed));
+  if (n < 0)
+    return;
+  if ((size_t) n >= sizeof line)
+    n = sizeof line - 1;
+  if (w->tty) {
+    /* Blanks over what is left of a longer line drawn before. */
+    fprintf (stderr, "\r%s%*s", line,
+             (int) (w->drawn > (size_t) n ? w->drawn - n : 0), "");
+    w->drawn = n;
+    if (last)
+      fputc ('\n', stderr);
+  }
+  else if (tens != w->last_tens || strcmp (status, w->last_status) != 0) {
+    fprintf (stderr, "%s\n", line);
+    w->last_tens = tens;
+    snprintf (w->last_status, sizeof w->last_status, "%s", status);
+  }
+  fflush (stderr);
+}
+
+/* The job has gone from the list: how it ended, from its event. */
+static int
+job_gone (struct nbdctl *ctl, struct job_wait *w, bool want_ready)
+{
+  struct json_object *data = jget (w->end, "data");
+  const char *name = jstr (w->end, "event"), *error = jstr (data, "error");
+
+  if (ctl->json && data)
+    print_json (data);
+  if (name == NULL) {
+    ctl_error ("job '%s' has gone, and how it ended is not known", w->id);
+    return EXIT_REFUSED;
+  }
+  if (strcmp (name, "BLOCK_JOB_CANCELLED") == 0) {
+    ctl_error ("job '%s' was cancelled", w->id);
+    return EXIT_REFUSED;
+  }
+  if (error) {
+    ctl_error ("job '%s' failed: %s", w->id, error);
+    return EXIT_REFUSED;
+  }
+  if (want_ready) {
+    ctl_error (ENDED_NOT_READY, w->id);
+    return EXIT_REFUSED;
+  }
+  return EXIT_OK;
+}
+
+static int
+cmd_job_wait (struct nbdctl *ctl, const struct command *self, int argc,
+              char **argv)
+{
+  enum { O_READY = OPT_FIRST_COMMAND_OPTION, O_DONE, O_PROGRESS };
+  static const struct option opts[] = {
+    COMMON_OPTIONS,
+    { "ready", no_argument, NULL, O_READY },
+    { "done", no_argument, NULL, O_DONE },
+    { "progress", no_argument, NULL, O_PROGRESS },
+    { NULL, 0, NULL, 0 },
+  };
+  struct job_wait w = { .last_tens = -2 };
+  bool want_ready = false, want_done = false, progress = false;
+  int c, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_READY: want_ready = true; break;
+    case O_DONE: want_done = true; break;
+    case O_PROGRESS: progress = true; break;
+    }
+  }
+  if (c == -1)
+    return rc;
+  if (want_ready && want_done)
+    return usage_error (self, "give --ready or --done, not both");
+  if (argc - optind != 1)
+    return usage_error (self, "expected one job ID");
+  w.id = argv[optind];
+  w.tty = isatty (STDERR_FILENO);
+
+  for (bool first = true; ; first = false) {
+    CLEANUP_JSON_PUT struct json_object *list = NULL;
+    struct json_object *job;
+    const char *status, *error;
+    bool is_ready;
+
+    rc = ctl_call (ctl, "query-block-jobs", NULL, &list);
+    if (rc)
+      goto out;
+    /* Events sent after this answer are about what comes next. */
+    if (first)
+      qmp_set_event_handler (ctl->qmp, job_wait_event, &w);
+    job = find_job (list, w.id);
+    if (job == NULL && first) {
+      ctl_error ("no job '%s' (see nbdctl job list)", w.id);
+      rc = EXIT_REFUSED;
+      goto out;
+    }
+    if (job == NULL) {
+      if (progress && w.tty && w.drawn)
+        fputc ('\n', stderr);
+      rc = job_gone (ctl, &w, want_ready);
+      goto out;
+    }
+    status = jstr (job, "status") ? jstr (job, "status") : "";
+    error = jstr (job, "error");
+    is_ready = json_object_get_boolean (jget (job, "ready"));
+    /* Concluded and not dismissed (auto-dismiss off), or on its way. */
+    if (strcmp (status, "concluded") == 0 || strcmp (status, "null") == 0) {
+      if (progress)
+        draw_progress (&w, job, true);
+      if (ctl->json)
+        print_json (job);
+      if (error)
+        ctl_error ("job '%s' failed: %s", w.id, error);
+      else if (w.end && strcmp (jstr (w.end, "event"),
+                                "BLOCK_JOB_CANCELLED") == 0)
+        ctl_error ("job '%s' was cancelled", w.id);
+      else if (want_ready)
+        ctl_error (ENDED_NOT_READY, w.id);
+      else {
+        rc = EXIT_OK;
+        goto out;
+      }
+      rc = EXIT_REFUSED;
+      goto out;
+    }
+    if (want_ready && is_ready) {
+      if (progress)
+        draw_progress (&w, job, true);
+      if (ctl->json)
+        print_json (job);
+      rc = EXIT_OK;
+      goto out;
+    }
+    if (progress)
+      draw_progress (&w, job, false);
+    nanosleep (&(struct timespec) { .tv_nsec = WAIT_POLL_NS }, NULL);
+  }
+
+ out:
+  if (ctl->qmp)
+    qmp_set_event_handler (ctl->qmp, NULL, NULL);
+  json_object_put (w.end);
+  return rc;
+}
+
 /* ---- inspection ---- */
 
 static void
@@ -1732,6 +2213,47 @@ const struct command commands[] = {
     "([[DD-]hh:]mm:ss).  A broken fleece fails its reads and ERROR says "
     "why: stop it with --failure.",
     cmd_fleece_list },
+  { "mirror", "NODE TARGET --sync full|top|none [--id ID] [--speed SIZE] "
+    "[--granularity SIZE] [--buf-size SIZE] [--no-auto-dismiss]",
+    "NODE TARGET --sync MODE",
+    "Copy NODE to TARGET, a node of the same size (local, or an nbd node "
+    "on another nbdd), while NODE's users go on writing "
+    "(blockdev-mirror).  --sync full copies everything, top what NODE's "
+    "top layer holds, none only new writes.  The job's id defaults to "
+    "mirror-NODE; --speed limits it in bytes/s.  Once ready, job "
+    "complete moves NODE's users to TARGET.", cmd_mirror },
+  { "job list", "", "",
+    "List the block jobs (query-block-jobs).  PROGRESS is how much of "
+    "what there is to copy so far is copied (new writes add to a "
+    "mirror's), SPEED the limit, READY whether job complete may be "
+    "used.", cmd_job_list },
+  { "job wait", "ID [--ready|--done] [--progress]",
+    "ID [--ready|--done]",
+    "Wait until the job is ready (--ready: a mirror has caught up) or "
+    "has ended (--done, the default), polling it every 200 ms; "
+    "--progress draws its progress on stderr.  Exits 1 if it failed, was "
+    "cancelled or, with --ready, ended first.", cmd_job_wait },
+  { "job pause", "ID", "ID",
+    "Pause a job (block-job-pause): it copies nothing until resumed, "
+    "though a mirror goes on recording writes.", cmd_job_device },
+  { "job resume", "ID", "ID", "Resume a paused job (block-job-resume).",
+    cmd_job_device },
+  { "job speed", "ID SPEED", "ID SPEED",
+    "Change a job's speed limit (block-job-set-speed), in bytes/s; 0 "
+    "removes it.", cmd_job_speed },
+  { "job complete", "ID", "ID",
+    "Complete a ready mirror (block-job-complete): the last writes are "
+    "copied with its node drained, the target is flushed and the node's "
+    "users (exports, parent nodes) move to the target.",
+    cmd_job_device },
+  { "job cancel", "ID [--force]", "ID [--force]",
+    "Cancel a job (block-job-cancel): it stops, the target keeps what was "
+    "copied so far, and nothing moves.  --force is passed on; nbdd "
+    "cancels the same way with it or without.", cmd_job_cancel },
+  { "job dismiss", "ID", "ID",
+    "Remove a concluded job from the list (job-dismiss): those started "
+    "with --no-auto-dismiss stay there until dismissed, with their "
+    "ERROR.", cmd_job_dismiss },
   { "connections", "", "",
     "List the client connections (query-connections).", cmd_connections },
   { "stats", "", "",

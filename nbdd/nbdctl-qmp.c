@@ -8,6 +8,8 @@
  *
  * Only one command is in flight at a time, so an answer is the first
  * message that is not an event (and carries our id, when it has one).
+ * Events that arrive meanwhile go to the session's event handler, if
+ * a command wants them (job wait), and are dropped otherwise.
  */
 #include <config.h>
 
@@ -40,6 +42,8 @@ struct qmp {
   struct json_tokener *tok;
   size_t msg_bytes;             /* bytes fed to tok for this message */
   int64_t next_id;
+  qmp_event_fn *on_event;       /* NULL: events are dropped */
+  void *event_opaque;
   size_t rpos, rlen;            /* unparsed input: rbuf[rpos, rlen) */
   char rbuf[65536];
 };
@@ -206,10 +210,15 @@ qmp_execute_msg (struct qmp *q, struct json_object *msg,
                   "object", q->path);
       goto out_lost;
     }
-    if (json_object_object_get_ex (reply, "event", NULL) ||
-        (json_object_object_get_ex (reply, "id", &rid) &&
-         !json_object_equal (rid, id))) {
-      json_object_put (reply);  /* an event, or not our answer */
+    if (json_object_object_get_ex (reply, "event", NULL)) {
+      if (q->on_event)
+        q->on_event (reply, q->event_opaque);
+      json_object_put (reply);
+      continue;
+    }
+    if (json_object_object_get_ex (reply, "id", &rid) &&
+        !json_object_equal (rid, id)) {
+      json_object_put (reply);  /* not our answer */
       continue;
     }
     if (json_object_object_get_ex (reply, "return", &v)) {
@@ -342,6 +351,13 @@ qmp_open (const char *path, int timeout_ms, struct error **errp)
   json_object_put (greeting);
   qmp_close (q);
   return NULL;
+}
+
+void
+qmp_set_event_handler (struct qmp *q, qmp_event_fn *fn, void *opaque)
+{
+  q->on_event = fn;
+  q->event_opaque = opaque;
 }
 
 void

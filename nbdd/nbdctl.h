@@ -36,6 +36,14 @@ struct qmp;
 struct qmp *qmp_open (const char *path, int timeout_ms, struct error **errp);
 void qmp_close (struct qmp *q);
 
+/* Called with each event ({"event", "data", "timestamp"}; borrowed:
+ * take a reference to keep it) that arrives while a command waits for
+ * its answer.
+ */
+typedef void qmp_event_fn (struct json_object *event, void *opaque);
+/* Send the session's events to @fn from now on (NULL: drop them). */
+void qmp_set_event_handler (struct qmp *q, qmp_event_fn *fn, void *opaque);
+
 /* Send a whole command message {"execute": ..., ...}, taking ownership
  * of @msg, and wait for its answer, skipping events.  Returns
  * EXIT_OK with *ret set (caller puts it), EXIT_REFUSED with errp
