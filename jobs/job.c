@@ -12,7 +12,7 @@
 #include "log.h"
 #include "utils.h"
 
-#define SLICE_NS 100000000ULL   /* the speed limit's accounting slice */
+#define SLICE_NS 100000000ULL   /* the longest wait between checks */
 
 static struct job *jobs;        /* main thread */
 static void (*wake_hook) (void);
@@ -249,8 +249,10 @@ job_end (struct job *job)
     job->error = strdup (err ? err->msg : "failed");
     nbdd_warn ("job '%s' failed: %s", job->id, job->error);
   }
-  if (cancelled)
+  if (cancelled) {
+    job->error = strdup ("cancelled");
     block_event (job, "BLOCK_JOB_CANCELLED", NULL);
+  }
   else
     block_event (job, "BLOCK_JOB_COMPLETED", ok ? NULL : job->error);
   error_free (err);
@@ -374,6 +376,7 @@ job_set_speed (struct job *job, uint64_t speed, struct error **errp)
     return -1;
   pthread_mutex_lock (&job->lock);
   job->speed = speed;
+  job->next_ns = 0;             /* a new schedule from now */
   pthread_cond_broadcast (&job->cond);
   pthread_mutex_unlock (&job->lock);
   return 0;
@@ -490,35 +493,30 @@ now_ns (void)
   return (uint64_t) ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
+/* The speed limit as a schedule: each copy moves the earliest time of
+ * the next one on by its size over the speed, and the copier waits
+ * for that time (woken early by a cancel or a new speed).
+ */
 void
 job_rate_limit (struct job *job, uint64_t bytes)
 {
   pthread_mutex_lock (&job->lock);
   atomic_fetch_add (&job->offset, bytes);
-  for (;;) {
-    uint64_t now = now_ns (), quota;
-    struct timespec until;
-
-    if (job->speed == 0 || job->cancel_requested || job->stop_requested)
-      break;
-    if (now - job->slice_start_ns >= SLICE_NS) {
-      job->slice_start_ns = now;
-      job->slice_bytes = 0;
-    }
-    quota = job->speed / (1000000000ULL / SLICE_NS);
-    if (job->slice_bytes + bytes <= MAX (quota, UINT64_C (1)) ||
-        job->slice_bytes == 0) {
-      job->slice_bytes += bytes;
-      break;
-    }
-    /* Over this slice's quota: wait for the next one. */
-    clock_gettime (CLOCK_REALTIME, &until);
-    {
-      uint64_t ns = until.tv_nsec + (job->slice_start_ns + SLICE_NS - now);
+  if (job->speed > 0) {
+    uint64_t now = now_ns ();
+    if (job->next_ns < now)
+      job->next_ns = now;
+    job->next_ns += (uint64_t) ((double) bytes * 1e9 / job->speed);
+    while (job->speed > 0 && !job->cancel_requested &&
+           !job->stop_requested && (now = now_ns ()) < job->next_ns) {
+      struct timespec until;
+      uint64_t ns;
+      clock_gettime (CLOCK_REALTIME, &until);
+      ns = until.tv_nsec + MIN (job->next_ns - now, SLICE_NS);
       until.tv_sec += ns / 1000000000ULL;
       until.tv_nsec = ns % 1000000000ULL;
+      pthread_cond_timedwait (&job->cond, &job->lock, &until);
     }
-    pthread_cond_timedwait (&job->cond, &job->lock, &until);
   }
   pthread_mutex_unlock (&job->lock);
 }

@@ -84,7 +84,7 @@ struct job {
   bool ready_seen;              /* main thread: event sent */
   bool dismiss_pending;         /* main thread: concluded, goes soon */
   uint64_t speed;               /* bytes/s; 0: no limit */
-  uint64_t slice_start_ns, slice_bytes;
+  uint64_t next_ns;             /* when the next copy may start */
 
   atomic_uint_fast64_t offset, len;   /* progress */
   char *error;                  /* why it failed, once concluded */

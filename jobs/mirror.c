@@ -41,6 +41,10 @@ struct mirror {
   pthread_mutex_t lock;               /* the copiers' below, and clears */
   uint64_t cursor;                    /* where the next copy starts */
   unsigned in_flight;                 /* copies under way */
+  /* Their ranges: two copies of one range at once could land in the
+   * wrong order (the older data last) with its bits clear.
+   */
+  struct { uint64_t start, end; } flight[MIRROR_COPIERS];
   int error;                          /* the first copy that failed */
   struct node_root target_root;       /* the job's write edge */
   struct dirty_bitmap *bm;            /* internal, on source */
@@ -71,6 +75,42 @@ copy (struct node *from, struct node *to, void *buf, uint64_t n,
   return r < 0 ? r : node_pwrite (to, buf, n, off, 0);
 }
 
+/* Under the lock: the first dirty run at or after @from that no copy
+ * under way overlaps, at most a chunk long (its end in *endp), or
+ * UINT64_MAX.
+ */
+static uint64_t
+next_free_run (struct mirror *m, uint64_t from, uint64_t size,
+               uint64_t *endp)
+{
+  for (;;) {
+    uint64_t start = bitmap_next_dirty (m->bm->bm, from, size), end;
+    bool moved = false;
+
+    if (start == UINT64_MAX)
+      return UINT64_MAX;
+    end = bitmap_next_clean (m->bm->bm, start, MIN (size, start + m->chunk));
+    if (end == UINT64_MAX)
+      end = MIN (size, start + m->chunk);
+    for (unsigned i = 0; i < MIRROR_COPIERS; ++i) {
+      uint64_t fs = m->flight[i].start, fe = m->flight[i].end;
+      if (fe == 0)
+        continue;
+      if (fs <= start && start < fe) {      /* start is being copied */
+        from = fe;
+        moved = true;
+        break;
+      }
+      if (start < fs && fs < end)           /* stop short of a copy */
+        end = fs;
+    }
+    if (!moved) {
+      *endp = end;
+      return start;
+    }
+  }
+}
+
 /* One of the job's copiers: take the next dirty run (under the lock,
  * which is also what lets several clear bits), copy it, go on.
  */
@@ -87,16 +127,17 @@ copier (struct job *job)
   while (!job_pause_point (job)) {
     uint64_t start, end, n;
     struct node *src, *dst;
+    unsigned slot;
 
     pthread_mutex_lock (&m->lock);
     if (m->error) {
       pthread_mutex_unlock (&m->lock);
       break;
     }
-    start = bitmap_next_dirty (m->bm->bm, m->cursor, size);
+    start = next_free_run (m, m->cursor, size, &end);
     if (start == UINT64_MAX && m->cursor > 0) {
       m->cursor = 0;            /* the rest is before where we were */
-      start = bitmap_next_dirty (m->bm->bm, 0, size);
+      start = next_free_run (m, 0, size, &end);
     }
     if (start == UINT64_MAX) {
       /* Caught up once nobody is copying either. */
@@ -106,15 +147,17 @@ copier (struct job *job)
         update_len (job);
         job_set_ready (job);
       }
-      nanosleep (&(struct timespec) { .tv_nsec = 5000000 }, NULL);
+      nanosleep (&(struct timespec) { .tv_nsec = idle ? 5000000 : 500000 },
+                 NULL);
       continue;
     }
-    end = bitmap_next_clean (m->bm->bm, start, MIN (size, start + m->chunk));
-    if (end == UINT64_MAX)
-      end = MIN (size, start + m->chunk);
     n = end - start;
     bitmap_clear (m->bm->bm, start, n);
     m->cursor = end;
+    for (slot = 0; m->flight[slot].end != 0; ++slot)
+      ;
+    m->flight[slot].start = start;
+    m->flight[slot].end = end;
     m->in_flight++;
     pthread_mutex_unlock (&m->lock);
 
@@ -126,6 +169,7 @@ copier (struct job *job)
 
     pthread_mutex_lock (&m->lock);
     m->in_flight--;
+    m->flight[slot].start = m->flight[slot].end = 0;
     if (r < 0) {
       bitmap_set (m->bm->bm, start, n);
       m->error = r;
@@ -215,11 +259,15 @@ mirror_complete (struct job *job, const struct job_graph_ops *ops,
   void *buf;
   int r = 0;
 
-  if (ops->drain (ops->ctx, nodes, 2, errp) == -1)
+  /* On any failure the job fails and leaves the graph as it was. */
+  if (ops->drain (ops->ctx, nodes, 2, errp) == -1) {
+    mirror_finish (job, false, NULL);
     return -1;
+  }
   /* Drained: the bitmap holds still; what it still marks goes now. */
   if ((buf = malloc (m->chunk)) == NULL) {
     error_setg (errp, "out of memory");
+    let_go (job);
     return -1;
   }
   while (r == 0 &&
@@ -238,6 +286,7 @@ mirror_complete (struct job *job, const struct job_graph_ops *ops,
   if (r < 0) {
     error_setg_errno (errp, -r, "mirror '%s': the last copy to '%s'",
                       job->id, m->target->name);
+    let_go (job);               /* the job fails: nothing moves */
     return -1;
   }
   atomic_store (&job->len, atomic_load (&job->offset));
@@ -352,6 +401,9 @@ mirror_create (const char *id, struct node *source, struct node *target,
    * the target, and neither may change size.
    */
   snprintf (user, sizeof user, "job '%s'", id);
+  m->target_root.kind = "job";
+  m->target_root.owner_name = job->id;
+  m->target_root.owner = job;
   if (root_attach (&job->root, source, PERM_CONSISTENT_READ,
                    PERM_ALL & ~PERM_RESIZE, user, errp) == -1 ||
       root_attach (&m->target_root, target, PERM_WRITE,

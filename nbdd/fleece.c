@@ -391,18 +391,8 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
                   "fleece first", src->name, g->id);
       return -1;
     }
-  for (size_t i = 0; i < src->nr_parents; ++i) {
-    struct node_child *e = src->parents[i];
-    if (e->parent == NULL &&
-        strcmp (container_of (e, struct node_root, edge)->kind,
-                "job") == 0) {
-      char who[200];
-      edge_describe (e, who, sizeof who);
-      error_setg (errp, "node '%s' is in use by %s: end the job first",
-                  src->name, who);
-      return -1;
-    }
-  }
+  if (not_in_job (src, errp) == -1)
+    return -1;
   if (cbw_is (src) || snapshot_access_is (src)) {
     error_setg (errp, "node '%s' is a %s node: fleece the node it "
                 "reads", src->name, src->drv->name);

@@ -1912,11 +1912,13 @@ cmd_job_wait (struct nbdctl *ctl, const struct command *self, int argc,
         draw_progress (&w, job, true);
       if (ctl->json)
         print_json (job);
-      if (error)
-        ctl_error ("job '%s' failed: %s", w.id, error);
-      else if (w.end && strcmp (jstr (w.end, "event"),
-                                "BLOCK_JOB_CANCELLED") == 0)
+      /* A cancelled job's error says so (as QEMU's does). */
+      if ((error && strcmp (error, "cancelled") == 0) ||
+          (w.end && strcmp (jstr (w.end, "event"),
+                            "BLOCK_JOB_CANCELLED") == 0))
         ctl_error ("job '%s' was cancelled", w.id);
+      else if (error)
+        ctl_error ("job '%s' failed: %s", w.id, error);
       else if (want_ready)
         ctl_error (ENDED_NOT_READY, w.id);
       else {

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "catalog.h"
+#include "cbw.h"
 #include "cleanup.h"
 #include "internal.h"
 #include "log.h"
@@ -529,7 +530,8 @@ record_moved_users (struct qmp_txn *t, struct node_child *const *moved,
     if (e->parent == NULL) {
       struct node_root *r = container_of (e, struct node_root, edge);
       struct export *exp = r->owner;
-      if (exp == NULL)
+      /* Only an export's spec names its node (a job's does not). */
+      if (exp == NULL || r->kind == NULL || strcmp (r->kind, "export") != 0)
         continue;
       if (set_spec_string (t, exp->spec, "node-name", to->name, errp) == -1)
         return -1;
@@ -617,10 +619,33 @@ not_fleeced (const struct node *n, struct error **errp)
   const char *id = fleece_owning (n);
 
   if (id == NULL)
-    return 0;
+    return not_in_job (n, errp);
   error_setg (errp, "node '%s' is part of fleece '%s': stop the fleece "
               "first", n->name, id);
   return -1;
+}
+
+int
+not_in_job (const struct node *n, struct error **errp)
+{
+  for (size_t i = 0; i < n->nr_parents; ++i) {
+    const struct node_child *e = n->parents[i];
+    const struct node_root *r;
+    if (e->parent && cbw_is (e->parent)) {
+      error_setg (errp, "node '%s' is being backed up (filter '%s'): end "
+                  "the job first", n->name, e->parent->name);
+      return -1;
+    }
+    if (e->parent)
+      continue;
+    r = container_of (e, struct node_root, edge);
+    if (r->kind && strcmp (r->kind, "job") == 0) {
+      error_setg (errp, "node '%s' is in use by %s: end the job first",
+                  n->name, r->user ? r->user : "a job");
+      return -1;
+    }
+  }
+  return 0;
 }
 
 /* The child a filter passes requests to. */

@@ -51,8 +51,11 @@ int arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
 int txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
                        struct node *except, bool record,
                        struct error **errp);
-/* 0, or -1 with errp naming the fleece @n is part of. */
+/* 0, or -1 with errp naming the fleece @n is part of, or the job that
+ * uses it: graph changes there are refused.
+ */
 int not_fleeced (const struct node *n, struct error **errp);
+int not_in_job (const struct node *n, struct error **errp);
 /* Compact JSON text (owned by @o). */
 const char *json_text (struct json_object *o);
 

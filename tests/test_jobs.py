@@ -122,8 +122,8 @@ def test_mirror_to_a_local_node_under_writes(nbdd_server, tmp_path):
             q.cmd("block_resize", node_name="disk0", size=2 * SIZE)
         with pytest.raises(QMPError, match="in use"):
             q.cmd("blockdev-del", node_name="tgt")
-        with pytest.raises(QMPError, match="exists"):
-            q.cmd("blockdev-mirror", job_id="m0", device="disk0",
+        with pytest.raises(QMPError, match="in use by job 'm0'"):
+            q.cmd("blockdev-mirror", job_id="m1", device="disk0",
                   target="tgt", sync="full")
         time.sleep(0.3)                     # writes while ready
         q.cmd("block-job-complete", device="m0")
@@ -419,7 +419,7 @@ def test_backup_refusals(nbdd_server, tmp_path):
         assert not bits(q, "disk0", "b0")["frozen"]
         q.cmd("blockdev-backup", job_id="slow", device="disk0",
               target="tgt", sync="full", speed=1 * MiB)
-        with pytest.raises(QMPError, match="backed up already"):
+        with pytest.raises(QMPError, match="being backed up"):
             q.cmd("blockdev-backup", job_id="two", device="disk0",
                   target="small", sync="full")
         with pytest.raises(QMPError, match="#backup:slow"):
@@ -458,14 +458,15 @@ def test_jobs_after_a_restart(tmp_path):
             h.flush()
             raw_target(q, tmp_path)
             raw_target(q, tmp_path, "bk")
-            q.cmd("blockdev-mirror", job_id="m", device="disk0",
-                  target="tgt", sync="full", speed=1 * MiB)
-            with pytest.raises(QMPError, match="conflicting permissions"):
-                q.cmd("blockdev-backup", job_id="b", device="tgt",
-                      target="disk0", sync="full")
+            raw_target(q, tmp_path, "other")
             q.cmd("blockdev-backup", job_id="b", device="disk0",
                   target="bk", sync="incremental", bitmap="b0",
                   speed=1 * MiB)
+            q.cmd("blockdev-mirror", job_id="m", device="other",
+                  target="tgt", sync="full", speed=1 * MiB)
+            with pytest.raises(QMPError, match="in use by job 'm'"):
+                q.cmd("blockdev-backup", job_id="b2", device="tgt",
+                      target="other", sync="full")
             h.pwrite(b"b" * MiB, 20 * MiB)
             h.flush()
             os.kill(srv.proc.pid, signal.SIGKILL)
@@ -480,7 +481,7 @@ def test_jobs_after_a_restart(tmp_path):
     # are ours to keep: put them back after).
     db = sqlite3.connect(state / "catalog.db")
     rows = db.execute("select id, spec from jobs order by seq").fetchall()
-    assert [r[0] for r in rows] == ["m", "b"]
+    assert [r[0] for r in rows] == ["b", "m"]
     db.execute("drop table jobs")
     db.execute("pragma user_version = 1")
     db.commit()
@@ -497,6 +498,7 @@ def test_jobs_after_a_restart(tmp_path):
         with QMP(srv.admin) as q:
             jobs = {j["device"]: j for j in q.cmd("query-block-jobs")}
             assert list(jobs) == ["m"] and jobs["m"]["type"] == "mirror"
+            assert jobs["m"]["offset"] < SIZE      # copying from scratch
             b = bits(q, "disk0", "b0")
             assert not b["frozen"] and b["count"] >= 5 * MiB
             events = [(e["event"], e["session"]) for e in
@@ -553,3 +555,77 @@ def test_mirror_rides_out_a_remote_restart(nbdd_server, tmp_path):
             assert f.read() == model
     finally:
         remote.stop()
+
+
+def test_a_running_mirror_keeps_its_nodes(nbdd_server, tmp_path):
+    """Graph changes under a mirror are refused, naming it; a complete
+    that fails (the remote target gone after ready) fails the job and
+    leaves the source as it was."""
+    other = tmp_path / "other"
+    other.mkdir()
+    remote_img = make_image(other / "disk.img", SIZE)
+    remote = Server(other, blockdev_args(remote_img) + export_args())
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        raw_target(q, tmp_path)
+        raw_target(q, tmp_path, "tgt2")
+        q.cmd("blockdev-mirror", job_id="m", device="disk0", target="tgt",
+              sync="full", speed=1 * MiB, buf_size=65536)
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "t",
+                                    "throttle-group": "g", "file": "disk0"})
+        for cmd, args in [
+                ("blockdev-mirror", {"job-id": "m2", "device": "disk0",
+                                     "target": "tgt2", "sync": "full"}),
+                ("blockdev-insert-node", {"node": "disk0", "filter": "t"}),
+                ("fleece-start", {"node": "tgt"}),
+                ("fleece-start", {"node": "disk0"}),
+                ("blockdev-backup", {"job-id": "b", "device": "disk0",
+                                     "target": "tgt2", "sync": "full"}),
+        ]:
+            with pytest.raises(QMPError, match="job 'm'"):
+                q.cmd_args(cmd, args)
+        q.cmd("block-job-cancel", device="m")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        j = job(q, "m")
+        assert j is None or j.get("error") == "cancelled"
+        q.cmd("blockdev-del", node_name="t")
+        # A complete whose last copy cannot reach the target.
+        q.cmd_args("blockdev-add", {
+            "driver": "nbd", "node-name": "away", "reconnect-delay": 0,
+            "server": {"type": "unix", "path": remote.sock},
+            "export": "disk0"})
+        q.cmd("blockdev-mirror", job_id="m3", device="disk0",
+              target="away", sync="full")
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        remote.stop()
+        h = srv.connect("live")
+        h.pwrite(b"z" * MiB, 0)                 # dirty again
+        with pytest.raises(QMPError, match="last copy"):
+            q.cmd("block-job-complete", device="m3")
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert ev["data"]["error"]
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "disk0"
+        for n in q.cmd("query-named-block-nodes"):
+            assert not n.get("dirty-bitmaps")
+        h.pwrite(b"w" * MiB, MiB)
+        assert h.pread(MiB, 0) == b"z" * MiB
+        h.shutdown()
+
+
+def test_speed_is_kept(nbdd_server, tmp_path):
+    """A 2 MiB/s mirror of 1 MiB copies moves about 2 MiB a second."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        raw_target(q, tmp_path)
+        q.cmd("blockdev-mirror", job_id="m", device="disk0", target="tgt",
+              sync="full", speed=2 * MiB)
+        t0 = time.monotonic()
+        time.sleep(2)
+        done = job(q, "m")["offset"]
+        rate = done / (time.monotonic() - t0)
+        assert 1 * MiB <= rate <= 4 * MiB, rate
+        q.cmd("block-job-cancel", device="m")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)

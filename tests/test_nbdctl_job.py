@@ -180,7 +180,7 @@ def test_pause_resume_speed_cancel_dismiss(admin, tmp_path):
     # Not dismissed: it stays, concluded, until job dismiss.
     r = jobs(ctl(admin.admin, "job", "list").stdout)[0]
     assert (r["ID"], r["STATUS"], r["READY"], r["ERROR"]) == \
-        ("slow", "concluded", "no", "-")
+        ("slow", "concluded", "no", "cancelled")
     assert ctl(admin.admin, "job", "dismiss", "slow").stdout == ""
     assert json.loads(ctl(admin.admin, "--json", "job", "list").stdout) == []
     p = ctl(admin.admin, "job", "dismiss", "slow", expect=1)
@@ -207,11 +207,12 @@ def test_cancel_force_and_wait_done(admin, tmp_path):
     write(h, model, b"n" * 65536, 65536)
     ctl(admin.admin, "job", "cancel", "n", "--force")
     until(lambda: job_json(admin, "n")["status"] == "concluded")
-    p = ctl(admin.admin, "--json", "job", "wait", "n", "--done")
+    # Ended, but by a cancel: not done as asked.
+    p = ctl(admin.admin, "--json", "job", "wait", "n", "--done", expect=1)
     assert json.loads(p.stdout)["status"] == "concluded"
+    assert p.stderr == "nbdctl: job 'n' was cancelled\n"
     p = ctl(admin.admin, "job", "wait", "n", "--ready", expect=1)
-    assert p.stderr == \
-        "nbdctl: job 'n' has ended: it is not ready to complete\n"
+    assert p.stderr == "nbdctl: job 'n' was cancelled\n"
     ctl(admin.admin, "job", "dismiss", "n")
     db = os.path.join(os.path.dirname(admin.admin), "catalog.db")
     c = sqlite3.connect(db)
@@ -343,7 +344,7 @@ def test_job_refused(admin, tmp_path):
     ctl(admin.admin, "mirror", "d0", "t0", "--sync", "full", "--speed",
         "64K", "--buf-size", "64K")
     assert refused("mirror", "d0", "t0", "--sync", "full") == \
-        "nbdctl: a job with id 'mirror-d0' exists\n"
+        "nbdctl: node 'd0' is in use by job 'mirror-d0': end the job first\n"
     assert "is not ready" in refused("job", "complete", "mirror-d0")
     assert "is not paused" in refused("job", "resume", "mirror-d0")
     assert "only a concluded job" in refused("job", "dismiss", "mirror-d0")
