@@ -100,6 +100,18 @@ struct node_child {
    */
   unsigned new_perm, new_shared;
   const char *user;             /* roots: "export 'e0'"; NULL for nodes */
+  /* A job relies on this edge staying where it is (a link of the
+   * backing chain it streams or commits, or its own root): graph
+   * changes that would move it are refused, naming the job.  The
+   * job's "job 'ID'", or NULL.  Main thread.
+   */
+  const char *frozen_by;
+  /* What a job lets this edge share beyond what its parent's users
+   * allow (graph/perm.c adds it): block-commit writes into the base
+   * under the backing edge of the node above it, in ranges that node
+   * shadows with data of its own.  Main thread.
+   */
+  unsigned extra_shared;
 };
 
 /* Persistent dirty bitmaps a driver stores in its image (qcow2's
@@ -159,6 +171,11 @@ struct node {
    * and whether its image holds some.
    */
   void *dirty;
+  /* graph/io.c: write guards (struct node_guards), while a job uses
+   * them; NULL (the common case) costs writes nothing.  Set and
+   * cleared only while the node is drained.
+   */
+  void *guards;
   bool bitmaps_on_disk;
   bool read_only;
   bool can_flush;
@@ -272,6 +289,19 @@ struct node_driver {
    */
   int (*set_backing) (struct node *node, struct node_child *c,
                       struct error **errp);
+  /* Optional, control path, no I/O in flight on the node: the image's
+   * header names @file (format @fmt, NULL: none given) as its backing
+   * file from now on; @file NULL: none.  Durable when it returns.  On
+   * success, if @old_file is not NULL, *old_file and *old_fmt receive
+   * what the header said before (malloc'd, NULL: none), so that the
+   * caller can put it back.  For block-stream and block-commit, which
+   * drop layers from a chain (QEMU's bdrv_change_backing_file).  0, or
+   * -1 with errp set (the header is unchanged, or its state unknown
+   * after an I/O error).
+   */
+  int (*change_backing_file) (struct node *node, const char *file,
+                              const char *fmt, char **old_file,
+                              char **old_fmt, struct error **errp);
 
   /* Optional, control path: the persistent bitmaps of the image.
    * List them (the caller frees with node_bitmap_infos_free), read one's

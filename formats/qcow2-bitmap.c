@@ -603,101 +603,23 @@ load (struct qcow2_state *s, struct qcow2_bitmaps *b, struct error **errp)
 /* ------------------------------------------------------------------ */
 /* Writing the header and the directory */
 
-/* Cluster 0 again, as QEMU's qcow2_update_header writes it: the fixed
- * header as it is on disk (with @autoclear), the extensions in their
- * order with the bitmaps one replaced by @ext (24 bytes; NULL drops
- * it, and a new one goes last), the end marker, the backing file name.
- * One write of the cluster, then a sync.  0 or -errno.
+/* The header with the bitmaps extension replaced by @ext (24 bytes;
+ * NULL drops it, and a new one goes last) and @autoclear
+ * (qcow2_write_header).  0 or -errno.
  */
 static int
 write_header (struct qcow2_state *s, const uint8_t *ext, uint64_t autoclear)
 {
-  struct qcow2_info *info = &s->info;
-  uint64_t cs = info->cluster_size;
-  CLEANUP_FREE uint8_t *buf = calloc (1, cs);
-  CLEANUP_FREE uint8_t *data = NULL;
-  struct qcow2_ext *exts;
-  size_t pos = info->header_length, nr = 0;
-  bool placed = false;
-  int r;
+  const struct qcow2_header_update u = {
+    .autoclear = autoclear,
+    .ext_type = QCOW2_EXT_BITMAPS,
+    .ext = ext,
+    .ext_len = QCOW2_BITMAPS_EXT_SIZE,
+  };
 
-  if (buf == NULL)
-    return -ENOMEM;
-  if (info->version < 3)
+  if (s->info.version < 3)
     return -ENOTSUP;            /* no autoclear field: never called */
-  if ((r = node_pread (s->file->node, buf, info->header_length, 0, 0)) < 0)
-    return r;
-  put_be64 (buf + QCOW2_HDR_AUTOCLEAR_FEATURES, autoclear);
-
-  /* The new list of extensions, made before the write so that the
-   * in-memory copy cannot fail after it.
-   */
-  exts = calloc (info->nr_exts + 1, sizeof *exts);
-  if (exts == NULL)
-    return -ENOMEM;
-  if (ext && (data = malloc (QCOW2_BITMAPS_EXT_SIZE)) == NULL) {
-    free (exts);
-    return -ENOMEM;
-  }
-  for (size_t i = 0; i <= info->nr_exts; ++i) {
-    const struct qcow2_ext *e;
-    struct qcow2_ext mine;
-
-    if (i < info->nr_exts && info->exts[i].type != QCOW2_EXT_BITMAPS)
-      e = &info->exts[i];
-    else if (ext && !placed) {
-      mine = (struct qcow2_ext) { QCOW2_EXT_BITMAPS, QCOW2_BITMAPS_EXT_SIZE,
-                                  (uint8_t *) ext };
-      e = &mine;
-      placed = true;
-    }
-    else
-      continue;
-    if (QCOW2_EXT_HEADER_SIZE + ROUND_UP ((uint64_t) e->len, 8) > cs - pos) {
-      free (exts);
-      return -ENOSPC;
-    }
-    put_be32 (buf + pos, e->type);
-    put_be32 (buf + pos + 4, e->len);
-    memcpy (buf + pos + QCOW2_EXT_HEADER_SIZE, e->data, e->len);
-    pos += QCOW2_EXT_HEADER_SIZE + ROUND_UP ((size_t) e->len, 8);
-    exts[nr++] = *e;
-  }
-  /* The end marker: eight zero bytes, already there. */
-  if (cs - pos < QCOW2_EXT_HEADER_SIZE) {
-    free (exts);
-    return -ENOSPC;
-  }
-  pos += QCOW2_EXT_HEADER_SIZE;
-  if (info->backing_file) {
-    size_t len = strlen (info->backing_file);
-    if (len > cs - pos) {
-      free (exts);
-      return -ENOSPC;
-    }
-    memcpy (buf + pos, info->backing_file, len);
-    put_be64 (buf + QCOW2_HDR_BACKING_FILE_OFFSET, pos);
-  }
-  if ((r = node_pwrite (s->file->node, buf, cs, 0, 0)) < 0 ||
-      (r = node_flush (s->file->node)) < 0) {
-    free (exts);
-    return r;
-  }
-
-  /* Commit the in-memory copy. */
-  for (size_t i = 0; i < nr; ++i)
-    if (exts[i].type == QCOW2_EXT_BITMAPS) {
-      memcpy (data, ext, QCOW2_BITMAPS_EXT_SIZE);
-      exts[i].data = steal_pointer (&data);
-    }
-  for (size_t i = 0; i < info->nr_exts; ++i)
-    if (info->exts[i].type == QCOW2_EXT_BITMAPS)
-      free (info->exts[i].data);
-  free (info->exts);
-  info->exts = exts;
-  info->nr_exts = nr;
-  info->autoclear = autoclear;
-  return 0;
+  return qcow2_write_header (s, &u);
 }
 
 /* The directory of @e (@n entries, flags from @flags) in *dir, *size

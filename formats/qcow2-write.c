@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "log.h"
 #include "qcow2.h"
 #include "utils.h"
@@ -867,6 +868,131 @@ qcow2_write_close (struct qcow2_state *s)
       return r;
     }
     s->dirty = false;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* The header */
+
+static void
+put_be32 (uint8_t *p, uint32_t v)
+{
+  v = htobe32 (v);
+  memcpy (p, &v, 4);
+}
+
+static void
+put_be64 (uint8_t *p, uint64_t v)
+{
+  v = htobe64 (v);
+  memcpy (p, &v, 8);
+}
+
+int
+qcow2_write_header (struct qcow2_state *s,
+                    const struct qcow2_header_update *u)
+{
+  struct qcow2_info *info = &s->info;
+  uint64_t cs = info->cluster_size;
+  CLEANUP_FREE uint8_t *buf = calloc (1, cs);
+  CLEANUP_FREE uint8_t *data = NULL;
+  CLEANUP_FREE char *name = NULL;
+  struct qcow2_ext *exts;
+  const char *backing = u->backing ? u->backing_file : info->backing_file;
+  size_t pos = info->header_length, nr = 0;
+  bool placed = false;
+  int r;
+
+  if (buf == NULL)
+    return -ENOMEM;
+  if (backing && strlen (backing) > QCOW2_MAX_BACKING_FILE_NAME)
+    return -ENAMETOOLONG;
+  if ((r = node_pread (s->file->node, buf, info->header_length, 0, 0)) < 0)
+    return r;
+  if (info->version >= 3)
+    put_be64 (buf + QCOW2_HDR_AUTOCLEAR_FEATURES, u->autoclear);
+
+  /* The new list of extensions and the new name, made before the
+   * write so that the in-memory copy cannot fail after it.
+   */
+  exts = calloc (info->nr_exts + 1, sizeof *exts);
+  if (exts == NULL)
+    return -ENOMEM;
+  if ((u->ext_type && u->ext && (data = malloc (u->ext_len ?: 1)) == NULL) ||
+      (u->backing && u->backing_file &&
+       (name = strdup (u->backing_file)) == NULL)) {
+    free (exts);
+    return -ENOMEM;
+  }
+  for (size_t i = 0; i <= info->nr_exts; ++i) {
+    const struct qcow2_ext *e;
+    struct qcow2_ext mine;
+
+    if (i < info->nr_exts && (u->ext_type == 0 ||
+                              info->exts[i].type != u->ext_type))
+      e = &info->exts[i];
+    else if (u->ext_type && u->ext && !placed) {
+      mine = (struct qcow2_ext) { u->ext_type, u->ext_len,
+                                  (uint8_t *) u->ext };
+      e = &mine;
+      placed = true;
+    }
+    else
+      continue;
+    if (QCOW2_EXT_HEADER_SIZE + ROUND_UP ((uint64_t) e->len, 8) > cs - pos) {
+      free (exts);
+      return -ENOSPC;
+    }
+    put_be32 (buf + pos, e->type);
+    put_be32 (buf + pos + 4, e->len);
+    memcpy (buf + pos + QCOW2_EXT_HEADER_SIZE, e->data, e->len);
+    pos += QCOW2_EXT_HEADER_SIZE + ROUND_UP ((size_t) e->len, 8);
+    exts[nr++] = *e;
+  }
+  /* The end marker: eight zero bytes, already there. */
+  if (cs - pos < QCOW2_EXT_HEADER_SIZE) {
+    free (exts);
+    return -ENOSPC;
+  }
+  pos += QCOW2_EXT_HEADER_SIZE;
+  if (backing) {
+    size_t len = strlen (backing);
+    if (len > cs - pos) {
+      free (exts);
+      return -ENOSPC;
+    }
+    memcpy (buf + pos, backing, len);
+    put_be64 (buf + QCOW2_HDR_BACKING_FILE_OFFSET, pos);
+    put_be32 (buf + QCOW2_HDR_BACKING_FILE_SIZE, len);
+  }
+  else {
+    put_be64 (buf + QCOW2_HDR_BACKING_FILE_OFFSET, 0);
+    put_be32 (buf + QCOW2_HDR_BACKING_FILE_SIZE, 0);
+  }
+  if ((r = node_pwrite (s->file->node, buf, cs, 0, 0)) < 0 ||
+      (r = node_flush (s->file->node)) < 0) {
+    free (exts);
+    return r;
+  }
+
+  /* Commit the in-memory copy. */
+  for (size_t i = 0; i < nr; ++i)
+    if (u->ext_type && exts[i].type == u->ext_type) {
+      memcpy (data, u->ext, u->ext_len);
+      exts[i].data = steal_pointer (&data);
+    }
+  for (size_t i = 0; i < info->nr_exts; ++i)
+    if (u->ext_type && info->exts[i].type == u->ext_type)
+      free (info->exts[i].data);
+  free (info->exts);
+  info->exts = exts;
+  info->nr_exts = nr;
+  if (info->version >= 3)
+    info->autoclear = u->autoclear;
+  if (u->backing) {
+    free (info->backing_file);
+    info->backing_file = steal_pointer (&name);
   }
   return 0;
 }

@@ -501,6 +501,79 @@ qcow2_set_backing (struct node *node, struct node_child *c,
   return 0;
 }
 
+/* block-stream and block-commit: the header names another backing
+ * file (or none), in one rewrite of cluster 0 with the backing format
+ * extension to match.  Drained, so no write races with the rewrite.
+ */
+static int
+qcow2_change_backing_file (struct node *node, const char *file,
+                           const char *fmt, char **old_file, char **old_fmt,
+                           struct error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE char *of = NULL, *ofmt = NULL, *nfmt = NULL;
+  struct qcow2_header_update u = {
+    .autoclear = s->info.autoclear,
+    .ext_type = QCOW2_EXT_BACKING_FORMAT,
+    .ext = (const uint8_t *) (file ? fmt : NULL),
+    .ext_len = file && fmt ? strlen (fmt) : 0,
+    .backing = true,
+    .backing_file = file,
+  };
+  int r;
+
+  if (node->read_only) {
+    error_setg (errp, "qcow2: %s: the image is read-only: its backing file "
+                "name cannot change", s->filename);
+    return -1;
+  }
+  if (file && (strlen (file) > QCOW2_MAX_BACKING_FILE_NAME ||
+               strlen (file) == 0)) {
+    error_setg (errp, "qcow2: %s: backing file name '%.80s' is empty or "
+                "longer than %d bytes", s->filename, file,
+                QCOW2_MAX_BACKING_FILE_NAME);
+    return -1;
+  }
+  if (file && fmt && (strlen (fmt) > QCOW2_MAX_BACKING_FMT ||
+                      strlen (fmt) == 0)) {
+    error_setg (errp, "qcow2: %s: backing format '%.80s' is empty or "
+                "longer than %d bytes", s->filename, fmt,
+                QCOW2_MAX_BACKING_FMT);
+    return -1;
+  }
+  if ((s->info.backing_file &&
+       (of = strdup (s->info.backing_file)) == NULL) ||
+      (s->info.backing_format &&
+       (ofmt = strdup (s->info.backing_format)) == NULL) ||
+      (file && fmt && (nfmt = strdup (fmt)) == NULL)) {
+    error_setg_errno (errp, ENOMEM, "qcow2: %s: backing file name",
+                      s->filename);
+    return -1;
+  }
+  pthread_rwlock_wrlock (&s->bitmaps_lock);
+  pthread_mutex_lock (&s->lock);
+  r = qcow2_write_header (s, &u);
+  if (r == 0) {
+    free (s->info.backing_format);
+    s->info.backing_format = steal_pointer (&nfmt);
+  }
+  pthread_mutex_unlock (&s->lock);
+  pthread_rwlock_unlock (&s->bitmaps_lock);
+  if (r < 0) {
+    error_setg_errno (errp, -r, "qcow2: %s: writing the backing file name "
+                      "'%s' to the header", s->filename, file ? file : "");
+    return -1;
+  }
+  debug ("qcow2: %s: backing file now %s%s%s%s", s->filename,
+         file ? file : "none", file && fmt ? " (" : "",
+         file && fmt ? fmt : "", file && fmt ? ")" : "");
+  if (old_file) {
+    *old_file = steal_pointer (&of);
+    *old_fmt = steal_pointer (&ofmt);
+  }
+  return 0;
+}
+
 static void
 qcow2_close (struct node *node)
 {
@@ -812,6 +885,7 @@ const struct node_driver qcow2_driver = {
   .block_status     = qcow2_block_status,
   .allocation_depth = qcow2_allocation_depth,
   .set_backing      = qcow2_set_backing,
+  .change_backing_file = qcow2_change_backing_file,
   .truncate         = qcow2_truncate,
   .bitmaps_list     = qcow2_drv_bitmaps_list,
   .bitmap_read      = qcow2_bitmap_read,

@@ -364,6 +364,24 @@ int qcow2_write_open (struct qcow2_state *s, struct error **errp);
 /* At close: write everything back. */
 int qcow2_write_close (struct qcow2_state *s);
 int qcow2_punch_later (struct qcow2_state *s, uint64_t offset, uint64_t len);
+/* Cluster 0 rewritten, as QEMU's qcow2_update_header writes it: the
+ * fixed header as it is on disk (with @autoclear, v3), the extensions
+ * in their order with the one of type @ext_type (if not 0) replaced by
+ * @ext (@ext_len bytes; NULL drops it, and a new one goes last), the
+ * end marker, and the backing file name (@backing_file if @backing,
+ * else the current one).  One write of the cluster, then a sync; the
+ * in-memory info follows.  0 or -errno.
+ */
+struct qcow2_header_update {
+  uint64_t autoclear;
+  uint32_t ext_type;
+  const uint8_t *ext;
+  uint32_t ext_len;
+  bool backing;
+  const char *backing_file;     /* NULL: none */
+};
+int qcow2_write_header (struct qcow2_state *s,
+                        const struct qcow2_header_update *u);
 /* Write the incompatible feature bits to the header, and sync.
  * 0 or -errno.
  */

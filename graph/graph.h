@@ -189,6 +189,30 @@ int sidecar_sync (struct node *node, const char *name, uint64_t offset,
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));
 
+/* io.c: write guards (see the design comment there).  A job holds a
+ * guard on a range while it checks, reads and writes it back; guest
+ * writes to the range wait meanwhile.  The job's own write to the
+ * range passes NODE_GUARDED (node_pwrite and node_zero take it; it
+ * never reaches a driver).
+ */
+#define NODE_GUARDED    (1u << 31)
+struct node_io_range {
+  uint64_t start, end;
+  struct node_io_range *next;
+};
+/* With @node drained (writes already running would not be listed):
+ * guards on @node may be used until the matching disable.  0 or
+ * -ENOMEM.
+ */
+int node_guards_enable (struct node *node);
+void node_guards_disable (struct node *node);
+/* Any thread: hold [offset, offset + count) of @node (@r is the
+ * caller's, until node_guard_end), once the writes to it have left.
+ */
+void node_guard_begin (struct node *node, uint64_t offset, uint64_t count,
+                       struct node_io_range *r);
+void node_guard_end (struct node *node, struct node_io_range *r);
+
 /* perm.c: permissions on edges. */
 /* After edges into @changed (NULLs skipped) came or went: derive the
  * permissions of every edge at and below them, and commit them if no
@@ -272,6 +296,13 @@ int graph_replace_node (struct node *from, struct node *to,
  */
 int graph_move_edges (struct node_child *const *edges, size_t n,
                       struct node *to, struct error **errp);
+/* A job relies on edge @c staying where it is until it lets go
+ * (edge_unfreeze): graph_move_edges and graph_replace_node refuse to
+ * move it, naming @by ("job 'ID'", kept by the caller).  -1 with errp
+ * if another job already relies on it.  Main thread.
+ */
+int edge_freeze (struct node_child *c, const char *by, struct error **errp);
+void edge_unfreeze (struct node_child *c);
 /* 0 if @n has no users, else -1 with "@what 'NAME' is in use by ...". */
 int node_check_unused (const struct node *n, const char *what,
                        struct error **errp);

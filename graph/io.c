@@ -10,6 +10,19 @@
  * aligned write takes it shared.  Nodes with alignment 1 (the common
  * case) never touch the lock.  Unaligned writes are rare (old clients,
  * partial sectors), so serialising them is an acceptable cost.
+ *
+ * Write guards: a job that checks a range, reads it and writes it back
+ * (block-stream copies into the top only what the top does not hold
+ * yet) must not let a guest write to that range slip in between, or it
+ * would overwrite the guest's data with older data.  While such a job
+ * runs, its node has a 'struct node_guards': every write, zero and
+ * discard on the node is listed there while it runs, and a guard on a
+ * range waits until the writes that overlap it have left, while new
+ * ones wait until it is released (QEMU's serialising requests, with a
+ * lock and a list: a job's node, one guard at a time).  A guard that
+ * waits holds new writes back already, so that a stream of guest
+ * writes cannot starve it.  Nodes without guards (all others) pay one
+ * pointer load per write.
  */
 #include <config.h>
 
@@ -37,6 +50,140 @@ zero_buf_alloc (void)
     memset (zero_buf, 0, ZERO_BUF_SIZE);
   else
     zero_buf = NULL;
+}
+
+/* See the design comment at the top.  Writes are on 'writes' while
+ * they run; guards, held or waiting, on 'guards'.  The ranges live on
+ * the stacks of the threads that own them.
+ */
+struct node_guards {
+  pthread_mutex_t lock;         /* the lists */
+  pthread_cond_t cond;          /* a write or a guard left */
+  unsigned users;               /* node_guards_enable calls */
+  struct node_io_range *writes;
+  struct node_io_range *guards;
+};
+
+static bool
+overlaps_any (const struct node_io_range *list, uint64_t start,
+              uint64_t end)
+{
+  for (; list; list = list->next)
+    if (list->start < end && start < list->end)
+      return true;
+  return false;
+}
+
+static void
+range_unlink (struct node_io_range **list, struct node_io_range *r)
+{
+  for (; *list; list = &(*list)->next)
+    if (*list == r) {
+      *list = r->next;
+      return;
+    }
+  assert (!"range not listed");
+}
+
+int
+node_guards_enable (struct node *node)
+{
+  struct node_guards *g = node->guards;
+
+  if (g == NULL) {
+    g = calloc (1, sizeof *g);
+    if (g == NULL)
+      return -ENOMEM;
+    pthread_mutex_init (&g->lock, NULL);
+    pthread_cond_init (&g->cond, NULL);
+    __atomic_store_n ((struct node_guards **) &node->guards, g,
+                      __ATOMIC_RELEASE);
+  }
+  g->users++;
+  return 0;
+}
+
+void
+node_guards_disable (struct node *node)
+{
+  struct node_guards *g = node->guards;
+
+  assert (g && g->users > 0);
+  if (--g->users > 0)
+    return;
+  /* Drained: nothing is listed. */
+  assert (g->writes == NULL && g->guards == NULL);
+  __atomic_store_n ((struct node_guards **) &node->guards, NULL,
+                    __ATOMIC_RELEASE);
+  pthread_cond_destroy (&g->cond);
+  pthread_mutex_destroy (&g->lock);
+  free (g);
+}
+
+void
+node_guard_begin (struct node *node, uint64_t offset, uint64_t count,
+                  struct node_io_range *r)
+{
+  struct node_guards *g = __atomic_load_n ((struct node_guards **)
+                                           &node->guards, __ATOMIC_ACQUIRE);
+
+  assert (g);
+  r->start = offset;
+  r->end = offset + count;
+  pthread_mutex_lock (&g->lock);
+  r->next = g->guards;
+  g->guards = r;
+  while (overlaps_any (g->writes, r->start, r->end))
+    pthread_cond_wait (&g->cond, &g->lock);
+  pthread_mutex_unlock (&g->lock);
+}
+
+void
+node_guard_end (struct node *node, struct node_io_range *r)
+{
+  struct node_guards *g = __atomic_load_n ((struct node_guards **)
+                                           &node->guards, __ATOMIC_ACQUIRE);
+
+  pthread_mutex_lock (&g->lock);
+  range_unlink (&g->guards, r);
+  pthread_cond_broadcast (&g->cond);
+  pthread_mutex_unlock (&g->lock);
+}
+
+/* A write to [offset, offset + count) begins: on a node with guards,
+ * wait for those on the range and list it.  Returns the guards to pass
+ * to write_end (NULL: nothing to do).  NODE_GUARDED: the caller holds
+ * the range already (its own guard, or an outer write being emulated).
+ */
+static struct node_guards *
+write_begin (struct node *node, uint64_t offset, uint64_t count,
+             unsigned flags, struct node_io_range *w)
+{
+  struct node_guards *g = __atomic_load_n ((struct node_guards **)
+                                           &node->guards, __ATOMIC_ACQUIRE);
+
+  if (g == NULL || (flags & NODE_GUARDED))
+    return NULL;
+  w->start = offset;
+  w->end = offset + count;
+  pthread_mutex_lock (&g->lock);
+  while (overlaps_any (g->guards, w->start, w->end))
+    pthread_cond_wait (&g->cond, &g->lock);
+  w->next = g->writes;
+  g->writes = w;
+  pthread_mutex_unlock (&g->lock);
+  return g;
+}
+
+static void
+write_end (struct node_guards *g, struct node_io_range *w)
+{
+  if (g == NULL)
+    return;
+  pthread_mutex_lock (&g->lock);
+  range_unlink (&g->writes, w);
+  pthread_cond_broadcast (&g->cond);
+  pthread_mutex_unlock (&g->lock);
 }
 
 static int
@@ -256,11 +403,16 @@ node_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
   return node->drv->read_splice (node, pipe_fd, pipe_size, count, offset);
 }
 
+static int pwrite_listed (struct node *node, const void *buf,
+                          uint64_t count, uint64_t offset, unsigned flags);
+
 int
 node_pwrite (struct node *node, const void *buf, uint64_t count,
              uint64_t offset, unsigned flags)
 {
   int r = check_write_range (node, count, offset);
+  struct node_io_range w;
+  struct node_guards *g;
 
   if (r < 0)
     return r == -EINVAL ? -ENOSPC : r;
@@ -268,6 +420,20 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
     return -EROFS;
   if (count == 0)
     return 0;
+  g = write_begin (node, offset, count, flags, &w);
+  flags &= ~NODE_GUARDED;
+  r = pwrite_listed (node, buf, count, offset, flags);
+  write_end (g, &w);
+  return r;
+}
+
+/* node_pwrite once the write is listed with the node's guards. */
+static int
+pwrite_listed (struct node *node, const void *buf, uint64_t count,
+               uint64_t offset, unsigned flags)
+{
+  int r;
+
   if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
     return r;
   if (needs_bounce (node, buf, count, offset))
@@ -296,7 +462,8 @@ zero_by_writing (struct node *node, uint64_t count, uint64_t offset,
     return -ENOMEM;
   while (count > 0) {
     uint64_t n = MIN (count, (uint64_t) ZERO_BUF_SIZE);
-    int r = node_pwrite (node, zero_buf, n, offset, 0);
+    /* Inside the zeroing request, which is listed already. */
+    int r = node_pwrite (node, zero_buf, n, offset, NODE_GUARDED);
     if (r < 0)
       return r;
     count -= n;
@@ -336,6 +503,8 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
            unsigned flags)
 {
   int r = check_range (node, count, offset);
+  struct node_io_range w;
+  struct node_guards *g;
 
   if (r < 0)
     return r == -EINVAL ? -ENOSPC : r;
@@ -345,11 +514,15 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
     return 0;
   if ((flags & NODE_FAST_ZERO) && !node->can_fast_zero)
     return -ENOTSUP;
+  g = write_begin (node, offset, count, flags, &w);
+  flags &= ~NODE_GUARDED;
   if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
-    return r;
+    goto out;
   r = zero_marked (node, count, offset, flags);
   if (node->dirty)
     dirty_remark (node, offset, count);
+ out:
+  write_end (g, &w);
   return r;
 }
 
@@ -390,18 +563,22 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   uint32_t align = node->limits.request_alignment;
   uint64_t start, end;
   int r = check_range (node, count, offset);
+  struct node_io_range w;
+  struct node_guards *g;
 
   if (r < 0)
     return r;
   if (node->read_only)
     return -EROFS;
+  flags &= ~NODE_GUARDED;       /* a job never discards under a guard */
   /* Discard is advisory: only the aligned interior is passed down. */
   start = ROUND_UP (offset, (uint64_t) align);
   end = ROUND_DOWN (offset + count, (uint64_t) align);
   if (node->drv->discard == NULL || start >= end)
     return (flags & NODE_FUA) ? node_flush (node) : 0;
+  g = write_begin (node, start, end - start, 0, &w);
   if (node->dirty && (r = dirty_mark (node, start, end - start)) < 0)
-    return r;
+    goto out;
   if (align > 1)
     pthread_rwlock_rdlock (&node->rmw_lock);
   r = node->drv->discard (node, end - start, start, flags);
@@ -409,6 +586,8 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
     pthread_rwlock_unlock (&node->rmw_lock);
   if (node->dirty)
     dirty_remark (node, start, end - start);
+ out:
+  write_end (g, &w);
   return r;
 }
 

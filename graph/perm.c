@@ -215,6 +215,7 @@ graph_perm_update (struct node *const *changed, size_t nr_changed,
       else
         default_child_perm (n, c, perm, shared, &c->new_perm,
                             &c->new_shared);
+      c->new_shared |= c->extra_shared;
       if (--pending[c->node->perm_index] == 0)
         order[nr_order++] = c->node;
     }

@@ -320,6 +320,51 @@ edge_move (struct node_child *c, struct node *to)
 }
 
 int
+edge_freeze (struct node_child *c, const char *by, struct error **errp)
+{
+  if (c->frozen_by) {
+    char who[160];
+    edge_describe (c, who, sizeof who);
+    error_setg (errp, "%s cannot rely on the link from %s to node '%s': "
+                "%s already does", by, who, c->node->name, c->frozen_by);
+    return -1;
+  }
+  c->frozen_by = by;
+  return 0;
+}
+
+void
+edge_unfreeze (struct node_child *c)
+{
+  c->frozen_by = NULL;
+}
+
+/* 0, or -1 with errp naming the job that relies on one of @edges. */
+static int
+check_not_frozen (struct node_child *const *edges, size_t n,
+                  struct node *to, struct error **errp)
+{
+  for (size_t i = 0; i < n; ++i) {
+    const struct node_child *c = edges[i];
+    char who[160];
+
+    if (c->frozen_by == NULL)
+      continue;
+    edge_describe (c, who, sizeof who);
+    if (c->parent == NULL && strcmp (who, c->frozen_by) == 0)
+      error_setg (errp, "node '%s' is used by %s until it ends: it cannot "
+                  "be replaced by node '%s'", c->node->name, c->frozen_by,
+                  to->name);
+    else
+      error_setg (errp, "%s cannot move from node '%s' to node '%s': %s "
+                  "relies on it until it ends", who, c->node->name,
+                  to->name, c->frozen_by);
+    return -1;
+  }
+  return 0;
+}
+
+int
 graph_move_edges (struct node_child *const *edges, size_t n, struct node *to,
                   struct error **errp)
 {
@@ -328,6 +373,8 @@ graph_move_edges (struct node_child *const *edges, size_t n, struct node *to,
 
   if (n == 0)
     return 0;
+  if (check_not_frozen (edges, n, to, errp) == -1)
+    return -1;
   from = edges[0]->node;
   if (node_reserve_parent (to, n) == -1) {
     error_setg (errp, "out of memory changing the graph");

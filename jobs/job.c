@@ -18,15 +18,20 @@ static struct job *jobs;        /* main thread */
 static void (*wake_hook) (void);
 static void (*event_hook) (const char *name, struct json_object *data);
 static void (*concluded_hook) (struct job *job);
+static int (*txn_hook) (struct job *job, job_txn_fn *fn,
+                        struct error **errp);
 
 void
 jobs_set_hooks (void (*wake) (void),
                 void (*event) (const char *name, struct json_object *data),
-                void (*concluded) (struct job *job))
+                void (*concluded) (struct job *job),
+                int (*txn) (struct job *job, job_txn_fn *fn,
+                            struct error **errp))
 {
   wake_hook = wake;
   event_hook = event;
   concluded_hook = concluded;
+  txn_hook = txn;
 }
 
 static const char *const status_names[] = {
@@ -238,6 +243,14 @@ job_end (struct job *job)
   job_stop_thread (job);
   if (job->ret < 0 && !cancelled)
     error_setg_errno (&err, -job->ret, "job '%s'", job->id);
+  if (ok && job->drv->prepare) {
+    if (txn_hook == NULL) {
+      error_setg (&err, "job '%s': no way to change the graph", job->id);
+      ok = false;
+    }
+    else if (txn_hook (job, job->drv->prepare, &err) == -1)
+      ok = false;
+  }
   if (job->drv->finish (job, ok, &ferr) == -1) {
     ok = false;
     if (err == NULL)

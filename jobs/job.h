@@ -43,6 +43,13 @@ struct job_graph_ops {
    */
   int (*replace) (void *ctx, struct node *from, struct node *to,
                   struct error **errp);
+  /* @node's backing node is @backing from now on (NULL: none), in the
+   * graph (its backing edge moves, or goes), in its image's header
+   * (which names @backing_file, or @backing's file if NULL) and in its
+   * spec and the catalogue.  @node is drained.
+   */
+  int (*set_backing) (void *ctx, struct node *node, struct node *backing,
+                      const char *backing_file, struct error **errp);
   void *ctx;
 };
 
@@ -52,6 +59,14 @@ struct job_driver {
    * job_should_stop).  0, or -errno (the job fails).
    */
   int (*run) (struct job *job);
+  /* Optional.  Main thread: run returned 0 and the job was not
+   * cancelled: the graph changes that end a job that ends by itself
+   * (block-stream, block-commit), done in a transaction of the
+   * daemon's through @ops (undone if it fails, and the job fails).
+   * finish follows, either way.  0, or -1 with errp.
+   */
+  int (*prepare) (struct job *job, const struct job_graph_ops *ops,
+                  struct error **errp);
   /* Main thread, run returned: finish (ok: pivot, unfork a bitmap...)
    * or undo.  0, or -1 with errp (the job fails).
    */
@@ -91,13 +106,20 @@ struct job {
 };
 
 /* The daemon's: the job thread wakes the main thread, which calls
- * jobs_poll; events (QMP's, on the main thread); and a job concluded
- * (main thread; it stops being one to pick up after a restart).
+ * jobs_poll; events (QMP's, on the main thread); a job concluded
+ * (main thread; it stops being one to pick up after a restart); and a
+ * transaction for a driver's prepare: @txn runs @fn with graph ops
+ * whose changes are recorded in the catalogue, or undone if @fn fails
+ * (0, or -1 with errp).  Without @txn, jobs with a prepare fail.
  */
+typedef int job_txn_fn (struct job *job, const struct job_graph_ops *ops,
+                        struct error **errp);
 void jobs_set_hooks (void (*wake) (void),
                      void (*event) (const char *name,
                                     struct json_object *data),
-                     void (*concluded) (struct job *job));
+                     void (*concluded) (struct job *job),
+                     int (*txn) (struct job *job, job_txn_fn *fn,
+                                 struct error **errp));
 
 /* Main thread. */
 struct job *job_new (const char *id, const struct job_driver *drv,

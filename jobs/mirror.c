@@ -7,48 +7,60 @@
  * all of it (sync=full), what the top layer holds (top) or nothing
  * (none) at first, and every write since.  Each of the job's copiers
  * (its thread and three more, so that copies to a remote target
- * overlap their round trips) takes a dirty run, clears its bits, reads
- * it from the source and writes it to the target.  A guest write that races with the copy marks its
+ * overlap their round trips) takes a dirty run no other copy is under
+ * way in, clears its bits, reads it from the source and writes it to
+ * the target.  A guest write that races with the copy marks its
  * bits before it starts and again once it is done (an internal bitmap,
  * graph/dirty.c), so whichever side of the clear it falls on, it is
  * copied again.  Once the bitmap is empty the job is ready, and goes on
  * copying new writes until it is completed: then, with the source
  * drained, the last dirty runs are copied, the target flushed, and the
  * users moved, in one admin command.
+ *
+ * block-commit of the active layer is the same job (QEMU's
+ * commit_active_start is a mirror too): the source is the top of the
+ * chain, the target the base below it, and what is left to copy starts
+ * as what the layers above the base hold.  The layers in between are
+ * held as block-commit holds them (chain.c), and the base's backing
+ * edge lets the job write under it; on completion the users of the top
+ * move onto the base.
  */
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "bitmap.h"
+#include "chain.h"
 #include "job.h"
 #include "log.h"
 #include "mirror.h"
 #include "utils.h"
 
 #define MIRROR_CHUNK_MAX (UINT64_C (64) << 20)
+#define COMMIT_GRANULARITY 65536
 #define MIRROR_COPIERS 4
 
 struct mirror {
   struct node *source, *target;       /* references */
+  struct node_root target_root;       /* the job's write edge */
+  struct dirty_bitmap *bm;            /* internal, on source */
+  uint64_t chunk;
+  struct chain_hold hold;             /* active commit: the layers */
   pthread_mutex_t lock;               /* the copiers' below, and clears */
   uint64_t cursor;                    /* where the next copy starts */
   unsigned in_flight;                 /* copies under way */
+  int error;                          /* the first copy that failed */
   /* Their ranges: two copies of one range at once could land in the
    * wrong order (the older data last) with its bits clear.
    */
   struct { uint64_t start, end; } flight[MIRROR_COPIERS];
-  int error;                          /* the first copy that failed */
-  struct node_root target_root;       /* the job's write edge */
-  struct dirty_bitmap *bm;            /* internal, on source */
-  uint64_t chunk;
 };
 
 static struct mirror *
@@ -73,6 +85,27 @@ copy (struct node *from, struct node *to, void *buf, uint64_t n,
   int r = node_pread (from, buf, n, off, 0);
 
   return r < 0 ? r : node_pwrite (to, buf, n, off, 0);
+}
+
+/* The job's copy: one root at a time, since a drain of both (the
+ * target under the source: an active commit) would wait forever for a
+ * job inside one and waiting at the other.  A guest write between the
+ * read and the write marks the run again: it is copied again.
+ */
+static int
+copy_through_roots (struct job *job, void *buf, uint64_t n, uint64_t off)
+{
+  struct mirror *m = mirror_of (job);
+  struct node *src = root_io_begin (&job->root), *dst;
+  int r = node_pread (src, buf, n, off, 0);
+
+  root_io_end (&job->root);
+  if (r < 0)
+    return r;
+  dst = root_io_begin (&m->target_root);
+  r = node_pwrite (dst, buf, n, off, 0);
+  root_io_end (&m->target_root);
+  return r;
 }
 
 /* Under the lock: the first dirty run at or after @from that no copy
@@ -126,7 +159,6 @@ copier (struct job *job)
     return -ENOMEM;
   while (!job_pause_point (job)) {
     uint64_t start, end, n;
-    struct node *src, *dst;
     unsigned slot;
 
     pthread_mutex_lock (&m->lock);
@@ -161,11 +193,7 @@ copier (struct job *job)
     m->in_flight++;
     pthread_mutex_unlock (&m->lock);
 
-    src = root_io_begin (&job->root);
-    dst = root_io_begin (&m->target_root);
-    r = copy (src, dst, buf, n, start);
-    root_io_end (&m->target_root);
-    root_io_end (&job->root);
+    r = copy_through_roots (job, buf, n, start);
 
     pthread_mutex_lock (&m->lock);
     m->in_flight--;
@@ -231,6 +259,8 @@ let_go (struct job *job)
     root_detach (&job->root);
   if (root_node (&m->target_root))
     root_detach (&m->target_root);
+  /* After the write edge into the base (see chain_release). */
+  chain_release (&m->hold);
 }
 
 /* The thread ended by itself: an error, or a cancel.  The target keeps
@@ -306,6 +336,8 @@ mirror_free (struct job *job)
   }
   if (root_node (&m->target_root))
     root_detach (&m->target_root);
+  chain_release (&m->hold);
+  chain_hold_free (&m->hold);
   root_destroy (&m->target_root);
   pthread_mutex_destroy (&m->lock);
   node_unref (m->source);
@@ -321,9 +353,13 @@ static const struct job_driver mirror_driver = {
   .free = mirror_free,
 };
 
-/* Mark what sync=top copies: what @n itself holds, not its backing. */
+/* Mark what the first @layers layers of @n's chain hold: sync=top
+ * copies what @n itself holds (1), an active commit what the layers
+ * above the base hold.
+ */
 static int
-mark_top (struct node *n, struct bitmap *b, struct error **errp)
+mark_top (struct node *n, unsigned layers, struct bitmap *b,
+          struct error **errp)
 {
   uint64_t size = node_size (n), off = 0;
 
@@ -335,11 +371,115 @@ mark_top (struct node *n, struct bitmap *b, struct error **errp)
       error_setg_errno (errp, -r, "mirror: allocation of '%s'", n->name);
       return -1;
     }
-    if (depth == 1)
+    if (depth >= 1 && depth <= layers)
       bitmap_set (b, off, pnum);
     off += pnum;
   }
   return 0;
+}
+
+/* The job's edges: the guest goes on writing to the source; nobody
+ * else may write to the target, and neither may change size.
+ */
+static int
+attach_edges (struct job *job, const char *user, struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+
+  m->target_root.kind = "job";
+  m->target_root.owner_name = job->id;
+  m->target_root.owner = job;
+  if (root_attach (&job->root, m->source, PERM_CONSISTENT_READ,
+                   PERM_ALL & ~PERM_RESIZE, user, errp) == -1 ||
+      root_attach (&m->target_root, m->target, PERM_WRITE,
+                   PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED, user,
+                   errp) == -1)
+    return -1;
+  return 0;
+}
+
+/* The copy list: everything, or what the first @layers layers of the
+ * source's chain hold (0: nothing), then every write.
+ */
+static int
+start_bitmap (struct job *job, bool all, unsigned layers,
+              uint32_t granularity, struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+  struct graph_drain *d;
+  char name[160];
+
+  snprintf (name, sizeof name, "#mirror:%s", job->id);
+  if ((m->bm = dirty_bitmap_create_internal (m->source, name, granularity,
+                                             errp)) == NULL)
+    return -1;
+  if (all)
+    bitmap_set_all (m->bm->bm);
+  else if (layers > 0 && mark_top (m->source, layers, m->bm->bm,
+                                   errp) == -1)
+    return -1;
+  /* From here every write to the source is marked too. */
+  if ((d = graph_drain_begin (&m->source, 1, errp)) == NULL)
+    return -1;
+  dirty_bitmap_link (m->bm);
+  graph_drain_end (d);
+  /* A write between the marking and the link, to a range the layers
+   * did not hold, was marked by neither: mark again what they hold now
+   * (the bitmap only gains bits).  Unable to, copy everything, which
+   * is always right.
+   */
+  if (!all && layers > 0) {
+    struct error *err = NULL;
+    if (mark_top (m->source, layers, m->bm->bm, &err) == -1) {
+      nbdd_warn ("%s '%s': %s: copying everything", job->drv->type,
+                 job->id, err->msg);
+      error_free (err);
+      bitmap_set_all (m->bm->bm);
+    }
+  }
+  atomic_store (&job->len, bitmap_count (m->bm->bm));
+  return 0;
+}
+
+/* A job of @drv copying @source to @target, with no edges yet. */
+static struct job *
+mirror_new (const char *id, const struct job_driver *drv,
+            struct node *source, struct node *target, uint64_t speed,
+            uint32_t granularity, uint64_t buf_size, bool auto_dismiss,
+            struct error **errp)
+{
+  struct mirror *m;
+  struct job *job;
+
+  if (buf_size == 0)
+    buf_size = UINT64_C (1) << 20;
+  if (buf_size < granularity || buf_size > MIRROR_CHUNK_MAX) {
+    error_setg (errp, "%s: buf-size must be from the granularity "
+                "(%" PRIu32 ") to %" PRIu64 " bytes", drv->type, granularity,
+                MIRROR_CHUNK_MAX);
+    return NULL;
+  }
+  m = calloc (1, sizeof *m);
+  if (m == NULL) {
+    error_setg (errp, "out of memory");
+    return NULL;
+  }
+  root_init (&m->target_root);
+  pthread_mutex_init (&m->lock, NULL);
+  node_ref (source);
+  node_ref (target);
+  m->source = source;
+  m->target = target;
+  m->chunk = ROUND_DOWN (buf_size, (uint64_t) granularity);
+  if ((job = job_new (id, drv, m, speed, auto_dismiss, errp)) == NULL) {
+    root_destroy (&m->target_root);
+    pthread_mutex_destroy (&m->lock);
+    node_unref (source);
+    node_unref (target);
+    free (m);
+    return NULL;
+  }
+  return job;
 }
 
 struct job *
@@ -347,10 +487,8 @@ mirror_create (const char *id, struct node *source, struct node *target,
                enum mirror_sync sync, uint64_t speed, uint32_t granularity,
                uint64_t buf_size, bool auto_dismiss, struct error **errp)
 {
-  struct mirror *m;
   struct job *job;
-  struct graph_drain *d;
-  char user[160], name[160];
+  char user[160];
 
   if (source == target) {
     error_setg (errp, "mirror: the target must be another node than "
@@ -368,66 +506,77 @@ mirror_create (const char *id, struct node *source, struct node *target,
     error_setg (errp, "mirror: target '%s' is read-only", target->name);
     return NULL;
   }
-  if (buf_size == 0)
-    buf_size = UINT64_C (1) << 20;
-  if (buf_size < granularity || buf_size > MIRROR_CHUNK_MAX) {
-    error_setg (errp, "mirror: buf-size must be from the granularity "
-                "(%" PRIu32 ") to %" PRIu64 " bytes", granularity,
-                MIRROR_CHUNK_MAX);
+  if ((job = mirror_new (id, &mirror_driver, source, target, speed,
+                         granularity, buf_size, auto_dismiss,
+                         errp)) == NULL)
     return NULL;
-  }
-  m = calloc (1, sizeof *m);
-  if (m == NULL) {
-    error_setg (errp, "out of memory");
-    return NULL;
-  }
-  root_init (&m->target_root);
-  pthread_mutex_init (&m->lock, NULL);
-  node_ref (source);
-  node_ref (target);
-  m->source = source;
-  m->target = target;
-  m->chunk = ROUND_DOWN (buf_size, (uint64_t) granularity);
-  if ((job = job_new (id, &mirror_driver, m, speed, auto_dismiss,
-                      errp)) == NULL) {
-    root_destroy (&m->target_root);
-    pthread_mutex_destroy (&m->lock);
-    node_unref (source);
-    node_unref (target);
-    free (m);
-    return NULL;
-  }
-  /* The guest goes on writing to the source; nobody else may write to
-   * the target, and neither may change size.
-   */
   snprintf (user, sizeof user, "job '%s'", id);
-  m->target_root.kind = "job";
-  m->target_root.owner_name = job->id;
-  m->target_root.owner = job;
-  if (root_attach (&job->root, source, PERM_CONSISTENT_READ,
-                   PERM_ALL & ~PERM_RESIZE, user, errp) == -1 ||
-      root_attach (&m->target_root, target, PERM_WRITE,
-                   PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED, user,
-                   errp) == -1)
-    goto fail;
-  snprintf (name, sizeof name, "#mirror:%s", id);
-  if ((m->bm = dirty_bitmap_create_internal (source, name, granularity,
-                                             errp)) == NULL)
-    goto fail;
-  if (sync == MIRROR_SYNC_FULL)
-    bitmap_set_all (m->bm->bm);
-  else if (sync == MIRROR_SYNC_TOP && mark_top (source, m->bm->bm,
-                                                errp) == -1)
-    goto fail;
-  /* From here every write to the source is marked too. */
-  if ((d = graph_drain_begin (&source, 1, errp)) == NULL)
-    goto fail;
-  dirty_bitmap_link (m->bm);
-  graph_drain_end (d);
-  atomic_store (&job->len, bitmap_count (m->bm->bm));
+  if (attach_edges (job, user, errp) == -1 ||
+      start_bitmap (job, sync == MIRROR_SYNC_FULL,
+                    sync == MIRROR_SYNC_TOP ? 1 : 0, granularity,
+                    errp) == -1) {
+    job_discard (job);
+    return NULL;
+  }
   return job;
+}
 
- fail:
-  job_discard (job);
-  return NULL;
+static const struct job_driver commit_active_driver = {
+  .type = "commit",
+  .run = mirror_run,
+  .finish = mirror_finish,
+  .complete = mirror_complete,
+  .free = mirror_free,
+};
+
+struct job *
+commit_active_create (const char *id, struct node *top, struct node *base,
+                      uint64_t speed, bool auto_dismiss, struct error **errp)
+{
+  unsigned depth = chain_depth (top, base);
+  struct node_child *into_base = NULL;
+  struct mirror *m;
+  struct job *job;
+
+  if (depth < 2) {
+    error_setg (errp, "block-commit: base node '%s' is not below '%s' in "
+                "its backing chain", base->name, top->name);
+    return NULL;
+  }
+  if (base->read_only) {
+    error_setg (errp, "block-commit: base node '%s' is read-only: add it "
+                "read-write (blockdev-add) to commit into it", base->name);
+    return NULL;
+  }
+  if (node_size (base) != node_size (top)) {
+    error_setg (errp, "block-commit: base node '%s' has %" PRIu64 " bytes, "
+                "'%s' %" PRIu64 ": the users of the active layer move to "
+                "the base, which must be the same size", base->name,
+                node_size (base), top->name, node_size (top));
+    return NULL;
+  }
+  for (struct node *l = top; l != base; l = chain_next_edge (l)->node)
+    into_base = chain_next_edge (l);
+  if ((job = mirror_new (id, &commit_active_driver, top, base, speed,
+                         COMMIT_GRANULARITY, 0, auto_dismiss,
+                         errp)) == NULL)
+    return NULL;
+  m = mirror_of (job);
+  /* The layers between hold still and the chain stays as it is (the
+   * job's source edge included: the users of the top move only at
+   * completion); the job writes the base under its backing edge.
+   */
+  if (chain_hold_init (&m->hold, id, errp) == -1 ||
+      chain_hold_layers (&m->hold, chain_next_edge (top)->node, base, 0,
+                         errp) == -1 ||
+      chain_freeze_links (&m->hold, top, base, errp) == -1 ||
+      chain_share_write (&m->hold, into_base, errp) == -1 ||
+      attach_edges (job, m->hold.user, errp) == -1 ||
+      chain_freeze (&m->hold, &job->root.edge, errp) == -1 ||
+      start_bitmap (job, false, depth - 1, COMMIT_GRANULARITY,
+                    errp) == -1) {
+    job_discard (job);
+    return NULL;
+  }
+  return job;
 }

@@ -24,4 +24,14 @@ struct job *mirror_create (const char *id, struct node *source,
                            uint64_t buf_size, bool auto_dismiss,
                            struct error **errp);
 
+/* block-commit of the active layer @top into @base, a node below it
+ * in its chain (same size): a mirror of type "commit" whose copy list
+ * starts as what the layers above @base hold.  Ready once caught up;
+ * block-job-complete moves the users of @top onto @base.  Not started;
+ * NULL with errp set.
+ */
+struct job *commit_active_create (const char *id, struct node *top,
+                                  struct node *base, uint64_t speed,
+                                  bool auto_dismiss, struct error **errp);
+
 #endif /* NBDD_MIRROR_H */

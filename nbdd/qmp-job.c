@@ -1,9 +1,11 @@
-/* Block jobs on the admin socket: blockdev-mirror, query-block-jobs,
- * block-job-pause/-resume/-cancel/-complete/-set-speed and job-dismiss,
- * with QEMU's names, arguments and events (jobs/job.h).
+/* Block jobs on the admin socket: blockdev-mirror, block-stream,
+ * block-commit, query-block-jobs, block-job-pause/-resume/-cancel/
+ * -complete/-set-speed and job-dismiss, with QEMU's names, arguments
+ * and events (jobs/job.h).
  */
 #include <config.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -13,12 +15,15 @@
 #include "backup.h"
 #include "catalog.h"
 #include "cbw.h"
+#include "chain.h"
+#include "commit.h"
 #include "internal.h"
 #include "job.h"
 #include "log.h"
 #include "mirror.h"
 #include "options.h"
 #include "qmp.h"
+#include "stream.h"
 
 #define DEFAULT_GRANULARITY 65536
 
@@ -68,6 +73,59 @@ job_async_cb (struct ev_loop *loop, ev_async *w, int revents)
   jobs_poll ();
 }
 
+/* A job's graph changes go in a transaction: a command's
+ * (block-job-complete), or one of their own when the job ends by
+ * itself (block-stream, block-commit).
+ */
+static int
+ops_drain (void *ctx, struct node *const *nodes, size_t n,
+           struct error **errp)
+{
+  struct qmp_txn *t = ctx;
+
+  return txn_reserve (t, 1, errp) == -1 ? -1
+    : txn_drain (t, nodes, n, errp);
+}
+
+static int
+ops_replace (void *ctx, struct node *from, struct node *to,
+             struct error **errp)
+{
+  return txn_replace_users (ctx, from, to, NULL, true, errp);
+}
+
+static int
+ops_set_backing (void *ctx, struct node *node, struct node *backing,
+                 const char *backing_file, struct error **errp)
+{
+  return txn_set_backing (ctx, node, backing, backing_file, errp);
+}
+
+struct job_txn {
+  struct job *job;
+  job_txn_fn *fn;
+};
+
+static int
+job_txn_step (struct qmp_txn *t, void *opaque, struct error **errp)
+{
+  struct job_txn *jt = opaque;
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing, t };
+
+  return jt->fn (jt->job, &ops, errp);
+}
+
+static int
+job_txn (struct job *job, job_txn_fn *fn, struct error **errp)
+{
+  struct job_txn jt = { job, fn };
+  char what[160];
+
+  snprintf (what, sizeof what, "job '%s' (%s): the graph change at its "
+            "end", job->id, job->drv->type);
+  return txn_run_internal (what, job_txn_step, &jt, errp);
+}
+
 void
 qmp_jobs_init (struct ev_loop *loop)
 {
@@ -75,7 +133,7 @@ qmp_jobs_init (struct ev_loop *loop)
   ev_async_init (&job_async, job_async_cb);
   ev_async_start (loop, &job_async);
   ev_unref (loop);
-  jobs_set_hooks (wake, admin_event, concluded);
+  jobs_set_hooks (wake, admin_event, concluded, job_txn);
 }
 
 /* The job named by argument @key (QEMU's "device" or "id"). */
@@ -89,6 +147,23 @@ arg_job (struct qmp_txn *t, struct json_object *args, const char *what,
     return -1;
   if ((*jobp = job_find (id)) == NULL)
     return not_found (t, errp, "job", id);
+  return 0;
+}
+
+/* A job created by command @execute starts (and the catalogue keeps
+ * the command, to start it again after a restart), or goes without a
+ * trace.
+ */
+static int
+start_job (struct job *job, const char *execute, struct json_object *args,
+           struct error **errp)
+{
+  if (record (execute, job->id, args, errp) == -1 ||
+      job_start (job, errp) == -1) {
+    job->drv->finish (job, false, NULL);
+    job_discard (job);
+    return -1;
+  }
   return 0;
 }
 
@@ -157,12 +232,57 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
   }
   job = mirror_create (id, source, target, sync, speed,
                        (uint32_t) granularity, buf_size, auto_dismiss, errp);
-  if (job == NULL)
+  return job ? start_job (job, "blockdev-mirror", args, errp) : -1;
+}
+
+/* The node named by @key, looked up in @top's chain (nodes inside
+ * other nodes' specs have names too), then among all nodes (to say
+ * that it is not in the chain).
+ */
+static int
+arg_chain_node (struct qmp_txn *t, struct json_object *args,
+                const char *what, const char *key, struct node *top,
+                struct node **nodep, struct error **errp)
+{
+  const char *name;
+  int r = opt_get_string (args, what, key, false, &name, errp);
+
+  *nodep = NULL;
+  if (r != 0)
+    return r;
+  if ((*nodep = chain_find (top, name)) != NULL)
+    return 0;
+  if (node_lookup (name) == NULL)
+    return not_found (t, errp, "node", name);
+  error_setg (errp, "%s: node '%s' is not in the backing chain of '%s'",
+              what, name, top->name);
+  return -1;
+}
+
+/* What QEMU's jobs take and nbdd does one way only. */
+static int
+check_job_options (struct json_object *args, const char *what,
+                   struct error **errp)
+{
+  const char *on_error = "report";
+  bool auto_finalize = true;
+
+  if (opt_get_bool (args, what, "auto-finalize", false, &auto_finalize,
+                    errp) == -1 ||
+      opt_get_string (args, what, "on-error", false, &on_error, errp) == -1)
     return -1;
-  if (record ("blockdev-mirror", id, args, errp) == -1 ||
-      job_start (job, errp) == -1) {
-    job->drv->finish (job, false, NULL);
-    job_discard (job);
+  if (!auto_finalize) {
+    error_setg (errp, "%s: 'auto-finalize' false is not supported", what);
+    return -1;
+  }
+  if (strcmp (on_error, "report") != 0) {
+    error_setg (errp, "%s: 'on-error' must be 'report' (the job fails "
+                "on the first error)", what);
+    return -1;
+  }
+  if (json_object_object_get_ex (args, "filter-node-name", NULL)) {
+    error_setg (errp, "%s: 'filter-node-name' is not supported: nbdd's "
+                "jobs insert no filter node", what);
     return -1;
   }
   return 0;
@@ -312,6 +432,137 @@ cmd_blockdev_backup (struct qmp_txn *t, struct json_object *args,
   return job_start (job, errp);
 }
 
+static const char *const stream_keys[] = {
+  "job-id", "device", "base-node", "backing-file", "speed", "on-error",
+  "auto-finalize", "auto-dismiss", "filter-node-name", NULL
+};
+
+/* QEMU's block-stream: @device, the top of a chain, takes in what the
+ * layers above base-node (all of them, without) hold, and then has
+ * base-node (none) as its backing node.
+ */
+int
+cmd_block_stream (struct qmp_txn *t, struct json_object *args,
+                  struct json_object **ret, struct error **errp)
+{
+  const char *id = NULL, *backing_file = NULL;
+  struct node *top, *base;
+  uint64_t speed = 0;
+  bool auto_dismiss = true;
+  struct job *job;
+
+  if (opt_check_keys (args, "block-stream", stream_keys, errp) == -1 ||
+      arg_node (t, args, "block-stream", "device", &top, errp) == -1 ||
+      opt_get_string (args, "block-stream", "job-id", false, &id,
+                      errp) == -1 ||
+      arg_chain_node (t, args, "block-stream", "base-node", top, &base,
+                      errp) == -1 ||
+      opt_get_string (args, "block-stream", "backing-file", false,
+                      &backing_file, errp) == -1 ||
+      opt_get_uint64 (args, "block-stream", "speed", false, &speed,
+                      errp) == -1 ||
+      opt_get_bool (args, "block-stream", "auto-dismiss", false,
+                    &auto_dismiss, errp) == -1 ||
+      check_job_options (args, "block-stream", errp) == -1)
+    return -1;
+  if (not_fleeced (top, errp) == -1)
+    return -1;
+  if (base == top) {
+    error_setg (errp, "block-stream: base node '%s' is the device itself",
+                top->name);
+    return -1;
+  }
+  job = stream_create (id ? id : top->name, top, base, backing_file, speed,
+                       auto_dismiss, errp);
+  return job ? start_job (job, "block-stream", args, errp) : -1;
+}
+
+/* @n, or the first layer below it if it is a filter (NULL: none). */
+static struct node *
+skip_filters (struct node *n)
+{
+  return n->drv->is_filter ? chain_next_layer (n) : n;
+}
+
+static const char *const commit_keys[] = {
+  "job-id", "device", "top-node", "base-node", "backing-file", "speed",
+  "on-error", "auto-finalize", "auto-dismiss", "filter-node-name", NULL
+};
+
+/* QEMU's block-commit: what top-node (default: @device, the active
+ * layer) and the layers down to base-node (default: the node below
+ * top-node) hold goes into base-node.  Below the active layer the job
+ * ends by itself, dropping the layers from the chain; of the active
+ * layer it is a mirror, completed with block-job-complete.
+ */
+int
+cmd_block_commit (struct qmp_txn *t, struct json_object *args,
+                  struct json_object **ret, struct error **errp)
+{
+  const char *id = NULL, *backing_file = NULL;
+  struct node *device, *top, *base, *overlay = NULL;
+  uint64_t speed = 0;
+  bool auto_dismiss = true;
+  struct job *job;
+
+  if (opt_check_keys (args, "block-commit", commit_keys, errp) == -1 ||
+      arg_node (t, args, "block-commit", "device", &device, errp) == -1 ||
+      opt_get_string (args, "block-commit", "job-id", false, &id,
+                      errp) == -1 ||
+      arg_chain_node (t, args, "block-commit", "top-node", device, &top,
+                      errp) == -1)
+    return -1;
+  /* Filters above a layer stand for it, as in QEMU. */
+  if (top == NULL)
+    top = device;
+  if ((top = skip_filters (top)) == NULL) {
+    error_setg (errp, "block-commit: node '%s' filters nothing to commit",
+                device->name);
+    return -1;
+  }
+  if (arg_chain_node (t, args, "block-commit", "base-node", top, &base,
+                      errp) == -1 ||
+      opt_get_string (args, "block-commit", "backing-file", false,
+                      &backing_file, errp) == -1 ||
+      opt_get_uint64 (args, "block-commit", "speed", false, &speed,
+                      errp) == -1 ||
+      opt_get_bool (args, "block-commit", "auto-dismiss", false,
+                    &auto_dismiss, errp) == -1 ||
+      check_job_options (args, "block-commit", errp) == -1)
+    return -1;
+  if (not_fleeced (device, errp) == -1)
+    return -1;
+  if (base == NULL && (base = chain_next_layer (top)) == NULL) {
+    error_setg (errp, "block-commit: node '%s' has no backing node to "
+                "commit into", top->name);
+    return -1;
+  }
+  if (base == top) {
+    error_setg (errp, "block-commit: top and base are the same node "
+                "('%s')", top->name);
+    return -1;
+  }
+  if (top == skip_filters (device)) {
+    if (backing_file) {
+      error_setg (errp, "block-commit: 'backing-file' is for a commit "
+                  "below the active layer: committing '%s' leaves no "
+                  "header to change", top->name);
+      return -1;
+    }
+    job = commit_active_create (id ? id : device->name, top, base, speed,
+                                auto_dismiss, errp);
+  }
+  else {
+    /* The node right above the top. */
+    for (overlay = device; chain_next_edge (overlay)->node != top;
+         overlay = chain_next_edge (overlay)->node)
+      ;
+    job = commit_create (id ? id : device->name, overlay, top, base,
+                         backing_file, speed, auto_dismiss, errp);
+  }
+  return job ? start_job (job, "block-commit", args, errp) : -1;
+}
+
 int
 cmd_query_block_jobs (struct qmp_txn *t, struct json_object *args,
                       struct json_object **ret, struct error **errp)
@@ -368,29 +619,11 @@ cmd_block_job_cancel (struct qmp_txn *t, struct json_object *args,
   return job_cancel (job, errp);
 }
 
-/* block-job-complete's graph changes go in its transaction. */
-static int
-ops_drain (void *ctx, struct node *const *nodes, size_t n,
-           struct error **errp)
-{
-  struct qmp_txn *t = ctx;
-
-  return txn_reserve (t, 1, errp) == -1 ? -1
-    : txn_drain (t, nodes, n, errp);
-}
-
-static int
-ops_replace (void *ctx, struct node *from, struct node *to,
-             struct error **errp)
-{
-  return txn_replace_users (ctx, from, to, NULL, true, errp);
-}
-
 int
 cmd_block_job_complete (struct qmp_txn *t, struct json_object *args,
                         struct json_object **ret, struct error **errp)
 {
-  struct job_graph_ops ops = { ops_drain, ops_replace, t };
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing, t };
   struct job *job;
 
   if (opt_check_keys (args, "block-job-complete", device_keys,

@@ -480,25 +480,36 @@ release_spec_change (void *data)
   free (sc);
 }
 
-/* Needs one reserved step. */
+/* @obj's @key becomes @value (the step takes it; NULL: JSON null).
+ * Needs one reserved step.
+ */
 static int
-set_spec_string (struct qmp_txn *t, struct json_object *obj, const char *key,
-                 const char *value, struct error **errp)
+set_spec_value (struct qmp_txn *t, struct json_object *obj, const char *key,
+                struct json_object *value, struct error **errp)
 {
   struct json_object *v = NULL;
   struct spec_change *sc = calloc (1, sizeof *sc);
 
   if (sc == NULL || (sc->key = strdup (key)) == NULL) {
     free (sc);
+    json_object_put (value);
     error_setg (errp, "out of memory");
     return -1;
   }
   sc->obj = json_object_get (obj);
   sc->absent = !json_object_object_get_ex (obj, key, &v);
   sc->old = json_object_get (v);
-  json_object_object_add (obj, key, json_object_new_string (value));
+  json_object_object_add (obj, key, value);
   txn_step (t, undo_spec_change, NULL, release_spec_change, sc);
   return 0;
+}
+
+/* Needs one reserved step. */
+static int
+set_spec_string (struct qmp_txn *t, struct json_object *obj, const char *key,
+                 const char *value, struct error **errp)
+{
+  return set_spec_value (t, obj, key, json_object_new_string (value), errp);
 }
 
 /* The registered node whose spec holds @n's (itself, or the parent it
@@ -930,6 +941,196 @@ cmd_blockdev_snapshot (struct qmp_txn *t, struct json_object *args,
                         errp) == -1)
     return -1;
   return txn_replace_users (t, node, overlay, overlay, true, errp);
+}
+
+static void txn_finish (struct qmp_txn *t, bool ok);
+
+/* ---- a node's backing node changes (block-stream, block-commit) ---- */
+
+struct backing_undo {
+  struct node *node;            /* a reference */
+  struct node_child *edge;      /* its backing edge */
+  struct node *old;             /* a reference: where the edge was */
+  bool dropped;                 /* the edge goes at commit */
+};
+
+static void
+undo_backing (void *data)
+{
+  struct backing_undo *u = data;
+  struct error *err = NULL;
+
+  /* Still drained (the command's drain ends after the undo steps). */
+  if (u->dropped)
+    u->node->drv->set_backing (u->node, u->edge, NULL);
+  else if (graph_move_edges (&u->edge, 1, u->old, &err) == -1) {
+    nbdd_warn ("undoing a change of backing node: %s", err->msg);
+    error_free (err);
+  }
+}
+
+static void
+commit_backing (void *data)
+{
+  struct backing_undo *u = data;
+
+  if (u->dropped)
+    node_detach_child (u->edge);
+}
+
+static void
+release_backing (void *data)
+{
+  struct backing_undo *u = data;
+
+  node_unref (u->node);
+  node_unref (u->old);
+  free (u);
+}
+
+struct header_undo {
+  struct node *node;            /* a reference */
+  char *file, *fmt;             /* what the header said */
+};
+
+static void
+undo_header (void *data)
+{
+  struct header_undo *u = data;
+  struct error *err = NULL;
+
+  if (u->node->drv->change_backing_file (u->node, u->file, u->fmt, NULL,
+                                         NULL, &err) == -1) {
+    nbdd_warn ("undoing a change of backing file: %s", err->msg);
+    error_free (err);
+  }
+}
+
+static void
+release_header (void *data)
+{
+  struct header_undo *u = data;
+
+  node_unref (u->node);
+  free (u->file);
+  free (u->fmt);
+  free (u);
+}
+
+int
+txn_set_backing (struct qmp_txn *t, struct node *node, struct node *backing,
+                 const char *backing_file, struct error **errp)
+{
+  struct node_child *edge = NULL;
+  struct backing_undo *bu;
+  struct header_undo *hu;
+  struct json_object *v;
+
+  for (size_t i = 0; i < node->nr_children; ++i)
+    if (node->children[i]->role & CHILD_COW)
+      edge = node->children[i];
+  if (edge == NULL || node->drv->set_backing == NULL ||
+      node->drv->change_backing_file == NULL) {
+    error_setg (errp, "node '%s' (driver %s) has no backing node to "
+                "change", node->name, node->drv->name);
+    return -1;
+  }
+  if (edge->node == backing)
+    return 0;
+  if (backing && backing_file == NULL) {
+    error_setg (errp, "node '%s': no backing file name for '%s'",
+                node->name, backing->name);
+    return -1;
+  }
+  if (txn_reserve (t, 3, errp) == -1)
+    return -1;
+  bu = calloc (1, sizeof *bu);
+  hu = calloc (1, sizeof *hu);
+  if (bu == NULL || hu == NULL) {
+    free (bu);
+    free (hu);
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+
+  /* The graph.  The old backing node stays alive (the step's
+   * reference) until the command is over: an undo puts it back.
+   */
+  node_ref (node);
+  node_ref (edge->node);
+  *bu = (struct backing_undo) { node, edge, edge->node, backing == NULL };
+  if (backing == NULL)
+    node->drv->set_backing (node, NULL, NULL);
+  else if (graph_move_edges (&edge, 1, backing, errp) == -1) {
+    release_backing (bu);
+    free (hu);
+    return -1;
+  }
+  txn_step (t, undo_backing, commit_backing, release_backing, bu);
+
+  /* The image's header. */
+  if (node->drv->change_backing_file (node, backing ? backing_file : NULL,
+                                      backing ? backing->drv->name : NULL,
+                                      &hu->file, &hu->fmt, errp) == -1) {
+    free (hu);
+    return -1;
+  }
+  node_ref (node);
+  hu->node = node;
+  txn_step (t, undo_header, NULL, release_header, hu);
+
+  /* The spec: a chain opened from the header needs nothing more (the
+   * header says it now); else "backing" names the node, or holds its
+   * spec if it has no name of its own, or is null.
+   */
+  if (!json_object_object_get_ex (node->spec, "backing", &v))
+    return 0;
+  if (backing == NULL)
+    v = NULL;
+  else if (node_lookup (backing->name) == backing)
+    v = json_object_new_string (backing->name);
+  else if (json_object_deep_copy (backing->spec, &v, NULL) != 0) {
+    error_setg (errp, "out of memory");
+    return -1;
+  }
+  if (set_spec_value (t, node->spec, "backing", v, errp) == -1)
+    return -1;
+  {
+    struct node *owner = spec_owner (node);
+    if (catalog && owner && owner->recorded &&
+        catalog_node_put (catalog, owner->name, json_text (owner->spec),
+                          errp) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+int
+txn_run_internal (const char *what,
+                  int (*fn) (struct qmp_txn *t, void *opaque,
+                             struct error **errp),
+                  void *opaque, struct error **errp)
+{
+  struct qmp_txn t = { .error_class = "GenericError" };
+  bool began = false;
+  int r = 0;
+
+  if (catalog) {
+    r = catalog_begin (catalog, errp);
+    began = r == 0;
+  }
+  if (r == 0)
+    r = fn (&t, opaque, errp);
+  if (began) {
+    if (r == 0)
+      r = catalog_commit (catalog, errp);
+    else
+      catalog_rollback (catalog);
+  }
+  txn_finish (&t, r == 0);
+  if (r == 0)
+    nbdd_info ("%s: done", what);
+  return r;
 }
 
 /* QEMU's block_resize: grow a node that only exports use (a parent
@@ -1422,6 +1623,8 @@ static const struct command commands[] = {
   { "query-fleeces", cmd_query_fleeces, 0 },
   { "blockdev-mirror", cmd_blockdev_mirror, CMD_CHANGES },
   { "blockdev-backup", cmd_blockdev_backup, CMD_CHANGES | CMD_IN_TXN },
+  { "block-stream", cmd_block_stream, CMD_CHANGES },
+  { "block-commit", cmd_block_commit, CMD_CHANGES },
   { "query-block-jobs", cmd_query_block_jobs, 0 },
   { "block-job-pause", cmd_block_job_pause, CMD_CHANGES },
   { "block-job-resume", cmd_block_job_resume, CMD_CHANGES },

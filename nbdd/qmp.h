@@ -51,6 +51,22 @@ int arg_node (struct qmp_txn *t, struct json_object *args, const char *what,
 int txn_replace_users (struct qmp_txn *t, struct node *from, struct node *to,
                        struct node *except, bool record,
                        struct error **errp);
+/* @node (drained by the caller) takes @backing as its backing node
+ * (NULL: none) instead of the one it has: its backing edge moves (or
+ * goes), its image's header names @backing_file and @backing's
+ * driver, and its spec and the catalogue say so.
+ */
+int txn_set_backing (struct qmp_txn *t, struct node *node,
+                     struct node *backing, const char *backing_file,
+                     struct error **errp);
+/* A transaction not started by a command (a job's end): @fn's changes
+ * are recorded in the catalogue, or undone if anything fails.  0, or
+ * -1 with errp.
+ */
+int txn_run_internal (const char *what,
+                      int (*fn) (struct qmp_txn *t, void *opaque,
+                                 struct error **errp),
+                      void *opaque, struct error **errp);
 /* 0, or -1 with errp naming the fleece @n is part of, or the job that
  * uses it: graph changes there are refused.
  */
@@ -84,7 +100,8 @@ int txn_bitmap_unfork (struct qmp_txn *t, struct node *node,
 /* fleece.c */
 qmp_command_fn cmd_fleece_start, cmd_fleece_stop, cmd_query_fleeces;
 /* qmp-job.c */
-qmp_command_fn cmd_blockdev_mirror, cmd_blockdev_backup, cmd_query_block_jobs,
+qmp_command_fn cmd_blockdev_mirror, cmd_blockdev_backup, cmd_block_stream,
+  cmd_block_commit, cmd_query_block_jobs,
   cmd_block_job_pause, cmd_block_job_resume, cmd_block_job_cancel,
   cmd_block_job_complete, cmd_block_job_set_speed, cmd_job_dismiss;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */

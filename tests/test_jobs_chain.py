@@ -1,0 +1,518 @@
+"""block-stream and block-commit on a qcow2 chain base <- mid <- top with
+data in every layer (written by qemu-io, zero clusters included), while
+a guest writes to the top through an export.  After each job the
+guest's view is checked bit for bit against a model of every write the
+guest made (qemu-img compare, once the daemon has closed the images),
+every image passes qemu-img check, and qemu-img info --backing-chain
+shows the new chain (the header names the new backing file).  Also:
+cancelling in the middle leaves the chain as it was, and the operations
+a running job cannot allow are refused, naming it."""
+import json
+import random
+import threading
+import time
+
+import nbd
+import pytest
+
+from admintools import MiB, restart, start
+from helpers import run
+from qemutools import create, qemu_img, qemu_io
+from qmp import QMP, QMPError
+
+SIZE = 32 * MiB
+
+
+class Writer(threading.Thread):
+    """Random writes (and a few zeroes) through an export, keeping a
+    model of what the disk must hold: every acknowledged write lands in
+    it.  Small writes, many of them into ranges the top does not hold
+    yet: they race with what a stream copies there."""
+
+    def __init__(self, uri, model, seed=1, pace=0.001):
+        super().__init__(daemon=True)
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.model = model
+        self.rnd = random.Random(seed)
+        self.pace = pace
+        self.halt = threading.Event()
+        self.writes = 0
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.halt.is_set():
+                n = self.rnd.choice([512, 4096, 4096, 65536, 200000])
+                off = self.rnd.randrange(0, SIZE - n)
+                if self.rnd.random() < 0.1:
+                    self.h.zero(n, off)
+                    self.model[off:off + n] = bytes(n)
+                else:
+                    data = self.rnd.randbytes(n)
+                    self.h.pwrite(data, off)
+                    self.model[off:off + n] = data
+                self.writes += 1
+                time.sleep(self.pace)
+            self.h.flush()
+        except Exception as e:              # noqa: BLE001
+            self.error = e
+
+    def stop(self):
+        self.halt.set()
+        self.join(60)
+        assert self.error is None, self.error
+        self.h.shutdown()
+
+
+def make_chain(tmp_path):
+    """base.qcow2 <- mid.qcow2 <- top.qcow2, each holding data of its
+    own over the others' (whole and partial clusters), mid a zero
+    cluster over base's data.  Returns the paths and, for each layer,
+    what its chain reads (raw files made by qemu-img convert)."""
+    p = {n: str(tmp_path / f"{n}.qcow2") for n in ("base", "mid", "top")}
+    create(p["base"], SIZE)
+    create(p["mid"], SIZE, backing=p["base"])
+    create(p["top"], SIZE, backing=p["mid"])
+    qemu_io(p["base"], "write -P 0x11 0 4M", "write -P 0x12 8M 4M",
+            "write -P 0x13 20M 2M", "write -P 0x14 30M 2M")
+    qemu_io(p["mid"], "write -P 0x21 2M 4M", "write -P 0x22 12M 2M",
+            "write -z 8M 1M", "write -P 0x23 28M 1M",
+            "write -P 0x24 100k 10k", "write -P 0x25 31M 64k")
+    qemu_io(p["top"], "write -P 0x31 3M 2M", "write -P 0x32 16M 1M",
+            "write -P 0x33 21M 64k", "write -z 30M 256k")
+    views = {}
+    for n in ("base", "mid", "top"):
+        views[n] = str(tmp_path / f"{n}-view.raw")
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", p[n], views[n])
+    return p, views
+
+
+def add_chain(q, p, slow_reads=False):
+    """The chain as named nodes (base and mid read-write, for commit),
+    and a writable export of the top.  @slow_reads: the top reads mid
+    through a throttle, so that a stream's copies take long enough for
+    guest writes to land while they run."""
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                                "file": {"driver": "file",
+                                         "filename": p["base"]}})
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "mid",
+                                "backing": "base",
+                                "file": {"driver": "file",
+                                         "filename": p["mid"]}})
+    below_top = "mid"
+    if slow_reads:
+        q.cmd_args("blockdev-add", {"driver": "throttle", "node-name": "thr",
+                                    "limits": {"bps-read": 8 * MiB},
+                                    "file": "mid"})
+        below_top = "thr"
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                "backing": below_top,
+                                "file": {"driver": "file",
+                                         "filename": p["top"]}})
+    q.cmd("block-export-add", type="nbd", id="live", node_name="top",
+          name="live", writable=True)
+
+
+def read_all(srv, export="live"):
+    h = srv.connect(export)
+    got = bytearray()
+    for off in range(0, SIZE, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    h.shutdown()
+    return got
+
+
+def nodes(q):
+    return {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+
+
+def backing_of(q, name):
+    for c in nodes(q)[name]["children"]:
+        if c["child"] == "backing":
+            return c["node-name"]
+    return None
+
+
+def job(q, jid):
+    for j in q.cmd("query-block-jobs"):
+        if j["device"] == jid:
+            return j
+    return None
+
+
+def wait_end(q, jid, timeout=120):
+    """BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED of job @jid."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for i, e in enumerate(q.events):
+            if e["event"] in ("BLOCK_JOB_COMPLETED",
+                              "BLOCK_JOB_CANCELLED") and \
+                    e["data"]["device"] == jid:
+                return q.events.pop(i)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {jid} did not end")
+        try:
+            q.wait_event("(only collecting events)", timeout=0.2)
+        except TimeoutError:
+            pass
+
+
+def save_model(tmp_path, model, name="model.raw"):
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.write(model)
+    return path
+
+
+def compare(a, fa, b, fb):
+    """Bit for bit, through the backing chains the headers name."""
+    run(["qemu-img", "compare", "-f", fa, "-F", fb, a, b], timeout=120)
+
+
+def check_images(*imgs):
+    for img in imgs:
+        run(["qemu-img", "check", "-f", "qcow2", img])
+
+
+def backing_format(img):
+    info = json.loads(run(["qemu-img", "info", "--output=json", img]).stdout)
+    return info.get("backing-filename-format")
+
+
+def chain_files(img):
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           "--backing-chain", img]).stdout)
+    return [i["filename"] for i in info]
+
+
+def run_with_writer(srv, q, model, start_job, seed=1, pace=0.001,
+                    head_start=0.2):
+    """Start the writer, then the job (start_job(q)), and return the
+    writer still running."""
+    w = Writer(srv.uri("live"), model, seed=seed, pace=pace)
+    w.start()
+    time.sleep(head_start)
+    start_job(q)
+    return w
+
+
+@pytest.mark.parametrize("with_base,slow_reads",
+                         [(False, False), (True, False), (False, True),
+                          (True, True)],
+                         ids=["whole-chain", "base-node",
+                              "whole-chain-slow-reads",
+                              "base-node-slow-reads"])
+def test_stream_under_writes(nbdd_server, tmp_path, with_base, slow_reads):
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p, slow_reads)
+        model = read_all(srv)
+        with open(views["top"], "rb") as f:
+            assert model == f.read()
+        args = {"job-id": "s0", "device": "top"}
+        if with_base:
+            args["base-node"] = "base"
+        w = run_with_writer(srv, q, model,
+                            lambda q: q.cmd_args("block-stream", args))
+        ev = wait_end(q, "s0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED", ev
+        assert "error" not in ev["data"], ev
+        assert ev["data"]["type"] == "stream"
+        assert ev["data"]["offset"] == ev["data"]["len"] == SIZE
+        time.sleep(0.2)                     # writes on the new chain
+        w.stop()
+        assert w.writes > 50
+        assert job(q, "s0") is None         # auto-dismissed
+        assert backing_of(q, "top") == ("base" if with_base else None)
+        # The layers dropped are free again.
+        dropped = ["thr", "mid"] if slow_reads else ["mid"]
+        assert nodes(q)[dropped[0]]["users"] == []
+        assert read_all(srv) == model
+        for n in dropped + ([] if with_base else ["base"]):
+            q.cmd("blockdev-del", node_name=n)
+    # The catalogue has the new chain too.
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert backing_of(q, "top") == ("base" if with_base else None)
+    assert read_all(srv) == model
+    srv.stop()
+    ref = save_model(tmp_path, model)
+    compare(p["top"], "qcow2", ref, "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["top"]) == \
+        ([p["top"], p["base"]] if with_base else [p["top"]])
+    if with_base:
+        assert backing_format(p["top"]) == "qcow2"
+    # What the layers below held is untouched.
+    compare(p["mid"], "qcow2", views["mid"], "raw")
+    compare(p["base"], "qcow2", views["base"], "raw")
+
+
+def test_commit_below_the_active_layer_under_writes(nbdd_server, tmp_path):
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        model = read_all(srv)
+        w = run_with_writer(
+            srv, q, model,
+            lambda q: q.cmd("block-commit", job_id="c0", device="top",
+                            top_node="mid", base_node="base"))
+        ev = wait_end(q, "c0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED", ev
+        assert "error" not in ev["data"], ev
+        assert ev["data"]["type"] == "commit"
+        time.sleep(0.2)
+        w.stop()
+        assert backing_of(q, "top") == "base"
+        assert nodes(q)["mid"]["users"] == []
+        assert read_all(srv) == model
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert backing_of(q, "top") == "base"
+    assert read_all(srv) == model
+    srv.stop()
+    compare(p["top"], "qcow2", save_model(tmp_path, model), "raw")
+    # The base holds what mid's chain read; mid is as it was.
+    compare(p["base"], "qcow2", views["mid"], "raw")
+    compare(p["mid"], "qcow2", views["mid"], "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["top"]) == [p["top"], p["base"]]
+    assert backing_format(p["top"]) == "qcow2"
+
+
+def test_active_commit_under_writes(nbdd_server, tmp_path):
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        model = read_all(srv)
+        w = run_with_writer(
+            srv, q, model,
+            lambda q: q.cmd("block-commit", job_id="a0", device="top",
+                            base_node="base"))
+        ev = q.wait_event("BLOCK_JOB_READY", timeout=120)
+        assert ev["data"]["device"] == "a0"
+        assert ev["data"]["type"] == "commit"
+        assert job(q, "a0")["status"] == "ready"
+        # While it runs: nobody else writes or resizes the base, the
+        # layers in between, or the top's size; the chain holds still.
+        with pytest.raises(QMPError, match="job 'a0'"):
+            q.cmd("block_resize", node_name="top", size=2 * SIZE)
+        with pytest.raises(QMPError, match="job 'a0'"):
+            q.cmd("block-export-add", type="nbd", id="b", node_name="base",
+                  name="b", writable=True)
+        with pytest.raises(QMPError, match="job 'a0'"):
+            q.cmd("block-export-add", type="nbd", id="m", node_name="mid",
+                  name="m", writable=True)
+        with pytest.raises(QMPError, match="in use"):
+            q.cmd("blockdev-del", node_name="mid")
+        with pytest.raises(QMPError, match="job 'a0'"):
+            q.cmd("blockdev-replace", parent_type="driver", node_name="top",
+                  child="backing", new_child="base")
+        time.sleep(0.3)                     # writes while ready
+        q.cmd("block-job-complete", device="a0")
+        ev = wait_end(q, "a0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED"
+        assert "error" not in ev["data"], ev
+        exports = {e["id"]: e for e in q.cmd("query-block-exports")}
+        assert exports["live"]["node-name"] == "base"
+        time.sleep(0.3)                     # writes on the base
+        w.stop()
+        assert read_all(srv) == model
+        assert nodes(q)["top"]["users"] == []
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "base"
+    assert read_all(srv) == model
+    srv.stop()
+    compare(p["base"], "qcow2", save_model(tmp_path, model), "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["base"]) == [p["base"]]
+
+
+@pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
+def test_cancel_in_the_middle(nbdd_server, tmp_path, kind):
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        model = read_all(srv)
+        if kind == "stream":
+            cmd = ("block-stream", {"job-id": "j", "device": "top",
+                                    "speed": 4 * MiB})
+        elif kind == "commit":
+            cmd = ("block-commit", {"job-id": "j", "device": "top",
+                                    "top-node": "mid", "base-node": "base",
+                                    "speed": 4 * MiB})
+        else:
+            cmd = ("block-commit", {"job-id": "j", "device": "top",
+                                    "base-node": "base", "speed": 4 * MiB})
+        # A slow writer: a fast one would soon fill the top, leaving a
+        # stream nothing to copy.
+        w = run_with_writer(srv, q, model,
+                            lambda q: q.cmd_args(cmd[0], cmd[1]), seed=3,
+                            pace=0.02, head_start=0)
+        time.sleep(0.5)
+        j = job(q, "j")
+        assert j["status"] == "running", j
+        assert 0 < j["offset"] < SIZE
+        q.cmd("block-job-cancel", device="j")
+        ev = wait_end(q, "j")
+        assert ev["event"] == "BLOCK_JOB_CANCELLED"
+        time.sleep(0.2)
+        w.stop()
+        # Nothing moved; every layer is free again but for the chain.
+        assert backing_of(q, "top") == "mid"
+        assert backing_of(q, "mid") == "base"
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "top"
+        assert [u["kind"] for u in nodes(q)["base"]["users"]] == ["node"]
+        assert read_all(srv) == model
+    srv.stop()
+    compare(p["top"], "qcow2", save_model(tmp_path, model), "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["top"]) == [p["top"], p["mid"], p["base"]]
+    # The base holds, at most, data hidden under mid or top: what mid's
+    # chain reads changes only if top's data went into the base.
+    if kind != "active-commit":
+        compare(p["mid"], "qcow2", views["mid"], "raw")
+    if kind == "stream":
+        compare(p["base"], "qcow2", views["base"], "raw")
+
+
+def test_refusals(nbdd_server, tmp_path):
+    p, _ = make_chain(tmp_path)
+    ov = create(str(tmp_path / "ov.qcow2"), SIZE, backing=p["top"])
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "ov",
+                                    "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": ov}})
+        for cmd, args, match in [
+                ("block-stream", {"device": "base"}, "nothing to stream"),
+                ("block-stream", {"device": "top", "base-node": "ov"},
+                 "not in the backing chain"),
+                ("block-stream", {"device": "top", "base-node": "nope"},
+                 "does not exist"),
+                ("block-stream", {"device": "top", "base-node": "top"},
+                 "device itself"),
+                ("block-stream", {"device": "top", "backing-file": "x"},
+                 "needs 'base-node'"),
+                ("block-stream", {"device": "top", "on-error": "ignore"},
+                 "on-error"),
+                ("block-commit", {"device": "top", "top-node": "mid",
+                                  "base-node": "mid"}, "same node"),
+                ("block-commit", {"device": "top", "top-node": "base",
+                                  "base-node": "mid"},
+                 "not in the backing chain"),
+                ("block-commit", {"device": "base"}, "no backing node"),
+                ("block-commit", {"device": "top", "backing-file": "x"},
+                 "active layer"),
+        ]:
+            with pytest.raises(QMPError, match=match):
+                q.cmd_args(cmd, args)
+        assert q.cmd("query-block-jobs") == []
+
+        # A slow stream holds the chain.
+        q.cmd("block-stream", job_id="s0", device="top", speed=1 * MiB)
+        with pytest.raises(QMPError, match="ends by itself"):
+            q.cmd("block-job-complete", device="s0")
+        with pytest.raises(QMPError, match="job 's0' does not allow"):
+            q.cmd("block_resize", node_name="top", size=2 * SIZE)
+        # The layers to drop: nobody else writes them.
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-export-add", type="nbd", id="m", node_name="mid",
+                  name="m", writable=True)
+        assert "export 'm'" in e.value.desc and "job 's0'" in e.value.desc
+        # The chain's links and the job's edge do not move.
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-commit", job_id="c0", device="top",
+                  top_node="mid", base_node="base")
+        assert "job 's0'" in e.value.desc
+        with pytest.raises(QMPError, match="job 's0'"):
+            q.cmd("blockdev-replace", parent_type="driver", node_name="top",
+                  child="backing", new_child="base")
+        with pytest.raises(QMPError, match="job 's0'"):
+            q.cmd("blockdev-snapshot", node="top", overlay="ov")
+        with pytest.raises(QMPError, match="in use"):
+            q.cmd("blockdev-del", node_name="mid")
+        # Refused commands changed nothing.
+        assert backing_of(q, "top") == "mid"
+        assert nodes(q)["ov"]["users"] == []
+        assert backing_of(q, "ov") is None
+        q.cmd("block-job-cancel", device="s0")
+        assert wait_end(q, "s0")["event"] == "BLOCK_JOB_CANCELLED"
+
+        # A commit below the active layer: the base is the job's alone.
+        q.cmd("block-commit", job_id="c1", device="top", top_node="mid",
+              base_node="base", speed=1 * MiB)
+        with pytest.raises(QMPError) as e:
+            q.cmd("block-export-add", type="nbd", id="b", node_name="base",
+                  name="b", writable=True)
+        assert "export 'b'" in e.value.desc and "job 'c1'" in e.value.desc
+        with pytest.raises(QMPError, match="job 'c1'"):
+            q.cmd("block-stream", job_id="s1", device="top")
+        # Reading the base is fine.
+        q.cmd("block-export-add", type="nbd", id="b", node_name="base",
+              name="b")
+        q.cmd("block-export-del", id="b")
+        q.cmd("block-job-cancel", device="c1")
+        assert wait_end(q, "c1")["event"] == "BLOCK_JOB_CANCELLED"
+        assert q.cmd("query-block-jobs") == []
+        # Free again: the same stream runs now.
+        q.cmd("block-stream", job_id="s2", device="top", base_node="mid")
+        ev = wait_end(q, "s2")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED" and \
+            "error" not in ev["data"]
+        assert backing_of(q, "top") == "mid"
+    srv.stop()
+    check_images(p["base"], p["mid"], p["top"])
+
+
+def test_shutdown_while_jobs_run(nbdd_server, tmp_path):
+    """SIGTERM with a stream and a commit running: both are cancelled,
+    the daemon exits cleanly, and the chain is as it was."""
+    p, views = make_chain(tmp_path)
+    other = {n: str(tmp_path / f"o-{n}.qcow2") for n in ("base", "top")}
+    create(other["base"], SIZE)
+    create(other["top"], SIZE, backing=other["base"])
+    qemu_io(other["base"], "write -P 0x41 0 8M")
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        q.cmd("block-stream", job_id="s0", device="top", speed=1 * MiB)
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "obase",
+                                    "file": {"driver": "file",
+                                             "filename": other["base"]}})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "otop",
+                                    "backing": "obase",
+                                    "file": {"driver": "file",
+                                             "filename": other["top"]}})
+        q.cmd("block-commit", job_id="a0", device="otop", speed=1 * MiB)
+        time.sleep(0.3)
+        assert {j["device"] for j in q.cmd("query-block-jobs")} == \
+            {"s0", "a0"}
+    srv.stop()
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        # Picked up again (the catalogue keeps running jobs); cancelled
+        # here, they leave the chain as it was.
+        assert {j["device"] for j in q.cmd("query-block-jobs")} == \
+            {"s0", "a0"}
+        for j in ("s0", "a0"):
+            q.cmd("block-job-cancel", device=j)
+        for j in ("s0", "a0"):
+            q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        assert backing_of(q, "top") == "mid"
+        assert backing_of(q, "otop") == "obase"
+    with open(views["top"], "rb") as f:
+        assert read_all(srv) == f.read()
+    srv.stop()
+    check_images(p["base"], p["mid"], p["top"], other["base"], other["top"])
+    assert chain_files(p["top"]) == [p["top"], p["mid"], p["base"]]
