@@ -33,7 +33,7 @@
 #define MAX_IOV 64
 #define MAX_SEND_PER_EVENT (8u << 20)  /* fairness between clients */
 #define MAX_FREE_REQS 128
-#define KEEP_BUF_CAP (1u << 20)         /* larger buffers are not kept */
+#define KEEP_BUF_CAP (16u << 20)        /* larger buffers are not kept */
 #define MAX_FREE_BYTES (32u << 20)      /* buffers kept per connection */
 #define MAX_KEPT_BYTES (128u << 20)     /* ...and by all connections */
 #define KEEP_EXTENTS 256                /* larger extent arrays freed */
