@@ -260,24 +260,33 @@ cbw_all_done (struct node *cbw, uint64_t offset, uint64_t count)
 }
 
 int
-cbw_copy_only (struct node *cbw, const struct bitmap *set)
+cbw_copy_only (struct node *cbw, const struct bitmap *const *sets,
+               size_t nr_sets, bool rest_unreadable)
 {
   struct cbw_state *s = cbw->opaque;
-  uint64_t size = cbw->size, off = 0;
+  uint64_t size = cbw->size;
 
-  /* Done is what need not be copied: everything the set does not
-   * mark, to the cluster.
+  /* Done is what need not be copied: everything no set marks, to the
+   * cluster.  Gone as well if the snapshot is not to be read there.
    */
   bitmap_set_all (s->done);
-  while ((off = bitmap_next_dirty (set, off, size)) != UINT64_MAX) {
-    uint64_t end = bitmap_next_clean (set, off, size);
-    uint64_t a, b;
-    if (end == UINT64_MAX)
-      end = size;
-    a = ROUND_DOWN (off, s->cluster);
-    b = MIN (ROUND_UP (end, s->cluster), size);
-    bitmap_clear (s->done, a, b - a);
-    off = end;
+  if (rest_unreadable)
+    bitmap_set_all (s->gone);
+  for (size_t i = 0; i < nr_sets; ++i) {
+    uint64_t off = 0;
+
+    while ((off = bitmap_next_dirty (sets[i], off, size)) != UINT64_MAX) {
+      uint64_t end = bitmap_next_clean (sets[i], off, size);
+      uint64_t a, b;
+      if (end == UINT64_MAX)
+        end = size;
+      a = ROUND_DOWN (off, s->cluster);
+      b = MIN (ROUND_UP (end, s->cluster), size);
+      bitmap_clear (s->done, a, b - a);
+      if (rest_unreadable)
+        bitmap_clear (s->gone, a, b - a);
+      off = end;
+    }
   }
   return 0;
 }

@@ -49,13 +49,17 @@ const char *cbw_broken_reason (struct node *cbw);
 bool cbw_is (const struct node *node);
 bool snapshot_access_is (const struct node *node);
 
-/* For a backup job.  Before any I/O: only the clusters @set marks (a
- * bitmap of the node's size) are to be saved, the others never.  Then
- * any thread: save what of [offset, offset + count) is not yet (as a
- * write there would); and whether all of it is.
+/* Before any I/O: only the clusters @sets mark (bitmaps of the node's
+ * size) are to be saved, the others never; if @rest_unreadable, the
+ * snapshot reads fail there too (as if discarded), since the live
+ * node no longer holds the point in time: a fleece for an incremental
+ * backup.
+ * For a backup job, then any thread: save what of [offset, offset +
+ * count) is not yet (as a write there would); and whether all of it is.
  */
 struct bitmap;
-int cbw_copy_only (struct node *cbw, const struct bitmap *set);
+int cbw_copy_only (struct node *cbw, const struct bitmap *const *sets,
+                   size_t nr_sets, bool rest_unreadable);
 void cbw_copy (struct node *cbw, uint64_t offset, uint64_t count);
 bool cbw_all_done (struct node *cbw, uint64_t offset, uint64_t count);
 

@@ -205,7 +205,7 @@ backup_create (const char *id, struct node *source, struct node *target,
    */
   cbw_set_detaching (b->cbw, true);
   if (bm)
-    cbw_copy_only (b->cbw, bm->bm);
+    cbw_copy_only (b->cbw, (const struct bitmap *[]) { bm->bm }, 1, false);
   atomic_store (&job->len, bm ? bitmap_count (bm->bm) : node_size (source));
   snprintf (user, sizeof user, "job '%s'", id);
   if (root_attach (&job->root, b->cbw, PERM_CONSISTENT_READ, PERM_ALL,

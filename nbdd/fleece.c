@@ -66,6 +66,7 @@ struct fleece {
   char **bitmaps;               /* names on source, NULL-terminated */
   size_t nr_bitmaps;
   uint64_t limit;
+  bool incremental;             /* the snapshot only where bitmaps mark */
   time_t started;
   pthread_mutex_t consume_lock; /* clears of the frozen bits */
   atomic_bool break_pending;    /* FLEECE_BROKEN to send */
@@ -343,7 +344,7 @@ check_id (const char *what, const char *id, struct error **errp)
 }
 
 static const char *const start_keys[] = {
-  "node", "id", "bitmaps", "export", "scratch-limit", NULL
+  "node", "id", "bitmaps", "export", "scratch-limit", "incremental", NULL
 };
 
 int
@@ -424,7 +425,15 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
                     errp) == -1 ||
       (json_object_object_get_ex (args, "bitmaps", NULL) &&
        opt_get_strings (args, "fleece-start", "bitmaps", &f->bitmaps,
-                        &f->nr_bitmaps, errp) == -1)) {
+                        &f->nr_bitmaps, errp) == -1) ||
+      opt_get_bool (args, "fleece-start", "incremental", false,
+                    &f->incremental, errp) == -1) {
+    fleece_free (f);
+    return -1;
+  }
+  if (f->incremental && f->nr_bitmaps == 0) {
+    error_setg (errp, "fleece-start: 'incremental' needs 'bitmaps': the "
+                "snapshot holds only what they mark");
     fleece_free (f);
     return -1;
   }
@@ -482,8 +491,24 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
                           json_object_new_string (f->scratch->name));
   json_object_object_add (spec, "scratch-limit",
                           json_object_new_int64 ((int64_t) f->limit));
-  if (open_node (t, spec, &f->cbw, errp) == -1 ||
-      txn_replace_users (t, src, f->cbw, f->cbw, false, errp) == -1)
+  if (open_node (t, spec, &f->cbw, errp) == -1)
+    return -1;
+  /* Incremental: the clusters no frozen bitmap marks are never read by
+   * the backup, so writes there save nothing, and the snapshot's reads
+   * there fail rather than return data newer than the point in time.
+   */
+  if (f->incremental) {
+    CLEANUP_FREE const struct bitmap **sets =
+      calloc (f->nr_bitmaps, sizeof *sets);
+    if (sets == NULL) {
+      error_setg (errp, "out of memory");
+      return -1;
+    }
+    for (size_t i = 0; i < f->nr_bitmaps; ++i)
+      sets[i] = dirty_bitmap_find (src, f->bitmaps[i])->bm;
+    cbw_copy_only (f->cbw, sets, f->nr_bitmaps, true);
+  }
+  if (txn_replace_users (t, src, f->cbw, f->cbw, false, errp) == -1)
     return -1;
   /* Undone before the move: the users may go back then. */
   txn_step (t, undo_attach, NULL, NULL, f->cbw);
@@ -676,6 +701,8 @@ cmd_query_fleeces (struct qmp_txn *t, struct json_object *args,
     for (size_t i = 0; i < f->nr_bitmaps; ++i)
       json_object_array_add (b, json_object_new_string (f->bitmaps[i]));
     json_object_object_add (o, "bitmaps", b);
+    json_object_object_add (o, "incremental",
+                            json_object_new_boolean (f->incremental));
     json_object_object_add (o, "scratch-bytes", json_object_new_int64
                             ((int64_t) cbw_scratch_bytes (f->cbw)));
     json_object_object_add (o, "scratch-limit",

@@ -1264,13 +1264,14 @@ cmd_fleece_start (struct nbdctl *ctl, const struct command *self, int argc,
                   char **argv)
 {
   enum { O_ID = OPT_FIRST_COMMAND_OPTION, O_BITMAP, O_EXPORT,
-         O_SCRATCH_LIMIT };
+         O_SCRATCH_LIMIT, O_INCREMENTAL };
   static const struct option opts[] = {
     COMMON_OPTIONS,
     { "id", required_argument, NULL, O_ID },
     { "bitmap", required_argument, NULL, O_BITMAP },
     { "export", required_argument, NULL, O_EXPORT },
     { "scratch-limit", required_argument, NULL, O_SCRATCH_LIMIT },
+    { "incremental", no_argument, NULL, O_INCREMENTAL },
     { NULL, 0, NULL, 0 },
   };
   CLEANUP_JSON_PUT struct json_object *args = jobj ();
@@ -1321,12 +1322,19 @@ cmd_fleece_start (struct nbdctl *ctl, const struct command *self, int argc,
         return EXIT_USAGE;
       jadd_int (args, "scratch-limit", limit);
       break;
+    case O_INCREMENTAL:
+      jadd_bool (args, "incremental", true);
+      break;
     }
   }
   if (c == -1)
     return rc;
   if (argc - optind != 1)
     return usage_error (self, "expected one NODE");
+  if (json_object_object_get_ex (args, "incremental", NULL) &&
+      bitmaps == NULL)
+    return usage_error (self, "--incremental needs a --bitmap: the "
+                        "snapshot holds only what the bitmaps mark");
   jadd_str (args, "node", argv[optind]);
   rc = ctl_call (ctl, "fleece-start", steal_pointer (&args), &ret);
   if (rc)
@@ -1433,11 +1441,14 @@ fleece_row (struct table *t, struct json_object *f)
   char scratch[32], limit_buf[32], age[32], clients[32];
   const char *limit = jnum (f, "scratch-limit", true, limit_buf,
                             sizeof limit_buf);
+  const char *incremental = jyesno (f, "incremental");
   int64_t l;
 
   if (jint (f, "scratch-limit", &l) && l == 0)
     limit = "-";                /* none but the filesystem's */
   t_add (t, jstr (f, "id"), jstr (f, "node"), jstr (f, "export"), bitmaps,
+         incremental && strcmp (incremental, "yes") == 0 ? "incremental"
+         : "full",
          jnum (f, "scratch-bytes", true, scratch, sizeof scratch), limit,
          jage (f, "age", age, sizeof age),
          jnum (f, "clients", false, clients, sizeof clients),
@@ -1449,8 +1460,8 @@ cmd_fleece_list (struct nbdctl *ctl, const struct command *self, int argc,
                  char **argv)
 {
   static const char *const headers[] = {
-    "ID", "NODE", "EXPORT", "BITMAPS", "SCRATCH", "LIMIT", "AGE", "CLIENTS",
-    "STATE", "ERROR", NULL
+    "ID", "NODE", "EXPORT", "BITMAPS", "SNAPSHOT", "SCRATCH", "LIMIT", "AGE",
+    "CLIENTS", "STATE", "ERROR", NULL
   };
   struct json_object *ret = NULL;
   int rc;
@@ -1460,7 +1471,7 @@ cmd_fleece_list (struct nbdctl *ctl, const struct command *self, int argc,
   rc = ctl_call (ctl, "query-fleeces", NULL, &ret);
   if (rc)
     return rc;
-  rc = print_list (ctl, ret, headers, "llllrrrrll", fleece_row);
+  rc = print_list (ctl, ret, headers, "lllllrrrrll", fleece_row);
   json_object_put (ret);
   return rc;
 }
@@ -2195,14 +2206,16 @@ const struct command commands[] = {
     "bitmaps, or of NODE's, or of one, as the daemon's catalogue keeps "
     "them (query-bitmap-lineage).  TIME is UTC.", cmd_bitmap_lineage },
   { "fleece start", "NODE [--id ID] [--bitmap NAME]... [--export NAME] "
-    "[--scratch-limit SIZE]", "NODE [OPTIONS]",
+    "[--scratch-limit SIZE] [--incremental]", "NODE [OPTIONS]",
     "Export NODE as it is now, for a backup, while its users go on "
     "writing (fleece-start): a write first saves the old data to a "
     "scratch image in the daemon's state dir.  Each --bitmap of NODE is "
     "forked and its frozen bits offered as qemu:dirty-bitmap:NAME.  The "
     "id defaults to fleece0, fleece1, ..., the export's name to the id.  "
-    "Past --scratch-limit the snapshot breaks, never NODE.",
-    cmd_fleece_start },
+    "Past --scratch-limit the snapshot breaks, never NODE.  With "
+    "--incremental the snapshot holds only what the bitmaps mark, all an "
+    "incremental backup reads: writes elsewhere save nothing, and reads "
+    "elsewhere fail.", cmd_fleece_start },
   { "fleece stop", "ID --success|--failure", "ID --success|--failure",
     "End a fleece (fleece-stop): its export goes, disconnecting its "
     "clients, and so does its scratch image.  Give exactly one of "
@@ -2210,8 +2223,8 @@ const struct command commands[] = {
     "which merges back those not trimmed, so nothing is lost.",
     cmd_fleece_stop },
   { "fleece list", "", "",
-    "List the fleeces (query-fleeces).  SCRATCH is the old data saved so "
-    "far, LIMIT the scratch limit, AGE the time since the start "
+    "List the fleeces (query-fleeces).  SNAPSHOT is full, or incremental "
+    "(only what the bitmaps mark).  SCRATCH is the old data saved so far, LIMIT the scratch limit, AGE the time since the start "
     "([[DD-]hh:]mm:ss).  A broken fleece fails its reads and ERROR says "
     "why: stop it with --failure.",
     cmd_fleece_list },

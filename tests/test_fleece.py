@@ -1,6 +1,7 @@
 """Fleecing: fleece-start / fleece-stop / query-fleeces, the point-in-time
 snapshot export, TRIM as "backed up", the scratch limit, and a crash in
 the middle.  Real daemon, real clients (libnbd, nbdcopy, qemu-img)."""
+import json
 import os
 import signal
 import subprocess
@@ -168,6 +169,79 @@ def test_bitmaps_fork_and_their_outcomes(nbdd_server, tmp_path):
         assert ("fork", "f") in lineage
         assert ("unfork-success", "f") in lineage
         assert ("unfork-failure", "f") in lineage
+        h.shutdown()
+
+
+def test_incremental_fleece_saves_only_what_the_bitmaps_mark(nbdd_server,
+                                                            tmp_path):
+    """incremental: true keeps the point in time only where the frozen
+    bitmaps mark (what an incremental backup reads): writes elsewhere
+    save nothing, reads there fail, and the dirty extents read back as
+    they were at the start."""
+    size = 64 * MiB
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        qcow2_graph(q, tmp_path, size=size)
+        live(q)
+        h = srv.connect("live")
+        fill(h, size, 3)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b1",
+              granularity=4096)
+        h.pwrite(b"a" * MiB, 4 * MiB)           # b0 and b1
+        q.cmd("block-dirty-bitmap-disable", node="disk0", name="b0")
+        h.pwrite(b"b" * 4096, 40 * MiB + 8192)  # b1 only, mid-cluster
+        h.flush()
+        with pytest.raises(QMPError, match="needs 'bitmaps'"):
+            q.cmd("fleece-start", node="disk0", incremental=True)
+        q.cmd("fleece-start", node="disk0", id="f", bitmaps=["b0", "b1"],
+              incremental=True)
+        [info] = q.cmd("query-fleeces")
+        assert info["incremental"] is True
+        # Writes all over the disk: only the marked clusters are saved.
+        for off in range(0, size, MiB):
+            h.pwrite(b"z" * 4096, off)
+        h.pwrite(b"z" * MiB, 4 * MiB)
+        h.pwrite(b"y" * 8192, 40 * MiB)
+        saved = q.cmd("query-fleeces")[0]["scratch-bytes"]
+        assert saved == MiB + 65536, saved
+        s = snapshot(srv, "f", ["b0", "b1"])
+        assert dirty_runs(s, "b0", size) == [(4 * MiB, MiB)]
+        assert dirty_runs(s, "b1", size) == [(4 * MiB, MiB),
+                                              (40 * MiB + 8192, 4096)]
+        assert s.pread(MiB, 4 * MiB) == b"a" * MiB
+        assert s.pread(4096, 40 * MiB + 8192) == b"b" * 4096
+        # Within the saved cluster, the rest is as it was too.
+        assert s.pread(8192, 40 * MiB) == bytes([(3 + 40) % 251 + 1]) * 8192
+        # Outside: the live node moved on, so the snapshot says so.
+        for off in (0, 8 * MiB, 40 * MiB + 65536, size - 4096):
+            with pytest.raises(nbd.Error) as e:
+                s.pread(4096, off)
+            assert e.value.errno == "EIO", off
+        s.shutdown()
+        # An incremental client (qemu-img map, then reads of the dirty
+        # extents only) gets exactly the old data.
+        m = json.loads(run(["qemu-img", "map", "--output=json",
+                            "--image-opts", "driver=nbd,server.type=unix,"
+                            f"server.path={srv.sock},export=f,"
+                            f"x-dirty-bitmap={CTX}b1"]).stdout)
+        # With x-dirty-bitmap, qemu reports dirty extents as not data.
+        dirty = [(e["start"], e["length"]) for e in m if not e["data"]]
+        assert dirty == [(4 * MiB, MiB), (40 * MiB + 8192, 4096)]
+        copy = tmp_path / "inc.raw"
+        with open(copy, "wb") as f:
+            f.truncate(size)
+        c = snapshot(srv, "f")
+        with open(copy, "r+b") as f:
+            for at, length in dirty:
+                f.seek(at)
+                f.write(c.pread(length, at))
+        c.shutdown()
+        with open(copy, "rb") as f:
+            f.seek(4 * MiB)
+            assert f.read(MiB) == b"a" * MiB
+        q.cmd("fleece-stop", id="f", outcome="success")
+        assert q.cmd("query-fleeces") == []
         h.shutdown()
 
 

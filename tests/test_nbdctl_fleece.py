@@ -17,8 +17,8 @@ from test_nbdctl import MiB, admin, ctl, raw_spec  # noqa: F401
 
 KiB = 1 << 10
 CONTEXT = "qemu:dirty-bitmap:"
-HEADERS = ["ID", "NODE", "EXPORT", "BITMAPS", "SCRATCH", "LIMIT", "AGE",
-           "CLIENTS", "STATE", "ERROR"]
+HEADERS = ["ID", "NODE", "EXPORT", "BITMAPS", "SNAPSHOT", "SCRATCH", "LIMIT",
+           "AGE", "CLIENTS", "STATE", "ERROR"]
 
 
 def fleeces(text):
@@ -93,7 +93,8 @@ def test_fleece_start_list_stop(admin, tmp_path):
     assert re.fullmatch(r"\d\d:\d\d", r.pop("AGE")), r
     # Two clusters of old data saved, 64K each; one client (s).
     assert r == {"ID": "f1", "NODE": "d0", "EXPORT": "snap1",
-                 "BITMAPS": "b0", "SCRATCH": "128K", "LIMIT": "2M",
+                 "BITMAPS": "b0", "SNAPSHOT": "full", "SCRATCH": "128K",
+                 "LIMIT": "2M",
                  "CLIENTS": "1", "STATE": "running", "ERROR": "-"}
     assert table_bitmap(admin)["FROZEN"] == "yes"
 
@@ -109,8 +110,8 @@ def test_fleece_start_list_stop(admin, tmp_path):
     with pytest.raises(nbd.Error):
         s.pread(4096, 0)
     assert ctl(admin.admin, "fleece", "list").stdout.splitlines() == [
-        "ID  NODE  EXPORT  BITMAPS  SCRATCH  LIMIT  AGE  CLIENTS  STATE  "
-        "ERROR"]
+        "ID  NODE  EXPORT  BITMAPS  SNAPSHOT  SCRATCH  LIMIT  AGE  CLIENTS  "
+        "STATE  ERROR"]
     assert os.listdir(scratch_dir(admin)) == []
     exports = json.loads(ctl(admin.admin, "--json", "export", "list").stdout)
     assert [e["id"] for e in exports] == ["live"]
@@ -123,6 +124,31 @@ def test_fleece_start_list_stop(admin, tmp_path):
     # The live export goes on.
     h.pwrite(b"z" * 4096, 0)
     assert h.pread(4096, 0) == b"z" * 4096
+    h.shutdown()
+
+
+def test_fleece_incremental(admin, tmp_path):
+    """--incremental: the snapshot holds the bitmap's dirty clusters
+    only; writes elsewhere save nothing, reads there fail."""
+    h = live_disk(admin, tmp_path)
+    ctl(admin.admin, "bitmap", "add", "d0", "b0")
+    h.pwrite(b"a" * 4096, MiB)
+    ctl(admin.admin, "fleece", "start", "d0", "--id", "f1", "--bitmap",
+        "b0", "--incremental")
+    h.pwrite(b"n" * 4096, 0)                    # not dirty: no copy
+    h.pwrite(b"m" * 4096, MiB)                  # dirty: 64K saved
+    [r] = fleeces(ctl(admin.admin, "fleece", "list").stdout)
+    assert (r["SNAPSHOT"], r["SCRATCH"]) == ("incremental", "64K")
+    assert json.loads(ctl(admin.admin, "--json", "fleece", "list").stdout)[
+        0]["incremental"] is True
+    s = admin.connect("f1")
+    assert s.pread(4096, MiB) == b"a" * 4096
+    with pytest.raises(nbd.Error) as e:
+        s.pread(4096, 0)
+    assert e.value.errno == "EIO"
+    assert dirty_runs(admin, "f1", "b0") == [(MiB, 64 * KiB)]
+    s.shutdown()
+    ctl(admin.admin, "fleece", "stop", "f1", "--success")
     h.shutdown()
 
 
@@ -315,6 +341,8 @@ def test_fleece_needs_a_state_dir(nbdd_server, tmp_path):
     ["fleece", "start", "d0", "--scratch-limit"],
     ["fleece", "start", "d0", "--success"],
     ["fleece", "start", "d0", "--no-such-option"],
+    ["fleece", "start", "d0", "--incremental"],
+    ["fleece", "start", "d0", "--incremental=yes", "--bitmap", "b"],
     ["fleece", "stop"],
     ["fleece", "stop", "f"],
     ["fleece", "stop", "--success"],
@@ -363,7 +391,7 @@ def test_fleece_usage_errors_send_nothing(admin, tmp_path):
 
 def test_fleece_usage_messages():
     start = ("Usage: nbdctl fleece start NODE [--id ID] [--bitmap NAME]... "
-             "[--export NAME] [--scratch-limit SIZE]\n")
+             "[--export NAME] [--scratch-limit SIZE] [--incremental]\n")
     p = ctl(None, "fleece", "start", expect=2)
     assert p.stderr == "nbdctl fleece start: expected one NODE\n" + start
     p = ctl(None, "fleece", "start", "d0", "--id", "bad id", expect=2)
@@ -378,6 +406,10 @@ def test_fleece_usage_messages():
             expect=2)
     assert p.stderr == ("nbdctl fleece start: --bitmap: 'a' is given "
                         "twice\n" + start)
+    p = ctl(None, "fleece", "start", "d0", "--incremental", expect=2)
+    assert p.stderr == ("nbdctl fleece start: --incremental needs a "
+                        "--bitmap: the snapshot holds only what the bitmaps "
+                        "mark\n" + start)
     stop = "Usage: nbdctl fleece stop ID --success|--failure\n"
     p = ctl(None, "fleece", "stop", "f", expect=2)
     assert p.stderr == ("nbdctl fleece stop: expected --success or "
@@ -413,7 +445,8 @@ def test_fleece_help():
     p = ctl(None, "fleece", "start", "--help")
     assert p.stdout.startswith(
         "Usage: nbdctl fleece start NODE [--id ID] [--bitmap NAME]... "
-        "[--export NAME]\n                           [--scratch-limit SIZE]\n")
+        "[--export NAME]\n                           [--scratch-limit SIZE] "
+        "[--incremental]\n")
     assert "qemu:dirty-bitmap:NAME" in p.stdout
     p = ctl(None, "fleece", "stop", "--help")
     assert p.stdout.startswith("Usage: nbdctl fleece stop ID "
