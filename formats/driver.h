@@ -302,6 +302,14 @@ struct node_driver {
   int (*change_backing_file) (struct node *node, const char *file,
                               const char *fmt, char **old_file,
                               char **old_fmt, struct error **errp);
+  /* Optional, main thread, the node drained: a read-only node becomes
+   * read-write, children first (node_reopen_rw), for a job that writes
+   * into an image opened read-only, such as the base of a block-commit
+   * opened as a backing file (QEMU reopens it the same way).  It stays
+   * read-write while open.  0, or -1 with errp set and the node still
+   * read-only.
+   */
+  int (*reopen_rw) (struct node *node, struct error **errp);
 
   /* Optional, control path: the persistent bitmaps of the image.
    * List them (the caller frees with node_bitmap_infos_free), read one's
@@ -381,6 +389,10 @@ int node_flush (struct node *node);
 int node_cache (struct node *node, uint64_t count, uint64_t offset);
 /* See the driver's writeback: 0, -ENOTSUP, or -errno. */
 int node_writeback (struct node *node, uint64_t count, uint64_t offset);
+/* See the driver's reopen_rw: 0 (also when the node is read-write
+ * already), or -1 with errp set.  Main thread, the node drained.
+ */
+int node_reopen_rw (struct node *node, struct error **errp);
 /* Fills @el from el->offset; at least one extent on success. */
 int node_block_status (struct node *node, uint64_t count,
                        struct extent_list *el);

@@ -101,3 +101,12 @@ file_lock (int fd, const char *filename, unsigned perm, unsigned shared,
                     "locks (locking=off skips them)", filename);
   return -1;
 }
+
+void
+file_unlock (int fd)
+{
+  for (int i = 0; i < NR_PERMS; ++i) {
+    lock_byte (fd, LOCK_PERM_BASE + i, F_UNLCK);
+    lock_byte (fd, LOCK_SHARED_BASE + i, F_UNLCK);
+  }
+}

@@ -20,4 +20,9 @@
 int file_lock (int fd, const char *filename, unsigned perm, unsigned shared,
                struct error **errp);
 
+/* Drop every one of those locks @fd holds (before another descriptor
+ * of the same file takes others).
+ */
+void file_unlock (int fd);
+
 #endif /* NBDD_FILE_LOCK_H */

@@ -36,6 +36,7 @@ struct file_state {
   int fd;
   bool is_block;
   bool direct;
+  bool locking;                 /* QEMU's image locks taken */
   uint32_t alignment;           /* O_DIRECT alignment, else 1 */
   /* Overwriting written data needs no metadata (a block device, ext4,
    * XFS): file_writeback may stand in for a sync of a range.
@@ -68,6 +69,21 @@ static const char *const file_keys[] = {
   "read-only", "auto-read-only", "discard", "detect-zeroes", "aio",
   "locking", NULL
 };
+
+/* As QEMU does: a writer keeps others from writing or resizing; a
+ * reader keeps them from writing under it.  Both still let others
+ * read, so 'qemu-img info' works on an image nbdd only reads.
+ */
+static int
+lock_image (int fd, const char *filename, bool ro, struct error **errp)
+{
+  return file_lock (fd, filename,
+                    ro ? FILE_PERM_CONSISTENT_READ
+                    : FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE |
+                      FILE_PERM_RESIZE,
+                    FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE_UNCHANGED,
+                    errp);
+}
 
 static int
 file_open (struct node *node, struct json_object *opts, struct error **errp)
@@ -137,17 +153,8 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
     return -1;
   }
 
-  /* As QEMU does: a writer keeps others from writing or resizing; a
-   * reader keeps them from writing under it.  Both still let others
-   * read, so 'qemu-img info' works on an image nbdd only reads.
-   */
-  if (!(locking && strcmp (locking, "off") == 0) &&
-      file_lock (s->fd, filename,
-                 ro ? FILE_PERM_CONSISTENT_READ
-                 : FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE |
-                   FILE_PERM_RESIZE,
-                 FILE_PERM_CONSISTENT_READ | FILE_PERM_WRITE_UNCHANGED,
-                 errp) == -1)
+  s->locking = !(locking && strcmp (locking, "off") == 0);
+  if (s->locking && lock_image (s->fd, filename, ro, errp) == -1)
     return -1;
 
   s->direct = direct;
@@ -193,6 +200,51 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
       node->is_rotational = rot != 0;
   }
 #endif
+  return 0;
+}
+
+/* A second descriptor, read-write, takes the first one's place under
+ * the same number (so no request can see a closed one).  The locks go
+ * with the descriptions: the old one's are dropped first, since ours
+ * would conflict with the new one's, and put back if that fails.
+ */
+static int
+file_reopen_rw (struct node *node, struct error **errp)
+{
+  struct file_state *s = node->opaque;
+  struct json_object *v;
+  const char *filename;
+  int fd;
+
+  if (node->spec == NULL ||
+      !json_object_object_get_ex (node->spec, "filename", &v) ||
+      (filename = json_object_get_string (v)) == NULL) {
+    error_setg (errp, "file: node '%s' has no file name to reopen",
+                node->name);
+    return -1;
+  }
+  fd = open (filename, O_RDWR | O_CLOEXEC | (s->direct ? O_DIRECT : 0));
+  if (fd == -1) {
+    error_setg_errno (errp, errno, "file: cannot reopen '%s' read-write",
+                      filename);
+    return -1;
+  }
+  if (s->locking) {
+    file_unlock (s->fd);
+    if (lock_image (fd, filename, false, errp) == -1) {
+      close (fd);
+      lock_image (s->fd, filename, true, NULL);
+      return -1;
+    }
+  }
+  if (dup3 (fd, s->fd, O_CLOEXEC) == -1) {
+    error_setg_errno (errp, errno, "file: reopening '%s'", filename);
+    close (fd);
+    if (s->locking)
+      lock_image (s->fd, filename, true, NULL);
+    return -1;
+  }
+  close (fd);
   return 0;
 }
 
@@ -602,4 +654,5 @@ const struct node_driver file_driver = {
   .writeback      = file_writeback,
   .block_status   = file_block_status,
   .truncate       = file_truncate,
+  .reopen_rw      = file_reopen_rw,
 };

@@ -758,6 +758,18 @@ qcow2_bitmaps_open (struct qcow2_state *s, bool ro, struct error **errp)
   return 0;
 }
 
+int
+qcow2_bitmaps_check_writable (struct qcow2_state *s, struct error **errp)
+{
+  if (s->bitmaps && s->bitmaps->state == BM_BROKEN) {
+    error_setg (errp, "qcow2: %s: the persistent bitmaps are invalid (%s); "
+                "the image can only be opened read-only", s->filename,
+                s->bitmaps->error ? s->bitmaps->error : "unknown");
+    return -1;
+  }
+  return 0;
+}
+
 uint64_t
 qcow2_bitmaps_autoclear (struct qcow2_state *s)
 {

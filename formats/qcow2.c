@@ -482,6 +482,29 @@ qcow2_open (struct node *node, struct json_object *opts,
   return 0;
 }
 
+/* What a read-write open does that a read-only one did not: the file
+ * first, then the image's writable state (qcow2_write_open: a repair
+ * of a dirty image, the allocator, the bitmaps marked in use).
+ */
+static int
+qcow2_reopen_rw (struct node *node, struct error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+
+  if (check_features (s, false, errp) == -1 ||
+      qcow2_bitmaps_check_writable (s, errp) == -1 ||
+      node_reopen_rw (s->file->node, errp) == -1)
+    return -1;
+  if (qcow2_write_open (s, errp) == -1) {
+    /* The file stays read-write: nothing else was written. */
+    return -1;
+  }
+  node->can_trim = true;
+  node->can_zero = true;
+  node->can_fast_zero = true;
+  return 0;
+}
+
 /* blockdev-snapshot: the overlay (opened with "backing": null) gets
  * the old top as its backing node.  The header is left alone, as QEMU
  * does: the overlay was created naming its backing file.
@@ -880,6 +903,7 @@ const struct node_driver qcow2_driver = {
   .read_splice      = qcow2_read_splice,
   .pwrite           = qcow2_pwrite,
   .zero             = qcow2_zero,
+  .reopen_rw        = qcow2_reopen_rw,
   .discard          = qcow2_discard,
   .flush            = qcow2_flush,
   .block_status     = qcow2_block_status,

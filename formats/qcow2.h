@@ -506,6 +506,11 @@ int qcow2_bitmaps_open (struct qcow2_state *s, bool ro, struct error **errp);
  * the extension is valid).
  */
 uint64_t qcow2_bitmaps_autoclear (struct qcow2_state *s);
+/* Can an image opened read-only with these bitmaps become read-write?
+ * Not with a broken extension, as at open.  0, or -1 with errp set.
+ */
+int qcow2_bitmaps_check_writable (struct qcow2_state *s,
+                                  struct error **errp);
 /* At a read-write open, once the metadata map exists: map the bitmap
  * clusters, drop a stale extension, set IN_USE on every bitmap.
  */

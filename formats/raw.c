@@ -90,6 +90,14 @@ raw_truncate (struct node *node, uint64_t size)
   return r;
 }
 
+static int
+raw_reopen_rw (struct node *node, struct error **errp)
+{
+  struct raw_state *s = node->opaque;
+
+  return node_reopen_rw (s->file->node, errp);
+}
+
 static void
 raw_refresh_limits (struct node *node, struct node_limits *limits)
 {
@@ -209,4 +217,5 @@ const struct node_driver raw_driver = {
   .cache          = raw_cache,
   .block_status   = raw_block_status,
   .truncate       = raw_truncate,
+  .reopen_rw      = raw_reopen_rw,
 };

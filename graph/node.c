@@ -505,3 +505,19 @@ node_close_all (void)
   registry = NULL;
   cap_registry = 0;
 }
+
+int
+node_reopen_rw (struct node *node, struct error **errp)
+{
+  if (!node->read_only)
+    return 0;
+  if (node->drv->reopen_rw == NULL) {
+    error_setg (errp, "node '%s' (driver %s) is read-only and cannot be "
+                "reopened read-write", node->name, node->drv->name);
+    return -1;
+  }
+  if (node->drv->reopen_rw (node, errp) == -1)
+    return -1;
+  node->read_only = false;
+  return 0;
+}

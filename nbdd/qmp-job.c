@@ -437,6 +437,63 @@ static const char *const stream_keys[] = {
   "auto-finalize", "auto-dismiss", "filter-node-name", NULL
 };
 
+/* Drop "read-only": true from a spec and the children specs inline in
+ * it.
+ */
+static void
+spec_clear_read_only (struct json_object *spec)
+{
+  struct json_object *v;
+
+  if (!json_object_is_type (spec, json_type_object))
+    return;
+  if (json_object_object_get_ex (spec, "read-only", &v) &&
+      json_object_get_boolean (v))
+    json_object_object_add (spec, "read-only",
+                            json_object_new_boolean (false));
+  json_object_object_foreach (spec, key, child) {
+    (void) key;
+    spec_clear_read_only (child);
+  }
+}
+
+/* @node and the nodes under it but for backing files, reopened: the
+ * recorded ones are read-write in the catalogue too, so that a restart
+ * opens them as they are now (an export may write through them).
+ */
+static int
+record_read_write (struct node *node, struct error **errp)
+{
+  if (node_lookup (node->name) == node && node->recorded && catalog) {
+    spec_clear_read_only (node->spec);
+    if (catalog_node_put (catalog, node->name, json_text (node->spec),
+                          errp) == -1)
+      return -1;
+  }
+  for (size_t i = 0; i < node->nr_children; ++i)
+    if (!(node->children[i]->role & CHILD_COW) &&
+        record_read_write (node->children[i]->node, errp) == -1)
+      return -1;
+  return 0;
+}
+
+/* A layer the job writes into (the base of a commit, the image whose
+ * header changes) that was opened read-only, as backing files are, is
+ * reopened read-write first, as QEMU does, and stays so while open.
+ */
+static int
+reopen_rw (struct qmp_txn *t, struct node *node, struct error **errp)
+{
+  if (!node->read_only)
+    return 0;
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1 ||
+      node_reopen_rw (node, errp) == -1)
+    return -1;
+  nbdd_info ("node '%s' reopened read-write for a block job", node->name);
+  return graph_perm_update (&node, 1, errp) == -1 ? -1
+    : record_read_write (node, errp);
+}
+
 /* QEMU's block-stream: @device, the top of a chain, takes in what the
  * layers above base-node (all of them, without) hold, and then has
  * base-node (none) as its backing node.
@@ -472,6 +529,8 @@ cmd_block_stream (struct qmp_txn *t, struct json_object *args,
                 top->name);
     return -1;
   }
+  if (reopen_rw (t, top, errp) == -1)
+    return -1;
   job = stream_create (id ? id : top->name, top, base, backing_file, speed,
                        auto_dismiss, errp);
   return job ? start_job (job, "block-stream", args, errp) : -1;
@@ -549,6 +608,20 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
                   "header to change", top->name);
       return -1;
     }
+    /* Its users move onto the base at the end, and the catalogue must
+     * be able to name it then: a node of its own, not one opened from
+     * the name in a header (which goes with the layer above).
+     */
+    if (node_lookup (base->name) != base) {
+      error_setg (errp, "block-commit: base node '%s' was opened from the "
+                  "backing file name in an image header: add it with "
+                  "blockdev-add and name it as the backing node of the "
+                  "layer above, so that the active layer's users can move "
+                  "onto it", base->name);
+      return -1;
+    }
+    if (reopen_rw (t, base, errp) == -1)
+      return -1;
     job = commit_active_create (id ? id : device->name, top, base, speed,
                                 auto_dismiss, errp);
   }
@@ -557,6 +630,8 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
     for (overlay = device; chain_next_edge (overlay)->node != top;
          overlay = chain_next_edge (overlay)->node)
       ;
+    if (reopen_rw (t, base, errp) == -1 || reopen_rw (t, overlay, errp) == -1)
+      return -1;
     job = commit_create (id ? id : device->name, overlay, top, base,
                          backing_file, speed, auto_dismiss, errp);
   }

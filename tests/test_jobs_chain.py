@@ -16,6 +16,7 @@ import nbd
 import pytest
 
 from admintools import MiB, restart, start
+from conftest import Server
 from helpers import run
 from qemutools import create, qemu_img, qemu_io
 from qmp import QMP, QMPError
@@ -332,6 +333,145 @@ def test_active_commit_under_writes(nbdd_server, tmp_path):
     compare(p["base"], "qcow2", save_model(tmp_path, model), "raw")
     check_images(p["base"], p["mid"], p["top"])
     assert chain_files(p["base"]) == [p["base"]]
+
+
+def add_top_only(q, p):
+    """Only the top, its chain opened from the headers: the layers
+    below are read-only nodes, as QEMU opens backing files."""
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                "file": {"driver": "file",
+                                         "filename": p["top"]}})
+    q.cmd("block-export-add", type="nbd", id="live", node_name="top",
+          name="live", writable=True)
+    mid = backing_of(q, "top")
+    base = backing_of(q, mid)
+    assert nodes(q)[mid]["ro"] and nodes(q)[base]["ro"]
+    return mid, base
+
+
+def test_commit_into_layers_opened_read_only(nbdd_server, tmp_path):
+    """block-commit reopens the read-only layers it writes into (the
+    base, and the overlay whose header changes), as QEMU does; while
+    another program holds the base open for reading, the reopen fails
+    naming the lock, and the chain goes on as it was."""
+    p, views = make_chain(tmp_path)
+    odir = tmp_path / "other"
+    odir.mkdir()
+    other = Server(odir, ["--state-dir", str(odir / "state")], tcp=False)
+    with QMP(str(odir / "state" / "admin.sock")) as o:
+        o.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "b",
+                                    "read-only": True,
+                                    "file": {"driver": "file",
+                                             "filename": p["base"],
+                                             "read-only": True}})
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        mid, base = add_top_only(q, p)
+        model = read_all(srv)
+        with pytest.raises(QMPError, match='"write" lock'):
+            q.cmd("block-commit", job_id="c0", device="top", top_node=mid,
+                  base_node=base)
+        assert nodes(q)[base]["ro"]
+        assert read_all(srv) == model
+        other.stop()
+        w = run_with_writer(
+            srv, q, model,
+            lambda q: q.cmd("block-commit", job_id="c0", device="top",
+                            top_node=mid, base_node=base))
+        ev = wait_end(q, "c0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED", ev
+        assert "error" not in ev["data"], ev
+        time.sleep(0.2)
+        w.stop()
+        assert backing_of(q, "top") == base
+        assert not nodes(q)[base]["ro"]
+        assert read_all(srv) == model
+    srv = restart(srv, nbdd_server, tmp_path)
+    assert read_all(srv) == model
+    with QMP(srv.admin) as q:
+        base = backing_of(q, "top")
+        assert nodes(q)[base]["ro"]         # opened as a backing file
+        # The active layer's users could not move onto a layer the
+        # catalogue cannot name: refused, saying what to do.
+        with pytest.raises(QMPError, match="add it with blockdev-add"):
+            q.cmd("block-commit", job_id="a0", device="top")
+        assert nodes(q)[base]["ro"]
+        # Named, read-only as libvirt adds backing layers: it works.
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "b2",
+                                    "read-only": True, "backing": None,
+                                    "file": {"driver": "file",
+                                             "filename": p["base"],
+                                             "read-only": True}})
+        q.cmd("blockdev-replace", parent_type="driver", node_name="top",
+              child="backing", new_child="b2")
+        assert base not in nodes(q)         # closed with its last user
+        w = run_with_writer(
+            srv, q, model,
+            lambda q: q.cmd("block-commit", job_id="a0", device="top"))
+        q.wait_event("BLOCK_JOB_READY", timeout=120)
+        assert not nodes(q)["b2"]["ro"]
+        time.sleep(0.2)
+        q.cmd("block-job-complete", device="a0")
+        ev = wait_end(q, "a0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED", ev
+        assert "error" not in ev["data"], ev
+        time.sleep(0.2)
+        w.stop()
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "b2"
+        assert read_all(srv) == model
+    # The catalogue has the export on b2, read-write now.
+    srv = restart(srv, nbdd_server, tmp_path)
+    assert read_all(srv) == model
+    with QMP(srv.admin) as q:
+        assert not nodes(q)["b2"]["ro"]
+        h = srv.connect("live")
+        h.pwrite(b"x" * 4096, 0)
+        model[0:4096] = b"x" * 4096
+        h.shutdown()
+    srv.stop()
+    compare(p["base"], "qcow2", save_model(tmp_path, model), "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["base"]) == [p["base"]]
+
+
+def test_stream_into_a_layer_added_read_only(nbdd_server, tmp_path):
+    """block-stream into a backing layer added read-only (as libvirt
+    adds them) reopens it read-write, in the catalogue too; the top
+    reads the same."""
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        for name, backing in (("base", None), ("mid", "base")):
+            q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                        "read-only": True, "backing": backing,
+                                        "file": {"driver": "file",
+                                                 "filename": p[name],
+                                                 "read-only": True}})
+        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                    "backing": "mid",
+                                    "file": {"driver": "file",
+                                             "filename": p["top"]}})
+        q.cmd("block-export-add", type="nbd", id="live", node_name="top",
+              name="live", writable=True)
+        model = read_all(srv)
+        q.cmd("block-stream", job_id="s0", device="mid")
+        ev = wait_end(q, "s0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED", ev
+        assert "error" not in ev["data"], ev
+        assert not nodes(q)["mid"]["ro"] and nodes(q)["base"]["ro"]
+        assert backing_of(q, "mid") is None
+        assert read_all(srv) == model
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert not nodes(q)["mid"]["ro"]
+        assert backing_of(q, "mid") is None
+    assert read_all(srv) == model
+    srv.stop()
+    assert chain_files(p["top"]) == [p["top"], p["mid"]]
+    compare(p["mid"], "qcow2", views["mid"], "raw")
+    compare(p["top"], "qcow2", views["top"], "raw")
+    check_images(p["base"], p["mid"], p["top"])
 
 
 @pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
