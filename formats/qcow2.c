@@ -496,7 +496,12 @@ qcow2_reopen_rw (struct node *node, struct error **errp)
       node_reopen_rw (s->file->node, errp) == -1)
     return -1;
   if (qcow2_write_open (s, errp) == -1) {
-    /* The file stays read-write: nothing else was written. */
+    /* What it set up goes, so that a later attempt starts afresh; the
+     * file stays read-write, harmlessly.
+     */
+    qcow2_meta_free (s);
+    free (s->zero_cluster);
+    s->zero_cluster = NULL;
     return -1;
   }
   node->can_trim = true;
