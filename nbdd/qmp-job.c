@@ -169,18 +169,36 @@ start_job (struct job *job, const char *execute, struct json_object *args,
 
 static const char *const mirror_keys[] = {
   "job-id", "device", "target", "sync", "speed", "granularity", "buf-size",
-  "auto-dismiss", "auto-finalize", "replaces", NULL
+  "auto-dismiss", "auto-finalize", "replaces", "copy-mode", NULL
 };
+
+/* QEMU's MirrorCopyMode.  0, or -1 with errp. */
+static int
+parse_copy_mode (const char *what, const char *s,
+                 enum mirror_copy_mode *mode, struct error **errp)
+{
+  if (strcmp (s, "background") == 0)
+    *mode = MIRROR_COPY_BACKGROUND;
+  else if (strcmp (s, "write-blocking") == 0)
+    *mode = MIRROR_COPY_WRITE_BLOCKING;
+  else {
+    error_setg (errp, "%s: copy-mode must be 'background' or "
+                "'write-blocking', not '%.80s'", what, s);
+    return -1;
+  }
+  return 0;
+}
 
 int
 cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                      struct json_object **ret, struct error **errp)
 {
-  const char *id, *sync_s;
+  const char *id, *sync_s, *mode_s = "background";
   struct node *source, *target;
   uint64_t speed = 0, granularity = DEFAULT_GRANULARITY, buf_size = 0;
   bool auto_dismiss = true, auto_finalize = true;
   enum mirror_sync sync;
+  enum mirror_copy_mode mode;
   struct job *job;
 
   if (opt_check_keys (args, "blockdev-mirror", mirror_keys, errp) == -1 ||
@@ -199,7 +217,10 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
       opt_get_bool (args, "blockdev-mirror", "auto-dismiss", false,
                     &auto_dismiss, errp) == -1 ||
       opt_get_bool (args, "blockdev-mirror", "auto-finalize", false,
-                    &auto_finalize, errp) == -1)
+                    &auto_finalize, errp) == -1 ||
+      opt_get_string (args, "blockdev-mirror", "copy-mode", false, &mode_s,
+                      errp) == -1 ||
+      parse_copy_mode ("blockdev-mirror", mode_s, &mode, errp) == -1)
     return -1;
   if (not_fleeced (source, errp) == -1 || not_fleeced (target, errp) == -1)
     return -1;
@@ -230,7 +251,7 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                 "from 512 bytes to 64 MiB");
     return -1;
   }
-  job = mirror_create (id, source, target, sync, speed,
+  job = mirror_create (id, source, target, sync, mode, speed,
                        (uint32_t) granularity, buf_size, auto_dismiss, errp);
   return job ? start_job (job, "blockdev-mirror", args, errp) : -1;
 }
