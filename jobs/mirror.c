@@ -256,6 +256,42 @@ active_after (void *opaque, struct node_write *w, int ret)
                strerror (-r));
 }
 
+/* Write-blocking, with the source drained: the write hook marks the
+ * bitmap from now on, not the request path.
+ */
+static int
+hook_on (struct job *job, struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+
+  m->hook.before = active_before;
+  m->hook.after = active_after;
+  m->hook.opaque = job;
+  if (node_write_hook_set (m->source, &m->hook) < 0) {
+    error_setg (errp, "mirror: node '%s' has a write-blocking mirror "
+                "already", m->source->name);
+    return -1;
+  }
+  __atomic_store_n (&m->bm->enabled, false, __ATOMIC_RELAXED);
+  m->active = true;
+  return 0;
+}
+
+/* With the source drained: back to background mode, the bitmap marked
+ * by the request path again.
+ */
+static void
+hook_off (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+
+  if (!m->active)
+    return;
+  node_write_hook_clear (m->source, &m->hook);
+  __atomic_store_n (&m->bm->enabled, true, __ATOMIC_RELAXED);
+  m->active = false;
+}
+
 /* ---- the copiers ---- */
 
 /* A dirty run [start, *endp), whole granules, must not overlap the
@@ -414,10 +450,7 @@ let_go (struct job *job)
 {
   struct mirror *m = mirror_of (job);
 
-  if (m->active) {
-    node_write_hook_clear (m->source, &m->hook);
-    m->active = false;
-  }
+  hook_off (job);
   if (m->bm) {
     dirty_bitmap_unlink (m->bm);
     dirty_bitmap_free (m->bm);
@@ -568,27 +601,6 @@ attach_edges (struct job *job, const char *user, struct error **errp)
   return 0;
 }
 
-/* Write-blocking, with the source drained: the write hook marks the
- * bitmap from now on, not the request path.
- */
-static int
-hook_on (struct job *job, struct error **errp)
-{
-  struct mirror *m = mirror_of (job);
-
-  m->hook.before = active_before;
-  m->hook.after = active_after;
-  m->hook.opaque = job;
-  if (node_write_hook_set (m->source, &m->hook) < 0) {
-    error_setg (errp, "mirror: node '%s' has a write-blocking mirror "
-                "already", m->source->name);
-    return -1;
-  }
-  __atomic_store_n (&m->bm->enabled, false, __ATOMIC_RELAXED);
-  m->active = true;
-  return 0;
-}
-
 /* The copy list: everything, or what the first @layers layers of the
  * source's chain hold (0: nothing), then every write (@active: through
  * the write hook).
@@ -636,6 +648,49 @@ start_bitmap (struct job *job, bool all, unsigned layers,
   }
   atomic_store (&job->len, bitmap_count (m->bm->bm));
   return 0;
+}
+
+enum mirror_copy_mode
+mirror_copy_mode (struct job *job)
+{
+  return mirror_of (job)->active ? MIRROR_COPY_WRITE_BLOCKING
+    : MIRROR_COPY_BACKGROUND;
+}
+
+int
+mirror_change_copy_mode (struct job *job, enum mirror_copy_mode mode,
+                         struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+  struct graph_drain *d;
+  int r;
+
+  if (job->drv != &mirror_driver) {
+    error_setg (errp, "job '%s' is a %s job: only a mirror has a copy "
+                "mode", job->id, job->drv->type);
+    return -1;
+  }
+  /* Ended: let_go has taken the bitmap off the source. */
+  if (job->status == JOB_CONCLUDED || job->status == JOB_ABORTING ||
+      m->bm == NULL) {
+    error_setg (errp, "job '%s' has ended: its copy mode cannot change",
+                job->id);
+    return -1;
+  }
+  if (m->active == (mode == MIRROR_COPY_WRITE_BLOCKING))
+    return 0;
+  /* Drained: no write is between its marks of the bitmap, or holds a
+   * range, when the hook takes the bitmap over or gives it back.
+   */
+  if ((d = graph_drain_begin (&m->source, 1, errp)) == NULL)
+    return -1;
+  r = 0;
+  if (mode == MIRROR_COPY_WRITE_BLOCKING)
+    r = hook_on (job, errp);
+  else
+    hook_off (job);
+  graph_drain_end (d);
+  return r;
 }
 
 /* A job of @drv copying @source to @target, with no edges yet. */

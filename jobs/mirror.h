@@ -30,6 +30,14 @@ struct job *mirror_create (const char *id, struct node *source,
                            uint32_t granularity, uint64_t buf_size,
                            bool auto_dismiss, struct error **errp);
 
+/* block-job-change of a mirror (main thread): @job copies in @mode from
+ * now on (the mode it has already: no change).  0, or -1 with errp.
+ */
+int mirror_change_copy_mode (struct job *job, enum mirror_copy_mode mode,
+                             struct error **errp);
+/* A mirror's copy mode now (main thread; a job of type "mirror"). */
+enum mirror_copy_mode mirror_copy_mode (struct job *job);
+
 /* block-commit of the active layer @top into @base, a node below it
  * in its chain (same size): a mirror of type "commit" whose copy list
  * starts as what the layers above @base hold.  Ready once caught up;

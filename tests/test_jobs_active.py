@@ -223,6 +223,7 @@ def test_a_write_reaches_the_target_before_it_is_answered(
               sync="full", copy_mode=mode, auto_dismiss=False)
         q.wait_event("BLOCK_JOB_READY", timeout=60)
         q.cmd("block-job-pause", device="m")
+        time.sleep(0.1)     # a copier past its pause point finds it
         h = srv.connect("live")
         before = job(q, "m")["offset"]
         h.pwrite(b"A" * 8192, 5 * MiB + 4096)          # inside a granule
@@ -338,3 +339,89 @@ def test_bad_copy_mode(nbdd_server, tmp_path):
             q.cmd_args("block-commit", {"device": "disk0",
                                         "copy-mode": "write-blocking"})
         assert q.cmd("query-block-jobs") == []
+
+
+def paused_write_reaches(q, h, tgt, off):
+    """Pause the ready job m, write at @off: whether the target has it
+    at once.  The job resumes."""
+    q.cmd("block-job-pause", device="m")
+    time.sleep(0.1)     # a copier past its pause point finds it
+    data = random.Random(off).randbytes(4096)
+    h.pwrite(data, off)
+    with open(tgt, "rb") as f:
+        f.seek(off)
+        got = f.read(4096) == data
+    q.cmd("block-job-resume", device="m")
+    return got
+
+
+def test_block_job_change(tmp_path):
+    """block-job-change switches a running mirror's copy-mode either
+    way, and a restart picks the job up in the mode it last had."""
+    state = tmp_path / "state"
+
+    def daemon():
+        s = Server(tmp_path, ["--state-dir", str(state)])
+        s.admin = str(state / "admin.sock")
+        return s
+
+    srv = daemon()
+    try:
+        with QMP(srv.admin) as q:
+            live_disk(q, tmp_path)
+            tgt = make_image(tmp_path / "tgt.img", SIZE)
+            q.cmd_args("blockdev-add", {"driver": "raw", "node-name": "tgt",
+                                        "file": {"driver": "file",
+                                                 "filename": tgt}})
+            q.cmd("blockdev-mirror", job_id="m", device="disk0",
+                  target="tgt", sync="full")
+            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            h = srv.connect("live")
+            assert not paused_write_reaches(q, h, tgt, 0)
+            for bad, match in [
+                    ({"id": "m", "type": "commit",
+                      "copy-mode": "write-blocking"},
+                     "type must be 'mirror', not 'commit'"),
+                    ({"id": "m", "type": "mirror", "copy-mode": "fast"},
+                     "copy-mode must be 'background' or 'write-blocking'"),
+                    ({"id": "m", "type": "mirror"},
+                     "'copy-mode' is missing"),
+                    ({"id": "m", "type": "mirror", "copy-mode":
+                      "write-blocking", "speed": 1}, "speed")]:
+                with pytest.raises(QMPError, match=match):
+                    q.cmd_args("block-job-change", bad)
+            with pytest.raises(QMPError) as e:
+                q.cmd("block-job-change", id="nope", type="mirror",
+                      copy_mode="write-blocking")
+            assert e.value.cls == "DeviceNotFound"
+            assert not paused_write_reaches(q, h, tgt, 4096)
+            q.cmd("block-job-change", id="m", type="mirror",
+                  copy_mode="write-blocking")
+            q.cmd("block-job-change", id="m", type="mirror",
+                  copy_mode="write-blocking")       # no change
+            wait_for("ready", lambda: caught_up(job(q, "m")))
+            assert paused_write_reaches(q, h, tgt, 8192)
+            q.cmd("block-job-change", id="m", type="mirror",
+                  copy_mode="background")
+            assert not paused_write_reaches(q, h, tgt, 12288)
+            q.cmd("block-job-change", id="m", type="mirror",
+                  copy_mode="write-blocking")
+            h.shutdown()
+    finally:
+        srv.stop()
+    srv = daemon()
+    try:
+        with QMP(srv.admin) as q:
+            # Started again before we could listen for its events.
+            wait_for("ready", lambda: job(q, "m")["status"] == "ready")
+            h = srv.connect("live")
+            assert paused_write_reaches(q, h, tgt, 16384)
+            q.cmd("block-job-complete", device="m")
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+            assert "error" not in ev["data"]
+            source = read_all(h)
+            h.shutdown()
+    finally:
+        srv.stop()
+    with open(tgt, "rb") as f:
+        assert f.read() == source
