@@ -176,6 +176,11 @@ struct node {
    * cleared only while the node is drained.
    */
   void *guards;
+  /* graph/io.c: a job's write hook (struct node_write_hook), called
+   * around every write, zero and discard; NULL (the common case) costs
+   * writes nothing.  Set and cleared only while the node is drained.
+   */
+  void *write_hook;
   bool bitmaps_on_disk;
   bool read_only;
   bool can_flush;

@@ -213,6 +213,42 @@ void node_guard_begin (struct node *node, uint64_t offset, uint64_t count,
                        struct node_io_range *r);
 void node_guard_end (struct node *node, struct node_io_range *r);
 
+/* io.c: a node's write hook (see the design comment there).  A job
+ * that must see what is written to a node, with the data (an active
+ * mirror writes it to its target too), sets one: every write, zero and
+ * discard on the node calls 'before' once it is listed with the guards
+ * and before the node's bitmaps are marked, and 'after' once the
+ * driver is done, with its result, on the same thread.  The hook may
+ * sleep, but never on a drain (a request inside the graph would hold
+ * the drain up).  One hook per node.
+ */
+enum node_write_kind {
+  NODE_WRITE_DATA,              /* buf holds count bytes */
+  NODE_WRITE_ZERO,
+  NODE_WRITE_DISCARD,
+};
+struct node_write {
+  enum node_write_kind kind;
+  uint64_t offset, count;
+  const void *buf;              /* NODE_WRITE_DATA: borrowed, the call's */
+  unsigned flags;               /* the request's NODE_* flags */
+  /* The hook's own, from 'before' to 'after'. */
+  struct node_io_range range;
+  bool hooked;
+};
+struct node_write_hook {
+  void (*before) (void *opaque, struct node_write *w);
+  void (*after) (void *opaque, struct node_write *w, int ret);
+  void *opaque;
+};
+/* With @node drained: @h (the caller's, until cleared) is called from
+ * now on.  0, or -EBUSY if the node has a hook already.
+ */
+int node_write_hook_set (struct node *node, const struct node_write_hook *h);
+/* With @node drained: @node's hook, if it is @h, is called no more. */
+void node_write_hook_clear (struct node *node,
+                            const struct node_write_hook *h);
+
 /* perm.c: permissions on edges. */
 /* After edges into @changed (NULLs skipped) came or went: derive the
  * permissions of every edge at and below them, and commit them if no

@@ -23,6 +23,15 @@
  * waits holds new writes back already, so that a stream of guest
  * writes cannot starve it.  Nodes without guards (all others) pay one
  * pointer load per write.
+ *
+ * Write hooks: a job may need each write to a node as it happens, data
+ * included (an active mirror writes it to its target before the guest
+ * hears back).  Its hook is called by node_pwrite, node_zero and
+ * node_discard, the entry points every write passes once, around the
+ * rest of the request: emulations inside one (a zero written as
+ * zeroes) do not call it again.  Like the guards, the hook is set and
+ * cleared only while the node is drained, so the request path reads
+ * the pointer without a lock, and nodes without one pay that load.
  */
 #include <config.h>
 
@@ -184,6 +193,51 @@ write_end (struct node_guards *g, struct node_io_range *w)
   range_unlink (&g->writes, w);
   pthread_cond_broadcast (&g->cond);
   pthread_mutex_unlock (&g->lock);
+}
+
+int
+node_write_hook_set (struct node *node, const struct node_write_hook *h)
+{
+  if (node->write_hook != NULL)
+    return -EBUSY;
+  __atomic_store_n (&node->write_hook, (void *) h, __ATOMIC_RELEASE);
+  return 0;
+}
+
+void
+node_write_hook_clear (struct node *node, const struct node_write_hook *h)
+{
+  if (node->write_hook == h)
+    __atomic_store_n (&node->write_hook, NULL, __ATOMIC_RELEASE);
+}
+
+/* A write of @kind begins: tell the node's hook, if any.  Returns the
+ * hook to pass to hook_after (NULL: nothing to do).
+ */
+static const struct node_write_hook *
+hook_before (struct node *node, enum node_write_kind kind, const void *buf,
+             uint64_t count, uint64_t offset, unsigned flags,
+             struct node_write *w)
+{
+  const struct node_write_hook *h = __atomic_load_n
+    ((const struct node_write_hook **) &node->write_hook, __ATOMIC_ACQUIRE);
+
+  if (h == NULL)
+    return NULL;
+  w->kind = kind;
+  w->offset = offset;
+  w->count = count;
+  w->buf = buf;
+  w->flags = flags;
+  h->before (h->opaque, w);
+  return h;
+}
+
+static void
+hook_after (const struct node_write_hook *h, struct node_write *w, int r)
+{
+  if (h)
+    h->after (h->opaque, w, r);
 }
 
 static int
@@ -411,6 +465,8 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
              uint64_t offset, unsigned flags)
 {
   int r = check_write_range (node, count, offset);
+  const struct node_write_hook *h;
+  struct node_write hw;
   struct node_io_range w;
   struct node_guards *g;
 
@@ -422,7 +478,9 @@ node_pwrite (struct node *node, const void *buf, uint64_t count,
     return 0;
   g = write_begin (node, offset, count, flags, &w);
   flags &= ~NODE_GUARDED;
+  h = hook_before (node, NODE_WRITE_DATA, buf, count, offset, flags, &hw);
   r = pwrite_listed (node, buf, count, offset, flags);
+  hook_after (h, &hw, r);
   write_end (g, &w);
   return r;
 }
@@ -462,8 +520,10 @@ zero_by_writing (struct node *node, uint64_t count, uint64_t offset,
     return -ENOMEM;
   while (count > 0) {
     uint64_t n = MIN (count, (uint64_t) ZERO_BUF_SIZE);
-    /* Inside the zeroing request, which is listed already. */
-    int r = node_pwrite (node, zero_buf, n, offset, NODE_GUARDED);
+    /* Inside the zeroing request, which is listed and hooked
+     * already.
+     */
+    int r = pwrite_listed (node, zero_buf, n, offset, 0);
     if (r < 0)
       return r;
     count -= n;
@@ -503,6 +563,8 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
            unsigned flags)
 {
   int r = check_range (node, count, offset);
+  const struct node_write_hook *h;
+  struct node_write hw;
   struct node_io_range w;
   struct node_guards *g;
 
@@ -516,12 +578,14 @@ node_zero (struct node *node, uint64_t count, uint64_t offset,
     return -ENOTSUP;
   g = write_begin (node, offset, count, flags, &w);
   flags &= ~NODE_GUARDED;
+  h = hook_before (node, NODE_WRITE_ZERO, NULL, count, offset, flags, &hw);
   if (node->dirty && (r = dirty_mark (node, offset, count)) < 0)
     goto out;
   r = zero_marked (node, count, offset, flags);
   if (node->dirty)
     dirty_remark (node, offset, count);
  out:
+  hook_after (h, &hw, r);
   write_end (g, &w);
   return r;
 }
@@ -563,6 +627,8 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   uint32_t align = node->limits.request_alignment;
   uint64_t start, end;
   int r = check_range (node, count, offset);
+  const struct node_write_hook *h;
+  struct node_write hw;
   struct node_io_range w;
   struct node_guards *g;
 
@@ -577,6 +643,8 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   if (node->drv->discard == NULL || start >= end)
     return (flags & NODE_FUA) ? node_flush (node) : 0;
   g = write_begin (node, start, end - start, 0, &w);
+  h = hook_before (node, NODE_WRITE_DISCARD, NULL, end - start, start, flags,
+                   &hw);
   if (node->dirty && (r = dirty_mark (node, start, end - start)) < 0)
     goto out;
   if (align > 1)
@@ -587,6 +655,7 @@ node_discard (struct node *node, uint64_t count, uint64_t offset,
   if (node->dirty)
     dirty_remark (node, start, end - start);
  out:
+  hook_after (h, &hw, r);
   write_end (g, &w);
   return r;
 }

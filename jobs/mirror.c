@@ -17,6 +17,26 @@
  * drained, the last dirty runs are copied, the target flushed, and the
  * users moved, in one admin command.
  *
+ * copy-mode write-blocking (QEMU's active mirroring) takes the guest's
+ * writes out of the copy list: the job sets a write hook on the source
+ * (graph/io.c), and a guest write is also written to the target before
+ * it is acknowledged, where the target holds the source already (the
+ * granules clean in the bitmap), so the copy list only shrinks and the
+ * job converges however fast the guest writes.  The bitmap is then
+ * marked by the hook alone, not by the request path.  Two writes to
+ * one range must reach the target in the order they reached the
+ * source: an active write holds its range from before the source write
+ * until the target write is done, in a list the copiers keep out of,
+ * as they keep out of each other's copies.  A write that finds its
+ * range held (by a copy, or by another write) does not wait for it: it
+ * marks its range before and after, as in background mode, and leaves
+ * it to the copiers.  So a guest write never waits for the job, only
+ * for its own write to the target, and a discard, whose effect on the
+ * target need not be the source's, is always left to the copiers.  A
+ * write to the target that fails leaves its range marked and fails the
+ * job, as a copy that fails does; the guest's write has succeeded, and
+ * the writes after it are only marked until the job is gone.
+ *
  * block-commit of the active layer is the same job (QEMU's
  * commit_active_start is a mirror too): the source is the top of the
  * chain, the target the base below it, and what is left to copy starts
@@ -53,6 +73,9 @@ struct mirror {
   struct dirty_bitmap *bm;            /* internal, on source */
   uint64_t chunk;
   struct chain_hold hold;             /* active commit: the layers */
+  uint32_t granularity;               /* of bm */
+  bool active;                        /* write-blocking: the hook is set */
+  struct node_write_hook hook;        /* on the source */
   pthread_mutex_t lock;               /* the copiers' below, and clears */
   uint64_t cursor;                    /* where the next copy starts */
   unsigned in_flight;                 /* copies under way */
@@ -61,6 +84,10 @@ struct mirror {
    * wrong order (the older data last) with its bits clear.
    */
   struct { uint64_t start, end; } flight[MIRROR_COPIERS];
+  /* Write-blocking: the active writes under way (their ranges live on
+   * the stacks of the guest requests); copiers keep out of them too.
+   */
+  struct node_io_range *writes;
 };
 
 static struct mirror *
@@ -108,9 +135,188 @@ copy_through_roots (struct job *job, void *buf, uint64_t n, uint64_t off)
   return r;
 }
 
+/* ---- write-blocking: the source's write hook ---- */
+
+/* Under the lock: whether [start, end) overlaps a copy or an active
+ * write under way.  Copies are of whole granules: a write overlaps one
+ * exactly when its granules do.
+ */
+static bool
+range_busy (const struct mirror *m, uint64_t start, uint64_t end)
+{
+  for (unsigned i = 0; i < MIRROR_COPIERS; ++i)
+    if (m->flight[i].end != 0 && m->flight[i].start < end &&
+        start < m->flight[i].end)
+      return true;
+  for (const struct node_io_range *w = m->writes; w; w = w->next)
+    if (w->start < end && start < w->end)
+      return true;
+  return false;
+}
+
+/* Before a write reaches the source: hold its range (w->hooked), or,
+ * if that is not to be had at once (or the job has failed, or it is a
+ * discard), mark it for the copiers, as a background mirror would.
+ */
+static void
+active_before (void *opaque, struct node_write *w)
+{
+  struct mirror *m = mirror_of (opaque);
+  uint64_t end = w->offset + w->count;
+
+  w->hooked = false;
+  if (w->kind != NODE_WRITE_DISCARD) {
+    pthread_mutex_lock (&m->lock);
+    if (m->error == 0 && !range_busy (m, w->offset, end)) {
+      w->range.start = w->offset;
+      w->range.end = end;
+      w->range.next = m->writes;
+      m->writes = &w->range;
+      w->hooked = true;
+    }
+    pthread_mutex_unlock (&m->lock);
+  }
+  if (!w->hooked)
+    bitmap_set (m->bm->bm, w->offset, w->count);
+}
+
+/* The parts of the write that the target holds already (clean: the
+ * copiers are out of the range while it is held, so none can clear a
+ * bit under us) go to the target too; dirty parts are the copiers'.
+ * 0, 1 if the target is being drained (the parts are left to the
+ * copiers), or -errno.
+ */
+static int
+write_clean (struct job *job, const struct node_write *w)
+{
+  struct mirror *m = mirror_of (job);
+  uint64_t off = w->offset, end = w->offset + w->count;
+  struct node *dst = root_io_try_begin (&m->target_root);
+  int r = 0;
+
+  if (dst == NULL)
+    return 1;
+  while (r == 0 && (off = bitmap_next_clean (m->bm->bm, off,
+                                             end)) != UINT64_MAX) {
+    uint64_t next = bitmap_next_dirty (m->bm->bm, off, end);
+    if (next == UINT64_MAX)
+      next = end;
+    /* No FUA: completing the job flushes the target. */
+    if (w->kind == NODE_WRITE_DATA)
+      r = node_pwrite (dst, (const char *) w->buf + (off - w->offset),
+                       next - off, off, 0);
+    else
+      r = node_zero (dst, next - off, off, w->flags & NODE_MAY_TRIM);
+    if (r == 0) {               /* len first: offset <= len */
+      atomic_fetch_add (&job->len, next - off);
+      atomic_fetch_add (&job->offset, next - off);
+    }
+    off = next;
+  }
+  root_io_end (&m->target_root);
+  return r;
+}
+
+/* After the write to the source, with its result. */
+static void
+active_after (void *opaque, struct node_write *w, int ret)
+{
+  struct job *job = opaque;
+  struct mirror *m = mirror_of (job);
+  bool first = false;
+  int r;
+
+  if (!w->hooked) {
+    /* Again once it is done: a copier may have cleared the bits and
+     * read the range meanwhile.
+     */
+    bitmap_set (m->bm->bm, w->offset, w->count);
+    return;
+  }
+  /* A failed write may have changed part of the range: copy it all. */
+  r = ret < 0 ? ret : write_clean (job, w);
+  /* Marked before the range is let go, for the copiers to find. */
+  if (r != 0)
+    bitmap_set (m->bm->bm, w->offset, w->count);
+  pthread_mutex_lock (&m->lock);
+  for (struct node_io_range **p = &m->writes; *p; p = &(*p)->next)
+    if (*p == &w->range) {
+      *p = w->range.next;
+      break;
+    }
+  if (ret == 0 && r < 0 && m->error == 0) {
+    m->error = r;
+    first = true;
+  }
+  pthread_mutex_unlock (&m->lock);
+  if (first)
+    nbdd_warn ("mirror '%s': a guest write to '%s' at %" PRIu64 " could "
+               "not be written to target '%s': %s: the job fails",
+               job->id, m->source->name, w->offset, m->target->name,
+               strerror (-r));
+}
+
+/* Write-blocking, with the source drained: the write hook marks the
+ * bitmap from now on, not the request path.
+ */
+static int
+hook_on (struct job *job, struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+
+  m->hook.before = active_before;
+  m->hook.after = active_after;
+  m->hook.opaque = job;
+  if (node_write_hook_set (m->source, &m->hook) < 0) {
+    error_setg (errp, "mirror: node '%s' has a write-blocking mirror "
+                "already", m->source->name);
+    return -1;
+  }
+  __atomic_store_n (&m->bm->enabled, false, __ATOMIC_RELAXED);
+  m->active = true;
+  return 0;
+}
+
+/* With the source drained: back to background mode, the bitmap marked
+ * by the request path again.
+ */
+static void
+hook_off (struct job *job)
+{
+  struct mirror *m = mirror_of (job);
+
+  if (!m->active)
+    return;
+  node_write_hook_clear (m->source, &m->hook);
+  __atomic_store_n (&m->bm->enabled, true, __ATOMIC_RELAXED);
+  m->active = false;
+}
+
+/* ---- the copiers ---- */
+
+/* A dirty run [start, *endp), whole granules, must not overlap the
+ * range [fs, fe) of a copy or a write under way, taken to whole
+ * granules: true if the run begins inside it (*fromp: where to look
+ * again), else the run stops short of it.
+ */
+static bool
+starts_inside (const struct mirror *m, uint64_t start, uint64_t *endp,
+               uint64_t fs, uint64_t fe, uint64_t *fromp)
+{
+  fs = ROUND_DOWN (fs, (uint64_t) m->granularity);
+  fe = ROUND_UP (fe, (uint64_t) m->granularity);
+  if (fs <= start && start < fe) {
+    *fromp = fe;
+    return true;
+  }
+  if (start < fs && fs < *endp)
+    *endp = fs;
+  return false;
+}
+
 /* Under the lock: the first dirty run at or after @from that no copy
- * under way overlaps, at most a chunk long (its end in *endp), or
- * UINT64_MAX.
+ * or active write under way overlaps, at most a chunk long (its end in
+ * *endp), or UINT64_MAX.
  */
 static uint64_t
 next_free_run (struct mirror *m, uint64_t from, uint64_t size,
@@ -125,18 +331,12 @@ next_free_run (struct mirror *m, uint64_t from, uint64_t size,
     end = bitmap_next_clean (m->bm->bm, start, MIN (size, start + m->chunk));
     if (end == UINT64_MAX)
       end = MIN (size, start + m->chunk);
-    for (unsigned i = 0; i < MIRROR_COPIERS; ++i) {
-      uint64_t fs = m->flight[i].start, fe = m->flight[i].end;
-      if (fe == 0)
-        continue;
-      if (fs <= start && start < fe) {      /* start is being copied */
-        from = fe;
-        moved = true;
-        break;
-      }
-      if (start < fs && fs < end)           /* stop short of a copy */
-        end = fs;
-    }
+    for (unsigned i = 0; i < MIRROR_COPIERS && !moved; ++i)
+      moved = m->flight[i].end != 0 &&
+        starts_inside (m, start, &end, m->flight[i].start, m->flight[i].end,
+                       &from);
+    for (const struct node_io_range *w = m->writes; w && !moved; w = w->next)
+      moved = starts_inside (m, start, &end, w->start, w->end, &from);
     if (!moved) {
       *endp = end;
       return start;
@@ -250,6 +450,7 @@ let_go (struct job *job)
 {
   struct mirror *m = mirror_of (job);
 
+  hook_off (job);
   if (m->bm) {
     dirty_bitmap_unlink (m->bm);
     dirty_bitmap_free (m->bm);
@@ -334,6 +535,8 @@ mirror_free (struct job *job)
   if (m->bm) {                  /* never started: never linked */
     dirty_bitmap_free (m->bm);
   }
+  if (m->active)                /* a finish that could not drain */
+    node_write_hook_clear (m->source, &m->hook);
   if (root_node (&m->target_root))
     root_detach (&m->target_root);
   chain_release (&m->hold);
@@ -399,11 +602,12 @@ attach_edges (struct job *job, const char *user, struct error **errp)
 }
 
 /* The copy list: everything, or what the first @layers layers of the
- * source's chain hold (0: nothing), then every write.
+ * source's chain hold (0: nothing), then every write (@active: through
+ * the write hook).
  */
 static int
 start_bitmap (struct job *job, bool all, unsigned layers,
-              uint32_t granularity, struct error **errp)
+              uint32_t granularity, bool active, struct error **errp)
 {
   struct mirror *m = mirror_of (job);
   struct graph_drain *d;
@@ -413,6 +617,7 @@ start_bitmap (struct job *job, bool all, unsigned layers,
   if ((m->bm = dirty_bitmap_create_internal (m->source, name, granularity,
                                              errp)) == NULL)
     return -1;
+  m->granularity = granularity;
   if (all)
     bitmap_set_all (m->bm->bm);
   else if (layers > 0 && mark_top (m->source, layers, m->bm->bm,
@@ -421,6 +626,10 @@ start_bitmap (struct job *job, bool all, unsigned layers,
   /* From here every write to the source is marked too. */
   if ((d = graph_drain_begin (&m->source, 1, errp)) == NULL)
     return -1;
+  if (active && hook_on (job, errp) == -1) {
+    graph_drain_end (d);
+    return -1;
+  }
   dirty_bitmap_link (m->bm);
   graph_drain_end (d);
   /* A write between the marking and the link, to a range the layers
@@ -439,6 +648,49 @@ start_bitmap (struct job *job, bool all, unsigned layers,
   }
   atomic_store (&job->len, bitmap_count (m->bm->bm));
   return 0;
+}
+
+enum mirror_copy_mode
+mirror_copy_mode (struct job *job)
+{
+  return mirror_of (job)->active ? MIRROR_COPY_WRITE_BLOCKING
+    : MIRROR_COPY_BACKGROUND;
+}
+
+int
+mirror_change_copy_mode (struct job *job, enum mirror_copy_mode mode,
+                         struct error **errp)
+{
+  struct mirror *m = mirror_of (job);
+  struct graph_drain *d;
+  int r;
+
+  if (job->drv != &mirror_driver) {
+    error_setg (errp, "job '%s' is a %s job: only a mirror has a copy "
+                "mode", job->id, job->drv->type);
+    return -1;
+  }
+  /* Ended: let_go has taken the bitmap off the source. */
+  if (job->status == JOB_CONCLUDED || job->status == JOB_ABORTING ||
+      m->bm == NULL) {
+    error_setg (errp, "job '%s' has ended: its copy mode cannot change",
+                job->id);
+    return -1;
+  }
+  if (m->active == (mode == MIRROR_COPY_WRITE_BLOCKING))
+    return 0;
+  /* Drained: no write is between its marks of the bitmap, or holds a
+   * range, when the hook takes the bitmap over or gives it back.
+   */
+  if ((d = graph_drain_begin (&m->source, 1, errp)) == NULL)
+    return -1;
+  r = 0;
+  if (mode == MIRROR_COPY_WRITE_BLOCKING)
+    r = hook_on (job, errp);
+  else
+    hook_off (job);
+  graph_drain_end (d);
+  return r;
 }
 
 /* A job of @drv copying @source to @target, with no edges yet. */
@@ -484,8 +736,9 @@ mirror_new (const char *id, const struct job_driver *drv,
 
 struct job *
 mirror_create (const char *id, struct node *source, struct node *target,
-               enum mirror_sync sync, uint64_t speed, uint32_t granularity,
-               uint64_t buf_size, bool auto_dismiss, struct error **errp)
+               enum mirror_sync sync, enum mirror_copy_mode copy_mode,
+               uint64_t speed, uint32_t granularity, uint64_t buf_size,
+               bool auto_dismiss, struct error **errp)
 {
   struct job *job;
   char user[160];
@@ -514,7 +767,7 @@ mirror_create (const char *id, struct node *source, struct node *target,
   if (attach_edges (job, user, errp) == -1 ||
       start_bitmap (job, sync == MIRROR_SYNC_FULL,
                     sync == MIRROR_SYNC_TOP ? 1 : 0, granularity,
-                    errp) == -1) {
+                    copy_mode == MIRROR_COPY_WRITE_BLOCKING, errp) == -1) {
     job_discard (job);
     return NULL;
   }
@@ -573,7 +826,7 @@ commit_active_create (const char *id, struct node *top, struct node *base,
       chain_share_write (&m->hold, into_base, errp) == -1 ||
       attach_edges (job, m->hold.user, errp) == -1 ||
       chain_freeze (&m->hold, &job->root.edge, errp) == -1 ||
-      start_bitmap (job, false, depth - 1, COMMIT_GRANULARITY,
+      start_bitmap (job, false, depth - 1, COMMIT_GRANULARITY, false,
                     errp) == -1) {
     job_discard (job);
     return NULL;

@@ -1483,7 +1483,7 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
             char **argv)
 {
   enum { O_SYNC = OPT_FIRST_COMMAND_OPTION, O_ID, O_SPEED, O_GRANULARITY,
-         O_BUF_SIZE, O_NO_AUTO_DISMISS };
+         O_BUF_SIZE, O_NO_AUTO_DISMISS, O_COPY_MODE };
   static const struct option opts[] = {
     COMMON_OPTIONS,
     { "sync", required_argument, NULL, O_SYNC },
@@ -1492,12 +1492,13 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
     { "granularity", required_argument, NULL, O_GRANULARITY },
     { "buf-size", required_argument, NULL, O_BUF_SIZE },
     { "no-auto-dismiss", no_argument, NULL, O_NO_AUTO_DISMISS },
+    { "copy-mode", required_argument, NULL, O_COPY_MODE },
     { NULL, 0, NULL, 0 },
   };
   CLEANUP_JSON_PUT struct json_object *args = jobj ();
   CLEANUP_FREE char *id = NULL;
   struct json_object *ret = NULL;
-  const char *sync = NULL;
+  const char *sync = NULL, *copy_mode = NULL;
   uint64_t v;
   int c, rc;
 
@@ -1539,6 +1540,14 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
     case O_NO_AUTO_DISMISS:
       jadd_bool (args, "auto-dismiss", false);
       break;
+    case O_COPY_MODE:
+      if (strcmp (optarg, "background") != 0 &&
+          strcmp (optarg, "write-blocking") != 0)
+        return usage_error (self, "--copy-mode: expected background or "
+                            "write-blocking, got '%s'", optarg);
+      copy_mode = optarg;
+      jadd_str (args, "copy-mode", optarg);
+      break;
     }
   }
   if (c == -1)
@@ -1576,8 +1585,9 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
     CLEANUP_FREE char *eid = escape_text (id);
     CLEANUP_FREE char *enode = escape_text (argv[optind]);
     CLEANUP_FREE char *etarget = escape_text (argv[optind + 1]);
-    printf ("job %s: mirroring %s to %s (sync %s)\n", eid, enode, etarget,
-            sync);
+    printf ("job %s: mirroring %s to %s (sync %s%s%s)\n", eid, enode,
+            etarget, sync, copy_mode ? ", copy-mode " : "",
+            copy_mode ? copy_mode : "");
   }
   return EXIT_OK;
 }
@@ -2229,14 +2239,17 @@ const struct command commands[] = {
     "why: stop it with --failure.",
     cmd_fleece_list },
   { "mirror", "NODE TARGET --sync full|top|none [--id ID] [--speed SIZE] "
-    "[--granularity SIZE] [--buf-size SIZE] [--no-auto-dismiss]",
+    "[--granularity SIZE] [--buf-size SIZE] "
+    "[--copy-mode background|write-blocking] [--no-auto-dismiss]",
     "NODE TARGET --sync MODE",
     "Copy NODE to TARGET, a node of the same size (local, or an nbd node "
     "on another nbdd), while NODE's users go on writing "
     "(blockdev-mirror).  --sync full copies everything, top what NODE's "
     "top layer holds, none only new writes.  The job's id defaults to "
-    "mirror-NODE; --speed limits it in bytes/s.  Once ready, job "
-    "complete moves NODE's users to TARGET.", cmd_mirror },
+    "mirror-NODE; --speed limits it in bytes/s.  --copy-mode "
+    "write-blocking also writes each write to NODE to TARGET before it "
+    "is acknowledged, so that the job catches up under any load.  Once "
+    "ready, job complete moves NODE's users to TARGET.", cmd_mirror },
   { "job list", "", "",
     "List the block jobs (query-block-jobs).  PROGRESS is how much of "
     "what there is to copy so far is copied (new writes add to a "

@@ -169,18 +169,36 @@ start_job (struct job *job, const char *execute, struct json_object *args,
 
 static const char *const mirror_keys[] = {
   "job-id", "device", "target", "sync", "speed", "granularity", "buf-size",
-  "auto-dismiss", "auto-finalize", "replaces", NULL
+  "auto-dismiss", "auto-finalize", "replaces", "copy-mode", NULL
 };
+
+/* QEMU's MirrorCopyMode.  0, or -1 with errp. */
+static int
+parse_copy_mode (const char *what, const char *s,
+                 enum mirror_copy_mode *mode, struct error **errp)
+{
+  if (strcmp (s, "background") == 0)
+    *mode = MIRROR_COPY_BACKGROUND;
+  else if (strcmp (s, "write-blocking") == 0)
+    *mode = MIRROR_COPY_WRITE_BLOCKING;
+  else {
+    error_setg (errp, "%s: copy-mode must be 'background' or "
+                "'write-blocking', not '%.80s'", what, s);
+    return -1;
+  }
+  return 0;
+}
 
 int
 cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                      struct json_object **ret, struct error **errp)
 {
-  const char *id, *sync_s;
+  const char *id, *sync_s, *mode_s = "background";
   struct node *source, *target;
   uint64_t speed = 0, granularity = DEFAULT_GRANULARITY, buf_size = 0;
   bool auto_dismiss = true, auto_finalize = true;
   enum mirror_sync sync;
+  enum mirror_copy_mode mode;
   struct job *job;
 
   if (opt_check_keys (args, "blockdev-mirror", mirror_keys, errp) == -1 ||
@@ -199,7 +217,10 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
       opt_get_bool (args, "blockdev-mirror", "auto-dismiss", false,
                     &auto_dismiss, errp) == -1 ||
       opt_get_bool (args, "blockdev-mirror", "auto-finalize", false,
-                    &auto_finalize, errp) == -1)
+                    &auto_finalize, errp) == -1 ||
+      opt_get_string (args, "blockdev-mirror", "copy-mode", false, &mode_s,
+                      errp) == -1 ||
+      parse_copy_mode ("blockdev-mirror", mode_s, &mode, errp) == -1)
     return -1;
   if (not_fleeced (source, errp) == -1 || not_fleeced (target, errp) == -1)
     return -1;
@@ -230,7 +251,7 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                 "from 512 bytes to 64 MiB");
     return -1;
   }
-  job = mirror_create (id, source, target, sync, speed,
+  job = mirror_create (id, source, target, sync, mode, speed,
                        (uint32_t) granularity, buf_size, auto_dismiss, errp);
   return job ? start_job (job, "blockdev-mirror", args, errp) : -1;
 }
@@ -723,6 +744,112 @@ cmd_block_job_set_speed (struct qmp_txn *t, struct json_object *args,
                       errp) == -1)
     return -1;
   return job_set_speed (job, speed, errp);
+}
+
+struct job_record {
+  const char *id;
+  struct json_object *cmd;      /* the command that made the job */
+};
+
+static int
+find_record (const char *key, const char *json, void *opaque)
+{
+  struct job_record *jr = opaque;
+
+  if (strcmp (key, jr->id) == 0 && jr->cmd == NULL)
+    jr->cmd = json_tokener_parse (json);
+  return 0;
+}
+
+/* The job's command in the catalogue, with @key set to @value: a
+ * restart starts it again as it runs now.
+ */
+static int
+record_change (struct job *job, const char *key, const char *value,
+               struct error **errp)
+{
+  struct job_record jr = { job->id, NULL };
+  struct json_object *args;
+  int r;
+
+  if (catalog == NULL)
+    return 0;
+  if (catalog_job_foreach (catalog, find_record, &jr, errp) == -1)
+    return -1;
+  if (jr.cmd == NULL ||
+      !json_object_object_get_ex (jr.cmd, "arguments", &args) ||
+      !json_object_is_type (args, json_type_object)) {
+    json_object_put (jr.cmd);
+    error_setg (errp, "job '%s' is not in the catalogue", job->id);
+    return -1;
+  }
+  json_object_object_add (args, key, json_object_new_string (value));
+  r = catalog_job_put (catalog, job->id, json_text (jr.cmd), errp);
+  json_object_put (jr.cmd);
+  return r;
+}
+
+static void
+undo_to_background (void *data)
+{
+  struct error *err = NULL;
+
+  if (mirror_change_copy_mode (data, MIRROR_COPY_BACKGROUND, &err) == -1) {
+    nbdd_warn ("%s", err->msg);
+    error_free (err);
+  }
+}
+
+static void
+undo_to_write_blocking (void *data)
+{
+  struct error *err = NULL;
+
+  if (mirror_change_copy_mode (data, MIRROR_COPY_WRITE_BLOCKING,
+                               &err) == -1) {
+    nbdd_warn ("%s", err->msg);
+    error_free (err);
+  }
+}
+
+static const char *const change_keys[] = { "id", "type", "copy-mode", NULL };
+
+/* QEMU's block-job-change: a mirror's copy-mode. */
+int
+cmd_block_job_change (struct qmp_txn *t, struct json_object *args,
+                      struct json_object **ret, struct error **errp)
+{
+  const char *type, *mode_s;
+  enum mirror_copy_mode mode;
+  struct job *job;
+
+  if (opt_check_keys (args, "block-job-change", change_keys, errp) == -1 ||
+      arg_job (t, args, "block-job-change", "id", &job, errp) == -1 ||
+      opt_get_string (args, "block-job-change", "type", true, &type,
+                      errp) == -1 ||
+      opt_get_string (args, "block-job-change", "copy-mode", true, &mode_s,
+                      errp) == -1 ||
+      parse_copy_mode ("block-job-change", mode_s, &mode, errp) == -1)
+    return -1;
+  /* QEMU's BlockJobChangeOptions: only a mirror's can change. */
+  if (strcmp (type, "mirror") != 0) {
+    error_setg (errp, "block-job-change: type must be 'mirror', not "
+                "'%.80s'", type);
+    return -1;
+  }
+  if (strcmp (type, job->drv->type) != 0) {
+    error_setg (errp, "block-job-change: job '%s' is a %s job, not "
+                "'%.80s'", job->id, job->drv->type, type);
+    return -1;
+  }
+  if (mirror_copy_mode (job) == mode)
+    return 0;
+  if (txn_reserve (t, 1, errp) == -1 ||
+      mirror_change_copy_mode (job, mode, errp) == -1)
+    return -1;
+  txn_step (t, mode == MIRROR_COPY_WRITE_BLOCKING ? undo_to_background
+            : undo_to_write_blocking, NULL, NULL, job);
+  return record_change (job, "copy-mode", mode_s, errp);
 }
 
 static const char *const id_keys[] = { "id", NULL };

@@ -1631,6 +1631,7 @@ static const struct command commands[] = {
   { "block-job-cancel", cmd_block_job_cancel, CMD_CHANGES },
   { "block-job-complete", cmd_block_job_complete, CMD_CHANGES },
   { "block-job-set-speed", cmd_block_job_set_speed, CMD_CHANGES },
+  { "block-job-change", cmd_block_job_change, CMD_CHANGES },
   { "job-dismiss", cmd_job_dismiss, CMD_CHANGES },
   { "transaction", cmd_transaction, CMD_CHANGES },
   { "query-named-block-nodes", cmd_query_named_block_nodes, 0 },

@@ -103,7 +103,8 @@ qmp_command_fn cmd_fleece_start, cmd_fleece_stop, cmd_query_fleeces;
 qmp_command_fn cmd_blockdev_mirror, cmd_blockdev_backup, cmd_block_stream,
   cmd_block_commit, cmd_query_block_jobs,
   cmd_block_job_pause, cmd_block_job_resume, cmd_block_job_cancel,
-  cmd_block_job_complete, cmd_block_job_set_speed, cmd_job_dismiss;
+  cmd_block_job_complete, cmd_block_job_set_speed, cmd_block_job_change,
+  cmd_job_dismiss;
 /* The "dirty-bitmaps" of a node in query-named-block-nodes. */
 struct json_object *dirty_bitmaps_info (const struct node *node);
 

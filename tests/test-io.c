@@ -1,8 +1,9 @@
 /* Unit tests for graph/io.c, the request path: bounds, splitting at
  * max_transfer, read-modify-write for unaligned requests, emulated
- * zeroing, and block status.  The node under test is a memory-backed
- * driver that checks every request it receives is aligned and within
- * its limits, so a fault in the request path fails loudly here.
+ * zeroing, block status and write hooks.  The node under test is a
+ * memory-backed driver that checks every request it receives is
+ * aligned and within its limits, so a fault in the request path fails
+ * loudly here.
  */
 #include <config.h>
 
@@ -231,6 +232,87 @@ test_fua (struct node *node)
   free (big);
 }
 
+/* The write hook: called once around each write and zero (an emulated
+ * zero too, whose pieces are written inside it), with the data, before
+ * the driver sees the request and after, with its result.
+ */
+struct hook_log {
+  struct node *node;
+  unsigned before, after;
+  enum node_write_kind kind;
+  uint64_t offset, count;
+  bool saw_old_data, saw_new_data;
+  int ret;
+};
+
+static void
+log_before (void *opaque, struct node_write *w)
+{
+  struct hook_log *l = opaque;
+  struct mem *m = l->node->opaque;
+
+  l->before++;
+  l->kind = w->kind;
+  l->offset = w->offset;
+  l->count = w->count;
+  w->hooked = true;
+  l->saw_old_data = w->kind != NODE_WRITE_DATA ||
+    memcmp (m->data + w->offset, w->buf, w->count) != 0;
+}
+
+static void
+log_after (void *opaque, struct node_write *w, int ret)
+{
+  struct hook_log *l = opaque;
+  struct mem *m = l->node->opaque;
+
+  assert (w->hooked);
+  l->after++;
+  l->ret = ret;
+  l->saw_new_data = w->kind != NODE_WRITE_DATA ||
+    memcmp (m->data + w->offset, w->buf, w->count) == 0;
+}
+
+static void
+test_write_hook (struct node *node)
+{
+  struct mem *m = node->opaque;
+  struct hook_log l = { .node = node };
+  const struct node_write_hook h = { log_before, log_after, &l };
+  const struct node_write_hook other = { log_before, log_after, NULL };
+  char buf[3000];
+
+  memset (m->data, 0, 8192);
+  memset (buf, 0x77, sizeof buf);
+  assert (node_write_hook_set (node, &h) == 0);
+  assert (node_write_hook_set (node, &other) == -EBUSY);
+
+  assert (node_pwrite (node, buf, 3000, 100, 0) == 0);
+  assert (l.before == 1 && l.after == 1 && l.ret == 0);
+  assert (l.kind == NODE_WRITE_DATA && l.offset == 100 && l.count == 3000);
+  assert (l.saw_old_data && l.saw_new_data);
+
+  /* Emulated by writing zeroes: one call, of the whole request. */
+  assert (node_zero (node, 3 * MAX_XFER, 4096, 0) == 0);
+  assert (l.before == 2 && l.after == 2);
+  assert (l.kind == NODE_WRITE_ZERO && l.offset == 4096 &&
+          l.count == 3 * MAX_XFER);
+
+  /* Refused at the edge: the hook never hears of it.  No discard in
+   * the driver: nothing changes, nothing to tell.
+   */
+  assert (node_pwrite (node, buf, 512, MEM_SIZE, 0) == -ENOSPC);
+  assert (node_discard (node, 65536, 0, 0) == 0);
+  assert (l.before == 2 && l.after == 2);
+
+  node_write_hook_clear (node, &other);         /* not its hook */
+  assert (node_pwrite (node, buf, 512, 0, 0) == 0);
+  assert (l.before == 3);
+  node_write_hook_clear (node, &h);
+  assert (node_pwrite (node, buf, 512, 0, 0) == 0);
+  assert (l.before == 3 && l.after == 3);
+}
+
 int
 main (void)
 {
@@ -245,6 +327,7 @@ main (void)
   test_bounds (node);
   test_zero (node);
   test_fua (node);
+  test_write_hook (node);
   node_unref (node);
   json_object_put (spec);
   printf ("test-io: ok\n");

@@ -133,6 +133,25 @@ def test_mirror_ready_complete(admin, tmp_path, nbdd_server):
     h.shutdown()
 
 
+def test_mirror_write_blocking(admin, tmp_path):
+    """--copy-mode write-blocking: once ready, a write is on the target
+    when it is acknowledged, even with the job paused."""
+    h, tgt, model = live_disk(admin, tmp_path)
+    p = ctl(admin.admin, "mirror", "d0", "t0", "--sync", "full",
+            "--copy-mode", "write-blocking")
+    assert p.stdout == ("job mirror-d0: mirroring d0 to t0 (sync full, "
+                        "copy-mode write-blocking)\n")
+    ctl(admin.admin, "job", "wait", "mirror-d0", "--ready")
+    ctl(admin.admin, "job", "pause", "mirror-d0")
+    write(h, model, b"p" * 8192, 5 * MiB + 512)
+    with open(tgt, "rb") as f:
+        assert f.read() == model
+    ctl(admin.admin, "job", "resume", "mirror-d0")
+    ctl(admin.admin, "job", "complete", "mirror-d0")
+    assert exports(admin)["live"]["node-name"] == "t0"
+    h.shutdown()
+
+
 def test_pause_resume_speed_cancel_dismiss(admin, tmp_path):
     h, tgt, model = live_disk(admin, tmp_path)
     p = ctl(admin.admin, "--json", "mirror", "d0", "t0", "--sync", "full",
@@ -406,6 +425,8 @@ def test_job_refused(admin, tmp_path):
     ["mirror", "d0", "t0", "--sync", "full", "--buf-size", ""],
     ["mirror", "d0", "t0", "--sync", "full", "--no-auto-dismiss=no"],
     ["mirror", "d0", "t0", "--sync", "full", "--force"],
+    ["mirror", "d0", "t0", "--sync", "full", "--copy-mode", "active"],
+    ["mirror", "d0", "t0", "--sync", "full", "--copy-mode"],
 ])
 def test_job_exit_2_for_bad_usage(tmp_path, args):
     """Usage errors exit 2 before anything is sent: with no daemon at
@@ -450,7 +471,8 @@ def test_job_usage_errors_send_nothing(admin, tmp_path):
 def test_job_usage_messages():
     mirror = ("Usage: nbdctl mirror NODE TARGET --sync full|top|none "
               "[--id ID] [--speed SIZE] [--granularity SIZE] "
-              "[--buf-size SIZE] [--no-auto-dismiss]\n")
+              "[--buf-size SIZE] [--copy-mode background|write-blocking] "
+              "[--no-auto-dismiss]\n")
     p = ctl(None, "mirror", "d0", "t0", expect=2)
     assert p.stderr == ("nbdctl mirror: --sync full|top|none is required\n"
                         + mirror)
@@ -473,6 +495,10 @@ def test_job_usage_messages():
     p = ctl(None, "mirror", "d0", "t0", "--sync", "full", "--speed", "lots",
             expect=2)
     assert p.stderr.startswith("nbdctl mirror: --speed: expected a size")
+    p = ctl(None, "mirror", "d0", "t0", "--sync", "full", "--copy-mode",
+            "active", expect=2)
+    assert p.stderr == ("nbdctl mirror: --copy-mode: expected background or "
+                        "write-blocking, got 'active'\n" + mirror)
 
     speed = "Usage: nbdctl job speed ID SPEED\n"
     p = ctl(None, "job", "speed", "j", "fast", expect=2)
