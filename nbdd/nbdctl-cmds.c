@@ -1592,6 +1592,246 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
   return EXIT_OK;
 }
 
+/* ---- backup, stream and commit ---- */
+
+/* The options these three share with mirror, and the one each names
+ * itself (@extra, NULL-terminated, with values starting at O_EXTRA).
+ */
+enum { O_JOB_ID = OPT_FIRST_COMMAND_OPTION, O_JOB_SPEED,
+       O_JOB_NO_AUTO_DISMISS, O_EXTRA };
+
+/* Parse the common options into @args (and *@id), calling @extra_opt
+ * for the others (0, or an exit code).  -1 when all are parsed and the
+ * command goes on, else the exit code to return now (--help: 0).
+ */
+static int
+parse_job_options (struct nbdctl *ctl, const struct command *self,
+                   int argc, char **argv, const struct option *opts,
+                   struct json_object *args, char **id,
+                   int (*extra_opt) (const struct command *, int,
+                                     struct json_object *))
+{
+  uint64_t v;
+  int c, r, rc;
+
+  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
+    switch (c) {
+    case O_JOB_ID:
+      if (!node_name_is_valid (optarg))
+        return usage_error (self, "--id: '%s' is not a valid job id (a "
+                            "letter, then letters, digits, '-', '.' and "
+                            "'_')", optarg);
+      free (*id);
+      *id = check_alloc (strdup (optarg));
+      break;
+    case O_JOB_SPEED:
+      if (parse_size_arg (self, "speed", optarg, &v))
+        return EXIT_USAGE;
+      jadd_int (args, "speed", v);
+      break;
+    case O_JOB_NO_AUTO_DISMISS:
+      jadd_bool (args, "auto-dismiss", false);
+      break;
+    default:
+      if ((r = extra_opt (self, c, args)) != 0)
+        return r;
+    }
+  }
+  return c == -1 ? rc : -1;
+}
+
+#define JOB_OPTIONS                                                     \
+  COMMON_OPTIONS,                                                       \
+  { "id", required_argument, NULL, O_JOB_ID },                          \
+  { "speed", required_argument, NULL, O_JOB_SPEED },                    \
+  { "no-auto-dismiss", no_argument, NULL, O_JOB_NO_AUTO_DISMISS }
+
+/* Send @command with @args, the job id in it (the default: PREFIX-NODE),
+ * and say which job started.
+ */
+static int
+start_job_command (struct nbdctl *ctl, const struct command *self,
+                   const char *command, const char *prefix,
+                   const char *node, char *id, struct json_object *args,
+                   const char *what)
+{
+  CLEANUP_FREE char *own = NULL;
+  struct json_object *ret = NULL;
+  int rc;
+
+  if (id == NULL) {
+    if (asprintf (&own, "%s-%s", prefix, node) == -1)
+      out_of_memory ();
+    if (!node_name_is_valid (own))
+      return usage_error (self, "'%s' is not a valid job id: give one with "
+                          "--id", own);
+    id = own;
+  }
+  jadd_str (args, "job-id", id);
+  rc = ctl_call (ctl, command, args, &ret);
+  if (rc)
+    return rc;
+  json_object_put (ret);
+  if (ctl->json) {
+    struct json_object *o = jobj ();
+    jadd_str (o, "id", id);
+    print_json (o);
+    json_object_put (o);
+  }
+  else {
+    CLEANUP_FREE char *eid = escape_text (id);
+    CLEANUP_FREE char *ewhat = escape_text (what);
+    printf ("job %s: %s\n", eid, ewhat);
+  }
+  return EXIT_OK;
+}
+
+enum { O_BACKUP_SYNC = O_EXTRA, O_BACKUP_BITMAP, O_BACKUP_BITMAP_MODE };
+
+static int
+backup_opt (const struct command *self, int c, struct json_object *args)
+{
+  switch (c) {
+  case O_BACKUP_SYNC:
+    if (strcmp (optarg, "full") != 0 && strcmp (optarg, "incremental") != 0 &&
+        strcmp (optarg, "bitmap") != 0)
+      return usage_error (self, "--sync: expected full, incremental or "
+                          "bitmap, got '%s'", optarg);
+    jadd_str (args, "sync", optarg);
+    break;
+  case O_BACKUP_BITMAP:
+    if (*optarg == '\0')
+      return usage_error (self, "--bitmap: expected a bitmap name, got an "
+                          "empty string");
+    jadd_str (args, "bitmap", optarg);
+    break;
+  case O_BACKUP_BITMAP_MODE:
+    if (strcmp (optarg, "on-success") != 0 && strcmp (optarg, "never") != 0 &&
+        strcmp (optarg, "always") != 0)
+      return usage_error (self, "--bitmap-mode: expected on-success, never "
+                          "or always, got '%s'", optarg);
+    jadd_str (args, "bitmap-mode", optarg);
+    break;
+  }
+  return 0;
+}
+
+static int
+cmd_backup (struct nbdctl *ctl, const struct command *self, int argc,
+            char **argv)
+{
+  static const struct option opts[] = {
+    JOB_OPTIONS,
+    { "sync", required_argument, NULL, O_BACKUP_SYNC },
+    { "bitmap", required_argument, NULL, O_BACKUP_BITMAP },
+    { "bitmap-mode", required_argument, NULL, O_BACKUP_BITMAP_MODE },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  CLEANUP_FREE char *id = NULL, *what = NULL;
+  const char *sync;
+  int rc;
+
+  if ((rc = parse_job_options (ctl, self, argc, argv, opts, args, &id,
+                               backup_opt)) != -1)
+    return rc;
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE TARGET");
+  if ((sync = jstr (args, "sync")) == NULL)
+    return usage_error (self, "--sync full|incremental|bitmap is required");
+  if ((strcmp (sync, "full") == 0) != (jstr (args, "bitmap") == NULL))
+    return usage_error (self, "--sync %s %s", sync,
+                        strcmp (sync, "full") == 0 ? "takes no --bitmap"
+                        : "needs a --bitmap");
+  jadd_str (args, "device", argv[optind]);
+  jadd_str (args, "target", argv[optind + 1]);
+  if (asprintf (&what, "backing up %s to %s (sync %s)", argv[optind],
+                argv[optind + 1], sync) == -1)
+    out_of_memory ();
+  return start_job_command (ctl, self, "blockdev-backup", "backup",
+                            argv[optind], id, steal_pointer (&args), what);
+}
+
+enum { O_CHAIN_BASE = O_EXTRA, O_CHAIN_TOP, O_CHAIN_BACKING_FILE };
+
+static int
+chain_opt (const struct command *self, int c, struct json_object *args)
+{
+  const char *key = c == O_CHAIN_BASE ? "base-node"
+    : c == O_CHAIN_TOP ? "top-node" : "backing-file";
+
+  if (*optarg == '\0')
+    return usage_error (self, "--%s: expected a name, got an empty string",
+                        c == O_CHAIN_BASE ? "base" : c == O_CHAIN_TOP ? "top"
+                        : "backing-file");
+  jadd_str (args, key, optarg);
+  return 0;
+}
+
+static int
+cmd_stream (struct nbdctl *ctl, const struct command *self, int argc,
+            char **argv)
+{
+  static const struct option opts[] = {
+    JOB_OPTIONS,
+    { "base", required_argument, NULL, O_CHAIN_BASE },
+    { "backing-file", required_argument, NULL, O_CHAIN_BACKING_FILE },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  CLEANUP_FREE char *id = NULL, *what = NULL;
+  const char *base;
+  int rc;
+
+  if ((rc = parse_job_options (ctl, self, argc, argv, opts, args, &id,
+                               chain_opt)) != -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one NODE");
+  base = jstr (args, "base-node");
+  jadd_str (args, "device", argv[optind]);
+  if (asprintf (&what, "streaming into %s %s%s", argv[optind],
+                base ? "the layers above " : "its whole backing chain",
+                base ? base : "") == -1)
+    out_of_memory ();
+  /* block-stream's id defaults to the device in QEMU: so here. */
+  return start_job_command (ctl, self, "block-stream", "stream",
+                            argv[optind], id ? id : argv[optind],
+                            steal_pointer (&args), what);
+}
+
+static int
+cmd_commit (struct nbdctl *ctl, const struct command *self, int argc,
+            char **argv)
+{
+  static const struct option opts[] = {
+    JOB_OPTIONS,
+    { "top", required_argument, NULL, O_CHAIN_TOP },
+    { "base", required_argument, NULL, O_CHAIN_BASE },
+    { "backing-file", required_argument, NULL, O_CHAIN_BACKING_FILE },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  CLEANUP_FREE char *id = NULL, *what = NULL;
+  const char *top, *base;
+  int rc;
+
+  if ((rc = parse_job_options (ctl, self, argc, argv, opts, args, &id,
+                               chain_opt)) != -1)
+    return rc;
+  if (argc - optind != 1)
+    return usage_error (self, "expected one NODE");
+  top = jstr (args, "top-node");
+  base = jstr (args, "base-node");
+  jadd_str (args, "device", argv[optind]);
+  if (asprintf (&what, "committing %s into %s", top ? top : argv[optind],
+                base ? base : "the layer below it") == -1)
+    out_of_memory ();
+  return start_job_command (ctl, self, "block-commit", "commit",
+                            argv[optind], id ? id : argv[optind],
+                            steal_pointer (&args), what);
+}
+
 /* A job's progress, offset of len, as "[#####.....]  52%": ten steps of
  * 10%, rounded down, so that 100% means all of it.  Nothing to copy
  * (len 0) is all of it.
@@ -2250,6 +2490,29 @@ const struct command commands[] = {
     "write-blocking also writes each write to NODE to TARGET before it "
     "is acknowledged, so that the job catches up under any load.  Once "
     "ready, job complete moves NODE's users to TARGET.", cmd_mirror },
+  { "backup", "NODE TARGET --sync full|incremental|bitmap [--bitmap NAME] "
+    "[--bitmap-mode on-success|never|always] [--id ID] [--speed SIZE] "
+    "[--no-auto-dismiss]", "NODE TARGET --sync MODE",
+    "Push NODE as it is now to TARGET, a writable node of the same size "
+    "(blockdev-backup), while NODE's users go on writing.  --sync full "
+    "copies everything; incremental and bitmap what --bitmap marks (the "
+    "bitmap is forked, and its frozen bits dropped as --bitmap-mode says: "
+    "on-success, the default, never, or always).  The job's id defaults "
+    "to backup-NODE; it ends by itself.", cmd_backup },
+  { "stream", "NODE [--base NODE] [--backing-file NAME] [--id ID] "
+    "[--speed SIZE] [--no-auto-dismiss]", "NODE [OPTIONS]",
+    "Copy into NODE, a qcow2 node, what its backing layers above --base "
+    "hold (all of them without), then make --base (or nothing) its "
+    "backing file (block-stream), while its users go on writing.  The "
+    "job's id defaults to NODE; it ends by itself.", cmd_stream },
+  { "commit", "NODE [--top NODE] [--base NODE] [--backing-file NAME] "
+    "[--id ID] [--speed SIZE] [--no-auto-dismiss]", "NODE [OPTIONS]",
+    "Push what the layers from --top (default NODE, the active layer) "
+    "down to above --base (default the layer below the top) hold into "
+    "--base, and drop them from NODE's chain (block-commit).  Below the "
+    "active layer it ends by itself; of the active layer it becomes "
+    "ready, and job complete moves NODE's users onto the base.  The "
+    "job's id defaults to NODE.", cmd_commit },
   { "job list", "", "",
     "List the block jobs (query-block-jobs).  PROGRESS is how much of "
     "what there is to copy so far is copied (new writes add to a "

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import NBDCTL, Server, blockdev_args, export_args, make_image
+from helpers import run
 from test_nbdctl import MiB, admin, ctl, raw_spec  # noqa: F401
 
 KiB = 1 << 10
@@ -388,6 +389,64 @@ def test_job_refused(admin, tmp_path):
     h.shutdown()
 
 
+def test_backup_stream_commit(admin, tmp_path):
+    """nbdctl backup, commit and stream start QEMU's jobs with their
+    defaults; each is followed with job wait --done and its result
+    checked in the images."""
+    h, tgt, model = live_disk(admin, tmp_path, size=4 * MiB)
+    before = bytes(model)
+    p = ctl(admin.admin, "backup", "d0", "t0", "--sync", "full",
+            "--no-auto-dismiss", "--speed", "64M")
+    assert p.stdout == "job backup-d0: backing up d0 to t0 (sync full)\n"
+    write(h, model, b"w" * 65536, MiB)      # after the point in time
+    ctl(admin.admin, "job", "wait", "backup-d0", "--done")
+    ctl(admin.admin, "job", "dismiss", "backup-d0")
+    with open(tgt, "rb") as f:
+        assert f.read() == before
+    h.shutdown()
+    ctl(admin.admin, "export", "remove", "live")
+
+    # A chain base <- mid <- top, base and mid added read-only.
+    imgs = {n: str(tmp_path / f"{n}.qcow2") for n in ("base", "mid", "top")}
+    run(["qemu-img", "create", "-q", "-f", "qcow2", imgs["base"], "4M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", imgs["base"]])
+    for n, below in (("mid", "base"), ("top", "mid")):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", imgs[below],
+             "-F", "qcow2", imgs[n]])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 1M", imgs["mid"]])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 1M", imgs["top"]])
+    view = str(tmp_path / "top.raw")
+    run(["qemu-img", "convert", "-O", "raw", imgs["top"], view])
+    for n, below in (("base", None), ("mid", "base"), ("top", "mid")):
+        spec = {"driver": "qcow2", "node-name": n, "backing": below,
+                "file": {"driver": "file", "filename": imgs[n]}}
+        if n != "top":
+            spec["read-only"] = True
+            spec["file"]["read-only"] = True
+        ctl(admin.admin, "node", "add", json.dumps(spec))
+    p = ctl(admin.admin, "commit", "top", "--top", "mid", "--base", "base",
+            "--no-auto-dismiss")
+    assert p.stdout == "job top: committing mid into base\n"
+    ctl(admin.admin, "job", "wait", "top", "--done")
+    ctl(admin.admin, "job", "dismiss", "top")
+    p = ctl(admin.admin, "stream", "top", "--id", "s", "--no-auto-dismiss")
+    assert p.stdout == "job s: streaming into top its whole backing chain\n"
+    ctl(admin.admin, "job", "wait", "s", "--done")
+    ctl(admin.admin, "job", "dismiss", "s")
+    nodes = {n["node-name"]: n for n in json.loads(
+        ctl(admin.admin, "--json", "node", "list").stdout)}
+    assert not [c for c in nodes["top"].get("children", [])
+                if c["child"] == "backing"]
+    for n in ("top", "mid", "base"):
+        ctl(admin.admin, "node", "remove", n)
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           imgs["top"]]).stdout)
+    assert "backing-filename" not in info
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", imgs["top"],
+         view])
+    run(["qemu-img", "check", "-f", "qcow2", imgs["base"]])
+
+
 @pytest.mark.parametrize("args", [
     ["job"],
     ["job", "frob"],
@@ -427,6 +486,23 @@ def test_job_refused(admin, tmp_path):
     ["mirror", "d0", "t0", "--sync", "full", "--force"],
     ["mirror", "d0", "t0", "--sync", "full", "--copy-mode", "active"],
     ["mirror", "d0", "t0", "--sync", "full", "--copy-mode"],
+    ["backup"],
+    ["backup", "d0", "t0"],
+    ["backup", "d0", "t0", "--sync", "top"],
+    ["backup", "d0", "t0", "--sync", "full", "--bitmap", "b"],
+    ["backup", "d0", "t0", "--sync", "incremental"],
+    ["backup", "d0", "t0", "--sync", "bitmap", "--bitmap", ""],
+    ["backup", "d0", "t0", "--sync", "bitmap", "--bitmap", "b",
+     "--bitmap-mode", "sometimes"],
+    ["backup", "d0", "--sync", "full"],
+    ["stream"],
+    ["stream", "a", "b"],
+    ["stream", "a", "--base", ""],
+    ["stream", "a", "--top", "b"],
+    ["stream", "a", "--speed", "x"],
+    ["commit"],
+    ["commit", "a", "--top", ""],
+    ["commit", "a", "--id", "bad id"],
 ])
 def test_job_exit_2_for_bad_usage(tmp_path, args):
     """Usage errors exit 2 before anything is sent: with no daemon at
