@@ -315,6 +315,10 @@ struct node_driver {
    * read-only.
    */
   int (*reopen_rw) (struct node *node, struct error **errp);
+  /* Optional, the same conditions: back to read-only, for a driver
+   * whose reopen_rw fails after its child's succeeded.
+   */
+  int (*reopen_ro) (struct node *node, struct error **errp);
 
   /* Optional, control path: the persistent bitmaps of the image.
    * List them (the caller frees with node_bitmap_infos_free), read one's
@@ -398,6 +402,8 @@ int node_writeback (struct node *node, uint64_t count, uint64_t offset);
  * already), or -1 with errp set.  Main thread, the node drained.
  */
 int node_reopen_rw (struct node *node, struct error **errp);
+/* See the driver's reopen_ro: 0, or -1 with errp set. */
+int node_reopen_ro (struct node *node, struct error **errp);
 /* Fills @el from el->offset; at least one extent on success. */
 int node_block_status (struct node *node, uint64_t count,
                        struct extent_list *el);

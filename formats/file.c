@@ -29,6 +29,7 @@
 
 #include "driver.h"
 #include "file-lock.h"
+#include "log.h"
 #include "options.h"
 #include "utils.h"
 
@@ -203,17 +204,20 @@ file_open (struct node *node, struct json_object *opts, struct error **errp)
   return 0;
 }
 
-/* A second descriptor, read-write, takes the first one's place under
- * the same number (so no request can see a closed one).  The locks go
- * with the descriptions: the old one's are dropped first, since ours
- * would conflict with the new one's, and put back if that fails.
+/* A second descriptor takes the first one's place under the same
+ * number (so no request can see a closed one), read-write or read-only
+ * as @ro says.  The locks go with the descriptions: the old one's are
+ * dropped first, since ours would conflict with the new one's, and put
+ * back if that fails.  The same file, or nothing: a path now naming
+ * another file is refused.
  */
 static int
-file_reopen_rw (struct node *node, struct error **errp)
+file_reopen (struct node *node, bool ro, struct error **errp)
 {
   struct file_state *s = node->opaque;
   struct json_object *v;
   const char *filename;
+  struct stat was, now;
   int fd;
 
   if (node->spec == NULL ||
@@ -223,17 +227,31 @@ file_reopen_rw (struct node *node, struct error **errp)
                 node->name);
     return -1;
   }
-  fd = open (filename, O_RDWR | O_CLOEXEC | (s->direct ? O_DIRECT : 0));
+  fd = open (filename, (ro ? O_RDONLY : O_RDWR) | O_CLOEXEC |
+             (s->direct ? O_DIRECT : 0));
   if (fd == -1) {
-    error_setg_errno (errp, errno, "file: cannot reopen '%s' read-write",
-                      filename);
+    error_setg_errno (errp, errno, "file: cannot reopen '%s' %s", filename,
+                      ro ? "read-only" : "read-write");
+    return -1;
+  }
+  if (fstat (s->fd, &was) == -1 || fstat (fd, &now) == -1 ||
+      was.st_dev != now.st_dev || was.st_ino != now.st_ino) {
+    error_setg (errp, "file: '%s' is no longer the file node '%s' opened "
+                "(renamed or replaced?): not reopened", filename,
+                node->name);
+    close (fd);
     return -1;
   }
   if (s->locking) {
     file_unlock (s->fd);
-    if (lock_image (fd, filename, false, errp) == -1) {
+    if (lock_image (fd, filename, ro, errp) == -1) {
+      struct error *err = NULL;
       close (fd);
-      lock_image (s->fd, filename, true, NULL);
+      if (lock_image (s->fd, filename, !ro, &err) == -1) {
+        nbdd_warn ("%s: its image locks could not be taken back: %s",
+                   node->name, err->msg);
+        error_free (err);
+      }
       return -1;
     }
   }
@@ -241,11 +259,23 @@ file_reopen_rw (struct node *node, struct error **errp)
     error_setg_errno (errp, errno, "file: reopening '%s'", filename);
     close (fd);
     if (s->locking)
-      lock_image (s->fd, filename, true, NULL);
+      lock_image (s->fd, filename, !ro, NULL);
     return -1;
   }
   close (fd);
   return 0;
+}
+
+static int
+file_reopen_rw (struct node *node, struct error **errp)
+{
+  return file_reopen (node, false, errp);
+}
+
+static int
+file_reopen_ro (struct node *node, struct error **errp)
+{
+  return file_reopen (node, true, errp);
 }
 
 static void
@@ -655,4 +685,5 @@ const struct node_driver file_driver = {
   .block_status   = file_block_status,
   .truncate       = file_truncate,
   .reopen_rw      = file_reopen_rw,
+  .reopen_ro      = file_reopen_ro,
 };

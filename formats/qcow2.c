@@ -491,17 +491,29 @@ qcow2_reopen_rw (struct node *node, struct error **errp)
 {
   struct qcow2_state *s = node->opaque;
 
+  if (s->corrupt) {
+    error_setg (errp, "qcow2: %s: the image is marked corrupt: it stays "
+                "read-only (repair it with 'qemu-img check -r all')",
+                s->filename);
+    return -1;
+  }
   if (check_features (s, false, errp) == -1 ||
       qcow2_bitmaps_check_writable (s, errp) == -1 ||
       node_reopen_rw (s->file->node, errp) == -1)
     return -1;
   if (qcow2_write_open (s, errp) == -1) {
-    /* What it set up goes, so that a later attempt starts afresh; the
-     * file stays read-write, harmlessly.
+    struct error *err = NULL;
+    /* What it set up goes, so that a later attempt starts afresh, and
+     * the file is read-only again, its write lock given back.
      */
     qcow2_meta_free (s);
     free (s->zero_cluster);
     s->zero_cluster = NULL;
+    s->file->node->growable = false;
+    if (node_reopen_ro (s->file->node, &err) == -1) {
+      nbdd_warn ("qcow2: %s: %s", s->filename, err->msg);
+      error_free (err);
+    }
     return -1;
   }
   node->can_trim = true;

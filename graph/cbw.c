@@ -9,6 +9,8 @@
  *   copied  the snapshot's data is in the target (never written again)
  *   gone    the snapshot's user discarded it: done with, unreadable
  *   done    copied or gone: a write there copies nothing
+ *   unkept  (an incremental snapshot) gone from the start: never the
+ *           snapshot's, so its status there is unknown, not zeroes
  *
  * Races.  A write that finds a cluster not done copies it before going
  * on; a snapshot read of a cluster not copied reads the live node.  The
@@ -55,6 +57,8 @@ struct cbw_state {
   uint64_t cluster;
   uint64_t limit;               /* bytes of target; 0: none */
   struct bitmap *copied, *gone, *done;
+  struct bitmap *unkept;        /* gone from the start: NULL, or see
+                                 * cbw_copy_only */
   atomic_uint_fast64_t used;    /* bytes of target holding saved data */
   atomic_bool broken;
   struct cbw_hooks hooks;       /* main thread sets, before any I/O */
@@ -269,9 +273,14 @@ cbw_copy_only (struct node *cbw, const struct bitmap *const *sets,
   /* Done is what need not be copied: everything no set marks, to the
    * cluster.  Gone as well if the snapshot is not to be read there.
    */
+  if (rest_unreadable && s->unkept == NULL &&
+      (s->unkept = bitmap_new (size, s->cluster)) == NULL)
+    return -ENOMEM;
   bitmap_set_all (s->done);
-  if (rest_unreadable)
+  if (rest_unreadable) {
     bitmap_set_all (s->gone);
+    bitmap_set_all (s->unkept);
+  }
   for (size_t i = 0; i < nr_sets; ++i) {
     uint64_t off = 0;
 
@@ -283,8 +292,10 @@ cbw_copy_only (struct node *cbw, const struct bitmap *const *sets,
       a = ROUND_DOWN (off, s->cluster);
       b = MIN (ROUND_UP (end, s->cluster), size);
       bitmap_clear (s->done, a, b - a);
-      if (rest_unreadable)
+      if (rest_unreadable) {
         bitmap_clear (s->gone, a, b - a);
+        bitmap_clear (s->unkept, a, b - a);
+      }
       off = end;
     }
   }
@@ -492,10 +503,20 @@ cbw_snapshot_block_status (struct node *cbw, uint64_t count,
     bool is_gone = gone_next == off;
 
     if (is_gone) {
+      /* Trimmed: a hole of zeroes.  Never kept: a hole, not zeroes
+       * (reads fail there), so that no copy takes it for zeroes.
+       */
+      bool unkept = s->unkept && bitmap_get (s->unkept, off);
+      uint64_t other = !s->unkept ? UINT64_MAX : unkept
+        ? bitmap_next_clean (s->unkept, off, end)
+        : bitmap_next_dirty (s->unkept, off, end);
+
       next = bitmap_next_clean (s->gone, off, end);
       if (next == UINT64_MAX)
         next = end;
-      r = extents_add (el, next - off, EXTENT_HOLE | EXTENT_ZERO);
+      next = MIN (next, other);
+      r = extents_add (el, next - off,
+                       unkept ? EXTENT_HOLE : EXTENT_HOLE | EXTENT_ZERO);
     }
     else if (bitmap_get (s->copied, off)) {
       next = bitmap_next_clean (s->copied, off, end);
@@ -629,6 +650,7 @@ cbw_close (struct node *node)
   bitmap_free (s->copied);
   bitmap_free (s->gone);
   bitmap_free (s->done);
+  bitmap_free (s->unkept);
   pthread_cond_destroy (&s->cond);
   pthread_mutex_destroy (&s->lock);
 }

@@ -56,6 +56,7 @@ bool snapshot_access_is (const struct node *node);
  * backup.
  * For a backup job, then any thread: save what of [offset, offset +
  * count) is not yet (as a write there would); and whether all of it is.
+ * cbw_copy_only: 0, or -ENOMEM.
  */
 struct bitmap;
 int cbw_copy_only (struct node *cbw, const struct bitmap *const *sets,

@@ -519,5 +519,27 @@ node_reopen_rw (struct node *node, struct error **errp)
   if (node->drv->reopen_rw (node, errp) == -1)
     return -1;
   node->read_only = false;
+  /* Its persistent bitmaps, loaded read-only, get write intent now, as
+   * at a read-write open: else a crash would lose the writes to come.
+   */
+  if (node->bitmaps_on_disk &&
+      dirty_bitmaps_store (node, DIRTY_STORE_INTENT, errp) == -1)
+    return -1;
+  return 0;
+}
+
+int
+node_reopen_ro (struct node *node, struct error **errp)
+{
+  if (node->read_only)
+    return 0;
+  if (node->drv->reopen_ro == NULL) {
+    error_setg (errp, "node '%s' (driver %s) cannot be reopened read-only",
+                node->name, node->drv->name);
+    return -1;
+  }
+  if (node->drv->reopen_ro (node, errp) == -1)
+    return -1;
+  node->read_only = true;
   return 0;
 }

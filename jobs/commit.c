@@ -185,18 +185,18 @@ static const struct job_driver commit_driver = {
 struct job *
 commit_create (const char *id, struct node *overlay, struct node *top,
                struct node *base, const char *backing_file, uint64_t speed,
-               bool auto_dismiss, struct error **errp)
+               bool auto_dismiss, const struct job_graph_ops *ops,
+               struct error **errp)
 {
   struct node_child *oe = chain_backing_edge (overlay), *into_base = NULL;
   unsigned depth = chain_depth (top, base);
   struct commit *c;
   struct job *job;
 
-  if (overlay->drv->change_backing_file == NULL || overlay->read_only) {
-    error_setg (errp, "block-commit: the header of node '%s' (driver %s%s), "
+  if (overlay->drv->change_backing_file == NULL) {
+    error_setg (errp, "block-commit: the header of node '%s' (driver %s), "
                 "right above '%s', cannot name the new backing file",
-                overlay->name, overlay->drv->name,
-                overlay->read_only ? ", read-only" : "", top->name);
+                overlay->name, overlay->drv->name, top->name);
     return NULL;
   }
   if (oe == NULL || oe->node != top) {
@@ -209,17 +209,16 @@ commit_create (const char *id, struct node *overlay, struct node *top,
                 "its backing chain", base->name, top->name);
     return NULL;
   }
-  if (base->read_only) {
-    error_setg (errp, "block-commit: base node '%s' is read-only: add it "
-                "read-write (blockdev-add) to commit into it", base->name);
-    return NULL;
-  }
   if (node_size (base) < node_size (top)) {
     error_setg (errp, "block-commit: base node '%s' (%" PRIu64 " bytes) is "
                 "smaller than '%s' (%" PRIu64 " bytes)", base->name,
                 node_size (base), top->name, node_size (top));
     return NULL;
   }
+  if (job_id_check (id, errp) == -1 ||
+      (base->read_only && ops->reopen_rw (ops->ctx, base, errp) == -1) ||
+      (overlay->read_only && ops->reopen_rw (ops->ctx, overlay, errp) == -1))
+    return NULL;
   for (struct node *l = top; l != base; l = chain_next_edge (l)->node)
     into_base = chain_next_edge (l);
   c = calloc (1, sizeof *c);

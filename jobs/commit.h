@@ -12,12 +12,15 @@
 /* block-commit of a layer that is not the active one: copy what @top
  * and the layers down to @base (not included) hold into @base, then
  * make @base the backing node of @overlay (the node above @top), whose
- * header names @backing_file (NULL: @base's file).  Not started; NULL
- * with errp set.
+ * header names @backing_file (NULL: @base's file).  @base and
+ * @overlay, if read-only, are reopened (@ops) once the rest checks
+ * out.  Not started; NULL with errp set.
  */
 struct job *commit_create (const char *id, struct node *overlay,
                            struct node *top, struct node *base,
                            const char *backing_file, uint64_t speed,
-                           bool auto_dismiss, struct error **errp);
+                           bool auto_dismiss,
+                           const struct job_graph_ops *ops,
+                           struct error **errp);
 
 #endif /* NBDD_COMMIT_H */

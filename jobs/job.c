@@ -105,21 +105,29 @@ jobs_first (void)
   return jobs;
 }
 
+int
+job_id_check (const char *id, struct error **errp)
+{
+  if (!node_name_is_valid (id)) {
+    error_setg (errp, "job id '%.80s' is not valid (a letter, then "
+                "letters, digits, '-', '.' or '_')", id);
+    return -1;
+  }
+  if (job_find (id)) {
+    error_setg (errp, "a job with id '%s' exists", id);
+    return -1;
+  }
+  return 0;
+}
+
 struct job *
 job_new (const char *id, const struct job_driver *drv, void *opaque,
          uint64_t speed, bool auto_dismiss, struct error **errp)
 {
   struct job *job, **p;
 
-  if (!node_name_is_valid (id)) {
-    error_setg (errp, "job id '%.80s' is not valid (a letter, then "
-                "letters, digits, '-', '.' or '_')", id);
+  if (job_id_check (id, errp) == -1)
     return NULL;
-  }
-  if (job_find (id)) {
-    error_setg (errp, "a job with id '%s' exists", id);
-    return NULL;
-  }
   job = calloc (1, sizeof *job);
   if (job == NULL || (job->id = strdup (id)) == NULL) {
     free (job);
@@ -156,6 +164,8 @@ job_free (struct job *job)
   root_destroy (&job->root);
   if (job->drv->free)
     job->drv->free (job);
+  if (job->keep_memory)
+    return;
   pthread_cond_destroy (&job->cond);
   pthread_mutex_destroy (&job->lock);
   free (job->error);

@@ -50,6 +50,12 @@ struct job_graph_ops {
    */
   int (*set_backing) (void *ctx, struct node *node, struct node *backing,
                       const char *backing_file, struct error **errp);
+  /* @node, read-only (a backing file, say), becomes read-write for a
+   * job that writes into it, as QEMU reopens it, and stays so: see
+   * node_reopen_rw.  Called by a job's create function once its own
+   * checks pass.
+   */
+  int (*reopen_rw) (void *ctx, struct node *node, struct error **errp);
   void *ctx;
 };
 
@@ -98,6 +104,11 @@ struct job {
   int ret;                      /* run's result, once finished */
   bool ready_seen;              /* main thread: event sent */
   bool dismiss_pending;         /* main thread: concluded, goes soon */
+  /* Set by the driver's free: something it could not detach (a hook on
+   * a node that would not drain) may still reach the job, so its memory
+   * stays.
+   */
+  bool keep_memory;
   uint64_t speed;               /* bytes/s; 0: no limit */
   uint64_t next_ns;             /* when the next copy may start */
 
@@ -130,6 +141,8 @@ int job_start (struct job *job, struct error **errp);
 /* A job that never started goes without a trace. */
 void job_discard (struct job *job);
 struct job *job_find (const char *id);
+/* Is @id a valid id no job has?  0, or -1 with errp set. */
+int job_id_check (const char *id, struct error **errp);
 struct job *jobs_first (void);
 /* Main thread: react to what job threads said (ready, finished). */
 void jobs_poll (void);

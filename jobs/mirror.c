@@ -75,6 +75,7 @@ struct mirror {
   struct chain_hold hold;             /* active commit: the layers */
   uint32_t granularity;               /* of bm */
   bool active;                        /* write-blocking: the hook is set */
+  bool linked;                        /* bm is on the source's list */
   struct node_write_hook hook;        /* on the source */
   pthread_mutex_t lock;               /* the copiers' below, and clears */
   uint64_t cursor;                    /* where the next copy starts */
@@ -452,7 +453,9 @@ let_go (struct job *job)
 
   hook_off (job);
   if (m->bm) {
-    dirty_bitmap_unlink (m->bm);
+    if (m->linked)
+      dirty_bitmap_unlink (m->bm);
+    m->linked = false;
     dirty_bitmap_free (m->bm);
     m->bm = NULL;
   }
@@ -532,11 +535,19 @@ mirror_free (struct job *job)
 
   if (m == NULL)
     return;
-  if (m->bm) {                  /* never started: never linked */
-    dirty_bitmap_free (m->bm);
+  /* A finish that could not drain left the bitmap on the source and
+   * the hook set, which writes under way may still reach: kept, not
+   * freed, rather than freed under them.
+   */
+  if (m->linked || m->active) {
+    nbdd_warn ("job '%s': its source '%s' could not be drained at the "
+               "end: the job's state stays in memory", job->id,
+               m->source->name);
+    job->keep_memory = true;
+    return;
   }
-  if (m->active)                /* a finish that could not drain */
-    node_write_hook_clear (m->source, &m->hook);
+  if (m->bm)                    /* never started: never linked */
+    dirty_bitmap_free (m->bm);
   if (root_node (&m->target_root))
     root_detach (&m->target_root);
   chain_release (&m->hold);
@@ -631,6 +642,7 @@ start_bitmap (struct job *job, bool all, unsigned layers,
     return -1;
   }
   dirty_bitmap_link (m->bm);
+  m->linked = true;
   graph_drain_end (d);
   /* A write between the marking and the link, to a range the layers
    * did not hold, was marked by neither: mark again what they hold now
@@ -784,7 +796,8 @@ static const struct job_driver commit_active_driver = {
 
 struct job *
 commit_active_create (const char *id, struct node *top, struct node *base,
-                      uint64_t speed, bool auto_dismiss, struct error **errp)
+                      uint64_t speed, bool auto_dismiss,
+                      const struct job_graph_ops *ops, struct error **errp)
 {
   unsigned depth = chain_depth (top, base);
   struct node_child *into_base = NULL;
@@ -796,11 +809,6 @@ commit_active_create (const char *id, struct node *top, struct node *base,
                 "its backing chain", base->name, top->name);
     return NULL;
   }
-  if (base->read_only) {
-    error_setg (errp, "block-commit: base node '%s' is read-only: add it "
-                "read-write (blockdev-add) to commit into it", base->name);
-    return NULL;
-  }
   if (node_size (base) != node_size (top)) {
     error_setg (errp, "block-commit: base node '%s' has %" PRIu64 " bytes, "
                 "'%s' %" PRIu64 ": the users of the active layer move to "
@@ -808,6 +816,9 @@ commit_active_create (const char *id, struct node *top, struct node *base,
                 node_size (base), top->name, node_size (top));
     return NULL;
   }
+  if (job_id_check (id, errp) == -1 ||
+      (base->read_only && ops->reopen_rw (ops->ctx, base, errp) == -1))
+    return NULL;
   for (struct node *l = top; l != base; l = chain_next_edge (l)->node)
     into_base = chain_next_edge (l);
   if ((job = mirror_new (id, &commit_active_driver, top, base, speed,

@@ -41,11 +41,14 @@ enum mirror_copy_mode mirror_copy_mode (struct job *job);
 /* block-commit of the active layer @top into @base, a node below it
  * in its chain (same size): a mirror of type "commit" whose copy list
  * starts as what the layers above @base hold.  Ready once caught up;
- * block-job-complete moves the users of @top onto @base.  Not started;
- * NULL with errp set.
+ * block-job-complete moves the users of @top onto @base.  @base, if
+ * read-only, is reopened (@ops) once the rest checks out.  Not
+ * started; NULL with errp set.
  */
 struct job *commit_active_create (const char *id, struct node *top,
                                   struct node *base, uint64_t speed,
-                                  bool auto_dismiss, struct error **errp);
+                                  bool auto_dismiss,
+                                  const struct job_graph_ops *ops,
+                                  struct error **errp);
 
 #endif /* NBDD_MIRROR_H */

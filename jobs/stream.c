@@ -234,7 +234,7 @@ static const struct job_driver stream_driver = {
 struct job *
 stream_create (const char *id, struct node *top, struct node *base,
                const char *backing_file, uint64_t speed, bool auto_dismiss,
-               struct error **errp)
+               const struct job_graph_ops *ops, struct error **errp)
 {
   struct node_child *be = chain_backing_edge (top);
   struct stream *s;
@@ -246,10 +246,6 @@ stream_create (const char *id, struct node *top, struct node *base,
     error_setg (errp, "block-stream: node '%s' (driver %s) cannot change "
                 "its backing file: stream into a qcow2 node", top->name,
                 top->drv->name);
-    return NULL;
-  }
-  if (top->read_only) {
-    error_setg (errp, "block-stream: node '%s' is read-only", top->name);
     return NULL;
   }
   if (be == NULL) {
@@ -268,6 +264,9 @@ stream_create (const char *id, struct node *top, struct node *base,
                 top->name);
     return NULL;
   }
+  if (job_id_check (id, errp) == -1 ||
+      (top->read_only && ops->reopen_rw (ops->ctx, top, errp) == -1))
+    return NULL;
   s = calloc (1, sizeof *s);
   if (s == NULL) {
     error_setg (errp, "out of memory");

@@ -506,7 +506,10 @@ cmd_fleece_start (struct qmp_txn *t, struct json_object *args,
     }
     for (size_t i = 0; i < f->nr_bitmaps; ++i)
       sets[i] = dirty_bitmap_find (src, f->bitmaps[i])->bm;
-    cbw_copy_only (f->cbw, sets, f->nr_bitmaps, true);
+    if (cbw_copy_only (f->cbw, sets, f->nr_bitmaps, true) < 0) {
+      error_setg (errp, "out of memory");
+      return -1;
+    }
   }
   if (txn_replace_users (t, src, f->cbw, f->cbw, false, errp) == -1)
     return -1;

@@ -2474,7 +2474,8 @@ const struct command commands[] = {
     cmd_fleece_stop },
   { "fleece list", "", "",
     "List the fleeces (query-fleeces).  SNAPSHOT is full, or incremental "
-    "(only what the bitmaps mark).  SCRATCH is the old data saved so far, LIMIT the scratch limit, AGE the time since the start "
+    "(only what the bitmaps mark).  SCRATCH is the old data saved so far, "
+    "LIMIT the scratch limit, AGE the time since the start "
     "([[DD-]hh:]mm:ss).  A broken fleece fails its reads and ERROR says "
     "why: stop it with --failure.",
     cmd_fleece_list },

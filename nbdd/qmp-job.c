@@ -101,6 +101,65 @@ ops_set_backing (void *ctx, struct node *node, struct node *backing,
   return txn_set_backing (ctx, node, backing, backing_file, errp);
 }
 
+/* Drop "read-only": true from a spec and the children specs inline in
+ * it, but for a backing file's: those layers were not reopened.
+ */
+static void
+spec_clear_read_only (struct json_object *spec)
+{
+  struct json_object *v;
+
+  if (!json_object_is_type (spec, json_type_object))
+    return;
+  if (json_object_object_get_ex (spec, "read-only", &v) &&
+      json_object_get_boolean (v))
+    json_object_object_add (spec, "read-only",
+                            json_object_new_boolean (false));
+  json_object_object_foreach (spec, key, child) {
+    if (strcmp (key, "backing") != 0)
+      spec_clear_read_only (child);
+  }
+}
+
+/* @node and the nodes under it but for backing files, reopened: the
+ * recorded ones are read-write in the catalogue too, so that a restart
+ * opens them as they are now (an export may write through them).
+ */
+static int
+record_read_write (struct node *node, struct error **errp)
+{
+  if (node_lookup (node->name) == node && node->recorded && catalog) {
+    spec_clear_read_only (node->spec);
+    if (catalog_node_put (catalog, node->name, json_text (node->spec),
+                          errp) == -1)
+      return -1;
+  }
+  for (size_t i = 0; i < node->nr_children; ++i)
+    if (!(node->children[i]->role & CHILD_COW) &&
+        record_read_write (node->children[i]->node, errp) == -1)
+      return -1;
+  return 0;
+}
+
+/* A layer the job writes into (the base of a commit, the image whose
+ * header changes) that was opened read-only, as backing files are, is
+ * reopened read-write first, as QEMU does, and stays so while open.
+ */
+static int
+ops_reopen_rw (void *ctx, struct node *node, struct error **errp)
+{
+  struct qmp_txn *t = ctx;
+
+  if (!node->read_only)
+    return 0;
+  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1 ||
+      node_reopen_rw (node, errp) == -1)
+    return -1;
+  nbdd_info ("node '%s' reopened read-write for a block job", node->name);
+  return graph_perm_update (&node, 1, errp) == -1 ? -1
+    : record_read_write (node, errp);
+}
+
 struct job_txn {
   struct job *job;
   job_txn_fn *fn;
@@ -110,7 +169,8 @@ static int
 job_txn_step (struct qmp_txn *t, void *opaque, struct error **errp)
 {
   struct job_txn *jt = opaque;
-  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing, t };
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing,
+                               ops_reopen_rw, t };
 
   return jt->fn (jt->job, &ops, errp);
 }
@@ -458,63 +518,6 @@ static const char *const stream_keys[] = {
   "auto-finalize", "auto-dismiss", "filter-node-name", NULL
 };
 
-/* Drop "read-only": true from a spec and the children specs inline in
- * it.
- */
-static void
-spec_clear_read_only (struct json_object *spec)
-{
-  struct json_object *v;
-
-  if (!json_object_is_type (spec, json_type_object))
-    return;
-  if (json_object_object_get_ex (spec, "read-only", &v) &&
-      json_object_get_boolean (v))
-    json_object_object_add (spec, "read-only",
-                            json_object_new_boolean (false));
-  json_object_object_foreach (spec, key, child) {
-    (void) key;
-    spec_clear_read_only (child);
-  }
-}
-
-/* @node and the nodes under it but for backing files, reopened: the
- * recorded ones are read-write in the catalogue too, so that a restart
- * opens them as they are now (an export may write through them).
- */
-static int
-record_read_write (struct node *node, struct error **errp)
-{
-  if (node_lookup (node->name) == node && node->recorded && catalog) {
-    spec_clear_read_only (node->spec);
-    if (catalog_node_put (catalog, node->name, json_text (node->spec),
-                          errp) == -1)
-      return -1;
-  }
-  for (size_t i = 0; i < node->nr_children; ++i)
-    if (!(node->children[i]->role & CHILD_COW) &&
-        record_read_write (node->children[i]->node, errp) == -1)
-      return -1;
-  return 0;
-}
-
-/* A layer the job writes into (the base of a commit, the image whose
- * header changes) that was opened read-only, as backing files are, is
- * reopened read-write first, as QEMU does, and stays so while open.
- */
-static int
-reopen_rw (struct qmp_txn *t, struct node *node, struct error **errp)
-{
-  if (!node->read_only)
-    return 0;
-  if (txn_reserve (t, 1, errp) == -1 || txn_drain (t, &node, 1, errp) == -1 ||
-      node_reopen_rw (node, errp) == -1)
-    return -1;
-  nbdd_info ("node '%s' reopened read-write for a block job", node->name);
-  return graph_perm_update (&node, 1, errp) == -1 ? -1
-    : record_read_write (node, errp);
-}
-
 /* QEMU's block-stream: @device, the top of a chain, takes in what the
  * layers above base-node (all of them, without) hold, and then has
  * base-node (none) as its backing node.
@@ -523,6 +526,8 @@ int
 cmd_block_stream (struct qmp_txn *t, struct json_object *args,
                   struct json_object **ret, struct error **errp)
 {
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing,
+                               ops_reopen_rw, t };
   const char *id = NULL, *backing_file = NULL;
   struct node *top, *base;
   uint64_t speed = 0;
@@ -550,10 +555,8 @@ cmd_block_stream (struct qmp_txn *t, struct json_object *args,
                 top->name);
     return -1;
   }
-  if (reopen_rw (t, top, errp) == -1)
-    return -1;
   job = stream_create (id ? id : top->name, top, base, backing_file, speed,
-                       auto_dismiss, errp);
+                       auto_dismiss, &ops, errp);
   return job ? start_job (job, "block-stream", args, errp) : -1;
 }
 
@@ -579,6 +582,8 @@ int
 cmd_block_commit (struct qmp_txn *t, struct json_object *args,
                   struct json_object **ret, struct error **errp)
 {
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing,
+                               ops_reopen_rw, t };
   const char *id = NULL, *backing_file = NULL;
   struct node *device, *top, *base, *overlay = NULL;
   uint64_t speed = 0;
@@ -641,20 +646,16 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
                   "onto it", base->name);
       return -1;
     }
-    if (reopen_rw (t, base, errp) == -1)
-      return -1;
     job = commit_active_create (id ? id : device->name, top, base, speed,
-                                auto_dismiss, errp);
+                                auto_dismiss, &ops, errp);
   }
   else {
     /* The node right above the top. */
     for (overlay = device; chain_next_edge (overlay)->node != top;
          overlay = chain_next_edge (overlay)->node)
       ;
-    if (reopen_rw (t, base, errp) == -1 || reopen_rw (t, overlay, errp) == -1)
-      return -1;
     job = commit_create (id ? id : device->name, overlay, top, base,
-                         backing_file, speed, auto_dismiss, errp);
+                         backing_file, speed, auto_dismiss, &ops, errp);
   }
   return job ? start_job (job, "block-commit", args, errp) : -1;
 }
@@ -719,7 +720,8 @@ int
 cmd_block_job_complete (struct qmp_txn *t, struct json_object *args,
                         struct json_object **ret, struct error **errp)
 {
-  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing, t };
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing,
+                               ops_reopen_rw, t };
   struct job *job;
 
   if (opt_check_keys (args, "block-job-complete", device_keys,

@@ -218,7 +218,26 @@ def test_incremental_fleece_saves_only_what_the_bitmaps_mark(nbdd_server,
             with pytest.raises(nbd.Error) as e:
                 s.pread(4096, off)
             assert e.value.errno == "EIO", off
+        # And its status there is a hole, not zeroes: no copy takes it
+        # for zeroes.
+        got = {}
+
+        def cb(ctx, o, entries, err):
+            if ctx == "base:allocation":
+                got[o] = entries[1]
+            return 0
+
+        for off in (0, 40 * MiB + 65536):
+            got.clear()
+            s.block_status(4096, off, cb)
+            assert got == {off: 1}, (off, got)       # HOLE, not ZERO
+        got.clear()
+        s.block_status(4096, 4 * MiB, cb)
+        assert got == {4 * MiB: 0}                   # saved data
         s.shutdown()
+        p = run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                 srv.uri("f"), str(tmp_path / "all.raw")], check=False)
+        assert p.returncode != 0
         # An incremental client (qemu-img map, then reads of the dirty
         # extents only) gets exactly the old data.
         m = json.loads(run(["qemu-img", "map", "--output=json",

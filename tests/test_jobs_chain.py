@@ -8,7 +8,9 @@ shows the new chain (the header names the new backing file).  Also:
 cancelling in the middle leaves the chain as it was, and the operations
 a running job cannot allow are refused, naming it."""
 import json
+import os
 import random
+import signal
 import threading
 import time
 
@@ -472,6 +474,95 @@ def test_stream_into_a_layer_added_read_only(nbdd_server, tmp_path):
     compare(p["mid"], "qcow2", views["mid"], "raw")
     compare(p["top"], "qcow2", views["top"], "raw")
     check_images(p["base"], p["mid"], p["top"])
+
+
+def test_reopened_base_keeps_its_bitmaps_through_a_crash(tmp_path):
+    """A persistent bitmap on a base added read-only gets write intent
+    when an active commit reopens the base: after a kill -9 it still
+    holds the commit's writes, and is not inconsistent."""
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    create(base, SIZE)
+    create(top, SIZE, backing=base)
+    qemu_img("bitmap", "--add", base, "b0")
+    qemu_io(top, "write -P 0x44 4M 8M")
+    state = tmp_path / "state"
+    srv = Server(tmp_path, ["--state-dir", str(state)])
+    admin = str(state / "admin.sock")
+    try:
+        with QMP(admin) as q:
+            q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                                        "read-only": True,
+                                        "file": {"driver": "file",
+                                                 "filename": base,
+                                                 "read-only": True}})
+            q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                        "backing": "base",
+                                        "file": {"driver": "file",
+                                                 "filename": top}})
+            q.cmd("block-commit", job_id="a0", device="top")
+            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            b0 = [b for b in nodes(q)["base"]["dirty-bitmaps"]
+                  if b["name"] == "b0"][0]
+            assert b0["count"] >= 8 * MiB
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(timeout=20)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        srv.log.close()
+    os.unlink(tmp_path / "nbdd.pid")
+    srv = Server(tmp_path, ["--state-dir", str(state)])
+    try:
+        with QMP(admin) as q:
+            assert not nodes(q)["base"]["ro"]   # recorded read-write
+            b0 = [b for b in nodes(q)["base"]["dirty-bitmaps"]
+                  if b["name"] == "b0"][0]
+            assert not b0["inconsistent"]
+            assert b0["count"] >= 8 * MiB
+            ev = wait_end(q, "a0") if job(q, "a0") and \
+                job(q, "a0")["status"] != "ready" else None
+            assert ev is None or "error" not in ev["data"], ev
+    finally:
+        srv.stop()
+
+
+def test_inline_read_only_chain_stays_read_only(nbdd_server, tmp_path):
+    """A stream into a top given with its chain inline reopens the top
+    alone: the layers below stay read-only, across a restart too; and a
+    stream refused after its checks reopens nothing."""
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {
+            "driver": "qcow2", "node-name": "top", "read-only": True,
+            "file": {"driver": "file", "filename": p["top"],
+                     "read-only": True},
+            "backing": {
+                "driver": "qcow2", "node-name": "mid", "read-only": True,
+                "file": {"driver": "file", "filename": p["mid"],
+                         "read-only": True},
+                "backing": {
+                    "driver": "qcow2", "node-name": "base",
+                    "read-only": True, "backing": None,
+                    "file": {"driver": "file", "filename": p["base"],
+                             "read-only": True}}}})
+        # Refused by its own checks: nothing reopened.
+        with pytest.raises(QMPError, match="needs 'base-node'"):
+            q.cmd("block-stream", job_id="s0", device="top",
+                  backing_file="x")
+        assert all(nodes(q)[n]["ro"] for n in ("top", "mid", "base"))
+        # A stream into the top, cancelled: the top was reopened, the
+        # layers below were not, and the catalogue says so.
+        q.cmd("block-stream", job_id="s1", device="top", speed=65536)
+        assert not nodes(q)["top"]["ro"]
+        q.cmd("block-job-cancel", device="s1")
+        assert wait_end(q, "s1")["event"] == "BLOCK_JOB_CANCELLED"
+        assert nodes(q)["mid"]["ro"] and nodes(q)["base"]["ro"]
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert not nodes(q)["top"]["ro"]
+        assert nodes(q)["mid"]["ro"] and nodes(q)["base"]["ro"]
 
 
 @pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
