@@ -1085,8 +1085,9 @@ txn_set_backing (struct qmp_txn *t, struct node *node, struct node *backing,
    */
   if (!json_object_object_get_ex (node->spec, "backing", &v))
     return 0;
+  v = NULL;                     /* json_object_deep_copy wants NULL */
   if (backing == NULL)
-    v = NULL;
+    ;
   else if (node_lookup (backing->name) == backing)
     v = json_object_new_string (backing->name);
   else if (json_object_deep_copy (backing->spec, &v, NULL) != 0) {

@@ -565,6 +565,38 @@ def test_inline_read_only_chain_stays_read_only(nbdd_server, tmp_path):
         assert nodes(q)["mid"]["ro"] and nodes(q)["base"]["ro"]
 
 
+def test_stream_with_the_chain_inline(nbdd_server, tmp_path):
+    """A top given with its chain inline in its spec: the stream ends
+    with the top's spec holding the base's, in the catalogue too."""
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        q.cmd_args("blockdev-add", {
+            "driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": p["top"]},
+            "backing": {
+                "driver": "qcow2", "node-name": "mid",
+                "file": {"driver": "file", "filename": p["mid"]},
+                "backing": {
+                    "driver": "qcow2", "node-name": "base", "backing": None,
+                    "file": {"driver": "file", "filename": p["base"]}}}})
+        q.cmd("block-export-add", type="nbd", id="live", node_name="top",
+              name="live", writable=True)
+        model = read_all(srv)
+        q.cmd("block-stream", job_id="s1", device="top", base_node="base")
+        ev = wait_end(q, "s1")
+        assert "error" not in ev["data"], ev
+        assert backing_of(q, "top") == "base"
+        assert read_all(srv) == model
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert backing_of(q, "top") == "base"
+    assert read_all(srv) == model
+    srv.stop()
+    assert chain_files(p["top"]) == [p["top"], p["base"]]
+    compare(p["top"], "qcow2", views["top"], "raw")
+
+
 @pytest.mark.parametrize("kind", ["stream", "commit", "active-commit"])
 def test_cancel_in_the_middle(nbdd_server, tmp_path, kind):
     p, views = make_chain(tmp_path)
