@@ -40,6 +40,7 @@
 #include "bitmap.h"
 #include "cbw.h"
 #include "cleanup.h"
+#include "filter.h"
 #include "log.h"
 #include "options.h"
 #include "utils.h"
@@ -53,7 +54,7 @@ struct busy_range {
 };
 
 struct cbw_state {
-  struct node_child *file, *target;
+  struct node_child *file, *target;   /* file first: see filter.h */
   uint64_t cluster;
   uint64_t limit;               /* bytes of target; 0: none */
   struct bitmap *copied, *gone, *done;
@@ -330,69 +331,6 @@ cbw_discard (struct node *node, uint64_t count, uint64_t offset,
 
   before_write (node, offset, count);
   return node_discard (s->file->node, count, offset, flags);
-}
-
-/* ---- passed through ---- */
-
-static int
-cbw_pread (struct node *node, void *buf, uint32_t count, uint64_t offset,
-           unsigned flags)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_pread (s->file->node, buf, count, offset, flags);
-}
-
-static int
-cbw_pread_nowait (struct node *node, void *buf, uint32_t count,
-                  uint64_t offset)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_pread_nowait (s->file->node, buf, count, offset);
-}
-
-static int
-cbw_read_splice (struct node *node, int pipe_fd, size_t pipe_size,
-                 uint32_t count, uint64_t offset)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_read_splice (s->file->node, pipe_fd, pipe_size, count, offset);
-}
-
-static int
-cbw_flush (struct node *node)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_flush (s->file->node);
-}
-
-static int
-cbw_cache (struct node *node, uint64_t count, uint64_t offset)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_cache (s->file->node, count, offset);
-}
-
-static int
-cbw_block_status (struct node *node, uint64_t count, uint64_t offset,
-                  struct extent_list *el)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_block_status (s->file->node, count, el);
-}
-
-static int
-cbw_allocation_depth (struct node *node, uint64_t count, uint64_t offset,
-                      uint64_t *pnum, unsigned *depth)
-{
-  struct cbw_state *s = node->opaque;
-
-  return node_allocation_depth (s->file->node, count, offset, pnum, depth);
 }
 
 /* ---- the snapshot's side ---- */
@@ -698,15 +636,15 @@ const struct node_driver cbw_driver = {
   .open             = cbw_open,
   .close            = cbw_close,
   .refresh_limits   = cbw_refresh_limits,
-  .pread            = cbw_pread,
+  .pread            = filter_pread,
   .pwrite           = cbw_pwrite,
-  .pread_nowait     = cbw_pread_nowait,
-  .read_splice      = cbw_read_splice,
+  .pread_nowait     = filter_pread_nowait,
+  .read_splice      = filter_read_splice,
   .zero             = cbw_zero,
   .discard          = cbw_discard,
-  .flush            = cbw_flush,
-  .cache            = cbw_cache,
-  .block_status     = cbw_block_status,
-  .allocation_depth = cbw_allocation_depth,
+  .flush            = filter_flush,
+  .cache            = filter_cache,
+  .block_status     = filter_block_status,
+  .allocation_depth = filter_allocation_depth,
   .child_perm       = cbw_child_perm,
 };

@@ -45,6 +45,7 @@
 #include <time.h>
 
 #include "cleanup.h"
+#include "filter.h"
 #include "options.h"
 #include "throttle-bucket.h"
 #include "throttle.h"
@@ -81,7 +82,7 @@ struct throttle_group {
 };
 
 struct throttle_state {
-  struct node_child *file;      /* an edge in node->children */
+  struct node_child *file;      /* first: see filter.h */
   struct throttle_group *group;
   unsigned drain_count;         /* this node's share of the group's */
 };
@@ -643,41 +644,6 @@ throttle_discard (struct node *node, uint64_t count, uint64_t offset,
   return node_discard (s->file->node, count, offset, flags);
 }
 
-static int
-throttle_flush (struct node *node)
-{
-  struct throttle_state *s = node->opaque;
-
-  return node_flush (s->file->node);
-}
-
-static int
-throttle_cache (struct node *node, uint64_t count, uint64_t offset)
-{
-  struct throttle_state *s = node->opaque;
-
-  return node_cache (s->file->node, count, offset);
-}
-
-static int
-throttle_block_status (struct node *node, uint64_t count, uint64_t offset,
-                       struct extent_list *el)
-{
-  struct throttle_state *s = node->opaque;
-
-  return node_block_status (s->file->node, count, el);
-}
-
-static int
-throttle_allocation_depth (struct node *node, uint64_t count,
-                           uint64_t offset, uint64_t *pnum,
-                           unsigned *depth)
-{
-  struct throttle_state *s = node->opaque;
-
-  return node_allocation_depth (s->file->node, count, offset, pnum, depth);
-}
-
 const struct node_driver throttle_driver = {
   .name             = "throttle",
   .instance_size    = sizeof (struct throttle_state),
@@ -691,10 +657,10 @@ const struct node_driver throttle_driver = {
   .read_splice      = throttle_read_splice,
   .zero             = throttle_zero,
   .discard          = throttle_discard,
-  .flush            = throttle_flush,
-  .cache            = throttle_cache,
-  .block_status     = throttle_block_status,
-  .allocation_depth = throttle_allocation_depth,
+  .flush            = filter_flush,
+  .cache            = filter_cache,
+  .block_status     = filter_block_status,
+  .allocation_depth = filter_allocation_depth,
   .child_perm       = throttle_child_perm,
   .drain_begin      = throttle_drain_begin,
   .drain_end        = throttle_drain_end,
