@@ -1478,124 +1478,8 @@ cmd_fleece_list (struct nbdctl *ctl, const struct command *self, int argc,
 
 /* ---- block jobs ---- */
 
-static int
-cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
-            char **argv)
-{
-  enum { O_SYNC = OPT_FIRST_COMMAND_OPTION, O_ID, O_SPEED, O_GRANULARITY,
-         O_BUF_SIZE, O_NO_AUTO_DISMISS, O_COPY_MODE };
-  static const struct option opts[] = {
-    COMMON_OPTIONS,
-    { "sync", required_argument, NULL, O_SYNC },
-    { "id", required_argument, NULL, O_ID },
-    { "speed", required_argument, NULL, O_SPEED },
-    { "granularity", required_argument, NULL, O_GRANULARITY },
-    { "buf-size", required_argument, NULL, O_BUF_SIZE },
-    { "no-auto-dismiss", no_argument, NULL, O_NO_AUTO_DISMISS },
-    { "copy-mode", required_argument, NULL, O_COPY_MODE },
-    { NULL, 0, NULL, 0 },
-  };
-  CLEANUP_JSON_PUT struct json_object *args = jobj ();
-  CLEANUP_FREE char *id = NULL;
-  struct json_object *ret = NULL;
-  const char *sync = NULL, *copy_mode = NULL;
-  uint64_t v;
-  int c, rc;
-
-  /* The daemon checks the granularity and buf-size ranges (they depend
-   * on each other) and says so: we only parse the sizes.
-   */
-  while ((c = next_option (ctl, self, argc, argv, opts, &rc)) > 0) {
-    switch (c) {
-    case O_SYNC:
-      if (strcmp (optarg, "full") != 0 && strcmp (optarg, "top") != 0 &&
-          strcmp (optarg, "none") != 0)
-        return usage_error (self, "--sync: expected full, top or none, "
-                            "got '%s'", optarg);
-      sync = optarg;
-      break;
-    case O_ID:
-      if (!node_name_is_valid (optarg))
-        return usage_error (self, "--id: '%s' is not a valid job id (a "
-                            "letter, then letters, digits, '-', '.' and "
-                            "'_')", optarg);
-      free (id);
-      id = check_alloc (strdup (optarg));
-      break;
-    case O_SPEED:
-      if (parse_size_arg (self, "speed", optarg, &v))
-        return EXIT_USAGE;
-      jadd_int (args, "speed", v);
-      break;
-    case O_GRANULARITY:
-      if (parse_size_arg (self, "granularity", optarg, &v))
-        return EXIT_USAGE;
-      jadd_int (args, "granularity", v);
-      break;
-    case O_BUF_SIZE:
-      if (parse_size_arg (self, "buf-size", optarg, &v))
-        return EXIT_USAGE;
-      jadd_int (args, "buf-size", v);
-      break;
-    case O_NO_AUTO_DISMISS:
-      jadd_bool (args, "auto-dismiss", false);
-      break;
-    case O_COPY_MODE:
-      if (strcmp (optarg, "background") != 0 &&
-          strcmp (optarg, "write-blocking") != 0)
-        return usage_error (self, "--copy-mode: expected background or "
-                            "write-blocking, got '%s'", optarg);
-      copy_mode = optarg;
-      jadd_str (args, "copy-mode", optarg);
-      break;
-    }
-  }
-  if (c == -1)
-    return rc;
-  if (argc - optind != 2)
-    return usage_error (self, "expected NODE TARGET");
-  /* No default, as in QEMU: copying everything or only new writes is
-   * the caller's choice.
-   */
-  if (sync == NULL)
-    return usage_error (self, "--sync full|top|none is required");
-  if (id == NULL) {
-    if (asprintf (&id, "mirror-%s", argv[optind]) == -1)
-      out_of_memory ();
-    if (!node_name_is_valid (id))
-      return usage_error (self, "'%s' is not a valid job id: give one with "
-                          "--id", id);
-  }
-  jadd_str (args, "job-id", id);
-  jadd_str (args, "device", argv[optind]);
-  jadd_str (args, "target", argv[optind + 1]);
-  jadd_str (args, "sync", sync);
-  rc = ctl_call (ctl, "blockdev-mirror", steal_pointer (&args), &ret);
-  if (rc)
-    return rc;
-  json_object_put (ret);
-  /* The id may be ours: say it, as fleece start does. */
-  if (ctl->json) {
-    struct json_object *o = jobj ();
-    jadd_str (o, "id", id);
-    print_json (o);
-    json_object_put (o);
-  }
-  else {
-    CLEANUP_FREE char *eid = escape_text (id);
-    CLEANUP_FREE char *enode = escape_text (argv[optind]);
-    CLEANUP_FREE char *etarget = escape_text (argv[optind + 1]);
-    printf ("job %s: mirroring %s to %s (sync %s%s%s)\n", eid, enode,
-            etarget, sync, copy_mode ? ", copy-mode " : "",
-            copy_mode ? copy_mode : "");
-  }
-  return EXIT_OK;
-}
-
-/* ---- backup, stream and commit ---- */
-
-/* The options these three share with mirror, and the one each names
- * itself (@extra, NULL-terminated, with values starting at O_EXTRA).
+/* The options every job command takes; each command's own ones are
+ * numbered from O_EXTRA.
  */
 enum { O_JOB_ID = OPT_FIRST_COMMAND_OPTION, O_JOB_SPEED,
        O_JOB_NO_AUTO_DISMISS, O_EXTRA };
@@ -1646,8 +1530,8 @@ parse_job_options (struct nbdctl *ctl, const struct command *self,
   { "speed", required_argument, NULL, O_JOB_SPEED },                    \
   { "no-auto-dismiss", no_argument, NULL, O_JOB_NO_AUTO_DISMISS }
 
-/* Send @command with @args, the job id in it (the default: PREFIX-NODE),
- * and say which job started.
+/* Send @command with @args (taken over), the job id in it (the
+ * default: PREFIX-NODE), and say which job started: "job ID: @what".
  */
 static int
 start_job_command (struct nbdctl *ctl, const struct command *self,
@@ -1662,9 +1546,11 @@ start_job_command (struct nbdctl *ctl, const struct command *self,
   if (id == NULL) {
     if (asprintf (&own, "%s-%s", prefix, node) == -1)
       out_of_memory ();
-    if (!node_name_is_valid (own))
+    if (!node_name_is_valid (own)) {
+      json_object_put (args);
       return usage_error (self, "'%s' is not a valid job id: give one with "
                           "--id", own);
+    }
     id = own;
   }
   jadd_str (args, "job-id", id);
@@ -1685,6 +1571,86 @@ start_job_command (struct nbdctl *ctl, const struct command *self,
   }
   return EXIT_OK;
 }
+
+enum { O_MIRROR_SYNC = O_EXTRA, O_MIRROR_GRANULARITY, O_MIRROR_BUF_SIZE,
+       O_MIRROR_COPY_MODE };
+
+/* The daemon checks the granularity and buf-size ranges (they depend
+ * on each other) and says so: we only parse the sizes.
+ */
+static int
+mirror_opt (const struct command *self, int c, struct json_object *args)
+{
+  uint64_t v;
+
+  switch (c) {
+  case O_MIRROR_SYNC:
+    if (strcmp (optarg, "full") != 0 && strcmp (optarg, "top") != 0 &&
+        strcmp (optarg, "none") != 0)
+      return usage_error (self, "--sync: expected full, top or none, "
+                          "got '%s'", optarg);
+    jadd_str (args, "sync", optarg);
+    break;
+  case O_MIRROR_GRANULARITY:
+    if (parse_size_arg (self, "granularity", optarg, &v))
+      return EXIT_USAGE;
+    jadd_int (args, "granularity", v);
+    break;
+  case O_MIRROR_BUF_SIZE:
+    if (parse_size_arg (self, "buf-size", optarg, &v))
+      return EXIT_USAGE;
+    jadd_int (args, "buf-size", v);
+    break;
+  case O_MIRROR_COPY_MODE:
+    if (strcmp (optarg, "background") != 0 &&
+        strcmp (optarg, "write-blocking") != 0)
+      return usage_error (self, "--copy-mode: expected background or "
+                          "write-blocking, got '%s'", optarg);
+    jadd_str (args, "copy-mode", optarg);
+    break;
+  }
+  return 0;
+}
+
+static int
+cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
+            char **argv)
+{
+  static const struct option opts[] = {
+    JOB_OPTIONS,
+    { "sync", required_argument, NULL, O_MIRROR_SYNC },
+    { "granularity", required_argument, NULL, O_MIRROR_GRANULARITY },
+    { "buf-size", required_argument, NULL, O_MIRROR_BUF_SIZE },
+    { "copy-mode", required_argument, NULL, O_MIRROR_COPY_MODE },
+    { NULL, 0, NULL, 0 },
+  };
+  CLEANUP_JSON_PUT struct json_object *args = jobj ();
+  CLEANUP_FREE char *id = NULL, *what = NULL;
+  const char *sync, *copy_mode;
+  int rc;
+
+  if ((rc = parse_job_options (ctl, self, argc, argv, opts, args, &id,
+                               mirror_opt)) != -1)
+    return rc;
+  if (argc - optind != 2)
+    return usage_error (self, "expected NODE TARGET");
+  /* No default, as in QEMU: copying everything or only new writes is
+   * the caller's choice.
+   */
+  if ((sync = jstr (args, "sync")) == NULL)
+    return usage_error (self, "--sync full|top|none is required");
+  copy_mode = jstr (args, "copy-mode");
+  jadd_str (args, "device", argv[optind]);
+  jadd_str (args, "target", argv[optind + 1]);
+  if (asprintf (&what, "mirroring %s to %s (sync %s%s%s)", argv[optind],
+                argv[optind + 1], sync, copy_mode ? ", copy-mode " : "",
+                copy_mode ? copy_mode : "") == -1)
+    out_of_memory ();
+  return start_job_command (ctl, self, "blockdev-mirror", "mirror",
+                            argv[optind], id, steal_pointer (&args), what);
+}
+
+/* ---- backup, stream and commit ---- */
 
 enum { O_BACKUP_SYNC = O_EXTRA, O_BACKUP_BITMAP, O_BACKUP_BITMAP_MODE };
 
