@@ -133,9 +133,16 @@ hand_back_locked (void)
     pthread_cond_signal (&runq_cond);
 }
 
+/* Only a worker running a request counts: a job's threads sleep in
+ * the graph too, and they hold no batch and take no worker's place.
+ */
+static __thread unsigned asleep_depth;  /* sleeps may nest */
+
 static void
 sleep_begin (void)
 {
+  if (running == NULL || asleep_depth++ > 0)
+    return;
   pthread_mutex_lock (&runq_lock);
   sleeping++;
   hand_back_locked ();
@@ -146,6 +153,8 @@ sleep_begin (void)
 static void
 sleep_end (void)
 {
+  if (asleep_depth == 0 || --asleep_depth > 0)
+    return;
   pthread_mutex_lock (&runq_lock);
   sleeping--;
   pthread_mutex_unlock (&runq_lock);
