@@ -18,22 +18,37 @@
  *                   allows multi-conn (default 4); else one
  *   read-only
  *
- * Threads.  A libnbd handle runs one synchronous call at a time, so
- * the node keeps a pool of connections, each used by one request at a
- * time.  A request that finds its connection dead (the server went
- * away) reconnects it, waiting up to reconnect-delay, and retries on
- * the new connection: NBD reads and writes are idempotent, so nothing
- * is lost and nothing is applied twice in effect.  After the delay it
- * fails with EIO; the next request tries again.
+ * Threads.  Requests are pipelined: a request is issued with libnbd's
+ * aio calls on the connection with the fewest requests in flight, from
+ * the worker that makes it, and that worker sleeps until its reply.
+ * Each connection has a dispatcher thread that polls the socket, lets
+ * libnbd read the replies, and wakes the workers they answer.  So one
+ * connection carries as many requests at once as there are workers,
+ * and a request costs one round trip, not one round trip per request
+ * ahead of it.
+ *
+ * Reconnects.  When a connection dies (the server went away), libnbd
+ * fails the requests in flight on it; each is issued again on another
+ * connection, or waits up to reconnect-delay for one to come back:
+ * NBD reads and writes are idempotent, so nothing is lost and nothing
+ * is applied twice in effect.  After the delay a request fails with
+ * EIO; the next one tries again.  The dispatcher of a dead connection
+ * closes it once no request uses it, and connects again while requests
+ * wait for a connection, or while another connection is up (the server
+ * is back: the pool fills up again).
  */
 #include <config.h>
 
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
+#include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
 
 #include <libnbd.h>
 
@@ -45,10 +60,22 @@
 
 #define MAX_CONNECTIONS 16
 #define MAX_RETRIES 5           /* connections dying under one request */
+#define RETRY_NS 200000000      /* between connection attempts */
+
+struct nbd_state;
 
 struct nbd_conn {
-  struct nbd_handle *h;         /* NULL: to be (re)connected */
-  bool busy;                    /* lock */
+  struct nbd_state *s;
+  pthread_t thread;
+  bool has_thread;
+  int wake_fd;                  /* eventfd: look at the handle again */
+
+  /* Under s->lock. */
+  struct nbd_handle *h;         /* NULL: not connected */
+  bool dead;                    /* h died: no new requests on it */
+  unsigned users;               /* requests holding h */
+  unsigned in_flight;           /* of them, issued and not answered */
+  bool stop;                    /* the node is closing */
 };
 
 struct nbd_state {
@@ -59,12 +86,18 @@ struct nbd_state {
   double reconnect_delay;
   char *name;                   /* for messages */
 
-  pthread_mutex_t lock;         /* conns[].busy */
-  pthread_cond_t free;          /* a connection was given back */
+  pthread_mutex_t lock;         /* the conns' shared fields, and: */
+  pthread_cond_t changed;       /* a connection came, died or was freed */
+  unsigned waiting;             /* requests waiting for a connection */
+  unsigned live;                /* connections up and not dead */
+  uint64_t attempts;            /* connection attempts finished */
+  char *last_error;             /* of the last failed attempt */
+
   unsigned nr_conns;
   struct nbd_conn conns[MAX_CONNECTIONS];
   bool can_fua, can_flush, can_trim, can_zero, can_fast_zero, can_cache;
   bool has_block_status;
+  int64_t block_min, block_max, block_pref;     /* -1: not said */
 };
 
 /* ---- connecting ---- */
@@ -113,107 +146,377 @@ dead (struct nbd_handle *h)
   return nbd_aio_is_dead (h) == 1 || nbd_aio_is_closed (h) == 1;
 }
 
-/* Take a connection, connected: waits for a free one, and while the
- * server is away, up to reconnect-delay.  NULL: -errno in *err.
+static void
+wake (struct nbd_conn *c)
+{
+  uint64_t one = 1;
+
+  /* EAGAIN: a wake-up is pending already. */
+  if (write (c->wake_fd, &one, sizeof one) == -1 && errno != EAGAIN)
+    nbdd_debug ("nbd: wake: %m");
+}
+
+static void
+deadline_after (struct timespec *ts, uint64_t ns)
+{
+  clock_gettime (CLOCK_MONOTONIC, ts);
+  ts->tv_sec += (time_t) (ns / 1000000000);
+  ts->tv_nsec += (long) (ns % 1000000000);
+  if (ts->tv_nsec >= 1000000000) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000;
+  }
+}
+
+static bool
+past (const struct timespec *ts)
+{
+  struct timespec now;
+
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  return now.tv_sec > ts->tv_sec ||
+    (now.tv_sec == ts->tv_sec && now.tv_nsec >= ts->tv_nsec);
+}
+
+/* Under s->lock: no new request goes to @c; its dispatcher closes the
+ * handle once the requests holding it are gone.
+ */
+static void
+mark_dead (struct nbd_conn *c)
+{
+  struct nbd_state *s = c->s;
+
+  if (c->dead)
+    return;
+  c->dead = true;
+  s->live--;
+  pthread_cond_broadcast (&s->changed);
+  wake (c);
+}
+
+/* Under s->lock, after a failed attempt: sleep before the next one,
+ * 200 ms while requests wait, else longer and longer up to 6.4 s (the
+ * server may be gone for good).  A request arriving cuts the long
+ * sleep short.
+ */
+static void
+retry_sleep (struct nbd_conn *c, unsigned failures)
+{
+  struct nbd_state *s = c->s;
+  struct timespec soon, late;
+
+  deadline_after (&soon, RETRY_NS);
+  deadline_after (&late, (uint64_t) RETRY_NS << MIN (failures, 5u));
+  while (!c->stop && !past (&soon))
+    pthread_cond_timedwait (&s->changed, &s->lock, &soon);
+  while (!c->stop && s->waiting == 0 && !past (&late))
+    pthread_cond_timedwait (&s->changed, &s->lock, &late);
+}
+
+/* Wait for the socket or a wake-up, and let libnbd go on.  Whether the
+ * handle died.
+ */
+static bool
+poll_once (struct nbd_conn *c, struct nbd_handle *h)
+{
+  int fd = nbd_aio_get_fd (h);
+  unsigned dir = nbd_aio_get_direction (h);
+  struct pollfd fds[2] = {
+    { .fd = c->wake_fd, .events = POLLIN },
+    { .fd = fd, .events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                          ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
+  };
+  uint64_t v;
+
+  if (fd < 0 || dead (h))
+    return true;
+  if (poll (fds, 2, -1) == -1) {
+    if (errno != EINTR)
+      nbdd_warn ("nbd: %s: poll: %m", c->s->name);
+    return false;
+  }
+  if ((fds[0].revents & POLLIN) &&
+      read (c->wake_fd, &v, sizeof v) == -1 && errno != EAGAIN)
+    nbdd_debug ("nbd: wake: %m");
+  if ((fds[1].revents & POLLIN) ||
+      ((fds[1].revents & (POLLHUP | POLLERR)) &&
+       (dir & LIBNBD_AIO_DIRECTION_READ)))
+    nbd_aio_notify_read (h);
+  else if (fds[1].revents & (POLLOUT | POLLHUP | POLLERR))
+    nbd_aio_notify_write (h);
+  return dead (h);
+}
+
+/* A connection's thread: (re)connects it when wanted, reads its
+ * replies, and closes it when it died and nobody holds it.
+ */
+static void *
+dispatcher (void *arg)
+{
+  struct nbd_conn *c = arg;
+  struct nbd_state *s = c->s;
+  unsigned failures = 0;
+
+  pthread_mutex_lock (&s->lock);
+  while (!c->stop) {
+    struct nbd_handle *h = c->h;
+
+    if (h == NULL) {
+      struct error *e = NULL;
+
+      if (s->waiting == 0 && s->live == 0) {
+        pthread_cond_wait (&s->changed, &s->lock);
+        continue;
+      }
+      pthread_mutex_unlock (&s->lock);
+      h = conn_open (s, &e);
+      pthread_mutex_lock (&s->lock);
+      s->attempts++;
+      if (h) {
+        c->h = h;
+        c->dead = false;
+        s->live++;
+        failures = 0;
+      }
+      else {
+        nbdd_debug ("%s", e->msg);
+        free (s->last_error);
+        s->last_error = strdup (e->msg);
+        error_free (e);
+        failures++;
+      }
+      pthread_cond_broadcast (&s->changed);
+      if (h == NULL)
+        retry_sleep (c, failures);
+    }
+    else if (c->dead) {
+      if (c->users > 0) {
+        pthread_cond_wait (&s->changed, &s->lock);
+        continue;
+      }
+      c->h = NULL;
+      pthread_mutex_unlock (&s->lock);
+      nbd_close (h);
+      pthread_mutex_lock (&s->lock);
+    }
+    else {
+      bool died;
+
+      pthread_mutex_unlock (&s->lock);
+      died = poll_once (c, h);
+      pthread_mutex_lock (&s->lock);
+      if (died)
+        mark_dead (c);
+    }
+  }
+  pthread_mutex_unlock (&s->lock);
+  return NULL;
+}
+
+/* Take the live connection with the fewest requests on it; while there
+ * is none, wait up to reconnect-delay (and for one attempt at least).
+ * NULL: -errno in *err.
  */
 static struct nbd_conn *
 conn_get (struct nbd_state *s, int *err)
 {
-  struct nbd_conn *c = NULL;
-  struct timespec start, now;
-  struct error *e = NULL;
+  struct nbd_conn *best = NULL;
+  struct timespec deadline;
+  uint64_t attempts0 = 0;
+  bool waiting = false;
 
   pthread_mutex_lock (&s->lock);
   for (;;) {
-    for (unsigned i = 0; i < s->nr_conns && c == NULL; ++i)
-      if (!s->conns[i].busy)
-        c = &s->conns[i];
-    if (c)
+    for (unsigned i = 0; i < s->nr_conns; ++i) {
+      struct nbd_conn *c = &s->conns[i];
+      if (c->h && !c->dead && (best == NULL || c->users < best->users))
+        best = c;
+    }
+    if (best)
       break;
-    pthread_cond_wait (&s->free, &s->lock);
+    if (!waiting) {
+      waiting = true;
+      s->waiting++;
+      attempts0 = s->attempts;
+      deadline_after (&deadline, (uint64_t) (s->reconnect_delay * 1e9));
+      pthread_cond_broadcast (&s->changed);     /* dispatchers: connect */
+      pthread_mutex_unlock (&s->lock);
+      node_io_sleep_begin ();
+      pthread_mutex_lock (&s->lock);
+      continue;
+    }
+    if (s->attempts == attempts0)
+      pthread_cond_wait (&s->changed, &s->lock);
+    else if (past (&deadline))
+      break;
+    else
+      pthread_cond_timedwait (&s->changed, &s->lock, &deadline);
   }
-  c->busy = true;
+  if (best)
+    best->users++;
+  if (waiting)
+    s->waiting--;
+  if (best == NULL)
+    nbdd_warn ("%s (giving up after %g s)",
+               s->last_error ? s->last_error : "nbd: no connection",
+               s->reconnect_delay);
   pthread_mutex_unlock (&s->lock);
-
-  if (c->h && !dead (c->h))
-    return c;
-  clock_gettime (CLOCK_MONOTONIC, &start);
-  for (;;) {
-    if (c->h) {
-      nbd_close (c->h);
-      c->h = NULL;
-    }
-    if ((c->h = conn_open (s, &e)) != NULL)
-      return c;
-    clock_gettime (CLOCK_MONOTONIC, &now);
-    if ((now.tv_sec - start.tv_sec) +
-        (now.tv_nsec - start.tv_nsec) / 1e9 >= s->reconnect_delay) {
-      nbdd_warn ("%s (giving up after %g s)", e->msg, s->reconnect_delay);
-      error_free (e);
-      break;
-    }
-    error_free (e);
-    e = NULL;
-    node_io_sleep_begin ();
-    nanosleep (&(struct timespec) { .tv_nsec = 200000000 }, NULL);
+  if (waiting)
     node_io_sleep_end ();
-  }
-  pthread_mutex_lock (&s->lock);
-  c->busy = false;
-  pthread_cond_signal (&s->free);
-  pthread_mutex_unlock (&s->lock);
   *err = -EIO;
-  return NULL;
+  return best;
 }
 
 static void
-conn_put (struct nbd_state *s, struct nbd_conn *c)
+conn_put (struct nbd_state *s, struct nbd_conn *c, bool died)
 {
   pthread_mutex_lock (&s->lock);
-  c->busy = false;
-  pthread_cond_signal (&s->free);
+  c->users--;
+  if (died)
+    mark_dead (c);
+  if (c->dead && c->users == 0)
+    pthread_cond_broadcast (&s->changed);
   pthread_mutex_unlock (&s->lock);
 }
 
-/* Run @call on a connection (named h); a connection that died under
- * it is made again and the request retried, a few times at most.
+/* ---- requests ---- */
+
+/* One request in flight: its worker sleeps on @done, which libnbd's
+ * free callback posts, once, whether or not the request was issued.
  */
-#define WITH_RETRY(s, r, call)                                          \
-  do {                                                                  \
-    for (unsigned try_ = 0; ; ++try_) {                                 \
-      struct nbd_conn *c_ = conn_get ((s), &(r));                      \
-      struct nbd_handle *h = c_ ? c_->h : NULL;                        \
-      if (c_ == NULL)                                                   \
-        break;                                                          \
-      (r) = (call);                                                     \
-      if ((r) == -1) {                                                  \
-        int e_ = nbd_get_errno ();                                      \
-        bool retry_ = dead (h);                                         \
-        if (!retry_)                                                    \
-          nbdd_debug ("nbd: %s: %s", (s)->name, nbd_get_error ());      \
-        (r) = -(e_ ? e_ : EIO);                                         \
-        conn_put ((s), c_);                                             \
-        if (retry_ && try_ < MAX_RETRIES)                               \
-          continue;                                                     \
-        break;                                                          \
-      }                                                                 \
-      (r) = 0;                                                          \
-      conn_put ((s), c_);                                               \
-      break;                                                            \
-    }                                                                   \
-  } while (0)
+struct request {
+  sem_t done;
+  int error;
+};
+
+static int
+request_complete (void *opaque, int *error)
+{
+  struct request *rq = opaque;
+
+  rq->error = *error;
+  return 1;                     /* retire it */
+}
+
+static void
+request_free (void *opaque)
+{
+  struct request *rq = opaque;
+
+  sem_post (&rq->done);
+}
+
+/* Issues a request on @h with @cb: a cookie, or -1 (cb freed). */
+typedef int64_t (*issue_fn) (struct nbd_handle *h, void *args,
+                             nbd_completion_callback cb);
+
+/* Run a request to its end, on another connection when its own died
+ * under it (a few times at most).  0 or -errno.
+ */
+static int
+run (struct nbd_state *s, issue_fn issue, void *args)
+{
+  for (unsigned try = 0; ; ++try) {
+    struct request rq = { .error = 0 };
+    struct nbd_conn *c;
+    bool died;
+    int err;
+
+    if ((c = conn_get (s, &err)) == NULL)
+      return err;
+    sem_init (&rq.done, 0, 0);
+    if (issue (c->h, args,
+               (nbd_completion_callback) { .callback = request_complete,
+                                           .user_data = &rq,
+                                           .free = request_free }) == -1) {
+      rq.error = nbd_get_errno ();
+      if (rq.error == 0)
+        rq.error = EIO;
+      if (!dead (c->h))
+        nbdd_debug ("nbd: %s: %s", s->name, nbd_get_error ());
+    }
+    else if (nbd_aio_get_direction (c->h) & LIBNBD_AIO_DIRECTION_WRITE)
+      wake (c);                 /* the rest of it waits for the socket */
+    /* A round trip is a sleep: the rest of this worker's batch goes to
+     * other workers meanwhile.
+     */
+    if (sem_trywait (&rq.done) == -1) {
+      node_io_sleep_begin ();
+      while (sem_wait (&rq.done) == -1)
+        ;                       /* EINTR */
+      node_io_sleep_end ();
+    }
+    sem_destroy (&rq.done);
+    died = rq.error != 0 && dead (c->h);
+    conn_put (s, c, died);
+    if (rq.error == 0)
+      return 0;
+    if (!died || try >= MAX_RETRIES)
+      return -rq.error;
+  }
+}
 
 /* ---- the data path ---- */
+
+struct rw_args {
+  void *buf;
+  uint64_t count, offset;
+  uint32_t flags;
+};
+
+static int64_t
+issue_pread (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  struct rw_args *a = args;
+
+  return nbd_aio_pread (h, a->buf, a->count, a->offset, cb, 0);
+}
+
+static int64_t
+issue_pwrite (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  struct rw_args *a = args;
+
+  return nbd_aio_pwrite (h, a->buf, a->count, a->offset, cb, a->flags);
+}
+
+static int64_t
+issue_zero (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  struct rw_args *a = args;
+
+  return nbd_aio_zero (h, a->count, a->offset, cb, a->flags);
+}
+
+static int64_t
+issue_trim (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  struct rw_args *a = args;
+
+  return nbd_aio_trim (h, a->count, a->offset, cb, a->flags);
+}
+
+static int64_t
+issue_flush (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  return nbd_aio_flush (h, cb, 0);
+}
+
+static int64_t
+issue_cache (struct nbd_handle *h, void *args, nbd_completion_callback cb)
+{
+  struct rw_args *a = args;
+
+  return nbd_aio_cache (h, a->count, a->offset, cb, 0);
+}
 
 static int
 nbd_drv_pread (struct node *node, void *buf, uint32_t count,
                uint64_t offset, unsigned flags)
 {
-  struct nbd_state *s = node->opaque;
-  int r;
+  struct rw_args a = { .buf = buf, .count = count, .offset = offset };
 
-  WITH_RETRY (s, r, nbd_pread (h, buf, count, offset, 0));
-  return r;
+  return run (node->opaque, issue_pread, &a);
 }
 
 static uint32_t
@@ -229,7 +532,7 @@ fua_fallback (struct node *node, int r, unsigned flags)
   struct nbd_state *s = node->opaque;
 
   if (r == 0 && (flags & NODE_FUA) && !s->can_fua && s->can_flush)
-    WITH_RETRY (s, r, nbd_flush (h, 0));
+    r = run (s, issue_flush, NULL);
   return r;
 }
 
@@ -238,10 +541,10 @@ nbd_drv_pwrite (struct node *node, const void *buf, uint32_t count,
                 uint64_t offset, unsigned flags)
 {
   struct nbd_state *s = node->opaque;
-  int r;
+  struct rw_args a = { .buf = (void *) buf, .count = count,
+                       .offset = offset, .flags = fua (s, flags) };
 
-  WITH_RETRY (s, r, nbd_pwrite (h, buf, count, offset, fua (s, flags)));
-  return fua_fallback (node, r, flags);
+  return fua_fallback (node, run (s, issue_pwrite, &a), flags);
 }
 
 static int
@@ -263,12 +566,12 @@ nbd_drv_zero (struct node *node, uint64_t count, uint64_t offset,
     f |= LIBNBD_CMD_FLAG_NO_HOLE;
   /* A request is at most 4 GiB on the wire. */
   while (count > 0) {
-    uint64_t n = MIN (count, UINT64_C (1) << 30);
-    WITH_RETRY (s, r, nbd_zero (h, n, offset, f));
-    if (r < 0)
+    struct rw_args a = { .count = MIN (count, UINT64_C (1) << 30),
+                         .offset = offset, .flags = f };
+    if ((r = run (s, issue_zero, &a)) < 0)
       return r;
-    count -= n;
-    offset += n;
+    count -= a.count;
+    offset += a.count;
   }
   return fua_fallback (node, 0, flags);
 }
@@ -283,12 +586,12 @@ nbd_drv_discard (struct node *node, uint64_t count, uint64_t offset,
   if (!s->can_trim)
     return 0;                   /* advisory */
   while (count > 0) {
-    uint64_t n = MIN (count, UINT64_C (1) << 30);
-    WITH_RETRY (s, r, nbd_trim (h, n, offset, fua (s, flags)));
-    if (r < 0)
+    struct rw_args a = { .count = MIN (count, UINT64_C (1) << 30),
+                         .offset = offset, .flags = fua (s, flags) };
+    if ((r = run (s, issue_trim, &a)) < 0)
       return r;
-    count -= n;
-    offset += n;
+    count -= a.count;
+    offset += a.count;
   }
   return fua_fallback (node, 0, flags);
 }
@@ -297,51 +600,66 @@ static int
 nbd_drv_flush (struct node *node)
 {
   struct nbd_state *s = node->opaque;
-  int r;
 
   if (!s->can_flush)
     return 0;
-  WITH_RETRY (s, r, nbd_flush (h, 0));
-  return r;
+  return run (s, issue_flush, NULL);
 }
 
 static int
 nbd_drv_cache (struct node *node, uint64_t count, uint64_t offset)
 {
   struct nbd_state *s = node->opaque;
-  int r;
+  struct rw_args a = { .count = MIN (count, UINT64_C (1) << 30),
+                       .offset = offset };
 
   if (!s->can_cache)
     return 0;
-  WITH_RETRY (s, r, nbd_cache (h, MIN (count, UINT64_C (1) << 30), offset,
-                               0));
-  return r;
+  return run (s, issue_cache, &a);
 }
 
-struct status_ctx {
+struct status_args {
   struct extent_list *el;
-  uint64_t want;
-  int r;
+  size_t len0;                  /* where this request's extents start */
+  uint64_t end0;
+  uint64_t count, offset, want;
+  int r;                        /* of extents_add: 1 full, -ENOMEM */
 };
 
 static int
 status_cb (void *opaque, const char *metacontext, uint64_t offset,
            uint32_t *entries, size_t nr_entries, int *error)
 {
-  struct status_ctx *sc = opaque;
+  struct status_args *sa = opaque;
 
   if (strcmp (metacontext, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
     return 0;
-  for (size_t i = 0; i + 1 < nr_entries && sc->r == 0; i += 2) {
+  for (size_t i = 0; i + 1 < nr_entries && sa->r == 0; i += 2) {
     uint64_t len = entries[i];
-    if (len == 0 || sc->el->end >= sc->want)
+    if (len == 0 || sa->el->end >= sa->want)
       break;
-    len = MIN (len, sc->want - sc->el->end);
-    if (extents_add (sc->el, len,
-                     entries[i + 1] & (EXTENT_HOLE | EXTENT_ZERO)) != 0)
-      sc->r = 1;
+    len = MIN (len, sa->want - sa->el->end);
+    sa->r = extents_add (sa->el, len,
+                         entries[i + 1] & (EXTENT_HOLE | EXTENT_ZERO));
   }
   return 0;
+}
+
+/* Each try starts the list again where the request began. */
+static int64_t
+issue_block_status (struct nbd_handle *h, void *args,
+                    nbd_completion_callback cb)
+{
+  struct status_args *sa = args;
+
+  sa->el->len = sa->len0;
+  sa->el->end = sa->end0;
+  sa->r = 0;
+  return nbd_aio_block_status (h, sa->count, sa->offset,
+                               (nbd_extent_callback) {
+                                 .callback = status_cb,
+                                 .user_data = sa },
+                               cb, 0);
 }
 
 static int
@@ -349,25 +667,19 @@ nbd_drv_block_status (struct node *node, uint64_t count, uint64_t offset,
                       struct extent_list *el)
 {
   struct nbd_state *s = node->opaque;
-  struct status_ctx sc = { .el = el, .want = offset + count };
-  size_t len0 = el->len;
-  uint64_t end0 = el->end;
+  struct status_args sa = { .el = el, .len0 = el->len, .end0 = el->end,
+                            .count = MIN (count, UINT64_C (1) << 30),
+                            .offset = offset, .want = offset + count };
   int r;
 
   if (!s->has_block_status)
     return extents_add (el, count, 0) < 0 ? -ENOMEM : 0;
-  WITH_RETRY (s, r, (el->len = len0, el->end = end0, sc.r = 0,
-                     nbd_block_status (h, MIN (count, UINT64_C (1) << 30),
-                                       offset,
-                                       (nbd_extent_callback) {
-                                         .callback = status_cb,
-                                         .user_data = &sc },
-                                       0)));
-  if (r < 0)
+  if ((r = run (s, issue_block_status, &sa)) < 0)
     return r;
+  if (sa.r < 0)
+    return sa.r;
   /* A server may answer with less than asked, never with nothing. */
-  if (el->end == end0 && extents_add (el, MIN (count, UINT64_C (1) << 30),
-                                      0) < 0)
+  if (el->end == sa.end0 && extents_add (el, sa.count, 0) < 0)
     return -ENOMEM;
   return 0;
 }
@@ -450,8 +762,17 @@ nbd_drv_open (struct node *node, struct json_object *opts,
   bool ro = false;
   int64_t size;
 
+  pthread_condattr_t attr;
+
   pthread_mutex_init (&s->lock, NULL);
-  pthread_cond_init (&s->free, NULL);
+  pthread_condattr_init (&attr);
+  pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
+  pthread_cond_init (&s->changed, &attr);
+  pthread_condattr_destroy (&attr);
+  for (unsigned i = 0; i < MAX_CONNECTIONS; ++i) {
+    s->conns[i].s = s;
+    s->conns[i].wake_fd = -1;
+  }
   s->reconnect_delay = 10;
   if (opt_check_keys (opts, "nbd", nbd_keys, errp) == -1 ||
       dup_opt (opts, "uri", false, &s->uri, errp) == -1 ||
@@ -510,6 +831,7 @@ nbd_drv_open (struct node *node, struct json_object *opts,
   if ((h = conn_open (s, errp)) == NULL)
     return -1;
   s->conns[0].h = h;
+  s->live = 1;
   s->nr_conns = nbd_can_multi_conn (h) == 1 ? (unsigned) conns : 1;
   if ((size = nbd_get_size (h)) < 0) {
     error_setg (errp, "nbd: %s: %s", s->name, nbd_get_error ());
@@ -525,12 +847,31 @@ nbd_drv_open (struct node *node, struct json_object *opts,
   s->can_cache = nbd_can_cache (h) == 1;
   s->has_block_status =
     nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+  s->block_min = nbd_get_block_size (h, LIBNBD_SIZE_MINIMUM);
+  s->block_max = nbd_get_block_size (h, LIBNBD_SIZE_MAXIMUM);
+  s->block_pref = nbd_get_block_size (h, LIBNBD_SIZE_PREFERRED);
   node->can_flush = s->can_flush;
   node->can_trim = s->can_trim;
   node->can_zero = s->can_zero;
   node->can_fast_zero = s->can_fast_zero;
   node->can_cache = s->can_cache;
   node->has_block_status = s->has_block_status;
+
+  /* The other connections open at once, in their threads. */
+  for (unsigned i = 0; i < s->nr_conns; ++i) {
+    struct nbd_conn *c = &s->conns[i];
+    int e;
+
+    if ((c->wake_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK)) == -1) {
+      error_setg_errno (errp, errno, "nbd: eventfd");
+      return -1;
+    }
+    if ((e = pthread_create (&c->thread, NULL, dispatcher, c)) != 0) {
+      error_setg_errno (errp, e, "nbd: pthread_create");
+      return -1;
+    }
+    c->has_thread = true;
+  }
   return 0;
 }
 
@@ -540,11 +881,25 @@ nbd_drv_close (struct node *node)
 {
   struct nbd_state *s = node->opaque;
 
-  for (unsigned i = 0; i < MAX_CONNECTIONS; ++i)
-    if (s->conns[i].h) {
-      nbd_shutdown (s->conns[i].h, 0);
-      nbd_close (s->conns[i].h);
+  for (unsigned i = 0; i < MAX_CONNECTIONS; ++i) {
+    struct nbd_conn *c = &s->conns[i];
+
+    if (c->has_thread) {
+      pthread_mutex_lock (&s->lock);
+      c->stop = true;
+      pthread_cond_broadcast (&s->changed);
+      pthread_mutex_unlock (&s->lock);
+      wake (c);
+      pthread_join (c->thread, NULL);
     }
+    if (c->h) {
+      if (!dead (c->h))
+        nbd_shutdown (c->h, 0);
+      nbd_close (c->h);
+    }
+    if (c->wake_fd >= 0)
+      close (c->wake_fd);
+  }
   free (s->uri);
   free (s->path);
   free (s->host);
@@ -554,7 +909,8 @@ nbd_drv_close (struct node *node)
   free (s->tls_psk);
   free (s->tls_username);
   free (s->name);
-  pthread_cond_destroy (&s->free);
+  free (s->last_error);
+  pthread_cond_destroy (&s->changed);
   pthread_mutex_destroy (&s->lock);
 }
 
@@ -562,10 +918,7 @@ static void
 nbd_drv_refresh_limits (struct node *node, struct node_limits *limits)
 {
   struct nbd_state *s = node->opaque;
-  struct nbd_handle *h = s->conns[0].h;
-  int64_t min = h ? nbd_get_block_size (h, LIBNBD_SIZE_MINIMUM) : -1;
-  int64_t max = h ? nbd_get_block_size (h, LIBNBD_SIZE_MAXIMUM) : -1;
-  int64_t pref = h ? nbd_get_block_size (h, LIBNBD_SIZE_PREFERRED) : -1;
+  int64_t min = s->block_min, max = s->block_max, pref = s->block_pref;
 
   limits->request_alignment = min > 0 && min <= 65536 ? (uint32_t) min : 1;
   /* libnbd refuses requests over 64 MiB of payload; NBD servers over

@@ -2,6 +2,8 @@
 node of the graph, over a unix socket or TCP, with or without TLS, that
 rides out the remote going away."""
 import os
+import re
+import subprocess
 import threading
 import time
 
@@ -176,14 +178,84 @@ def test_tls(nbdd_server, remote, tmp_path, pki, kind):
         h.shutdown()
 
 
+def wait_for_socket(path, proc, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, "nbdkit exited"
+        assert time.monotonic() < deadline, "nbdkit did not listen"
+        time.sleep(0.02)
+
+
+def most_in_flight(log):
+    """The most requests nbdkit's log filter saw outstanding at once on
+    one connection."""
+    now, most = {}, 0
+    for line in log.splitlines():
+        m = re.search(r"connection=(\d+) (\.\.\.)?(Read|Write) id=", line)
+        if m:
+            c = m.group(1)
+            now[c] = now.get(c, 0) + (-1 if m.group(2) else 1)
+            most = max(most, now[c])
+    return most
+
+
+def test_requests_are_pipelined_on_a_connection(nbdd_server, tmp_path):
+    """Requests through the node do not wait for each other: eight reads
+    and eight writes in flight go out together on the node's one
+    connection, and each is answered with its own data.  (The remote is
+    nbdkit, with a delay on every request and a log of when each starts
+    and ends.)"""
+    sock, log = str(tmp_path / "kit.sock"), tmp_path / "kit.log"
+    kit = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=log",
+         "--filter=delay", "memory", "size=16M", f"logfile={log}",
+         "rdelay=200ms", "wdelay=200ms"])
+    try:
+        wait_for_socket(sock, kit)
+        srv = start(nbdd_server, tmp_path)
+        with QMP(srv.admin) as q:
+            add_nbd(q, server={"type": "unix", "path": sock},
+                    connections=1)
+            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+                  name="via", writable=True)
+            h = srv.connect("via")
+            writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
+                      for i in range(8)]
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            assert all(h.aio_command_completed(c) for c in writes)
+            bufs = [nbd.Buffer(4096) for _ in range(8)]
+            reads = [h.aio_pread(b, i * MiB) for i, b in enumerate(bufs)]
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            assert all(h.aio_command_completed(c) for c in reads)
+            for i, b in enumerate(bufs):
+                assert b.to_bytearray() == bytes([i + 1]) * 4096
+            h.shutdown()
+            text = log.read_text()
+            assert len(set(re.findall(r"connection=(\d+) Connect",
+                                      text))) == 1
+            assert most_in_flight(text) >= 4, text
+    finally:
+        kit.kill()              # it would wait for nbdd's connection
+        kit.wait(10)
+
+
 def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
                                                tmp_path):
-    """Writes through the node while the remote restarts: they wait and
-    land, none is lost.  A remote away longer than reconnect-delay fails
-    requests with EIO, and the node works again once it is back."""
+    """Writes through the node while the remote restarts, from four
+    clients at once, so that several are in flight on a connection when
+    it dies: they wait and land, none is lost.  A remote away longer
+    than reconnect-delay fails requests with EIO, and the node works
+    again once it is back."""
     img = make_image(tmp_path / "remote.img", SIZE)
     rem = remote(img)
     srv = start(nbdd_server, tmp_path)
+    writers = 4
+
+    def pattern(i, k):
+        return bytes([(i * writers + k) % 250 + 1]) * 4096
+
     with QMP(srv.admin) as q:
         add_nbd(q, server={"type": "unix", "path": rem.sock},
                 export="disk0", reconnect_delay=15)
@@ -193,15 +265,14 @@ def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
               name="via", writable=True)
         q.cmd("block-export-add", type="nbd", id="s", node_name="short",
               name="short")
-        h = srv.connect("via")
         s = srv.connect("short")
         done, errors = [], []
 
-        def writer():
+        def writer(k):
             w = srv.connect("via")
             try:
                 for i in range(200):
-                    w.pwrite(bytes([i % 250 + 1]) * 4096, i * 65536)
+                    w.pwrite(pattern(i, k), i * 65536 + k * 8192)
                     done.append(i)
                     time.sleep(0.005)
                 w.flush()
@@ -209,9 +280,11 @@ def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
                 errors.append(e)
             w.shutdown()
 
-        t = threading.Thread(target=writer)
-        t.start()
-        while len(done) < 40:
+        threads = [threading.Thread(target=writer, args=(k,))
+                   for k in range(writers)]
+        for t in threads:
+            t.start()
+        while len(done) < 40 * writers:
             time.sleep(0.01)
         rem.stop()
         with pytest.raises(nbd.Error) as e:
@@ -219,16 +292,17 @@ def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
         assert e.value.errno == "EIO"
         time.sleep(1)
         rem.start()
-        t.join(60)
+        for t in threads:
+            t.join(60)
         assert not errors, errors
-        assert len(done) == 200
+        assert len(done) == 200 * writers
         with open(img, "rb") as f:
             data = f.read()
         for i in range(200):
-            assert data[i * 65536:i * 65536 + 4096] == \
-                bytes([i % 250 + 1]) * 4096, i
-        assert s.pread(4096, 65536) == bytes([2]) * 4096   # back
-        h.shutdown()
+            for k in range(writers):
+                at = i * 65536 + k * 8192
+                assert data[at:at + 4096] == pattern(i, k), (i, k)
+        assert s.pread(4096, 65536) == pattern(1, 0)    # back
         s.shutdown()
 
 
