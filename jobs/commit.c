@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 #include "chain.h"
@@ -52,7 +53,8 @@ commit_of (struct job *job)
  * deadlock): what is read holds still, since nobody writes the layers.
  */
 static int
-copy_range (struct job *job, void *buf, uint64_t n, uint64_t off)
+copy_range (struct job *job, void *buf, uint64_t n, uint64_t off,
+            bool *is_read)
 {
   struct commit *c = commit_of (job);
   struct node_root *from = chain_first_root (&c->hold);
@@ -60,6 +62,7 @@ copy_range (struct job *job, void *buf, uint64_t n, uint64_t off)
   int r = node_pread (n_from, buf, n, off, 0);
 
   root_io_end (from);
+  *is_read = r < 0;
   if (r < 0)
     return r;
   to = root_io_begin (&job->root);
@@ -84,14 +87,19 @@ commit_run (struct job *job)
     uint64_t pnum;
     unsigned depth;
     struct node *top = root_io_begin (from);
-    bool copy;
+    bool copy, is_read = true;
 
     r = node_allocation_depth (top, MIN (COMMIT_CHUNK, size - off), off,
                                &pnum, &depth);
     root_io_end (from);
     copy = depth >= 1 && depth <= c->copy_depth;
     if (r == 0 && copy)
-      r = copy_range (job, buf, pnum, off);
+      r = copy_range (job, buf, pnum, off, &is_read);
+    if (r < 0 && job_error_retry (job, is_read, r)) {
+      r = 0;                    /* on-error: this range again */
+      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+      continue;
+    }
     if (r < 0)
       break;
     if (copy)

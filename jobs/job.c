@@ -151,6 +151,39 @@ job_new (const char *id, const struct job_driver *drv, void *opaque,
   return job;
 }
 
+/* A BLOCK_JOB_ERROR on its way from a job's thread to the main one. */
+struct job_error_event {
+  struct job_error_event *next;
+  bool is_read;
+  const char *action;
+};
+
+#define MAX_QUEUED_ERRORS 64    /* a target failing every write */
+
+int
+job_on_error_parse (const char *s, enum job_on_error *r)
+{
+  if (strcmp (s, "report") == 0)
+    *r = JOB_ON_ERROR_REPORT;
+  else if (strcmp (s, "ignore") == 0)
+    *r = JOB_ON_ERROR_IGNORE;
+  else if (strcmp (s, "stop") == 0)
+    *r = JOB_ON_ERROR_STOP;
+  else if (strcmp (s, "enospc") == 0 || strcmp (s, "auto") == 0)
+    *r = JOB_ON_ERROR_ENOSPC;
+  else
+    return -1;
+  return 0;
+}
+
+void
+job_set_on_error (struct job *job, enum job_on_error source,
+                  enum job_on_error target)
+{
+  job->on_source_error = source;
+  job->on_target_error = target;
+}
+
 static void
 job_free (struct job *job)
 {
@@ -166,6 +199,11 @@ job_free (struct job *job)
     job->drv->free (job);
   if (job->keep_memory)
     return;
+  while (job->errors) {
+    struct job_error_event *e = job->errors;
+    job->errors = e->next;
+    free (e);
+  }
   pthread_cond_destroy (&job->cond);
   pthread_mutex_destroy (&job->lock);
   free (job->error);
@@ -282,6 +320,41 @@ job_end (struct job *job)
   conclude (job);
 }
 
+/* Main thread: the errors the job's threads met, as events, and the
+ * pause that a 'stop' asked for, as the job's status.
+ */
+static void
+send_errors (struct job *job)
+{
+  struct job_error_event *e;
+  unsigned dropped;
+
+  pthread_mutex_lock (&job->lock);
+  e = job->errors;
+  job->errors = NULL;
+  dropped = job->errors_dropped;
+  job->errors_dropped = 0;
+  pthread_mutex_unlock (&job->lock);
+  if (dropped > 0)
+    nbdd_warn ("job '%s': %u more errors were not sent as events",
+               job->id, dropped);
+  while (e) {
+    struct job_error_event *next = e->next;
+    struct json_object *d = json_object_new_object ();
+
+    json_object_object_add (d, "device", json_object_new_string (job->id));
+    json_object_object_add (d, "operation", json_object_new_string
+                            (e->is_read ? "read" : "write"));
+    json_object_object_add (d, "action", json_object_new_string (e->action));
+    event ("BLOCK_JOB_ERROR", d);
+    free (e);
+    e = next;
+  }
+  if (atomic_load (&job->io_stopped) && job->status != JOB_PAUSED &&
+      job->status != JOB_CONCLUDED && job->status != JOB_ABORTING)
+    set_status (job, JOB_PAUSED);
+}
+
 void
 jobs_poll (void)
 {
@@ -295,6 +368,7 @@ jobs_poll (void)
     ready = j->ready;
     finished = j->finished;
     pthread_mutex_unlock (&j->lock);
+    send_errors (j);
     if (j->status == JOB_CONCLUDED) {
       if (j->dismiss_pending) {
         set_status (j, JOB_NULL);
@@ -346,6 +420,8 @@ job_resume (struct job *job, struct error **errp)
   }
   pthread_mutex_lock (&job->lock);
   job->pause_requested = false;
+  job->io_status = JOB_IO_OK;
+  atomic_store (&job->io_stopped, false);
   pthread_cond_broadcast (&job->cond);
   pthread_mutex_unlock (&job->lock);
   set_status (job, job->ready_seen ? JOB_READY : JOB_RUNNING);
@@ -462,7 +538,12 @@ job_info (struct job *job)
                           (job->status == JOB_PAUSED));
   json_object_object_add (o, "speed",
                           json_object_new_int64 ((int64_t) job->speed));
-  json_object_object_add (o, "io-status", json_object_new_string ("ok"));
+  pthread_mutex_lock (&job->lock);
+  json_object_object_add (o, "io-status", json_object_new_string
+                          (job->io_status == JOB_IO_NOSPACE ? "nospace"
+                           : job->io_status == JOB_IO_FAILED ? "failed"
+                           : "ok"));
+  pthread_mutex_unlock (&job->lock);
   json_object_object_add (o, "ready", json_object_new_boolean
                           (job->status == JOB_READY || (job->ready_seen &&
                                                         job->status ==
@@ -494,6 +575,50 @@ job_pause_point (struct job *job)
   stop = job->cancel_requested || job->stop_requested;
   pthread_mutex_unlock (&job->lock);
   return stop;
+}
+
+bool
+job_error_retry (struct job *job, bool is_read, int err)
+{
+  enum job_on_error on = is_read ? job->on_source_error
+    : job->on_target_error;
+  struct job_error_event *e, **p;
+  unsigned queued = 0;
+
+  if (on == JOB_ON_ERROR_ENOSPC)
+    on = err == -ENOSPC ? JOB_ON_ERROR_STOP : JOB_ON_ERROR_REPORT;
+  pthread_mutex_lock (&job->lock);
+  if (job->cancel_requested)
+    on = JOB_ON_ERROR_REPORT;   /* nothing to retry for */
+  /* Bounded: a dead target fails every write of a write-blocking
+   * mirror while the main thread may be busy.
+   */
+  for (p = &job->errors; *p; p = &(*p)->next)
+    queued++;
+  if (queued >= MAX_QUEUED_ERRORS || (e = malloc (sizeof *e)) == NULL)
+    job->errors_dropped++;
+  else {
+    e->next = NULL;
+    e->is_read = is_read;
+    e->action = on == JOB_ON_ERROR_REPORT ? "report"
+      : on == JOB_ON_ERROR_IGNORE ? "ignore" : "stop";
+    *p = e;
+  }
+  if (on == JOB_ON_ERROR_STOP) {
+    job->pause_requested = true;
+    job->io_status = err == -ENOSPC ? JOB_IO_NOSPACE : JOB_IO_FAILED;
+    atomic_store (&job->io_stopped, true);
+  }
+  pthread_mutex_unlock (&job->lock);
+  if (wake_hook)
+    wake_hook ();
+  return on != JOB_ON_ERROR_REPORT;
+}
+
+bool
+job_io_stopped (struct job *job)
+{
+  return atomic_load_explicit (&job->io_stopped, memory_order_relaxed);
 }
 
 bool

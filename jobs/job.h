@@ -28,6 +28,20 @@ enum job_status {
   JOB_CONCLUDED, JOB_NULL,
 };
 
+/* QEMU's BlockdevOnError for jobs: what a job does when a copy fails,
+ * reading its source (on-source-error) or writing its target
+ * (on-target-error).  report: the job fails; ignore: the range is
+ * copied again; stop: the job pauses (io-status failed or nospace)
+ * until block-job-resume, then copies it again; enospc: stop on ENOSPC,
+ * else report.  Each error is a BLOCK_JOB_ERROR event.
+ */
+enum job_on_error {
+  JOB_ON_ERROR_REPORT, JOB_ON_ERROR_IGNORE, JOB_ON_ERROR_STOP,
+  JOB_ON_ERROR_ENOSPC,
+};
+
+enum job_io_status { JOB_IO_OK, JOB_IO_FAILED, JOB_IO_NOSPACE };
+
 struct job;
 
 /* What completing a job may do to the graph, given by the caller (the
@@ -112,6 +126,12 @@ struct job {
   uint64_t speed;               /* bytes/s; 0: no limit */
   uint64_t next_ns;             /* when the next copy may start */
 
+  enum job_on_error on_source_error, on_target_error;  /* set at start */
+  enum job_io_status io_status;       /* under lock */
+  atomic_bool io_stopped;             /* stopped by an error until resumed */
+  struct job_error_event *errors;     /* under lock: for the main thread */
+  unsigned errors_dropped;            /* under lock: too many queued */
+
   atomic_uint_fast64_t offset, len;   /* progress */
   char *error;                  /* why it failed, once concluded */
 };
@@ -136,6 +156,13 @@ void jobs_set_hooks (void (*wake) (void),
 struct job *job_new (const char *id, const struct job_driver *drv,
                      void *opaque, uint64_t speed, bool auto_dismiss,
                      struct error **errp);
+/* "report", "ignore", "stop", "enospc" (and QEMU's "auto", which is
+ * enospc for a job): 0, or -1.
+ */
+int job_on_error_parse (const char *s, enum job_on_error *r);
+/* Before job_start. */
+void job_set_on_error (struct job *job, enum job_on_error source,
+                       enum job_on_error target);
 /* Start the thread (the job was set up). */
 int job_start (struct job *job, struct error **errp);
 /* A job that never started goes without a trace. */
@@ -172,5 +199,15 @@ void job_rate_limit (struct job *job, uint64_t bytes);
 /* Caught up (mirror): event BLOCK_JOB_READY; job_complete allowed. */
 void job_set_ready (struct job *job);
 bool job_is_cancelled (struct job *job);
+/* A copy failed with -errno @err, reading the source (@is_read) or
+ * writing the target: BLOCK_JOB_ERROR, and what on-*-error says.
+ * true: copy the range again later (the job may be pausing: see
+ * job_pause_point); false: the job fails with @err.  Any thread.
+ */
+bool job_error_retry (struct job *job, bool is_read, int err);
+/* How long a copier waits before it copies a failed range again. */
+#define ERROR_RETRY_NS 100000000
+/* Stopped by an error and not resumed yet (cheap: for a write hook). */
+bool job_io_stopped (struct job *job);
 
 #endif /* NBDD_JOB_H */

@@ -121,13 +121,15 @@ copy (struct node *from, struct node *to, void *buf, uint64_t n,
  * read and the write marks the run again: it is copied again.
  */
 static int
-copy_through_roots (struct job *job, void *buf, uint64_t n, uint64_t off)
+copy_through_roots (struct job *job, void *buf, uint64_t n, uint64_t off,
+                    bool *is_read)
 {
   struct mirror *m = mirror_of (job);
   struct node *src = root_io_begin (&job->root), *dst;
   int r = node_pread (src, buf, n, off, 0);
 
   root_io_end (&job->root);
+  *is_read = r < 0;
   if (r < 0)
     return r;
   dst = root_io_begin (&m->target_root);
@@ -168,7 +170,8 @@ active_before (void *opaque, struct node_write *w)
   w->hooked = false;
   if (w->kind != NODE_WRITE_DISCARD) {
     pthread_mutex_lock (&m->lock);
-    if (m->error == 0 && !range_busy (m, w->offset, end)) {
+    if (m->error == 0 && !job_io_stopped (opaque) &&
+        !range_busy (m, w->offset, end)) {
       w->range.start = w->offset;
       w->range.end = end;
       w->range.next = m->writes;
@@ -224,7 +227,7 @@ active_after (void *opaque, struct node_write *w, int ret)
 {
   struct job *job = opaque;
   struct mirror *m = mirror_of (job);
-  bool first = false;
+  bool first = false, fail;
   int r;
 
   if (!w->hooked) {
@@ -239,13 +242,17 @@ active_after (void *opaque, struct node_write *w, int ret)
   /* Marked before the range is let go, for the copiers to find. */
   if (r != 0)
     bitmap_set (m->bm->bm, w->offset, w->count);
+  /* on-target-error: the range is the copiers' again, or the job
+   * fails.
+   */
+  fail = ret == 0 && r < 0 && !job_error_retry (job, false, r);
   pthread_mutex_lock (&m->lock);
   for (struct node_io_range **p = &m->writes; *p; p = &(*p)->next)
     if (*p == &w->range) {
       *p = w->range.next;
       break;
     }
-  if (ret == 0 && r < 0 && m->error == 0) {
+  if (fail && m->error == 0) {
     m->error = r;
     first = true;
   }
@@ -361,6 +368,7 @@ copier (struct job *job)
   while (!job_pause_point (job)) {
     uint64_t start, end, n;
     unsigned slot;
+    bool is_read, retry;
 
     pthread_mutex_lock (&m->lock);
     if (m->error) {
@@ -394,18 +402,28 @@ copier (struct job *job)
     m->in_flight++;
     pthread_mutex_unlock (&m->lock);
 
-    r = copy_through_roots (job, buf, n, start);
+    r = copy_through_roots (job, buf, n, start, &is_read);
+    retry = r < 0 && job_error_retry (job, is_read, r);
 
     pthread_mutex_lock (&m->lock);
     m->in_flight--;
     m->flight[slot].start = m->flight[slot].end = 0;
     if (r < 0) {
       bitmap_set (m->bm->bm, start, n);
-      m->error = r;
+      if (!retry)
+        m->error = r;
     }
     pthread_mutex_unlock (&m->lock);
-    if (r < 0)
+    if (r < 0 && !retry)
       break;
+    if (r < 0) {
+      /* Copied again later (after a pause, for 'stop'), not at once:
+       * 'ignore' on an error that stays would spin.
+       */
+      r = 0;
+      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+      continue;
+    }
     job_rate_limit (job, n);
     update_len (job);
   }

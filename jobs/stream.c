@@ -43,6 +43,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 #include "chain.h"
@@ -83,7 +84,7 @@ wanted (const struct stream *s, unsigned depth)
 /* Steps 2 to 4 of the design comment for [off, off + n). */
 static int
 copy_guarded (struct stream *s, struct node *top, void *buf, uint64_t n,
-              uint64_t off)
+              uint64_t off, bool *is_read)
 {
   struct node_io_range g;
   uint64_t done = 0;
@@ -99,6 +100,7 @@ copy_guarded (struct stream *s, struct node *top, void *buf, uint64_t n,
       break;
     if (wanted (s, depth)) {
       r = node_pread (top, buf, pnum, off + done, 0);
+      *is_read = r < 0;
       /* Zeroes go in as zeroes the top holds (zero clusters): a hole
        * would show the base through once the layers are gone.
        */
@@ -127,12 +129,18 @@ stream_run (struct job *job)
     uint64_t pnum;
     unsigned depth;
     struct node *top = root_io_begin (&job->root);
+    bool is_read = true;
 
     r = node_allocation_depth (top, MIN (STREAM_CHUNK, size - off), off,
                                &pnum, &depth);
     if (r == 0 && wanted (s, depth))
-      r = copy_guarded (s, top, buf, pnum, off);
+      r = copy_guarded (s, top, buf, pnum, off, &is_read);
     root_io_end (&job->root);
+    if (r < 0 && job_error_retry (job, is_read, r)) {
+      r = 0;                    /* on-error: this range again */
+      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+      continue;
+    }
     if (r < 0)
       break;
     if (wanted (s, depth))

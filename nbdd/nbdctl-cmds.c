@@ -1572,8 +1572,22 @@ start_job_command (struct nbdctl *ctl, const struct command *self,
   return EXIT_OK;
 }
 
+/* --on-error and friends: QEMU's BlockdevOnError, into @key. */
+static int
+on_error_opt (const struct command *self, const char *opt, const char *key,
+              struct json_object *args)
+{
+  if (strcmp (optarg, "report") != 0 && strcmp (optarg, "ignore") != 0 &&
+      strcmp (optarg, "stop") != 0 && strcmp (optarg, "enospc") != 0)
+    return usage_error (self, "--%s: expected report, ignore, stop or "
+                        "enospc, got '%s'", opt, optarg);
+  jadd_str (args, key, optarg);
+  return 0;
+}
+
 enum { O_MIRROR_SYNC = O_EXTRA, O_MIRROR_GRANULARITY, O_MIRROR_BUF_SIZE,
-       O_MIRROR_COPY_MODE };
+       O_MIRROR_COPY_MODE, O_MIRROR_ON_SOURCE_ERROR,
+       O_MIRROR_ON_TARGET_ERROR };
 
 /* The daemon checks the granularity and buf-size ranges (they depend
  * on each other) and says so: we only parse the sizes.
@@ -1608,6 +1622,10 @@ mirror_opt (const struct command *self, int c, struct json_object *args)
                           "write-blocking, got '%s'", optarg);
     jadd_str (args, "copy-mode", optarg);
     break;
+  case O_MIRROR_ON_SOURCE_ERROR:
+    return on_error_opt (self, "on-source-error", "on-source-error", args);
+  case O_MIRROR_ON_TARGET_ERROR:
+    return on_error_opt (self, "on-target-error", "on-target-error", args);
   }
   return 0;
 }
@@ -1622,6 +1640,8 @@ cmd_mirror (struct nbdctl *ctl, const struct command *self, int argc,
     { "granularity", required_argument, NULL, O_MIRROR_GRANULARITY },
     { "buf-size", required_argument, NULL, O_MIRROR_BUF_SIZE },
     { "copy-mode", required_argument, NULL, O_MIRROR_COPY_MODE },
+    { "on-source-error", required_argument, NULL, O_MIRROR_ON_SOURCE_ERROR },
+    { "on-target-error", required_argument, NULL, O_MIRROR_ON_TARGET_ERROR },
     { NULL, 0, NULL, 0 },
   };
   CLEANUP_JSON_PUT struct json_object *args = jobj ();
@@ -1718,13 +1738,17 @@ cmd_backup (struct nbdctl *ctl, const struct command *self, int argc,
                             argv[optind], id, steal_pointer (&args), what);
 }
 
-enum { O_CHAIN_BASE = O_EXTRA, O_CHAIN_TOP, O_CHAIN_BACKING_FILE };
+enum { O_CHAIN_BASE = O_EXTRA, O_CHAIN_TOP, O_CHAIN_BACKING_FILE,
+       O_CHAIN_ON_ERROR };
 
 static int
 chain_opt (const struct command *self, int c, struct json_object *args)
 {
   const char *key = c == O_CHAIN_BASE ? "base-node"
     : c == O_CHAIN_TOP ? "top-node" : "backing-file";
+
+  if (c == O_CHAIN_ON_ERROR)
+    return on_error_opt (self, "on-error", "on-error", args);
 
   if (*optarg == '\0')
     return usage_error (self, "--%s: expected a name, got an empty string",
@@ -1742,6 +1766,7 @@ cmd_stream (struct nbdctl *ctl, const struct command *self, int argc,
     JOB_OPTIONS,
     { "base", required_argument, NULL, O_CHAIN_BASE },
     { "backing-file", required_argument, NULL, O_CHAIN_BACKING_FILE },
+    { "on-error", required_argument, NULL, O_CHAIN_ON_ERROR },
     { NULL, 0, NULL, 0 },
   };
   CLEANUP_JSON_PUT struct json_object *args = jobj ();
@@ -1775,6 +1800,7 @@ cmd_commit (struct nbdctl *ctl, const struct command *self, int argc,
     { "top", required_argument, NULL, O_CHAIN_TOP },
     { "base", required_argument, NULL, O_CHAIN_BASE },
     { "backing-file", required_argument, NULL, O_CHAIN_BACKING_FILE },
+    { "on-error", required_argument, NULL, O_CHAIN_ON_ERROR },
     { NULL, 0, NULL, 0 },
   };
   CLEANUP_JSON_PUT struct json_object *args = jobj ();
@@ -2447,7 +2473,8 @@ const struct command commands[] = {
     cmd_fleece_list },
   { "mirror", "NODE TARGET --sync full|top|none [--id ID] [--speed SIZE] "
     "[--granularity SIZE] [--buf-size SIZE] "
-    "[--copy-mode background|write-blocking] [--no-auto-dismiss]",
+    "[--copy-mode background|write-blocking] [--on-source-error ACTION] "
+    "[--on-target-error ACTION] [--no-auto-dismiss]",
     "NODE TARGET --sync MODE",
     "Copy NODE to TARGET, a node of the same size (local, or an nbd node "
     "on another nbdd), while NODE's users go on writing "
@@ -2456,7 +2483,11 @@ const struct command commands[] = {
     "mirror-NODE; --speed limits it in bytes/s.  --copy-mode "
     "write-blocking also writes each write to NODE to TARGET before it "
     "is acknowledged, so that the job catches up under any load.  Once "
-    "ready, job complete moves NODE's users to TARGET.", cmd_mirror },
+    "ready, job complete moves NODE's users to TARGET.  When reading "
+    "NODE or writing TARGET fails, the ACTION is report (the job fails; "
+    "the default), ignore (copy it again later), stop (the job pauses "
+    "until job resume) or enospc (stop if the target is full, else "
+    "report).", cmd_mirror },
   { "backup", "NODE TARGET --sync full|incremental|bitmap [--bitmap NAME] "
     "[--bitmap-mode on-success|never|always] [--id ID] [--speed SIZE] "
     "[--no-auto-dismiss]", "NODE TARGET --sync MODE",
@@ -2467,19 +2498,23 @@ const struct command commands[] = {
     "on-success, the default, never, or always).  The job's id defaults "
     "to backup-NODE; it ends by itself.", cmd_backup },
   { "stream", "NODE [--base NODE] [--backing-file NAME] [--id ID] "
-    "[--speed SIZE] [--no-auto-dismiss]", "NODE [OPTIONS]",
+    "[--speed SIZE] [--on-error ACTION] [--no-auto-dismiss]",
+    "NODE [OPTIONS]",
     "Copy into NODE, a qcow2 node, what its backing layers above --base "
     "hold (all of them without), then make --base (or nothing) its "
     "backing file (block-stream), while its users go on writing.  The "
-    "job's id defaults to NODE; it ends by itself.", cmd_stream },
+    "job's id defaults to NODE; it ends by itself.  --on-error says what "
+    "a failed read or write does, as for mirror.", cmd_stream },
   { "commit", "NODE [--top NODE] [--base NODE] [--backing-file NAME] "
-    "[--id ID] [--speed SIZE] [--no-auto-dismiss]", "NODE [OPTIONS]",
+    "[--id ID] [--speed SIZE] [--on-error ACTION] [--no-auto-dismiss]",
+    "NODE [OPTIONS]",
     "Push what the layers from --top (default NODE, the active layer) "
     "down to above --base (default the layer below the top) hold into "
     "--base, and drop them from NODE's chain (block-commit).  Below the "
     "active layer it ends by itself; of the active layer it becomes "
     "ready, and job complete moves NODE's users onto the base.  The "
-    "job's id defaults to NODE.", cmd_commit },
+    "job's id defaults to NODE.  --on-error says what a failed read or "
+    "write does, as for mirror.", cmd_commit },
   { "job list", "", "",
     "List the block jobs (query-block-jobs).  PROGRESS is how much of "
     "what there is to copy so far is copied (new writes add to a "

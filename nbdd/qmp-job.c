@@ -216,8 +216,10 @@ arg_job (struct qmp_txn *t, struct json_object *args, const char *what,
  */
 static int
 start_job (struct job *job, const char *execute, struct json_object *args,
-           struct error **errp)
+           enum job_on_error on_source_error,
+           enum job_on_error on_target_error, struct error **errp)
 {
+  job_set_on_error (job, on_source_error, on_target_error);
   if (record (execute, job->id, args, errp) == -1 ||
       job_start (job, errp) == -1) {
     job->drv->finish (job, false, NULL);
@@ -229,8 +231,26 @@ start_job (struct job *job, const char *execute, struct json_object *args,
 
 static const char *const mirror_keys[] = {
   "job-id", "device", "target", "sync", "speed", "granularity", "buf-size",
-  "auto-dismiss", "auto-finalize", "replaces", "copy-mode", NULL
+  "auto-dismiss", "auto-finalize", "replaces", "copy-mode",
+  "on-source-error", "on-target-error", NULL
 };
+
+/* QEMU's BlockdevOnError argument @key (default report). */
+static int
+arg_on_error (struct json_object *args, const char *what, const char *key,
+              enum job_on_error *r, struct error **errp)
+{
+  const char *s = "report";
+
+  if (opt_get_string (args, what, key, false, &s, errp) == -1)
+    return -1;
+  if (job_on_error_parse (s, r) == -1) {
+    error_setg (errp, "%s: '%s' must be 'report', 'ignore', 'stop' or "
+                "'enospc'", what, key);
+    return -1;
+  }
+  return 0;
+}
 
 /* QEMU's MirrorCopyMode.  0, or -1 with errp. */
 static int
@@ -259,6 +279,7 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
   bool auto_dismiss = true, auto_finalize = true;
   enum mirror_sync sync;
   enum mirror_copy_mode mode;
+  enum job_on_error on_source, on_target;
   struct job *job;
 
   if (opt_check_keys (args, "blockdev-mirror", mirror_keys, errp) == -1 ||
@@ -280,7 +301,11 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
                     &auto_finalize, errp) == -1 ||
       opt_get_string (args, "blockdev-mirror", "copy-mode", false, &mode_s,
                       errp) == -1 ||
-      parse_copy_mode ("blockdev-mirror", mode_s, &mode, errp) == -1)
+      parse_copy_mode ("blockdev-mirror", mode_s, &mode, errp) == -1 ||
+      arg_on_error (args, "blockdev-mirror", "on-source-error", &on_source,
+                    errp) == -1 ||
+      arg_on_error (args, "blockdev-mirror", "on-target-error", &on_target,
+                    errp) == -1)
     return -1;
   if (not_fleeced (source, errp) == -1 || not_fleeced (target, errp) == -1)
     return -1;
@@ -313,7 +338,8 @@ cmd_blockdev_mirror (struct qmp_txn *t, struct json_object *args,
   }
   job = mirror_create (id, source, target, sync, mode, speed,
                        (uint32_t) granularity, buf_size, auto_dismiss, errp);
-  return job ? start_job (job, "blockdev-mirror", args, errp) : -1;
+  return job ? start_job (job, "blockdev-mirror", args, on_source,
+                         on_target, errp) : -1;
 }
 
 /* The node named by @key, looked up in @top's chain (nodes inside
@@ -343,22 +369,16 @@ arg_chain_node (struct qmp_txn *t, struct json_object *args,
 /* What QEMU's jobs take and nbdd does one way only. */
 static int
 check_job_options (struct json_object *args, const char *what,
-                   struct error **errp)
+                   enum job_on_error *on_error, struct error **errp)
 {
-  const char *on_error = "report";
   bool auto_finalize = true;
 
   if (opt_get_bool (args, what, "auto-finalize", false, &auto_finalize,
                     errp) == -1 ||
-      opt_get_string (args, what, "on-error", false, &on_error, errp) == -1)
+      arg_on_error (args, what, "on-error", on_error, errp) == -1)
     return -1;
   if (!auto_finalize) {
     error_setg (errp, "%s: 'auto-finalize' false is not supported", what);
-    return -1;
-  }
-  if (strcmp (on_error, "report") != 0) {
-    error_setg (errp, "%s: 'on-error' must be 'report' (the job fails "
-                "on the first error)", what);
     return -1;
   }
   if (json_object_object_get_ex (args, "filter-node-name", NULL)) {
@@ -406,7 +426,8 @@ undo_backup_attach (void *data)
 
 static const char *const backup_keys[] = {
   "job-id", "device", "target", "sync", "bitmap", "bitmap-mode", "speed",
-  "auto-dismiss", "auto-finalize", NULL
+  "auto-dismiss", "auto-finalize", "on-source-error", "on-target-error",
+  NULL
 };
 
 int
@@ -439,6 +460,20 @@ cmd_blockdev_backup (struct qmp_txn *t, struct json_object *args,
       opt_get_bool (args, "blockdev-backup", "auto-finalize", false,
                     &auto_finalize, errp) == -1)
     return -1;
+  /* A failed copy breaks the copy-before-write filter's point in time
+   * for good: there is nothing to copy again.
+   */
+  for (const char *const *k = (const char *const[]) {
+         "on-source-error", "on-target-error", NULL }; *k; ++k) {
+    enum job_on_error on;
+    if (arg_on_error (args, "blockdev-backup", *k, &on, errp) == -1)
+      return -1;
+    if (on != JOB_ON_ERROR_REPORT) {
+      error_setg (errp, "blockdev-backup: '%s' must be 'report': a copy "
+                  "that fails breaks the backup's point in time", *k);
+      return -1;
+    }
+  }
   if (!auto_finalize) {
     error_setg (errp, "blockdev-backup: 'auto-finalize' false is not "
                 "supported");
@@ -510,6 +545,7 @@ cmd_blockdev_backup (struct qmp_txn *t, struct json_object *args,
   if (graph_perm_update (&cbw, 1, errp) == -1 ||
       record ("blockdev-backup", id, args, errp) == -1)
     return -1;
+  job_set_on_error (job, JOB_ON_ERROR_REPORT, JOB_ON_ERROR_REPORT);
   return job_start (job, errp);
 }
 
@@ -532,6 +568,7 @@ cmd_block_stream (struct qmp_txn *t, struct json_object *args,
   struct node *top, *base;
   uint64_t speed = 0;
   bool auto_dismiss = true;
+  enum job_on_error on_error;
   struct job *job;
 
   if (opt_check_keys (args, "block-stream", stream_keys, errp) == -1 ||
@@ -546,7 +583,7 @@ cmd_block_stream (struct qmp_txn *t, struct json_object *args,
                       errp) == -1 ||
       opt_get_bool (args, "block-stream", "auto-dismiss", false,
                     &auto_dismiss, errp) == -1 ||
-      check_job_options (args, "block-stream", errp) == -1)
+      check_job_options (args, "block-stream", &on_error, errp) == -1)
     return -1;
   if (not_fleeced (top, errp) == -1)
     return -1;
@@ -557,7 +594,8 @@ cmd_block_stream (struct qmp_txn *t, struct json_object *args,
   }
   job = stream_create (id ? id : top->name, top, base, backing_file, speed,
                        auto_dismiss, &ops, errp);
-  return job ? start_job (job, "block-stream", args, errp) : -1;
+  return job ? start_job (job, "block-stream", args, on_error, on_error,
+                         errp) : -1;
 }
 
 /* @n, or the first layer below it if it is a filter (NULL: none). */
@@ -588,6 +626,7 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
   struct node *device, *top, *base, *overlay = NULL;
   uint64_t speed = 0;
   bool auto_dismiss = true;
+  enum job_on_error on_error;
   struct job *job;
 
   if (opt_check_keys (args, "block-commit", commit_keys, errp) == -1 ||
@@ -613,7 +652,7 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
                       errp) == -1 ||
       opt_get_bool (args, "block-commit", "auto-dismiss", false,
                     &auto_dismiss, errp) == -1 ||
-      check_job_options (args, "block-commit", errp) == -1)
+      check_job_options (args, "block-commit", &on_error, errp) == -1)
     return -1;
   if (not_fleeced (device, errp) == -1)
     return -1;
@@ -657,7 +696,8 @@ cmd_block_commit (struct qmp_txn *t, struct json_object *args,
     job = commit_create (id ? id : device->name, overlay, top, base,
                          backing_file, speed, auto_dismiss, &ops, errp);
   }
-  return job ? start_job (job, "block-commit", args, errp) : -1;
+  return job ? start_job (job, "block-commit", args, on_error, on_error,
+                         errp) : -1;
 }
 
 int

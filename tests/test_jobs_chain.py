@@ -666,7 +666,7 @@ def test_refusals(nbdd_server, tmp_path):
                  "device itself"),
                 ("block-stream", {"device": "top", "backing-file": "x"},
                  "needs 'base-node'"),
-                ("block-stream", {"device": "top", "on-error": "ignore"},
+                ("block-stream", {"device": "top", "on-error": "sometimes"},
                  "on-error"),
                 ("block-commit", {"device": "top", "top-node": "mid",
                                   "base-node": "mid"}, "same node"),

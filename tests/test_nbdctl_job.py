@@ -548,6 +548,7 @@ def test_job_usage_messages():
     mirror = ("Usage: nbdctl mirror NODE TARGET --sync full|top|none "
               "[--id ID] [--speed SIZE] [--granularity SIZE] "
               "[--buf-size SIZE] [--copy-mode background|write-blocking] "
+              "[--on-source-error ACTION] [--on-target-error ACTION] "
               "[--no-auto-dismiss]\n")
     p = ctl(None, "mirror", "d0", "t0", expect=2)
     assert p.stderr == ("nbdctl mirror: --sync full|top|none is required\n"
