@@ -13,7 +13,8 @@
  *                   is checked against its certificate), or a psktool
  *                   file and the username in it
  *   reconnect-delay seconds a request waits for the server to come
- *                   back before it fails (default 10; 0: fails at once)
+ *                   back before it fails (default 10; 0: after one
+ *                   attempt)
  *   connections     how many connections to open when the server
  *                   allows multi-conn (default 4); else one
  *   read-only
@@ -35,7 +36,11 @@
  * EIO; the next one tries again.  The dispatcher of a dead connection
  * closes it once no request uses it, and connects again while requests
  * wait for a connection, or while another connection is up (the server
- * is back: the pool fills up again).
+ * is back: the pool fills up again).  An attempt is bounded in time and
+ * ends when the node closes.
+ *
+ * The threads start when the node opens: the daemon opens nodes after
+ * it forks into the background.
  */
 #include <config.h>
 
@@ -43,6 +48,8 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <semaphore.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +68,12 @@
 #define MAX_CONNECTIONS 16
 #define MAX_RETRIES 5           /* connections dying under one request */
 #define RETRY_NS 200000000      /* between connection attempts */
+#define CONNECT_TIMEOUT_S 10    /* for one attempt, handshake included */
+/* Requests in flight on a connection at most: each holds a sleeping
+ * worker, and a server that stops answering must not cost a thread per
+ * request queued behind it.
+ */
+#define MAX_IN_FLIGHT 32
 
 struct nbd_state;
 
@@ -74,8 +87,7 @@ struct nbd_conn {
   struct nbd_handle *h;         /* NULL: not connected */
   bool dead;                    /* h died: no new requests on it */
   unsigned users;               /* requests holding h */
-  unsigned in_flight;           /* of them, issued and not answered */
-  bool stop;                    /* the node is closing */
+  atomic_bool stop;             /* the node is closing */
 };
 
 struct nbd_state {
@@ -102,8 +114,110 @@ struct nbd_state {
 
 /* ---- connecting ---- */
 
+static bool
+dead (struct nbd_handle *h)
+{
+  return nbd_aio_is_dead (h) == 1 || nbd_aio_is_closed (h) == 1;
+}
+
+static void
+deadline_after (struct timespec *ts, uint64_t ns)
+{
+  clock_gettime (CLOCK_MONOTONIC, ts);
+  ts->tv_sec += (time_t) (ns / 1000000000);
+  ts->tv_nsec += (long) (ns % 1000000000);
+  if (ts->tv_nsec >= 1000000000) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000;
+  }
+}
+
+/* Milliseconds to @ts, 0 once past. */
+static int
+ms_until (const struct timespec *ts)
+{
+  struct timespec now;
+  int64_t ms;
+
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  ms = (ts->tv_sec - now.tv_sec) * 1000 +
+    (ts->tv_nsec - now.tv_nsec) / 1000000;
+  return ms > 0 ? (int) MIN (ms, INT32_MAX) : 0;
+}
+
+static bool
+past (const struct timespec *ts)
+{
+  struct timespec now;
+
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  return now.tv_sec > ts->tv_sec ||
+    (now.tv_sec == ts->tv_sec && now.tv_nsec >= ts->tv_nsec);
+}
+
+/* Drive libnbd's handshake on @h to its end: at most
+ * CONNECT_TIMEOUT_S, and no longer than until @c (if any) is told to
+ * stop, so that a server that accepts and says nothing holds up
+ * neither the node's users nor its closing.  0, or -1 with errp.
+ */
+static int
+handshake (struct nbd_state *s, struct nbd_conn *c, struct nbd_handle *h,
+           struct error **errp)
+{
+  struct timespec deadline;
+
+  deadline_after (&deadline, (uint64_t) CONNECT_TIMEOUT_S * 1000000000);
+  while (nbd_aio_is_connecting (h) == 1) {
+    unsigned dir = nbd_aio_get_direction (h);
+    struct pollfd fds[2] = {
+      { .fd = nbd_aio_get_fd (h),
+        .events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                  ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
+      { .fd = c ? c->wake_fd : -1, .events = POLLIN },
+    };
+    int ms = ms_until (&deadline), r;
+
+    if (c && atomic_load (&c->stop)) {
+      error_setg (errp, "nbd: %s: the node is closing", s->name);
+      return -1;
+    }
+    if (ms == 0) {
+      error_setg (errp, "nbd: %s: no answer to the handshake in %d s",
+                  s->name, CONNECT_TIMEOUT_S);
+      return -1;
+    }
+    r = poll (fds, 2, ms);
+    if (r == -1 && errno != EINTR) {
+      error_setg_errno (errp, errno, "nbd: %s: poll", s->name);
+      return -1;
+    }
+    if (r <= 0)
+      continue;
+    if (fds[1].revents & POLLIN) {
+      uint64_t v;
+      if (read (c->wake_fd, &v, sizeof v) == -1 && errno != EAGAIN)
+        nbdd_debug ("nbd: wake: %m");
+    }
+    if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) &&
+        (dir & LIBNBD_AIO_DIRECTION_READ)) {
+      if (nbd_aio_notify_read (h) == -1)
+        break;
+    }
+    else if (fds[0].revents & (POLLOUT | POLLHUP | POLLERR)) {
+      if (nbd_aio_notify_write (h) == -1)
+        break;
+    }
+  }
+  if (nbd_aio_is_ready (h) != 1) {
+    error_setg (errp, "nbd: %s: %s", s->name, nbd_get_error ());
+    return -1;
+  }
+  return 0;
+}
+
+/* A new connection, for @c (NULL: the node's first, at open). */
 static struct nbd_handle *
-conn_open (struct nbd_state *s, struct error **errp)
+conn_open (struct nbd_state *s, struct nbd_conn *c, struct error **errp)
 {
   struct nbd_handle *h = nbd_create ();
 
@@ -122,15 +236,19 @@ conn_open (struct nbd_state *s, struct error **errp)
   if (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
     goto fail;
   if (s->uri) {
-    if (nbd_connect_uri (h, s->uri) == -1)
+    if (nbd_aio_connect_uri (h, s->uri) == -1)
       goto fail;
   }
   else {
     if (nbd_set_export_name (h, s->export) == -1)
       goto fail;
-    if (s->path ? nbd_connect_unix (h, s->path) == -1
-        : nbd_connect_tcp (h, s->host, s->port) == -1)
+    if (s->path ? nbd_aio_connect_unix (h, s->path) == -1
+        : nbd_aio_connect_tcp (h, s->host, s->port) == -1)
       goto fail;
+  }
+  if (handshake (s, c, h, errp) == -1) {
+    nbd_close (h);
+    return NULL;
   }
   return h;
 
@@ -138,12 +256,6 @@ conn_open (struct nbd_state *s, struct error **errp)
   error_setg (errp, "nbd: %s: %s", s->name, nbd_get_error ());
   nbd_close (h);
   return NULL;
-}
-
-static bool
-dead (struct nbd_handle *h)
-{
-  return nbd_aio_is_dead (h) == 1 || nbd_aio_is_closed (h) == 1;
 }
 
 static void
@@ -154,28 +266,6 @@ wake (struct nbd_conn *c)
   /* EAGAIN: a wake-up is pending already. */
   if (write (c->wake_fd, &one, sizeof one) == -1 && errno != EAGAIN)
     nbdd_debug ("nbd: wake: %m");
-}
-
-static void
-deadline_after (struct timespec *ts, uint64_t ns)
-{
-  clock_gettime (CLOCK_MONOTONIC, ts);
-  ts->tv_sec += (time_t) (ns / 1000000000);
-  ts->tv_nsec += (long) (ns % 1000000000);
-  if (ts->tv_nsec >= 1000000000) {
-    ts->tv_sec++;
-    ts->tv_nsec -= 1000000000;
-  }
-}
-
-static bool
-past (const struct timespec *ts)
-{
-  struct timespec now;
-
-  clock_gettime (CLOCK_MONOTONIC, &now);
-  return now.tv_sec > ts->tv_sec ||
-    (now.tv_sec == ts->tv_sec && now.tv_nsec >= ts->tv_nsec);
 }
 
 /* Under s->lock: no new request goes to @c; its dispatcher closes the
@@ -207,9 +297,9 @@ retry_sleep (struct nbd_conn *c, unsigned failures)
 
   deadline_after (&soon, RETRY_NS);
   deadline_after (&late, (uint64_t) RETRY_NS << MIN (failures, 5u));
-  while (!c->stop && !past (&soon))
+  while (!atomic_load (&c->stop) && !past (&soon))
     pthread_cond_timedwait (&s->changed, &s->lock, &soon);
-  while (!c->stop && s->waiting == 0 && !past (&late))
+  while (!atomic_load (&c->stop) && s->waiting == 0 && !past (&late))
     pthread_cond_timedwait (&s->changed, &s->lock, &late);
 }
 
@@ -231,9 +321,10 @@ poll_once (struct nbd_conn *c, struct nbd_handle *h)
   if (fd < 0 || dead (h))
     return true;
   if (poll (fds, 2, -1) == -1) {
-    if (errno != EINTR)
-      nbdd_warn ("nbd: %s: poll: %m", c->s->name);
-    return false;
+    if (errno == EINTR)
+      return false;
+    nbdd_warn ("nbd: %s: poll: %m: dropping the connection", c->s->name);
+    return true;
   }
   if ((fds[0].revents & POLLIN) &&
       read (c->wake_fd, &v, sizeof v) == -1 && errno != EAGAIN)
@@ -258,7 +349,7 @@ dispatcher (void *arg)
   unsigned failures = 0;
 
   pthread_mutex_lock (&s->lock);
-  while (!c->stop) {
+  while (!atomic_load (&c->stop)) {
     struct nbd_handle *h = c->h;
 
     if (h == NULL) {
@@ -269,7 +360,7 @@ dispatcher (void *arg)
         continue;
       }
       pthread_mutex_unlock (&s->lock);
-      h = conn_open (s, &e);
+      h = conn_open (s, c, &e);
       pthread_mutex_lock (&s->lock);
       s->attempts++;
       if (h) {
@@ -327,13 +418,23 @@ conn_get (struct nbd_state *s, int *err)
 
   pthread_mutex_lock (&s->lock);
   for (;;) {
+    bool full = false;
+
     for (unsigned i = 0; i < s->nr_conns; ++i) {
       struct nbd_conn *c = &s->conns[i];
       if (c->h && !c->dead && (best == NULL || c->users < best->users))
         best = c;
     }
-    if (best)
+    if (best && best->users < MAX_IN_FLIGHT)
       break;
+    if (best) {                 /* all busy: wait for a reply, awake */
+      full = true;
+      best = NULL;
+    }
+    if (full) {
+      pthread_cond_wait (&s->changed, &s->lock);
+      continue;
+    }
     if (!waiting) {
       waiting = true;
       s->waiting++;
@@ -371,7 +472,8 @@ static void
 conn_put (struct nbd_state *s, struct nbd_conn *c, bool died)
 {
   pthread_mutex_lock (&s->lock);
-  c->users--;
+  if (c->users-- == MAX_IN_FLIGHT || (died && !c->dead))
+    pthread_cond_broadcast (&s->changed);       /* room, or gone */
   if (died)
     mark_dead (c);
   if (c->dead && c->users == 0)
@@ -447,12 +549,18 @@ run (struct nbd_state *s, issue_fn issue, void *args)
       node_io_sleep_end ();
     }
     sem_destroy (&rq.done);
-    died = rq.error != 0 && dead (c->h);
+    /* ESHUTDOWN: the server is going away; the connection with it. */
+    died = rq.error != 0 && (dead (c->h) || rq.error == ESHUTDOWN);
     conn_put (s, c, died);
     if (rq.error == 0)
       return 0;
-    if (!died || try >= MAX_RETRIES)
-      return -rq.error;
+    if (!died)
+      return -rq.error;         /* the server's answer */
+    if (try >= MAX_RETRIES) {
+      nbdd_warn ("nbd: %s: connections keep dying under a request: "
+                 "giving up", s->name);
+      return -EIO;
+    }
   }
 }
 
@@ -622,6 +730,7 @@ struct status_args {
   struct extent_list *el;
   size_t len0;                  /* where this request's extents start */
   uint64_t end0;
+  uint64_t last0;               /* the length of el->v[len0 - 1] */
   uint64_t count, offset, want;
   int r;                        /* of extents_add: 1 full, -ENOMEM */
 };
@@ -654,6 +763,8 @@ issue_block_status (struct nbd_handle *h, void *args,
 
   sa->el->len = sa->len0;
   sa->el->end = sa->end0;
+  if (sa->len0 > 0)             /* a first extent may have merged in */
+    sa->el->v[sa->len0 - 1].length = sa->last0;
   sa->r = 0;
   return nbd_aio_block_status (h, sa->count, sa->offset,
                                (nbd_extent_callback) {
@@ -668,6 +779,8 @@ nbd_drv_block_status (struct node *node, uint64_t count, uint64_t offset,
 {
   struct nbd_state *s = node->opaque;
   struct status_args sa = { .el = el, .len0 = el->len, .end0 = el->end,
+                            .last0 = el->len ? el->v[el->len - 1].length
+                                             : 0,
                             .count = MIN (count, UINT64_C (1) << 30),
                             .offset = offset, .want = offset + count };
   int r;
@@ -751,6 +864,20 @@ parse_server (struct nbd_state *s, struct json_object *opts,
   return 0;
 }
 
+/* Signals are the event loop's business. */
+static int
+start_dispatcher (struct nbd_conn *c)
+{
+  sigset_t all, old;
+  int e;
+
+  sigfillset (&all);
+  pthread_sigmask (SIG_BLOCK, &all, &old);
+  e = pthread_create (&c->thread, NULL, dispatcher, c);
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  return e;
+}
+
 static int
 nbd_drv_open (struct node *node, struct json_object *opts,
               struct error **errp)
@@ -828,7 +955,7 @@ nbd_drv_open (struct node *node, struct json_object *opts,
   }
 
   /* The first connection says what the server offers. */
-  if ((h = conn_open (s, errp)) == NULL)
+  if ((h = conn_open (s, NULL, errp)) == NULL)
     return -1;
   s->conns[0].h = h;
   s->live = 1;
@@ -866,7 +993,8 @@ nbd_drv_open (struct node *node, struct json_object *opts,
       error_setg_errno (errp, errno, "nbd: eventfd");
       return -1;
     }
-    if ((e = pthread_create (&c->thread, NULL, dispatcher, c)) != 0) {
+    e = start_dispatcher (c);
+    if (e != 0) {
       error_setg_errno (errp, e, "nbd: pthread_create");
       return -1;
     }
@@ -881,20 +1009,26 @@ nbd_drv_close (struct node *node)
 {
   struct nbd_state *s = node->opaque;
 
+  /* All told first: none may start a connection while others close. */
+  pthread_mutex_lock (&s->lock);
+  for (unsigned i = 0; i < MAX_CONNECTIONS; ++i)
+    atomic_store (&s->conns[i].stop, true);
+  pthread_cond_broadcast (&s->changed);
+  pthread_mutex_unlock (&s->lock);
+  for (unsigned i = 0; i < MAX_CONNECTIONS; ++i)
+    if (s->conns[i].has_thread)
+      wake (&s->conns[i]);
   for (unsigned i = 0; i < MAX_CONNECTIONS; ++i) {
     struct nbd_conn *c = &s->conns[i];
 
-    if (c->has_thread) {
-      pthread_mutex_lock (&s->lock);
-      c->stop = true;
-      pthread_cond_broadcast (&s->changed);
-      pthread_mutex_unlock (&s->lock);
-      wake (c);
+    if (c->has_thread)
       pthread_join (c->thread, NULL);
-    }
     if (c->h) {
+      /* NBD_CMD_DISC as far as it goes without waiting: a server that
+       * stopped reading must not hold the close up.
+       */
       if (!dead (c->h))
-        nbd_shutdown (c->h, 0);
+        nbd_aio_disconnect (c->h, 0);
       nbd_close (c->h);
     }
     if (c->wake_fd >= 0)

@@ -36,8 +36,9 @@ die (struct error *err)
   exit (EXIT_FAILURE);
 }
 
-/* The command line's nodes: before anything listens, so that a bad
- * --blockdev fails at once.
+/* The command line's nodes: after the fork (an nbd node's threads
+ * would not cross it), before the parent hears that we are ready, so
+ * that a bad --blockdev is on the terminal and in its exit status.
  */
 static void
 open_cli_nodes (void)
@@ -230,7 +231,6 @@ main (int argc, char **argv)
   }
   if (tls_init (&err) == -1)
     die (err);
-  open_cli_nodes ();
 
   loop = ev_default_loop (EVFLAG_AUTO | EVFLAG_NOSIGMASK);
   if (loop == NULL) {
@@ -249,6 +249,7 @@ main (int argc, char **argv)
     die (err);
   if (!config.foreground)
     ready_fd = daemonize ();
+  open_cli_nodes ();
   open_recorded_and_exports ();
   if (workers_start (loop, config.threads, &err) == -1)
     die (err);

@@ -13,7 +13,7 @@ import time
 import nbd
 import pytest
 
-from conftest import NBDD, TESTS_DIR, blockdev_args, export_args
+from conftest import NBDD, TESTS_DIR, Server, blockdev_args, export_args
 from helpers import (DATA, HOLE_ZERO, KiB, MiB, connect_within,
                      file_extents, layout, map_export, nbd_errno, pattern,
                      read_file, wait_for)
@@ -350,18 +350,31 @@ def test_sigterm_during_io(nbdd_server, img):
     srv.stop()
 
 
-def test_background(tmp_path, img):
+@pytest.mark.parametrize("remote", [False, True])
+def test_background(tmp_path, img, remote):
     """Without -f the daemon forks: the command exits 0 with the
     listeners already open (a client may connect at once), and the
-    pidfile, once written, names the background process."""
+    pidfile, once written, names the background process.  Also when the
+    disk is an nbd node (another nbdd's export): its connection threads
+    must run in the background process, not die with the parent."""
     sock = str(tmp_path / "bg.sock")
     pidfile = str(tmp_path / "bg.pid")
     log = open(tmp_path / "bg.log", "wb")
     pid = None
+    far = None
+    if remote:
+        (tmp_path / "far").mkdir()
+        far = Server(tmp_path / "far", blockdev_args(img) + export_args(),
+                     tcp=False)
+        disk = ["--blockdev", json.dumps({
+            "driver": "nbd", "node-name": "disk0", "export": "disk0",
+            "server": {"type": "unix", "path": far.sock}})]
+    else:
+        disk = blockdev_args(img)
     try:
         p = subprocess.Popen([NBDD, "--pidfile", pidfile,
                               "--listen", "unix:" + sock] +
-                             blockdev_args(img) + export_args(),
+                             disk + export_args(),
                              stdin=subprocess.DEVNULL, stdout=log,
                              stderr=subprocess.STDOUT)
         try:
@@ -388,6 +401,8 @@ def test_background(tmp_path, img):
                 pid = int(f.read().strip() or 0)
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+        if far:
+            far.stop()
 
 
 def test_exit_with_parent(tmp_path, img):

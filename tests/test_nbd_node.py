@@ -244,8 +244,8 @@ def test_requests_are_pipelined_on_a_connection(nbdd_server, tmp_path):
 def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
                                                tmp_path):
     """Writes through the node while the remote restarts, from four
-    clients at once, so that several are in flight on a connection when
-    it dies: they wait and land, none is lost.  A remote away longer
+    clients at once on one connection, so that several are in flight on
+    it when it dies: they wait and land, none is lost.  A remote away longer
     than reconnect-delay fails requests with EIO, and the node works
     again once it is back."""
     img = make_image(tmp_path / "remote.img", SIZE)
@@ -258,7 +258,7 @@ def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
 
     with QMP(srv.admin) as q:
         add_nbd(q, server={"type": "unix", "path": rem.sock},
-                export="disk0", reconnect_delay=15)
+                export="disk0", reconnect_delay=15, connections=1)
         add_nbd(q, "short", server={"type": "unix", "path": rem.sock},
                 export="disk0", reconnect_delay=0.5)
         q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
