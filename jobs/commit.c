@@ -95,9 +95,9 @@ commit_run (struct job *job)
     copy = depth >= 1 && depth <= c->copy_depth;
     if (r == 0 && copy)
       r = copy_range (job, buf, pnum, off, &is_read);
-    if (r < 0 && job_error_retry (job, is_read, r)) {
-      r = 0;                    /* on-error: this range again */
-      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+    if (r < 0 && job_error (job, is_read, r) != JOB_ERROR_REPORT) {
+      r = 0;                    /* on-error: this range again, as QEMU */
+      job_error_wait (job);
       continue;
     }
     if (r < 0)

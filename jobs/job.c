@@ -159,6 +159,7 @@ struct job_error_event {
 };
 
 #define MAX_QUEUED_ERRORS 64    /* a target failing every write */
+#define ERROR_RETRY_NS 100000000
 
 int
 job_on_error_parse (const char *s, enum job_on_error *r)
@@ -180,8 +181,10 @@ void
 job_set_on_error (struct job *job, enum job_on_error source,
                   enum job_on_error target)
 {
+  pthread_mutex_lock (&job->lock);
   job->on_source_error = source;
   job->on_target_error = target;
+  pthread_mutex_unlock (&job->lock);
 }
 
 static void
@@ -232,8 +235,8 @@ job_thread (void *arg)
   return NULL;
 }
 
-int
-job_start (struct job *job, struct error **errp)
+static int
+start_thread (struct job *job, struct error **errp)
 {
   sigset_t all, old;
   int r;
@@ -247,6 +250,14 @@ job_start (struct job *job, struct error **errp)
     return -1;
   }
   job->thread_started = true;
+  return 0;
+}
+
+int
+job_start (struct job *job, struct error **errp)
+{
+  if (start_thread (job, errp) == -1)
+    return -1;
   set_status (job, JOB_RUNNING);
   return 0;
 }
@@ -280,6 +291,42 @@ conclude (struct job *job)
   }
 }
 
+/* Main thread: the errors the job's threads met, as events, and the
+ * pause that a 'stop' asked for, as the job's status.
+ */
+static void
+send_errors (struct job *job, bool pause)
+{
+  struct job_error_event *e;
+  unsigned dropped;
+
+  pthread_mutex_lock (&job->lock);
+  e = job->errors;
+  job->errors = NULL;
+  dropped = job->errors_dropped;
+  job->errors_dropped = 0;
+  pthread_mutex_unlock (&job->lock);
+  if (dropped > 0)
+    nbdd_warn ("job '%s': %u more errors were not sent as events",
+               job->id, dropped);
+  while (e) {
+    struct job_error_event *next = e->next;
+    struct json_object *d = json_object_new_object ();
+
+    json_object_object_add (d, "device", json_object_new_string (job->id));
+    json_object_object_add (d, "operation", json_object_new_string
+                            (e->is_read ? "read" : "write"));
+    json_object_object_add (d, "action", json_object_new_string (e->action));
+    event ("BLOCK_JOB_ERROR", d);
+    free (e);
+    e = next;
+  }
+  if (pause && atomic_load (&job->io_stopped) &&
+      job->status != JOB_PAUSED &&
+      job->status != JOB_CONCLUDED && job->status != JOB_ABORTING)
+    set_status (job, JOB_PAUSED);
+}
+
 /* The thread is done: finish the job, one way or the other. */
 static void
 job_end (struct job *job)
@@ -310,6 +357,7 @@ job_end (struct job *job)
     job->error = strdup (err ? err->msg : "failed");
     nbdd_warn ("job '%s' failed: %s", job->id, job->error);
   }
+  send_errors (job, false);
   if (cancelled) {
     job->error = strdup ("cancelled");
     block_event (job, "BLOCK_JOB_CANCELLED", NULL);
@@ -318,41 +366,6 @@ job_end (struct job *job)
     block_event (job, "BLOCK_JOB_COMPLETED", ok ? NULL : job->error);
   error_free (err);
   conclude (job);
-}
-
-/* Main thread: the errors the job's threads met, as events, and the
- * pause that a 'stop' asked for, as the job's status.
- */
-static void
-send_errors (struct job *job)
-{
-  struct job_error_event *e;
-  unsigned dropped;
-
-  pthread_mutex_lock (&job->lock);
-  e = job->errors;
-  job->errors = NULL;
-  dropped = job->errors_dropped;
-  job->errors_dropped = 0;
-  pthread_mutex_unlock (&job->lock);
-  if (dropped > 0)
-    nbdd_warn ("job '%s': %u more errors were not sent as events",
-               job->id, dropped);
-  while (e) {
-    struct job_error_event *next = e->next;
-    struct json_object *d = json_object_new_object ();
-
-    json_object_object_add (d, "device", json_object_new_string (job->id));
-    json_object_object_add (d, "operation", json_object_new_string
-                            (e->is_read ? "read" : "write"));
-    json_object_object_add (d, "action", json_object_new_string (e->action));
-    event ("BLOCK_JOB_ERROR", d);
-    free (e);
-    e = next;
-  }
-  if (atomic_load (&job->io_stopped) && job->status != JOB_PAUSED &&
-      job->status != JOB_CONCLUDED && job->status != JOB_ABORTING)
-    set_status (job, JOB_PAUSED);
 }
 
 void
@@ -368,7 +381,7 @@ jobs_poll (void)
     ready = j->ready;
     finished = j->finished;
     pthread_mutex_unlock (&j->lock);
-    send_errors (j);
+    send_errors (j, true);
     if (j->status == JOB_CONCLUDED) {
       if (j->dismiss_pending) {
         set_status (j, JOB_NULL);
@@ -445,6 +458,8 @@ int
 job_complete (struct job *job, const struct job_graph_ops *ops,
               struct error **errp)
 {
+  int r;
+
   if (job->drv->complete == NULL) {
     error_setg (errp, "job '%s' (%s) cannot be completed: it ends by "
                 "itself", job->id, job->drv->type);
@@ -456,7 +471,23 @@ job_complete (struct job *job, const struct job_graph_ops *ops,
     return -1;
   }
   job_stop_thread (job);
-  if (job->drv->complete (job, ops, errp) == -1) {
+  r = job->drv->complete (job, ops, errp);
+  if (r == -2) {
+    /* An error the job goes on from: it copies again (or pauses). */
+    struct error *err = NULL;
+    pthread_mutex_lock (&job->lock);
+    job->stop_requested = false;
+    job->finished = false;
+    pthread_mutex_unlock (&job->lock);
+    if (start_thread (job, &err) == 0) {
+      send_errors (job, true);
+      return -1;
+    }
+    nbdd_warn ("%s", err->msg);
+    error_free (err);
+  }
+  send_errors (job, false);
+  if (r < 0) {
     job->error = strdup (*errp ? (*errp)->msg : "failed");
     set_status (job, JOB_ABORTING);
     block_event (job, "BLOCK_JOB_COMPLETED", job->error);
@@ -577,19 +608,22 @@ job_pause_point (struct job *job)
   return stop;
 }
 
-bool
-job_error_retry (struct job *job, bool is_read, int err)
+enum job_error_action
+job_error (struct job *job, bool is_read, int err)
 {
-  enum job_on_error on = is_read ? job->on_source_error
-    : job->on_target_error;
+  enum job_on_error on;
+  enum job_error_action action;
   struct job_error_event *e, **p;
   unsigned queued = 0;
 
+  pthread_mutex_lock (&job->lock);
+  on = is_read ? job->on_source_error : job->on_target_error;
   if (on == JOB_ON_ERROR_ENOSPC)
     on = err == -ENOSPC ? JOB_ON_ERROR_STOP : JOB_ON_ERROR_REPORT;
-  pthread_mutex_lock (&job->lock);
+  action = on == JOB_ON_ERROR_IGNORE ? JOB_ERROR_IGNORE
+    : on == JOB_ON_ERROR_STOP ? JOB_ERROR_STOP : JOB_ERROR_REPORT;
   if (job->cancel_requested)
-    on = JOB_ON_ERROR_REPORT;   /* nothing to retry for */
+    action = JOB_ERROR_REPORT;  /* nothing to go on for */
   /* Bounded: a dead target fails every write of a write-blocking
    * mirror while the main thread may be busy.
    */
@@ -600,11 +634,14 @@ job_error_retry (struct job *job, bool is_read, int err)
   else {
     e->next = NULL;
     e->is_read = is_read;
-    e->action = on == JOB_ON_ERROR_REPORT ? "report"
-      : on == JOB_ON_ERROR_IGNORE ? "ignore" : "stop";
+    e->action = action == JOB_ERROR_REPORT ? "report"
+      : action == JOB_ERROR_IGNORE ? "ignore" : "stop";
     *p = e;
   }
-  if (on == JOB_ON_ERROR_STOP) {
+  /* As QEMU: a job paused already (by the user, or by an earlier error)
+   * keeps its pause and its first io-status.
+   */
+  if (action == JOB_ERROR_STOP && !job->pause_requested) {
     job->pause_requested = true;
     job->io_status = err == -ENOSPC ? JOB_IO_NOSPACE : JOB_IO_FAILED;
     atomic_store (&job->io_stopped, true);
@@ -612,7 +649,24 @@ job_error_retry (struct job *job, bool is_read, int err)
   pthread_mutex_unlock (&job->lock);
   if (wake_hook)
     wake_hook ();
-  return on != JOB_ON_ERROR_REPORT;
+  return action;
+}
+
+void
+job_error_wait (struct job *job)
+{
+  struct timespec until;
+  uint64_t ns;
+
+  clock_gettime (CLOCK_REALTIME, &until);
+  ns = until.tv_nsec + ERROR_RETRY_NS;
+  until.tv_sec += ns / 1000000000ULL;
+  until.tv_nsec = ns % 1000000000ULL;
+  pthread_mutex_lock (&job->lock);
+  if (!job->pause_requested && !job->cancel_requested &&
+      !job->stop_requested)
+    pthread_cond_timedwait (&job->cond, &job->lock, &until);
+  pthread_mutex_unlock (&job->lock);
 }
 
 bool

@@ -93,7 +93,8 @@ struct job_driver {
   int (*finish) (struct job *job, bool ok, struct error **errp);
   /* Main thread: block-job-complete on a ready job, with its thread
    * stopped.  NULL: the job cannot be completed (it ends by itself).
-   * On failure the job fails.
+   * 0; -1 with errp: the job fails; -2 with errp: an error the job goes
+   * on from (on-*-error), its thread is started again.
    */
   int (*complete) (struct job *job, const struct job_graph_ops *ops,
                    struct error **errp);
@@ -199,14 +200,24 @@ void job_rate_limit (struct job *job, uint64_t bytes);
 /* Caught up (mirror): event BLOCK_JOB_READY; job_complete allowed. */
 void job_set_ready (struct job *job);
 bool job_is_cancelled (struct job *job);
+/* What to do about a failed copy. */
+enum job_error_action {
+  JOB_ERROR_REPORT,             /* the job fails with the error */
+  JOB_ERROR_IGNORE,             /* go on (copy it again later) */
+  JOB_ERROR_STOP,               /* the job is pausing: copy it again
+                                 * after the resume */
+};
 /* A copy failed with -errno @err, reading the source (@is_read) or
- * writing the target: BLOCK_JOB_ERROR, and what on-*-error says.
- * true: copy the range again later (the job may be pausing: see
- * job_pause_point); false: the job fails with @err.  Any thread.
+ * writing the target: a BLOCK_JOB_ERROR, and what on-*-error says.  A
+ * stop pauses the job, unless it is paused already (the first error's
+ * io-status stays).  Any thread.
  */
-bool job_error_retry (struct job *job, bool is_read, int err);
-/* How long a copier waits before it copies a failed range again. */
-#define ERROR_RETRY_NS 100000000
+enum job_error_action job_error (struct job *job, bool is_read, int err);
+/* The job's thread, after an error it goes on from: wait a moment
+ * before trying again (an error that stays must not spin), or less if
+ * the job is told to pause, stop or end.
+ */
+void job_error_wait (struct job *job);
 /* Stopped by an error and not resumed yet (cheap: for a write hook). */
 bool job_io_stopped (struct job *job);
 

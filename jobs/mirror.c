@@ -33,9 +33,14 @@
  * it to the copiers.  So a guest write never waits for the job, only
  * for its own write to the target, and a discard, whose effect on the
  * target need not be the source's, is always left to the copiers.  A
- * write to the target that fails leaves its range marked and fails the
- * job, as a copy that fails does; the guest's write has succeeded, and
- * the writes after it are only marked until the job is gone.
+ * write to the target that fails leaves its range marked and is one of
+ * the job's errors, as a copy that fails is (on-target-error): the job
+ * fails, goes on, or pauses, and while it is paused so, writes are
+ * only marked.  The guest's write has succeeded either way.
+ *
+ * Completion copies what is still marked with the source drained; an
+ * error there that the job goes on from refuses the completion and
+ * starts the copiers again.
  *
  * block-commit of the active layer is the same job (QEMU's
  * commit_active_start is a mirror too): the source is the top of the
@@ -108,10 +113,11 @@ update_len (struct job *job)
 
 static int
 copy (struct node *from, struct node *to, void *buf, uint64_t n,
-      uint64_t off)
+      uint64_t off, bool *is_read)
 {
   int r = node_pread (from, buf, n, off, 0);
 
+  *is_read = r < 0;
   return r < 0 ? r : node_pwrite (to, buf, n, off, 0);
 }
 
@@ -245,7 +251,7 @@ active_after (void *opaque, struct node_write *w, int ret)
   /* on-target-error: the range is the copiers' again, or the job
    * fails.
    */
-  fail = ret == 0 && r < 0 && !job_error_retry (job, false, r);
+  fail = ret == 0 && r < 0 && job_error (job, false, r) == JOB_ERROR_REPORT;
   pthread_mutex_lock (&m->lock);
   for (struct node_io_range **p = &m->writes; *p; p = &(*p)->next)
     if (*p == &w->range) {
@@ -403,7 +409,7 @@ copier (struct job *job)
     pthread_mutex_unlock (&m->lock);
 
     r = copy_through_roots (job, buf, n, start, &is_read);
-    retry = r < 0 && job_error_retry (job, is_read, r);
+    retry = r < 0 && job_error (job, is_read, r) != JOB_ERROR_REPORT;
 
     pthread_mutex_lock (&m->lock);
     m->in_flight--;
@@ -417,11 +423,10 @@ copier (struct job *job)
     if (r < 0 && !retry)
       break;
     if (r < 0) {
-      /* Copied again later (after a pause, for 'stop'), not at once:
-       * 'ignore' on an error that stays would spin.
-       */
+      /* Copied again later (after a pause, for 'stop'). */
       r = 0;
-      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+      update_len (job);
+      job_error_wait (job);
       continue;
     }
     job_rate_limit (job, n);
@@ -508,10 +513,13 @@ mirror_complete (struct job *job, const struct job_graph_ops *ops,
   struct mirror *m = mirror_of (job);
   struct node *nodes[] = { m->source, m->target };
   uint64_t size = node_size (m->source), off = 0;
+  bool is_read = false;
   void *buf;
   int r = 0;
 
-  /* On any failure the job fails and leaves the graph as it was. */
+  /* On a failure the job fails (or goes on, as on-*-error says) and
+   * leaves the graph as it was.
+   */
   if (ops->drain (ops->ctx, nodes, 2, errp) == -1) {
     mirror_finish (job, false, NULL);
     return -1;
@@ -528,16 +536,27 @@ mirror_complete (struct job *job, const struct job_graph_ops *ops,
                                       MIN (size, off + m->chunk));
     if (end == UINT64_MAX)
       end = MIN (size, off + m->chunk);
-    if ((r = copy (m->source, m->target, buf, end - off, off)) == 0)
+    if ((r = copy (m->source, m->target, buf, end - off, off,
+                   &is_read)) == 0) {
+      bitmap_clear (m->bm->bm, off, end - off);
       atomic_fetch_add (&job->offset, end - off);
+    }
     off = end;
   }
   free (buf);
   if (r == 0)
     r = node_flush (m->target);
   if (r < 0) {
-    error_setg_errno (errp, -r, "mirror '%s': the last copy to '%s'",
-                      job->id, m->target->name);
+    bool go_on = job_error (job, is_read, r) != JOB_ERROR_REPORT;
+
+    error_setg (errp, "mirror '%s': the last copy %s '%s': %s%s",
+                job->id, is_read ? "from" : "to",
+                is_read ? m->source->name : m->target->name,
+                strerror (-r), !go_on ? ""
+                : is_read ? ": the job goes on (on-source-error)"
+                : ": the job goes on (on-target-error)");
+    if (go_on)
+      return -2;                /* what is left is still marked */
     let_go (job);               /* the job fails: nothing moves */
     return -1;
   }

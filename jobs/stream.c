@@ -95,12 +95,13 @@ copy_guarded (struct stream *s, struct node *top, void *buf, uint64_t n,
     uint64_t pnum;
     unsigned depth;
 
+    *is_read = true;
     if ((r = node_allocation_depth (top, n - done, off + done, &pnum,
                                     &depth)) < 0)
       break;
     if (wanted (s, depth)) {
       r = node_pread (top, buf, pnum, off + done, 0);
-      *is_read = r < 0;
+      *is_read = r < 0;         /* else a failure is the write's */
       /* Zeroes go in as zeroes the top holds (zero clusters): a hole
        * would show the base through once the layers are gone.
        */
@@ -121,13 +122,13 @@ stream_run (struct job *job)
   struct stream *s = stream_of (job);
   uint64_t size = node_size (s->top), off = 0;
   void *buf = malloc (STREAM_CHUNK);
-  int r = 0;
+  int r = 0, ignored = 0;
 
   if (buf == NULL)
     return -ENOMEM;
   while (off < size && !job_pause_point (job)) {
-    uint64_t pnum;
-    unsigned depth;
+    uint64_t pnum = 0;
+    unsigned depth = 0;
     struct node *top = root_io_begin (&job->root);
     bool is_read = true;
 
@@ -136,13 +137,28 @@ stream_run (struct job *job)
     if (r == 0 && wanted (s, depth))
       r = copy_guarded (s, top, buf, pnum, off, &is_read);
     root_io_end (&job->root);
-    if (r < 0 && job_error_retry (job, is_read, r)) {
-      r = 0;                    /* on-error: this range again */
-      nanosleep (&(struct timespec) { .tv_nsec = ERROR_RETRY_NS }, NULL);
+    if (r < 0) {
+      /* As QEMU: stop copies the range again after the resume; ignore
+       * skips it, and the job fails at the end, keeping the backing
+       * chain it still needs.
+       */
+      enum job_error_action a = job_error (job, is_read, r);
+      if (a == JOB_ERROR_STOP) {
+        r = 0;
+        job_error_wait (job);
+        continue;
+      }
+      if (a == JOB_ERROR_REPORT)
+        break;
+      if (ignored == 0)
+        ignored = r;
+      r = 0;
+      if (pnum == 0)            /* not even its extent is known */
+        pnum = MIN (STREAM_CHUNK, size - off);
+      atomic_fetch_add (&job->offset, pnum);
+      off += pnum;
       continue;
     }
-    if (r < 0)
-      break;
     if (wanted (s, depth))
       job_rate_limit (job, pnum);
     else
@@ -150,7 +166,7 @@ stream_run (struct job *job)
     off += pnum;
   }
   free (buf);
-  return r;
+  return r < 0 ? r : ignored;
 }
 
 /* Drained, or never started: the guards off, every edge let go. */

@@ -1867,13 +1867,18 @@ jspeed (struct json_object *o, char *buf, size_t len)
 static void
 job_row (struct table *t, struct json_object *j)
 {
-  char progress[32], speed[40];
+  char progress[32], speed[40], stopped[64];
+  const char *io = jstr (j, "io-status"), *error = jstr (j, "error");
 
+  /* Paused by an error (on-*-error stop): say so until it resumes. */
+  if (error == NULL && io && strcmp (io, "ok") != 0) {
+    snprintf (stopped, sizeof stopped, "stopped: io-status %s", io);
+    error = stopped;
+  }
   t_add (t, jstr (j, "id") ? jstr (j, "id") : jstr (j, "device"),
          jstr (j, "type"), jstr (j, "status"),
          progress_bar (j, progress, sizeof progress),
-         jspeed (j, speed, sizeof speed), jyesno (j, "ready"),
-         jstr (j, "error"));
+         jspeed (j, speed, sizeof speed), jyesno (j, "ready"), error);
 }
 
 static int
@@ -2178,6 +2183,17 @@ cmd_job_wait (struct nbdctl *ctl, const struct command *self, int argc,
         rc = EXIT_OK;
         goto out;
       }
+      rc = EXIT_REFUSED;
+      goto out;
+    }
+    /* Stopped by an error: waiting would not end without somebody. */
+    if (strcmp (status, "paused") == 0 && jstr (job, "io-status") &&
+        strcmp (jstr (job, "io-status"), "ok") != 0) {
+      if (progress && w.tty && w.drawn)
+        fputc ('\n', stderr);
+      ctl_error ("job '%s' stopped on an I/O error (io-status %s): once "
+                 "that is fixed, nbdctl job resume %s", w.id,
+                 jstr (job, "io-status"), w.id);
       rc = EXIT_REFUSED;
       goto out;
     }
@@ -2525,7 +2541,8 @@ const struct command commands[] = {
     "Wait until the job is ready (--ready: a mirror has caught up) or "
     "has ended (--done, the default), polling it every 200 ms; "
     "--progress draws its progress on stderr.  Exits 1 if it failed, was "
-    "cancelled or, with --ready, ended first.", cmd_job_wait },
+    "cancelled or, with --ready, ended first, or stopped on an I/O "
+    "error (on-*-error stop).", cmd_job_wait },
   { "job pause", "ID", "ID",
     "Pause a job (block-job-pause): it copies nothing until resumed, "
     "though a mirror goes on recording writes.", cmd_job_device },
