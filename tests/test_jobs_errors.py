@@ -80,6 +80,19 @@ def read_all(srv, name):
     return data
 
 
+def overlay_on_remote(q, tmp_path, k):
+    """A qcow2 node 'top', empty, whose backing node 'rem' is @k's
+    export."""
+    ov = str(tmp_path / "top.qcow2")
+    add_remote(q, "rem", k.sock, **{"read-only": True})
+    q.cmd("blockdev-create", job_id="c", options={
+        "driver": "qcow2", "size": SIZE,
+        "file": {"driver": "file", "filename": ov}})
+    q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                "backing": "rem",
+                                "file": {"driver": "file", "filename": ov}})
+
+
 def wait_status(q, jid, status, timeout=30):
     deadline = time.monotonic() + timeout
     while (j := job(q, jid))["status"] != status:
@@ -299,16 +312,8 @@ def test_stream_ignore_skips_and_fails_at_the_end(nbdd_server, tmp_path,
                       [(0, os.urandom(MiB)), (40 * MiB, b"b" * MiB)])
     k = kit("EIO", ["file", base], "error-pread-rate=100%")
     srv = start(nbdd_server, tmp_path)
-    ov = str(tmp_path / "top.qcow2")
     with QMP(srv.admin) as q:
-        add_remote(q, "rem", k.sock, **{"read-only": True})
-        q.cmd("blockdev-create", job_id="c", options={
-            "driver": "qcow2", "size": SIZE,
-            "file": {"driver": "file", "filename": ov}})
-        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                    "backing": "rem",
-                                    "file": {"driver": "file",
-                                             "filename": ov}})
+        overlay_on_remote(q, tmp_path, k)
         k.failing(True)
         q.cmd_args("block-stream", {"device": "top", "job-id": "s",
                                     "on-error": "ignore"})
@@ -332,16 +337,8 @@ def test_stream_pauses_on_an_unreadable_backing_file(nbdd_server,
                       [(0, os.urandom(3 * MiB)), (40 * MiB, b"b" * MiB)])
     k = kit("EIO", ["file", base], "error-pread-rate=100%")
     srv = start(nbdd_server, tmp_path)
-    ov = str(tmp_path / "top.qcow2")
     with QMP(srv.admin) as q:
-        add_remote(q, "rem", k.sock, **{"read-only": True})
-        q.cmd("blockdev-create", job_id="c", options={
-            "driver": "qcow2", "size": SIZE,
-            "file": {"driver": "file", "filename": ov}})
-        q.cmd_args("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                                    "backing": "rem",
-                                    "file": {"driver": "file",
-                                             "filename": ov}})
+        overlay_on_remote(q, tmp_path, k)
         with pytest.raises(QMPError, match="'on-error' must be"):
             q.cmd_args("block-stream", {"device": "top", "on-error": "x"})
         k.failing(True)
