@@ -101,6 +101,19 @@ def wait_status(q, jid, status, timeout=30):
     return j
 
 
+def resume_until_ready(q, jid, timeout=60):
+    """block-job-resume while paused, and again if a copy that was under way when the
+    target came back still failed and stopped the job once more (as in
+    QEMU, an error after the resume stops it again), until it is
+    ready."""
+    deadline = time.monotonic() + timeout
+    while (j := job(q, jid))["status"] != "ready":
+        assert time.monotonic() < deadline, j
+        if j["status"] == "paused":
+            q.cmd("block-job-resume", device=jid)
+        time.sleep(0.05)
+
+
 def error_events(q, jid):
     """The BLOCK_JOB_ERROR events of @jid received so far."""
     q.cmd("query-version")          # everything before it has arrived
@@ -151,7 +164,7 @@ def test_mirror_pauses_on_a_full_target_and_resumes(nbdd_server, tmp_path,
         k.failing(False)
         q.cmd("block-job-resume", device="m")
         assert job(q, "m")["io-status"] == "ok"
-        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        resume_until_ready(q, "m")
         w.stop()
         assert w.writes > 0
         q.cmd("block-job-complete", device="m")
@@ -210,8 +223,8 @@ def test_mirror_error_actions(nbdd_server, tmp_path, kit, error, on_error,
             j = wait_status(q, "m", "paused")
             assert j["io-status"] == "nospace"
             k.failing(False)
-            q.cmd("block-job-resume", device="m")
-        q.wait_event("BLOCK_JOB_READY", timeout=60)
+            resume_until_ready(q, "m")
+        wait_status(q, "m", "ready", timeout=60)
         q.cmd("block-job-complete", device="m")
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
         assert "error" not in ev["data"], ev
@@ -252,8 +265,7 @@ def test_errors_once_ready(nbdd_server, tmp_path, kit):
         w.stop()
 
         k.failing(False)
-        q.cmd("block-job-resume", device="m")
-        wait_status(q, "m", "ready")
+        resume_until_ready(q, "m")
         q.cmd("block-job-complete", device="m")
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
         assert "error" not in ev["data"], ev
