@@ -418,8 +418,6 @@ conn_get (struct nbd_state *s, int *err)
 
   pthread_mutex_lock (&s->lock);
   for (;;) {
-    bool full = false;
-
     for (unsigned i = 0; i < s->nr_conns; ++i) {
       struct nbd_conn *c = &s->conns[i];
       if (c->h && !c->dead && (best == NULL || c->users < best->users))
@@ -427,11 +425,8 @@ conn_get (struct nbd_state *s, int *err)
     }
     if (best && best->users < MAX_IN_FLIGHT)
       break;
-    if (best) {                 /* all busy: wait for a reply, awake */
-      full = true;
+    if (best) {                 /* all full: wait for a reply, awake */
       best = NULL;
-    }
-    if (full) {
       pthread_cond_wait (&s->changed, &s->lock);
       continue;
     }
