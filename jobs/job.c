@@ -483,8 +483,10 @@ job_complete (struct job *job, const struct job_graph_ops *ops,
       send_errors (job, true);
       return -1;
     }
+    /* No thread to go on with: the job fails, and lets go. */
     nbdd_warn ("%s", err->msg);
     error_free (err);
+    job->drv->finish (job, false, NULL);
   }
   send_errors (job, false);
   if (r < 0) {

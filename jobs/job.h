@@ -93,8 +93,9 @@ struct job_driver {
   int (*finish) (struct job *job, bool ok, struct error **errp);
   /* Main thread: block-job-complete on a ready job, with its thread
    * stopped.  NULL: the job cannot be completed (it ends by itself).
-   * 0; -1 with errp: the job fails; -2 with errp: an error the job goes
-   * on from (on-*-error), its thread is started again.
+   * 0; -1 with errp: the job fails (the driver let go); -2 with errp:
+   * an error the job goes on from (on-*-error), its thread is started
+   * again (or, if it cannot be, finish (false) follows).
    */
   int (*complete) (struct job *job, const struct job_graph_ops *ops,
                    struct error **errp);
