@@ -2,6 +2,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <signal.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,4 +238,18 @@ node_name_is_valid (const char *name)
       return false;
   }
   return true;
+}
+
+int
+thread_create_quiet (pthread_t *thread, const pthread_attr_t *attr,
+                     void *(*fn) (void *), void *arg)
+{
+  sigset_t all, old;
+  int r;
+
+  sigfillset (&all);
+  pthread_sigmask (SIG_BLOCK, &all, &old);
+  r = pthread_create (thread, attr, fn, arg);
+  pthread_sigmask (SIG_SETMASK, &old, NULL);
+  return r;
 }

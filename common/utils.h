@@ -2,6 +2,7 @@
 #ifndef NBDD_UTILS_H
 #define NBDD_UTILS_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -65,5 +66,11 @@ bool node_name_is_valid (const char *name);
 
 /* Monotonic time in nanoseconds. */
 uint64_t monotonic_ns (void);
+
+/* pthread_create, the new thread with every signal blocked: signals
+ * are the event loop's business.  0, or an errno.
+ */
+int thread_create_quiet (pthread_t *thread, const pthread_attr_t *attr,
+                         void *(*fn) (void *), void *arg);
 
 #endif /* NBDD_UTILS_H */

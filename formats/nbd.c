@@ -48,7 +48,6 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <semaphore.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -859,20 +858,6 @@ parse_server (struct nbd_state *s, struct json_object *opts,
   return 0;
 }
 
-/* Signals are the event loop's business. */
-static int
-start_dispatcher (struct nbd_conn *c)
-{
-  sigset_t all, old;
-  int e;
-
-  sigfillset (&all);
-  pthread_sigmask (SIG_BLOCK, &all, &old);
-  e = pthread_create (&c->thread, NULL, dispatcher, c);
-  pthread_sigmask (SIG_SETMASK, &old, NULL);
-  return e;
-}
-
 static int
 nbd_drv_open (struct node *node, struct json_object *opts,
               struct error **errp)
@@ -988,7 +973,7 @@ nbd_drv_open (struct node *node, struct json_object *opts,
       error_setg_errno (errp, errno, "nbd: eventfd");
       return -1;
     }
-    e = start_dispatcher (c);
+    e = thread_create_quiet (&c->thread, NULL, dispatcher, c);
     if (e != 0) {
       error_setg_errno (errp, e, "nbd: pthread_create");
       return -1;

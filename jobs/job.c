@@ -2,7 +2,6 @@
 #include <config.h>
 
 #include <errno.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -238,13 +237,8 @@ job_thread (void *arg)
 static int
 start_thread (struct job *job, struct error **errp)
 {
-  sigset_t all, old;
-  int r;
+  int r = thread_create_quiet (&job->thread, NULL, job_thread, job);
 
-  sigfillset (&all);
-  pthread_sigmask (SIG_BLOCK, &all, &old);
-  r = pthread_create (&job->thread, NULL, job_thread, job);
-  pthread_sigmask (SIG_SETMASK, &old, NULL);
   if (r != 0) {
     error_setg_errno (errp, r, "job '%s': starting its thread", job->id);
     return -1;

@@ -55,7 +55,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -453,15 +452,11 @@ mirror_run (struct job *job)
   struct mirror *m = mirror_of (job);
   pthread_t more[MIRROR_COPIERS - 1];
   unsigned started = 0;
-  sigset_t all, old;
   int r;
 
-  sigfillset (&all);
-  pthread_sigmask (SIG_BLOCK, &all, &old);
   for (; started < MIRROR_COPIERS - 1; ++started)
-    if (pthread_create (&more[started], NULL, copier_thread, job) != 0)
+    if (thread_create_quiet (&more[started], NULL, copier_thread, job) != 0)
       break;
-  pthread_sigmask (SIG_SETMASK, &old, NULL);
   r = copier (job);
   for (unsigned i = 0; i < started; ++i)
     pthread_join (more[i], NULL);

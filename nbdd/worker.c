@@ -31,7 +31,6 @@
 
 #include <errno.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -89,18 +88,14 @@ maybe_add_worker_locked (void)
 {
   pthread_attr_t attr;
   pthread_t t;
-  sigset_t all, old;
 
   if (quit || runq_head == NULL || idle_workers > 0 ||
       nr_extra >= sleeping || nr_extra >= MAX_EXTRA_WORKERS)
     return;
   pthread_attr_init (&attr);
   pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-  sigfillset (&all);
-  pthread_sigmask (SIG_BLOCK, &all, &old);
-  if (pthread_create (&t, &attr, worker_main, (void *) 1) == 0)
+  if (thread_create_quiet (&t, &attr, worker_main, (void *) 1) == 0)
     nr_extra++;
-  pthread_sigmask (SIG_SETMASK, &old, NULL);
   pthread_attr_destroy (&attr);
 }
 
@@ -293,8 +288,6 @@ workers_kick (void)
 int
 workers_start (struct ev_loop *l, unsigned nr, struct error **errp)
 {
-  sigset_t all, old;
-
   loop = l;
   graph_set_sleep_hooks (sleep_begin, sleep_end);
   ev_async_init (&done_async, done_cb);
@@ -306,20 +299,15 @@ workers_start (struct ev_loop *l, unsigned nr, struct error **errp)
     error_setg_errno (errp, errno, "allocating worker threads");
     return -1;
   }
-  /* Signals are the loop's business: workers block them all. */
-  sigfillset (&all);
-  pthread_sigmask (SIG_BLOCK, &all, &old);
   for (nr_threads = 0; nr_threads < nr; ++nr_threads) {
-    int err = pthread_create (&threads[nr_threads], NULL, worker_main,
-                              NULL);
+    int err = thread_create_quiet (&threads[nr_threads], NULL, worker_main,
+                                   NULL);
     if (err) {
-      pthread_sigmask (SIG_SETMASK, &old, NULL);
       error_setg_errno (errp, err, "starting worker thread");
       workers_stop ();
       return -1;
     }
   }
-  pthread_sigmask (SIG_SETMASK, &old, NULL);
   return 0;
 }
 

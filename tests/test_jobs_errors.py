@@ -80,6 +80,16 @@ def read_all(srv, name):
     return data
 
 
+def live_disk_and_target(srv, q, tmp_path, k):
+    """The live disk, seeded (its model returned), and @k's export as
+    node 'tgt'."""
+    live_disk(q, tmp_path, SIZE)
+    model = bytearray(SIZE)
+    seed(srv, SIZE, model)
+    add_remote(q, "tgt", k.sock)
+    return model
+
+
 def overlay_on_remote(q, tmp_path, k):
     """A qcow2 node 'top', empty, whose backing node 'rem' is @k's
     export."""
@@ -134,10 +144,7 @@ def test_mirror_pauses_on_a_full_target_and_resumes(nbdd_server, tmp_path,
     k = kit("ENOSPC")
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
-        live_disk(q, tmp_path, SIZE)
-        model = bytearray(SIZE)
-        seed(srv, SIZE, model)
-        add_remote(q, "tgt", k.sock)
+        model = live_disk_and_target(srv, q, tmp_path, k)
         k.failing(True)
         w = Writer(srv.uri("live"), SIZE, model)
         w.start()
@@ -190,10 +197,7 @@ def test_mirror_error_actions(nbdd_server, tmp_path, kit, error, on_error,
     k = kit(error)
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
-        live_disk(q, tmp_path, SIZE)
-        model = bytearray(SIZE)
-        seed(srv, SIZE, model)
-        add_remote(q, "tgt", k.sock)
+        model = live_disk_and_target(srv, q, tmp_path, k)
         k.failing(True)
         args = {"job-id": "m", "device": "disk0", "target": "tgt",
                 "sync": "full"}
@@ -235,17 +239,12 @@ def test_errors_once_ready(nbdd_server, tmp_path, kit):
     """The target fills up after the mirror is ready.  In write-blocking
     mode a guest write sent on to the target fails there: the job pauses
     (on-target-error=stop) and the guest's write succeeds; writes while
-    it is paused are only marked.  After the resume, block-job-complete
-    with the target full again is refused, the job going on (not
-    failing); once there is room it completes with every write on the
-    target."""
+    it is paused are only marked.  Once there is room, it is resumed and
+    completes with every write on the target."""
     k = kit("ENOSPC")
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
-        live_disk(q, tmp_path, SIZE)
-        model = bytearray(SIZE)
-        seed(srv, SIZE, model)
-        add_remote(q, "tgt", k.sock)
+        model = live_disk_and_target(srv, q, tmp_path, k)
         q.cmd_args("blockdev-mirror", {
             "job-id": "m", "device": "disk0", "target": "tgt",
             "sync": "full", "copy-mode": "write-blocking",
@@ -280,10 +279,7 @@ def test_complete_on_a_full_target_is_refused(nbdd_server, tmp_path, kit):
     k = kit("ENOSPC")
     srv = start(nbdd_server, tmp_path)
     with QMP(srv.admin) as q:
-        live_disk(q, tmp_path, SIZE)
-        model = bytearray(SIZE)
-        seed(srv, SIZE, model)
-        add_remote(q, "tgt", k.sock)
+        model = live_disk_and_target(srv, q, tmp_path, k)
         q.cmd_args("blockdev-mirror", {
             "job-id": "m", "device": "disk0", "target": "tgt",
             "sync": "full", "on-target-error": "ignore"})
