@@ -411,6 +411,7 @@ job_pause (struct job *job, struct error **errp)
     return -1;
   pthread_mutex_lock (&job->lock);
   job->pause_requested = true;
+  pthread_cond_broadcast (&job->cond);
   pthread_mutex_unlock (&job->lock);
   set_status (job, JOB_PAUSED);
   return 0;
@@ -649,13 +650,12 @@ job_error (struct job *job, bool is_read, int err)
 }
 
 void
-job_error_wait (struct job *job)
+job_wait (struct job *job, uint64_t ns)
 {
   struct timespec until;
-  uint64_t ns;
 
   clock_gettime (CLOCK_REALTIME, &until);
-  ns = until.tv_nsec + ERROR_RETRY_NS;
+  ns += until.tv_nsec;
   until.tv_sec += ns / 1000000000ULL;
   until.tv_nsec = ns % 1000000000ULL;
   pthread_mutex_lock (&job->lock);
@@ -663,6 +663,12 @@ job_error_wait (struct job *job)
       !job->stop_requested)
     pthread_cond_timedwait (&job->cond, &job->lock, &until);
   pthread_mutex_unlock (&job->lock);
+}
+
+void
+job_error_wait (struct job *job)
+{
+  job_wait (job, ERROR_RETRY_NS);
 }
 
 bool

@@ -219,6 +219,10 @@ enum job_error_action job_error (struct job *job, bool is_read, int err);
  * the job is told to pause, stop or end.
  */
 void job_error_wait (struct job *job);
+/* Sleep up to @ns, or less if the job is told to pause, stop or end,
+ * or its speed changes.
+ */
+void job_wait (struct job *job, uint64_t ns);
 /* Stopped by an error and not resumed yet (cheap: for a write hook). */
 bool job_io_stopped (struct job *job);
 

@@ -71,6 +71,42 @@
 #define COMMIT_GRANULARITY 65536
 #define MIRROR_COPIERS 4
 
+/* Pacing: the copiers judge, slice by slice, whether they gain on the
+ * guest's writes.
+ */
+#define PACE_SLICE_NS 250000000ULL
+#define PACE_IDLE_SLICES 7      /* a losing copy runs one slice in 8 */
+#define PACE_MIN_CLEAN 64       /* granules: fewer tell A badly */
+#define PACE_MIN_DIRTIED 16     /* granules: fewer say nothing */
+
+/* A background copy that cannot catch up.  A guest write that dirties
+ * a clean granule undoes a copy; with writes spread over the node at
+ * A granules a second and K of its T granules clean, A * K / T
+ * granules are dirtied again each second, whatever the copy does.  So
+ * a slice in which the copiers clear C granules and the dirty count
+ * moves by dD tells A: (dD + C) * T / K.  Copying at best F granules a
+ * second (their rate in a slice where they never ran dry), the job
+ * can converge only if F > A: else everything it copies is dirtied
+ * again before it could finish, and the CPU and bandwidth it takes
+ * are taken from the guest for nothing but a shorter catch-up later.
+ * Such a job copies one slice in eight (still measuring A and F) until
+ * the guest slows down.  Where hardly any granule stays clean for long
+ * enough to be seen (A far above F on a small node), a dirty count
+ * that did not fall over a slice says the same.  A guest whose writes
+ * fall on few granules over and over shows a small A: the job copies
+ * at full speed, as without pacing.
+ */
+struct pace {
+  uint64_t slice_start;               /* ns; 0: not started */
+  uint64_t dirty0;                    /* granules dirty at its start */
+  uint64_t cleared;                   /* granules taken for copies */
+  bool ran_dry;                       /* a copier found nothing to copy */
+  bool idle;                          /* this slice is one not copied */
+  unsigned idle_left;                 /* slices still to sit out */
+  double capacity;                    /* F, granules/s */
+  bool losing;                        /* for the log: what we said last */
+};
+
 struct mirror {
   struct node *source, *target;       /* references */
   struct node_root target_root;       /* the job's write edge */
@@ -93,6 +129,7 @@ struct mirror {
    * the stacks of the guest requests); copiers keep out of them too.
    */
   struct node_io_range *writes;
+  struct pace pace;                   /* under the lock */
 };
 
 static struct mirror *
@@ -357,6 +394,81 @@ next_free_run (struct mirror *m, uint64_t from, uint64_t size,
   }
 }
 
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/* Under the lock, at the end of a copied slice: whether the guest
+ * dirties granules faster than the job can copy them (struct pace).
+ */
+static bool
+pace_losing (struct job *job, struct mirror *m, uint64_t now)
+{
+  struct pace *p = &m->pace;
+  double secs = (double) (now - p->slice_start) / 1e9;
+  uint64_t g = m->granularity;
+  uint64_t total = ROUND_UP (bitmap_size (m->bm->bm), g) / g;
+  uint64_t dirty = bitmap_count_granules (m->bm->bm);
+  uint64_t clean_sum = 2 * total - dirty - p->dirty0;   /* 2 * mean K */
+  double dirtied = (double) dirty - (double) p->dirty0 + (double) p->cleared;
+  double rate;
+  bool losing;
+
+  if (p->ran_dry || p->cleared == 0)
+    return false;               /* F unknown, or nothing to lose on */
+  p->capacity = (double) p->cleared / secs;
+  if (clean_sum < 2 * PACE_MIN_CLEAN) {
+    /* Too few clean granules to tell A by; but a count that did not
+     * fall says the guest undid every copy of the slice.
+     */
+    rate = dirtied / secs;
+    losing = dirty >= p->dirty0;
+  }
+  else {
+    rate = dirtied * (double) total * 2 / (double) clean_sum / secs;
+    losing = dirtied >= PACE_MIN_DIRTIED && rate > p->capacity;
+  }
+  if (losing != p->losing)
+    debug ("job '%s': the guest dirties %.0f granules/s or more, the job "
+           "copies %.0f/s: %s", job->id, rate, p->capacity,
+           losing ? "copying one slice in 8" : "copying at full speed");
+  p->losing = losing;
+  return losing;
+}
+
+/* Under the lock: 0 if a copier may copy now, or how long to wait.
+ * Only a background copy paces itself: a write-blocking job's list
+ * only shrinks.
+ */
+static uint64_t
+pace (struct job *job, struct mirror *m)
+{
+  struct pace *p = &m->pace;
+  uint64_t now = now_ns ();
+
+  if (m->active)
+    return 0;
+  if (p->slice_start != 0 && now - p->slice_start < PACE_SLICE_NS)
+    return p->idle ? p->slice_start + PACE_SLICE_NS - now : 0;
+  /* A slice ends. */
+  if (p->slice_start != 0 && !p->idle &&
+      pace_losing (job, m, now))
+    p->idle_left = PACE_IDLE_SLICES;
+  p->idle = p->idle_left > 0;
+  if (p->idle)
+    p->idle_left--;
+  p->slice_start = now;
+  p->dirty0 = bitmap_count_granules (m->bm->bm);
+  p->cleared = 0;
+  p->ran_dry = false;
+  return p->idle ? PACE_SLICE_NS : 0;
+}
+
 /* One of the job's copiers: take the next dirty run (under the lock,
  * which is also what lets several clear bits), copy it, go on.
  */
@@ -371,7 +483,7 @@ copier (struct job *job)
   if (buf == NULL)
     return -ENOMEM;
   while (!job_pause_point (job)) {
-    uint64_t start, end, n;
+    uint64_t start, end, n, wait;
     unsigned slot;
     bool is_read, retry;
 
@@ -385,9 +497,15 @@ copier (struct job *job)
       m->cursor = 0;            /* the rest is before where we were */
       start = next_free_run (m, 0, size, &end);
     }
+    if (start != UINT64_MAX && (wait = pace (job, m)) > 0) {
+      pthread_mutex_unlock (&m->lock);
+      job_wait (job, wait);
+      continue;
+    }
     if (start == UINT64_MAX) {
       /* Caught up once nobody is copying either. */
       bool idle = m->in_flight == 0;
+      m->pace.ran_dry = true;
       pthread_mutex_unlock (&m->lock);
       if (idle) {
         update_len (job);
@@ -399,6 +517,8 @@ copier (struct job *job)
     }
     n = end - start;
     bitmap_clear (m->bm->bm, start, n);
+    m->pace.cleared += ROUND_UP (n, (uint64_t) m->granularity) /
+      m->granularity;
     m->cursor = end;
     for (slot = 0; m->flight[slot].end != 0; ++slot)
       ;
