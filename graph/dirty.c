@@ -377,8 +377,15 @@ void
 dirty_remark (struct node *node, uint64_t offset, uint64_t count)
 {
   for (struct dirty_bitmap *d = node->dirty; d; d = d->next)
-    if (d->internal && __atomic_load_n (&d->enabled, __ATOMIC_RELAXED))
-      bitmap_set (d->successor ? d->successor : d->bm, offset, count);
+    if (d->internal && __atomic_load_n (&d->enabled, __ATOMIC_RELAXED)) {
+      struct bitmap *b = d->successor ? d->successor : d->bm;
+      uint32_t g = bitmap_granularity (b);
+
+      bitmap_set (b, offset, count);
+      if (count > 0)
+        __atomic_fetch_add (&d->marks, (offset + count - 1) / g - offset / g
+                            + 1, __ATOMIC_RELAXED);
+    }
 }
 
 struct dirty_bitmap *

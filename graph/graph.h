@@ -100,8 +100,11 @@ struct dirty_bitmap {
   /* A job's (a mirror's copy list, named '#...'): not listed, not for
    * QMP, transient.  Its bits are set again once a write is done, so
    * that a job clearing one while the write runs copies it again.
+   * 'marks' counts the granules those writes covered (atomic): how
+   * fast the guest writes, for the job's pacing.
    */
   bool internal;
+  uint64_t marks;
 };
 
 /* The request path's hook: mark [offset, offset + count) in every

@@ -594,6 +594,9 @@ job_pause_point (struct job *job)
   bool stop;
 
   pthread_mutex_lock (&job->lock);
+  if (job->pause_requested && !job->cancel_requested &&
+      !job->stop_requested)
+    job->pauses++;
   while (job->pause_requested && !job->cancel_requested &&
          !job->stop_requested) {
     job->paused = true;
@@ -603,6 +606,17 @@ job_pause_point (struct job *job)
   stop = job->cancel_requested || job->stop_requested;
   pthread_mutex_unlock (&job->lock);
   return stop;
+}
+
+unsigned
+job_pauses (struct job *job)
+{
+  unsigned n;
+
+  pthread_mutex_lock (&job->lock);
+  n = job->pauses;
+  pthread_mutex_unlock (&job->lock);
+  return n;
 }
 
 enum job_error_action

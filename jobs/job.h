@@ -116,6 +116,7 @@ struct job {
   pthread_mutex_t lock;         /* everything below */
   pthread_cond_t cond;
   bool pause_requested, paused, cancel_requested, stop_requested;
+  unsigned pauses;              /* times the thread stopped in a pause */
   bool ready, finished;         /* the thread said so */
   int ret;                      /* run's result, once finished */
   bool ready_seen;              /* main thread: event sent */
@@ -196,6 +197,10 @@ struct json_object *job_info (struct job *job);
  * completion asked).
  */
 bool job_pause_point (struct job *job);
+/* How many times the job's thread (or threads) have stopped in a
+ * pause: a time measured across a change of it includes one.
+ */
+unsigned job_pauses (struct job *job);
 /* Account @bytes copied and sleep as the speed limit says. */
 void job_rate_limit (struct job *job, uint64_t bytes);
 /* Caught up (mirror): event BLOCK_JOB_READY; job_complete allowed. */

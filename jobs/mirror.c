@@ -80,31 +80,37 @@
 #define PACE_MIN_DIRTIED 16     /* granules: fewer say nothing */
 
 /* A background copy that cannot catch up.  A guest write that dirties
- * a clean granule undoes a copy; with writes spread over the node at
- * A granules a second and K of its T granules clean, A * K / T
- * granules are dirtied again each second, whatever the copy does.  So
- * a slice in which the copiers clear C granules and the dirty count
- * moves by dD tells A: (dD + C) * T / K.  Copying at best F granules a
- * second (their rate in a slice where they never ran dry), the job
- * can converge only if F > A: else everything it copies is dirtied
- * again before it could finish, and the CPU and bandwidth it takes
- * are taken from the guest for nothing but a shorter catch-up later.
- * Such a job copies one slice in eight (still measuring A and F) until
- * the guest slows down.  Where hardly any granule stays clean for long
- * enough to be seen (A far above F on a small node), a dirty count
- * that did not fall over a slice says the same.  A guest whose writes
- * fall on few granules over and over shows a small A: the job copies
- * at full speed, as without pacing.
+ * a clean granule undoes a copy.  Guest writes covering A granules a
+ * second, spread over the node, dirty A * K / T of them again each
+ * second, K of its T granules being clean.  Copying at best F granules
+ * a second (the copiers' rate in a slice where they never ran dry),
+ * the job can converge only if F > A: else everything it copies is
+ * dirtied again before it could finish, and what the copy takes (CPU,
+ * bandwidth) is taken from the guest for nothing but a shorter
+ * catch-up later.  Such a job copies one slice in eight (still
+ * measuring A and F) until the guest slows down.
+ *
+ * A is told at the end of each copied slice two ways: the granules the
+ * guest's writes covered (the bitmap's marks), which counts a granule
+ * written twice twice, and (dD + C) * T / K from the C granules the
+ * copiers cleared and the move dD of the dirty count, which assumes
+ * writes spread evenly.  The smaller is taken, so that neither a guest
+ * rewriting a few granules over and over nor one writing in sequence
+ * just behind the copy (every write on a clean granule) looks faster
+ * than it is.  Where hardly any granule stays clean for long enough to
+ * be seen (A far above F on a small node), the marks alone tell A,
+ * and the job must also have lost ground in the slice.
  */
 struct pace {
-  uint64_t slice_start;               /* ns; 0: not started */
+  uint64_t slice_start;               /* ns; 0: start one */
   uint64_t dirty0;                    /* granules dirty at its start */
+  uint64_t marks0;                    /* the bitmap's marks then */
+  unsigned pauses0;                   /* the job's pauses then */
   uint64_t cleared;                   /* granules taken for copies */
   bool ran_dry;                       /* a copier found nothing to copy */
   bool idle;                          /* this slice is one not copied */
   unsigned idle_left;                 /* slices still to sit out */
-  double capacity;                    /* F, granules/s */
-  bool losing;                        /* for the log: what we said last */
+  bool losing;                        /* what was judged last */
 };
 
 struct mirror {
@@ -178,6 +184,17 @@ copy_through_roots (struct job *job, void *buf, uint64_t n, uint64_t off,
   r = node_pwrite (dst, buf, n, off, 0);
   root_io_end (&m->target_root);
   return r;
+}
+
+/* Under the lock: judge afresh from the next slice (a new thread, a
+ * new copy mode: what came before says nothing of what comes).
+ */
+static void
+pace_reset (struct mirror *m)
+{
+  m->pace.slice_start = 0;
+  m->pace.idle = false;
+  m->pace.idle_left = 0;
 }
 
 /* ---- write-blocking: the source's write hook ---- */
@@ -323,7 +340,10 @@ hook_on (struct job *job, struct error **errp)
     return -1;
   }
   __atomic_store_n (&m->bm->enabled, false, __ATOMIC_RELAXED);
+  pthread_mutex_lock (&m->lock);
   m->active = true;
+  pace_reset (m);
+  pthread_mutex_unlock (&m->lock);
   return 0;
 }
 
@@ -339,7 +359,10 @@ hook_off (struct job *job)
     return;
   node_write_hook_clear (m->source, &m->hook);
   __atomic_store_n (&m->bm->enabled, true, __ATOMIC_RELAXED);
+  pthread_mutex_lock (&m->lock);
   m->active = false;
+  pace_reset (m);
+  pthread_mutex_unlock (&m->lock);
 }
 
 /* ---- the copiers ---- */
@@ -404,10 +427,11 @@ now_ns (void)
 }
 
 /* Under the lock, at the end of a copied slice: whether the guest
- * dirties granules faster than the job can copy them (struct pace).
+ * dirties granules faster than the job can copy them (struct pace);
+ * *ratep and *capp are A and F.
  */
 static bool
-pace_losing (struct job *job, struct mirror *m, uint64_t now)
+pace_judge (struct mirror *m, uint64_t now, double *ratep, double *capp)
 {
   struct pace *p = &m->pace;
   double secs = (double) (now - p->slice_start) / 1e9;
@@ -415,30 +439,18 @@ pace_losing (struct job *job, struct mirror *m, uint64_t now)
   uint64_t total = ROUND_UP (bitmap_size (m->bm->bm), g) / g;
   uint64_t dirty = bitmap_count_granules (m->bm->bm);
   uint64_t clean_sum = 2 * total - dirty - p->dirty0;   /* 2 * mean K */
+  uint64_t marks = __atomic_load_n (&m->bm->marks, __ATOMIC_RELAXED);
   double dirtied = (double) dirty - (double) p->dirty0 + (double) p->cleared;
-  double rate;
-  bool losing;
 
   if (p->ran_dry || p->cleared == 0)
     return false;               /* F unknown, or nothing to lose on */
-  p->capacity = (double) p->cleared / secs;
-  if (clean_sum < 2 * PACE_MIN_CLEAN) {
-    /* Too few clean granules to tell A by; but a count that did not
-     * fall says the guest undid every copy of the slice.
-     */
-    rate = dirtied / secs;
-    losing = dirty >= p->dirty0;
-  }
-  else {
-    rate = dirtied * (double) total * 2 / (double) clean_sum / secs;
-    losing = dirtied >= PACE_MIN_DIRTIED && rate > p->capacity;
-  }
-  if (losing != p->losing)
-    debug ("job '%s': the guest dirties %.0f granules/s or more, the job "
-           "copies %.0f/s: %s", job->id, rate, p->capacity,
-           losing ? "copying one slice in 8" : "copying at full speed");
-  p->losing = losing;
-  return losing;
+  *capp = (double) p->cleared / secs;
+  *ratep = (double) (marks - p->marks0) / secs;
+  if (clean_sum < 2 * PACE_MIN_CLEAN)
+    return dirty >= p->dirty0 && *ratep > *capp;
+  *ratep = MIN (*ratep, dirtied * (double) total * 2 / (double) clean_sum
+                / secs);
+  return dirtied >= PACE_MIN_DIRTIED && *ratep > *capp;
 }
 
 /* Under the lock: 0 if a copier may copy now, or how long to wait.
@@ -450,20 +462,35 @@ pace (struct job *job, struct mirror *m)
 {
   struct pace *p = &m->pace;
   uint64_t now = now_ns ();
+  unsigned pauses = job_pauses (job);
 
   if (m->active)
     return 0;
-  if (p->slice_start != 0 && now - p->slice_start < PACE_SLICE_NS)
+  if (p->slice_start != 0 && pauses == p->pauses0 &&
+      now - p->slice_start < PACE_SLICE_NS)
     return p->idle ? p->slice_start + PACE_SLICE_NS - now : 0;
-  /* A slice ends. */
-  if (p->slice_start != 0 && !p->idle &&
-      pace_losing (job, m, now))
-    p->idle_left = PACE_IDLE_SLICES;
+  /* A slice ends; one that a pause cut is not judged. */
+  if (p->slice_start != 0 && pauses == p->pauses0 && !p->idle) {
+    double rate = 0, cap = 0;
+    bool losing = pace_judge (m, now, &rate, &cap);
+
+    if (losing)
+      p->idle_left = PACE_IDLE_SLICES;
+    if (losing && !p->losing)
+      debug ("job '%s': the guest dirties about %.0f granules/s, the job "
+             "copies %.0f/s: copying one slice in %d", job->id, rate, cap,
+             PACE_IDLE_SLICES + 1);
+    else if (!losing && p->losing)
+      debug ("job '%s': copying at full speed", job->id);
+    p->losing = losing;
+  }
   p->idle = p->idle_left > 0;
   if (p->idle)
     p->idle_left--;
   p->slice_start = now;
+  p->pauses0 = pauses;
   p->dirty0 = bitmap_count_granules (m->bm->bm);
+  p->marks0 = __atomic_load_n (&m->bm->marks, __ATOMIC_RELAXED);
   p->cleared = 0;
   p->ran_dry = false;
   return p->idle ? PACE_SLICE_NS : 0;
@@ -573,6 +600,10 @@ mirror_run (struct job *job)
   pthread_t more[MIRROR_COPIERS - 1];
   unsigned started = 0;
   int r;
+
+  pthread_mutex_lock (&m->lock);
+  pace_reset (m);
+  pthread_mutex_unlock (&m->lock);
 
   for (; started < MIRROR_COPIERS - 1; ++started)
     if (thread_create_quiet (&more[started], NULL, copier_thread, job) != 0)
