@@ -436,37 +436,15 @@ job_resume (struct job *job, struct error **errp)
   return 0;
 }
 
-int
-job_cancel (struct job *job, struct error **errp)
-{
-  if (not_concluded (job, "cancelled", errp) == -1)
-    return -1;
-  pthread_mutex_lock (&job->lock);
-  job->cancel_requested = true;
-  job->pause_requested = false;
-  pthread_cond_broadcast (&job->cond);
-  pthread_mutex_unlock (&job->lock);
-  return 0;
-}
-
-int
-job_complete (struct job *job, const struct job_graph_ops *ops,
-              struct error **errp)
+/* The job's thread is stopped: the driver's complete, and the end. */
+static int
+complete (struct job *job, const struct job_graph_ops *ops, bool pivot,
+          struct error **errp)
 {
   int r;
 
-  if (job->drv->complete == NULL) {
-    error_setg (errp, "job '%s' (%s) cannot be completed: it ends by "
-                "itself", job->id, job->drv->type);
-    return -1;
-  }
-  if (job->status != JOB_READY) {
-    error_setg (errp, "job '%s' is not ready (it is %s): wait for "
-                "BLOCK_JOB_READY", job->id, job_status_name (job->status));
-    return -1;
-  }
   job_stop_thread (job);
-  r = job->drv->complete (job, ops, errp);
+  r = job->drv->complete (job, ops, pivot, errp);
   if (r == -2) {
     /* An error the job goes on from: it copies again (or pauses). */
     struct error *err = NULL;
@@ -494,6 +472,44 @@ job_complete (struct job *job, const struct job_graph_ops *ops,
   block_event (job, "BLOCK_JOB_COMPLETED", NULL);
   conclude (job);
   return 0;
+}
+
+int
+job_cancel (struct job *job, bool force, const struct job_graph_ops *ops,
+            struct error **errp)
+{
+  if (not_concluded (job, "cancelled", errp) == -1)
+    return -1;
+  /* Ready (or paused once ready): the target was in sync; it is again
+   * at the end, as block-job-complete leaves it, but nothing moves.
+   */
+  if (!force && job->drv->complete != NULL &&
+      (job->status == JOB_READY ||
+       (job->status == JOB_PAUSED && job->ready_seen)))
+    return complete (job, ops, false, errp);
+  pthread_mutex_lock (&job->lock);
+  job->cancel_requested = true;
+  job->pause_requested = false;
+  pthread_cond_broadcast (&job->cond);
+  pthread_mutex_unlock (&job->lock);
+  return 0;
+}
+
+int
+job_complete (struct job *job, const struct job_graph_ops *ops,
+              struct error **errp)
+{
+  if (job->drv->complete == NULL) {
+    error_setg (errp, "job '%s' (%s) cannot be completed: it ends by "
+                "itself", job->id, job->drv->type);
+    return -1;
+  }
+  if (job->status != JOB_READY) {
+    error_setg (errp, "job '%s' is not ready (it is %s): wait for "
+                "BLOCK_JOB_READY", job->id, job_status_name (job->status));
+    return -1;
+  }
+  return complete (job, ops, true, errp);
 }
 
 int

@@ -92,13 +92,15 @@ struct job_driver {
    */
   int (*finish) (struct job *job, bool ok, struct error **errp);
   /* Main thread: block-job-complete on a ready job, with its thread
-   * stopped.  NULL: the job cannot be completed (it ends by itself).
-   * 0; -1 with errp: the job fails (the driver let go); -2 with errp:
-   * an error the job goes on from (on-*-error), its thread is started
+   * stopped: bring the target in sync and, if @pivot, move the users
+   * onto it (without: block-job-cancel of a ready job, as in QEMU).
+   * NULL: the job cannot be completed (it ends by itself).  0; -1
+   * with errp: the job fails (the driver let go); -2 with errp: an
+   * error the job goes on from (on-*-error), its thread is started
    * again (or, if it cannot be, finish (false) follows).
    */
   int (*complete) (struct job *job, const struct job_graph_ops *ops,
-                   struct error **errp);
+                   bool pivot, struct error **errp);
   void (*free) (struct job *job);
 };
 
@@ -178,7 +180,12 @@ struct job *jobs_first (void);
 void jobs_poll (void);
 int job_pause (struct job *job, struct error **errp);
 int job_resume (struct job *job, struct error **errp);
-int job_cancel (struct job *job, struct error **errp);
+/* Without @force, a job that was ready and can be completed ends as
+ * QEMU's does: its target is brought in sync, nothing moves, and it
+ * ends as completed (through @ops).  Else it stops where it is.
+ */
+int job_cancel (struct job *job, bool force, const struct job_graph_ops *ops,
+                struct error **errp);
 int job_complete (struct job *job, const struct job_graph_ops *ops,
                   struct error **errp);
 int job_set_speed (struct job *job, uint64_t speed, struct error **errp);

@@ -654,7 +654,7 @@ mirror_finish (struct job *job, bool ok, struct error **errp)
 
 static int
 mirror_complete (struct job *job, const struct job_graph_ops *ops,
-                 struct error **errp)
+                 bool pivot, struct error **errp)
 {
   struct mirror *m = mirror_of (job);
   struct node *nodes[] = { m->source, m->target };
@@ -708,7 +708,7 @@ mirror_complete (struct job *job, const struct job_graph_ops *ops,
   }
   atomic_store (&job->len, atomic_load (&job->offset));
   let_go (job);
-  return ops->replace (ops->ctx, m->source, m->target, errp);
+  return pivot ? ops->replace (ops->ctx, m->source, m->target, errp) : 0;
 }
 
 static void

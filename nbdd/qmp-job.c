@@ -745,6 +745,8 @@ int
 cmd_block_job_cancel (struct qmp_txn *t, struct json_object *args,
                       struct json_object **ret, struct error **errp)
 {
+  struct job_graph_ops ops = { ops_drain, ops_replace, ops_set_backing,
+                               ops_reopen_rw, t };
   struct job *job;
   bool force = false;
 
@@ -753,7 +755,7 @@ cmd_block_job_cancel (struct qmp_txn *t, struct json_object *args,
       opt_get_bool (args, "block-job-cancel", "force", false, &force,
                     errp) == -1)
     return -1;
-  return job_cancel (job, errp);
+  return job_cancel (job, force, &ops, errp);
 }
 
 int

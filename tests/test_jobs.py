@@ -146,6 +146,49 @@ def test_mirror_to_a_local_node_under_writes(nbdd_server, tmp_path):
                        for b in n.get("dirty-bitmaps", []))
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_cancel_of_a_ready_mirror(nbdd_server, tmp_path, force):
+    """As in QEMU: without force, a ready mirror is brought in sync and
+    ends completed, with nothing moved (a point-in-time copy); with
+    force it is abandoned where it is."""
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        seed(srv, SIZE, model)
+        tgt = raw_target(q, tmp_path)
+        w = Writer(srv.uri("live"), SIZE, model, seed=4)
+        w.start()
+        q.cmd("blockdev-mirror", job_id="m0", device="disk0", target="tgt",
+              sync="full")
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        time.sleep(0.3)                     # writes while ready
+        # A paused job copies nothing more: the last write is on the
+        # source alone.
+        q.cmd("block-job-pause", device="m0")
+        w.stop()
+        time.sleep(0.2)                     # a copy under way ends
+        h = srv.connect("live")
+        h.pwrite(b"L" * 4096, 8192)
+        h.flush()
+        h.shutdown()
+        model[8192:8192 + 4096] = b"L" * 4096
+        q.cmd("block-job-cancel", device="m0", force=force)
+        ev = q.wait_event("BLOCK_JOB_CANCELLED" if force
+                          else "BLOCK_JOB_COMPLETED", timeout=30)
+        assert ev["data"]["device"] == "m0" and "error" not in ev["data"]
+        if not force:
+            assert ev["data"]["offset"] == ev["data"]["len"]
+        assert job(q, "m0") is None
+        # Nothing moved, and the job let go of the target.
+        exports = {e["id"]: e for e in q.cmd("query-block-exports")}
+        assert exports["live"]["node-name"] == "disk0"
+        q.cmd("blockdev-del", node_name="tgt")
+    with open(tgt, "rb") as f:
+        synced = f.read() == model
+    assert synced != force
+
+
 def test_live_migration_to_another_nbdd_over_tls(nbdd_server, tmp_path,
                                                  pki):
     """Two appliances: the disk moves from this one to the other while
