@@ -737,6 +737,12 @@ cat_txn_lost (struct catalog *cat, struct error **errp)
   return 0;
 }
 
+bool
+catalog_in_transaction (const struct catalog *cat)
+{
+  return cat->in_txn;
+}
+
 int
 catalog_begin (struct catalog *cat, struct error **errp)
 {

@@ -59,6 +59,8 @@ const char *catalog_path (const struct catalog *cat);
 int catalog_begin (struct catalog *cat, struct error **errp);
 int catalog_commit (struct catalog *cat, struct error **errp);
 void catalog_rollback (struct catalog *cat);
+/* Whether a transaction is open. */
+bool catalog_in_transaction (const struct catalog *cat);
 
 /* The callback of the foreach calls.  Both strings are borrowed:
  * valid only during the call.  Return 0 to go on, -1 to stop; the

@@ -585,6 +585,10 @@ const char *fleece_owning (const struct node *n);
  */
 void qmp_jobs_init (struct ev_loop *loop);
 void qmp_jobs_recover (void);
+/* After an admin command's catalogue transaction: forget the jobs it
+ * ended.
+ */
+void qmp_jobs_forget_ended (void);
 
 /* listen.c: set when the daemon is stopping; no new clients. */
 extern bool shutting_down;

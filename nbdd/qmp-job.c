@@ -51,14 +51,55 @@ record (const char *execute, const char *id, struct json_object *args,
 }
 
 static void
-concluded (struct job *job)
+forget (const char *id)
 {
   struct error *err = NULL;
 
-  if (catalog && catalog_job_del (catalog, job->id, &err) == -1) {
-    nbdd_warn ("job '%s': %s", job->id, err->msg);
+  if (catalog_job_del (catalog, id, &err) == -1) {
+    nbdd_warn ("job '%s': %s", id, err->msg);
     error_free (err);
   }
+}
+
+/* Jobs that ended inside an admin command (a completion that failed,
+ * say): their records go once the command's transaction is over, since
+ * a command that fails rolls it back, and would bring a job it ended
+ * back at the next start.
+ */
+static char **ended;
+static size_t nr_ended;
+
+static void
+concluded (struct job *job)
+{
+  char **more, *id;
+
+  if (catalog == NULL)
+    return;
+  if (!catalog_in_transaction (catalog)) {
+    forget (job->id);
+    return;
+  }
+  if ((id = strdup (job->id)) == NULL ||
+      (more = realloc (ended, (nr_ended + 1) * sizeof *ended)) == NULL) {
+    free (id);
+    forget (job->id);           /* the best we can do */
+    return;
+  }
+  ended = more;
+  ended[nr_ended++] = id;
+}
+
+void
+qmp_jobs_forget_ended (void)
+{
+  for (size_t i = 0; i < nr_ended; ++i) {
+    forget (ended[i]);
+    free (ended[i]);
+  }
+  free (ended);
+  ended = NULL;
+  nr_ended = 0;
 }
 
 static void

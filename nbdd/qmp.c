@@ -1127,6 +1127,7 @@ txn_run_internal (const char *what,
       r = catalog_commit (catalog, errp);
     else
       catalog_rollback (catalog);
+    qmp_jobs_forget_ended ();
   }
   txn_finish (&t, r == 0);
   if (r == 0)
@@ -1802,6 +1803,7 @@ qmp_execute (const char *name, struct json_object *args,
       r = catalog_commit (catalog, &err);
     else
       catalog_rollback (catalog);
+    qmp_jobs_forget_ended ();
   }
   txn_finish (&t, r == 0);
   if (changes)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from admintools import MiB, start
+from admintools import MiB, restart, start
 from conftest import make_image
 from qmp import QMP, QMPError
 from test_jobs import Writer, job, live_disk, seed
@@ -309,6 +309,42 @@ def test_complete_on_a_full_target_is_refused(nbdd_server, tmp_path, kit):
         ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
         assert "error" not in ev["data"], ev
     assert read_all(srv, "live") == model
+
+
+@pytest.mark.parametrize("how", ["complete", "cancel"])
+def test_a_last_copy_that_fails_ends_the_job_for_good(nbdd_server, tmp_path,
+                                                     kit, how):
+    """on-target-error=report: a ready mirror whose last copy fails, at
+    block-job-complete or at a cancel that brings the target in sync,
+    fails (the complete says so; the cancel, as in QEMU, leaves it to
+    the event), nothing moves, and the job does not come back with the
+    next start of the daemon."""
+    k = kit("ENOSPC")
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        live_disk_and_target(srv, q, tmp_path, k)
+        q.cmd("blockdev-mirror", job_id="m", device="disk0", target="tgt",
+              sync="full")
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+        k.failing(True)
+        h = srv.connect("live")
+        h.pwrite(b"x" * 4096, 5 * MiB)
+        h.shutdown()
+        if how == "complete":
+            with pytest.raises(QMPError, match="the last copy to 'tgt': No "
+                               "space left on device$"):
+                q.cmd("block-job-complete", device="m")
+        else:
+            q.cmd("block-job-cancel", device="m")
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+        assert "No space left on device" in ev["data"]["error"], ev
+        assert job(q, "m") is None
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "disk0"
+    k.failing(False)
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert q.cmd("query-block-jobs") == []
 
 
 def test_stream_ignore_skips_and_fails_at_the_end(nbdd_server, tmp_path,
