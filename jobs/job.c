@@ -436,7 +436,9 @@ job_resume (struct job *job, struct error **errp)
   return 0;
 }
 
-/* The job's thread is stopped: the driver's complete, and the end. */
+/* The driver's complete, and the end: 0; -1 with errp, the job failed
+ * and ended; -2 with errp, the job goes on.
+ */
 static int
 complete (struct job *job, const struct job_graph_ops *ops, bool pivot,
           struct error **errp)
@@ -454,7 +456,7 @@ complete (struct job *job, const struct job_graph_ops *ops, bool pivot,
     pthread_mutex_unlock (&job->lock);
     if (start_thread (job, &err) == 0) {
       send_errors (job, true);
-      return -1;
+      return -2;
     }
     /* No thread to go on with: the job fails, and lets go. */
     nbdd_warn ("%s", err->msg);
@@ -474,19 +476,50 @@ complete (struct job *job, const struct job_graph_ops *ops, bool pivot,
   return 0;
 }
 
+static bool
+thread_finished (struct job *job)
+{
+  bool f;
+
+  pthread_mutex_lock (&job->lock);
+  f = job->finished;
+  pthread_mutex_unlock (&job->lock);
+  return f;
+}
+
 int
 job_cancel (struct job *job, bool force, const struct job_graph_ops *ops,
             struct error **errp)
 {
   if (not_concluded (job, "cancelled", errp) == -1)
     return -1;
-  /* Ready (or paused once ready): the target was in sync; it is again
-   * at the end, as block-job-complete leaves it, but nothing moves.
+  /* Ready: the target was in sync; it is again at the end, as
+   * block-job-complete leaves it, but nothing moves.  A failure there
+   * ends the job as a failure, which its event says, as in QEMU: the
+   * cancel itself succeeded.  A force given once stays.
    */
-  if (!force && job->drv->complete != NULL &&
-      (job->status == JOB_READY ||
-       (job->status == JOB_PAUSED && job->ready_seen)))
-    return complete (job, ops, false, errp);
+  if (!force && job->drv->complete != NULL && job->status == JOB_READY &&
+      !job_is_cancelled (job) && !thread_finished (job)) {
+    struct error *err = NULL;
+    int r = complete (job, ops, false, &err);
+
+    if (r == -1) {
+      nbdd_warn ("%s", err->msg);
+      error_free (err);
+      return 0;
+    }
+    if (errp)
+      *errp = err;
+    else
+      error_free (err);
+    return r < 0 ? -1 : 0;
+  }
+  if (!force && job->drv->complete != NULL && job->status == JOB_PAUSED &&
+      job->ready_seen) {
+    error_setg (errp, "job '%s' is paused: resume it to cancel it with its "
+                "target in sync, or cancel it with force", job->id);
+    return -1;
+  }
   pthread_mutex_lock (&job->lock);
   job->cancel_requested = true;
   job->pause_requested = false;
@@ -509,7 +542,7 @@ job_complete (struct job *job, const struct job_graph_ops *ops,
                 "BLOCK_JOB_READY", job->id, job_status_name (job->status));
     return -1;
   }
-  return complete (job, ops, true, errp);
+  return complete (job, ops, true, errp) < 0 ? -1 : 0;
 }
 
 int

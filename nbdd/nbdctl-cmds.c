@@ -2558,8 +2558,8 @@ const struct command commands[] = {
     cmd_job_device },
   { "job cancel", "ID [--force]", "ID [--force]",
     "Cancel a job (block-job-cancel): it stops, the target keeps what was "
-    "copied so far, and nothing moves.  A mirror that is ready (or paused "
-    "once ready) is brought in sync first, as block-job-complete would, "
+    "copied so far, and nothing moves.  A mirror or active commit that "
+    "is ready is brought in sync first, as block-job-complete would, "
     "and ends completed, but nothing moves; with --force it stops where "
     "it is.", cmd_job_cancel },
   { "job dismiss", "ID", "ID",

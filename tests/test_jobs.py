@@ -8,7 +8,7 @@ import time
 import nbd
 import pytest
 
-from admintools import MiB, qcow2_graph, start
+from admintools import MiB, qcow2_graph, qemu_img_check, start
 from conftest import Server, blockdev_args, export_args, make_image
 from pki import PKI
 from qmp import QMP, QMPError
@@ -149,8 +149,8 @@ def test_mirror_to_a_local_node_under_writes(nbdd_server, tmp_path):
 @pytest.mark.parametrize("force", [False, True])
 def test_cancel_of_a_ready_mirror(nbdd_server, tmp_path, force):
     """As in QEMU: without force, a ready mirror is brought in sync and
-    ends completed, with nothing moved (a point-in-time copy); with
-    force it is abandoned where it is."""
+    ends completed, with nothing moved (a point-in-time copy), and the
+    source goes on; with force it is abandoned where it is."""
     srv = start(nbdd_server, tmp_path)
     model = bytearray(SIZE)
     with QMP(srv.admin) as q:
@@ -173,6 +173,11 @@ def test_cancel_of_a_ready_mirror(nbdd_server, tmp_path, force):
         h.flush()
         h.shutdown()
         model[8192:8192 + 4096] = b"L" * 4096
+        if not force:
+            # Not while paused: the sync is for a job that copies.
+            with pytest.raises(QMPError, match="job 'm0' is paused: resume"):
+                q.cmd("block-job-cancel", device="m0")
+            q.cmd("block-job-resume", device="m0")
         q.cmd("block-job-cancel", device="m0", force=force)
         ev = q.wait_event("BLOCK_JOB_CANCELLED" if force
                           else "BLOCK_JOB_COMPLETED", timeout=30)
@@ -184,9 +189,61 @@ def test_cancel_of_a_ready_mirror(nbdd_server, tmp_path, force):
         exports = {e["id"]: e for e in q.cmd("query-block-exports")}
         assert exports["live"]["node-name"] == "disk0"
         q.cmd("blockdev-del", node_name="tgt")
-    with open(tgt, "rb") as f:
-        synced = f.read() == model
-    assert synced != force
+        with open(tgt, "rb") as f:
+            synced = f.read() == model
+        assert synced != force
+        # The source takes writes, with no job's bitmap left on it.
+        h = srv.connect("live")
+        h.pwrite(b"A" * 4096, 0)
+        assert h.pread(4096, 0) == b"A" * 4096
+        h.shutdown()
+        assert not [b for n in q.cmd("query-named-block-nodes")
+                    for b in n.get("dirty-bitmaps", [])]
+
+
+def test_cancel_at_random_points(nbdd_server, tmp_path):
+    """Mirrors and backups cancelled at random points of their copy,
+    with a writer running the whole time: each ends cancelled and lets
+    go of its target, the export never moves, a backup's bitmap keeps
+    its bits, and the disk holds every write."""
+    rnd = random.Random(8)
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    with QMP(srv.admin) as q:
+        img = live_disk(q, tmp_path)
+        seed(srv, SIZE, model)
+        q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+        w = Writer(srv.uri("live"), SIZE, model, seed=5)
+        w.start()
+        for i in range(8):
+            raw_target(q, tmp_path)
+            kind = ("mirror", "backup")[i % 2]
+            before = bits(q, "disk0", "b0")["count"]
+            if kind == "mirror":
+                q.cmd("blockdev-mirror", job_id="j", device="disk0",
+                      target="tgt", sync="full", speed=16 * MiB)
+            else:
+                q.cmd("blockdev-backup", job_id="j", device="disk0",
+                      target="tgt", sync="bitmap", bitmap="b0",
+                      bitmap_mode="on-success", speed=16 * MiB)
+            time.sleep(0 if i < 2 else rnd.uniform(0, 0.5))
+            q.cmd("block-job-cancel", device="j")
+            ev = q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+            assert ev["data"]["device"] == "j", ev
+            assert job(q, "j") is None
+            q.cmd("blockdev-del", node_name="tgt")
+            assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+                "live"]["node-name"] == "disk0"
+            # The frozen bits came back, and the writes since were added.
+            b = bits(q, "disk0", "b0")
+            assert not b["frozen"] and b["count"] >= before, (b, before)
+        w.stop()
+        h = srv.connect("live")
+        assert b"".join(h.pread(4 * MiB, off)
+                        for off in range(0, SIZE, 4 * MiB)) == model
+        h.shutdown()
+    srv.stop()
+    qemu_img_check(img)
 
 
 def test_live_migration_to_another_nbdd_over_tls(nbdd_server, tmp_path,
