@@ -337,6 +337,38 @@ def test_active_commit_under_writes(nbdd_server, tmp_path):
     assert chain_files(p["base"]) == [p["base"]]
 
 
+def test_active_commit_cancelled_once_ready(nbdd_server, tmp_path):
+    """Cancelled without force once ready, an active commit ends as in
+    QEMU: the base holds everything the top reads, and nothing moves;
+    the top stays the active layer on its whole chain."""
+    p, views = make_chain(tmp_path)
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_chain(q, p)
+        model = read_all(srv)
+        w = run_with_writer(
+            srv, q, model,
+            lambda q: q.cmd("block-commit", job_id="a0", device="top",
+                            base_node="base"))
+        q.wait_event("BLOCK_JOB_READY", timeout=120)
+        time.sleep(0.3)                     # writes while ready
+        w.stop()
+        q.cmd("block-job-cancel", device="a0")
+        ev = wait_end(q, "a0")
+        assert ev["event"] == "BLOCK_JOB_COMPLETED"
+        assert "error" not in ev["data"], ev
+        assert {e["id"]: e for e in q.cmd("query-block-exports")}[
+            "live"]["node-name"] == "top"
+        assert backing_of(q, "top") == "mid"
+        assert backing_of(q, "mid") == "base"
+        assert read_all(srv) == model
+    srv.stop()
+    compare(p["base"], "qcow2", save_model(tmp_path, model), "raw")
+    compare(p["top"], "qcow2", save_model(tmp_path, model), "raw")
+    check_images(p["base"], p["mid"], p["top"])
+    assert chain_files(p["top"]) == [p["top"], p["mid"], p["base"]]
+
+
 def add_top_only(q, p):
     """Only the top, its chain opened from the headers: the layers
     below are read-only nodes, as QEMU opens backing files."""
