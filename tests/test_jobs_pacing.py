@@ -149,9 +149,10 @@ def test_a_mirror_the_guest_outpaces_holds_back(nbdd_server, tmp_path,
         assert rate > 2 * speed / GRANULE, rate
         assert copied <= speed * WINDOW / 2, (copied, rate)
         assert not j["ready"], j
-        # It knew how fast the guest was.
+        # It knew how fast the guest was (the writers reach their pace
+        # in the first second, which an early judgement may have seen).
         est = estimates(srv)
-        assert est and all(rate / 3 < e < rate * 3 for e in est), (est, rate)
+        assert est and rate / 3 < max(est) < rate * 3, (est, rate)
         finish(q, tgt, model)
 
 
