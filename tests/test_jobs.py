@@ -211,8 +211,11 @@ def test_cancel_at_random_points(nbdd_server, tmp_path):
     model = bytearray(SIZE)
     with QMP(srv.admin) as q:
         img = live_disk(q, tmp_path)
-        seed(srv, SIZE, model)
+        # Seeded under the bitmap: a backup has 8 MiB to copy at least
+        # (its bits come back at each cancel), 2 s at its speed.
         q.cmd("block-dirty-bitmap-add", node="disk0", name="b0")
+        seed(srv, SIZE, model)
+        assert bits(q, "disk0", "b0")["count"] >= 8 * MiB
         w = Writer(srv.uri("live"), SIZE, model, seed=5)
         w.start()
         for i in range(8):
@@ -225,7 +228,7 @@ def test_cancel_at_random_points(nbdd_server, tmp_path):
             else:
                 q.cmd("blockdev-backup", job_id="j", device="disk0",
                       target="tgt", sync="bitmap", bitmap="b0",
-                      bitmap_mode="on-success", speed=16 * MiB)
+                      bitmap_mode="on-success", speed=4 * MiB)
             time.sleep(0 if i < 2 else rnd.uniform(0, 0.5))
             q.cmd("block-job-cancel", device="j")
             ev = q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
