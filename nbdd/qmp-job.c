@@ -754,6 +754,72 @@ cmd_query_block_jobs (struct qmp_txn *t, struct json_object *args,
   return 0;
 }
 
+struct job_record {
+  const char *id;
+  struct json_object *cmd;      /* the command that made the job */
+};
+
+static int
+find_record (const char *key, const char *json, void *opaque)
+{
+  struct job_record *jr = opaque;
+
+  if (strcmp (key, jr->id) == 0 && jr->cmd == NULL)
+    jr->cmd = json_tokener_parse (json);
+  return 0;
+}
+
+/* The job's record in the catalogue, changed by @edit (on the record,
+ * and its command's arguments), so that a restart starts it again as
+ * it runs now.
+ */
+static int
+record_edit (struct job *job,
+             void (*edit) (struct json_object *rec, struct json_object *args,
+                           const void *opaque),
+             const void *opaque, struct error **errp)
+{
+  struct job_record jr = { job->id, NULL };
+  struct json_object *args;
+  int r;
+
+  if (catalog == NULL)
+    return 0;
+  if (catalog_job_foreach (catalog, find_record, &jr, errp) == -1)
+    return -1;
+  if (jr.cmd == NULL ||
+      !json_object_object_get_ex (jr.cmd, "arguments", &args) ||
+      !json_object_is_type (args, json_type_object)) {
+    json_object_put (jr.cmd);
+    error_setg (errp, "job '%s' is not in the catalogue", job->id);
+    return -1;
+  }
+  edit (jr.cmd, args, opaque);
+  r = catalog_job_put (catalog, job->id, json_text (jr.cmd), errp);
+  json_object_put (jr.cmd);
+  return r;
+}
+
+static void
+set_copy_mode (struct json_object *rec, struct json_object *args,
+               const void *mode)
+{
+  json_object_object_add (args, "copy-mode", json_object_new_string (mode));
+}
+
+/* A pause the user asked for outlives a restart: the job comes back
+ * paused.  (Not a QMP argument: a key of the record.)
+ */
+static void
+set_paused (struct json_object *rec, struct json_object *args,
+            const void *paused)
+{
+  if (*(const bool *) paused)
+    json_object_object_add (rec, "paused", json_object_new_boolean (1));
+  else
+    json_object_object_del (rec, "paused");
+}
+
 static const char *const device_keys[] = { "device", NULL };
 
 int
@@ -763,9 +829,17 @@ cmd_block_job_pause (struct qmp_txn *t, struct json_object *args,
   struct job *job;
 
   if (opt_check_keys (args, "block-job-pause", device_keys, errp) == -1 ||
-      arg_job (t, args, "block-job-pause", "device", &job, errp) == -1)
+      arg_job (t, args, "block-job-pause", "device", &job, errp) == -1 ||
+      job_pause (job, errp) == -1)
     return -1;
-  return job_pause (job, errp);
+  /* The catalogue's change is undone with the command if it fails:
+   * resume the job then.
+   */
+  if (record_edit (job, set_paused, &(bool) { true }, errp) == -1) {
+    job_resume (job, NULL);
+    return -1;
+  }
+  return 0;
 }
 
 int
@@ -775,7 +849,8 @@ cmd_block_job_resume (struct qmp_txn *t, struct json_object *args,
   struct job *job;
 
   if (opt_check_keys (args, "block-job-resume", device_keys, errp) == -1 ||
-      arg_job (t, args, "block-job-resume", "device", &job, errp) == -1)
+      arg_job (t, args, "block-job-resume", "device", &job, errp) == -1 ||
+      record_edit (job, set_paused, &(bool) { false }, errp) == -1)
     return -1;
   return job_resume (job, errp);
 }
@@ -829,49 +904,6 @@ cmd_block_job_set_speed (struct qmp_txn *t, struct json_object *args,
                       errp) == -1)
     return -1;
   return job_set_speed (job, speed, errp);
-}
-
-struct job_record {
-  const char *id;
-  struct json_object *cmd;      /* the command that made the job */
-};
-
-static int
-find_record (const char *key, const char *json, void *opaque)
-{
-  struct job_record *jr = opaque;
-
-  if (strcmp (key, jr->id) == 0 && jr->cmd == NULL)
-    jr->cmd = json_tokener_parse (json);
-  return 0;
-}
-
-/* The job's command in the catalogue, with @key set to @value: a
- * restart starts it again as it runs now.
- */
-static int
-record_change (struct job *job, const char *key, const char *value,
-               struct error **errp)
-{
-  struct job_record jr = { job->id, NULL };
-  struct json_object *args;
-  int r;
-
-  if (catalog == NULL)
-    return 0;
-  if (catalog_job_foreach (catalog, find_record, &jr, errp) == -1)
-    return -1;
-  if (jr.cmd == NULL ||
-      !json_object_object_get_ex (jr.cmd, "arguments", &args) ||
-      !json_object_is_type (args, json_type_object)) {
-    json_object_put (jr.cmd);
-    error_setg (errp, "job '%s' is not in the catalogue", job->id);
-    return -1;
-  }
-  json_object_object_add (args, key, json_object_new_string (value));
-  r = catalog_job_put (catalog, job->id, json_text (jr.cmd), errp);
-  json_object_put (jr.cmd);
-  return r;
 }
 
 static void
@@ -934,7 +966,7 @@ cmd_block_job_change (struct qmp_txn *t, struct json_object *args,
     return -1;
   txn_step (t, mode == MIRROR_COPY_WRITE_BLOCKING ? undo_to_background
             : undo_to_write_blocking, NULL, NULL, job);
-  return record_change (job, "copy-mode", mode_s, errp);
+  return record_edit (job, set_copy_mode, mode_s, errp);
 }
 
 static const char *const id_keys[] = { "id", NULL };
@@ -994,8 +1026,22 @@ qmp_jobs_recover (void)
     bool again = execute && strcmp (execute, "blockdev-backup") != 0;
 
     if (again) {
+      struct json_object *paused;
       reply = qmp_execute (execute, args, &self);
-      if (json_object_object_get_ex (reply, "return", NULL))
+      if (json_object_object_get_ex (reply, "return", NULL) &&
+          json_object_object_get_ex (spec, "paused", &paused) &&
+          json_object_get_boolean (paused)) {
+        struct json_object *pa = json_object_new_object (), *r2;
+        json_object_object_add (pa, "device", json_object_new_string (id));
+        r2 = qmp_execute ("block-job-pause", pa, &self);
+        nbdd_info ("job '%s' (%s) was cut short by the stop: started "
+                   "again, paused as it was%s", id, execute,
+                   json_object_object_get_ex (r2, "return", NULL) ? ""
+                   : " (but the pause failed)");
+        json_object_put (r2);
+        json_object_put (pa);
+      }
+      else if (json_object_object_get_ex (reply, "return", NULL))
         nbdd_info ("job '%s' (%s) was cut short by the stop: started "
                    "again", id, execute);
       else {

@@ -8,7 +8,7 @@ import time
 import nbd
 import pytest
 
-from admintools import MiB, qcow2_graph, qemu_img_check, start
+from admintools import MiB, qcow2_graph, qemu_img_check, restart, start
 from conftest import Server, blockdev_args, export_args, make_image
 from pki import PKI
 from qmp import QMP, QMPError
@@ -530,6 +530,34 @@ def test_backup_refusals(nbdd_server, tmp_path):
         with pytest.raises(QMPError, match="in use"):
             q.cmd("blockdev-del", node_name="tgt")
         q.cmd("block-job-cancel", device="slow")
+        q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+
+
+def test_a_paused_job_comes_back_paused(nbdd_server, tmp_path):
+    """A pause the user asked for outlives a restart of the daemon; a
+    resume does too."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        live_disk(q, tmp_path)
+        raw_target(q, tmp_path)
+        q.cmd("blockdev-mirror", job_id="m", device="disk0", target="tgt",
+              sync="full", speed=1 * MiB)
+        q.cmd("block-job-pause", device="m")
+    srv = restart(srv, nbdd_server, tmp_path)
+    assert "job 'm' (blockdev-mirror) was cut short by the stop: started " \
+        "again, paused as it was" in srv.output()
+    with QMP(srv.admin) as q:
+        j = job(q, "m")
+        assert j["status"] == "paused", j
+        o = j["offset"]
+        time.sleep(0.5)
+        assert job(q, "m")["offset"] == o        # it copies nothing
+        q.cmd("block-job-resume", device="m")
+        assert job(q, "m")["status"] == "running"
+    srv = restart(srv, nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        assert job(q, "m")["status"] == "running"
+        q.cmd("block-job-cancel", device="m")
         q.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
 
 
