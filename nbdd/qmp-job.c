@@ -828,18 +828,14 @@ cmd_block_job_pause (struct qmp_txn *t, struct json_object *args,
 {
   struct job *job;
 
+  /* The record first: the catalogue's change is undone with the
+   * command if the pause fails.
+   */
   if (opt_check_keys (args, "block-job-pause", device_keys, errp) == -1 ||
       arg_job (t, args, "block-job-pause", "device", &job, errp) == -1 ||
-      job_pause (job, errp) == -1)
+      record_edit (job, set_paused, &(bool) { true }, errp) == -1)
     return -1;
-  /* The catalogue's change is undone with the command if it fails:
-   * resume the job then.
-   */
-  if (record_edit (job, set_paused, &(bool) { true }, errp) == -1) {
-    job_resume (job, NULL);
-    return -1;
-  }
-  return 0;
+  return job_pause (job, errp);
 }
 
 int
