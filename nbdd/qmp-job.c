@@ -787,11 +787,13 @@ record_edit (struct job *job,
     return 0;
   if (catalog_job_foreach (catalog, find_record, &jr, errp) == -1)
     return -1;
-  if (jr.cmd == NULL ||
-      !json_object_object_get_ex (jr.cmd, "arguments", &args) ||
+  if (jr.cmd == NULL)
+    return 0;                   /* ended: nothing to start again */
+  if (!json_object_object_get_ex (jr.cmd, "arguments", &args) ||
       !json_object_is_type (args, json_type_object)) {
     json_object_put (jr.cmd);
-    error_setg (errp, "job '%s' is not in the catalogue", job->id);
+    error_setg (errp, "job '%s': its record in the catalogue is not "
+                "a command", job->id);
     return -1;
   }
   edit (jr.cmd, args, opaque);
