@@ -99,7 +99,9 @@
  * just behind the copy (every write on a clean granule) looks faster
  * than it is.  Where hardly any granule stays clean for long enough to
  * be seen (A far above F on a small node), the marks alone tell A,
- * and the job must also have lost ground in the slice.
+ * and the guest must also have undone at least half the slice's copies
+ * (the count fell by less than half of them; not all, since a slice
+ * that follows idle ones starts with none clean, and gains a few).
  */
 struct pace {
   uint64_t slice_start;               /* ns; 0: start one */
@@ -417,15 +419,6 @@ next_free_run (struct mirror *m, uint64_t from, uint64_t size,
   }
 }
 
-static uint64_t
-now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
 /* Under the lock, at the end of a copied slice: whether the guest
  * dirties granules faster than the job can copy them (struct pace);
  * *ratep and *capp are A and F.
@@ -447,7 +440,7 @@ pace_judge (struct mirror *m, uint64_t now, double *ratep, double *capp)
   *capp = (double) p->cleared / secs;
   *ratep = (double) (marks - p->marks0) / secs;
   if (clean_sum < 2 * PACE_MIN_CLEAN)
-    return dirty >= p->dirty0 && *ratep > *capp;
+    return dirty + p->cleared / 2 >= p->dirty0 && *ratep > *capp;
   *ratep = MIN (*ratep, dirtied * (double) total * 2 / (double) clean_sum
                 / secs);
   return dirtied >= PACE_MIN_DIRTIED && *ratep > *capp;
@@ -461,7 +454,7 @@ static uint64_t
 pace (struct job *job, struct mirror *m)
 {
   struct pace *p = &m->pace;
-  uint64_t now = now_ns ();
+  uint64_t now = monotonic_ns ();
   unsigned pauses = job_pauses (job);
 
   if (m->active)
