@@ -712,8 +712,9 @@ job_error (struct job *job, bool is_read, int err)
   return action;
 }
 
-void
-job_wait (struct job *job, uint64_t ns)
+/* With job->lock held: wait on job->cond for @ns at most. */
+static void
+timedwait_ns (struct job *job, uint64_t ns)
 {
   struct timespec until;
 
@@ -721,10 +722,16 @@ job_wait (struct job *job, uint64_t ns)
   ns += until.tv_nsec;
   until.tv_sec += ns / 1000000000ULL;
   until.tv_nsec = ns % 1000000000ULL;
+  pthread_cond_timedwait (&job->cond, &job->lock, &until);
+}
+
+void
+job_wait (struct job *job, uint64_t ns)
+{
   pthread_mutex_lock (&job->lock);
   if (!job->pause_requested && !job->cancel_requested &&
       !job->stop_requested)
-    pthread_cond_timedwait (&job->cond, &job->lock, &until);
+    timedwait_ns (job, ns);
   pthread_mutex_unlock (&job->lock);
 }
 
@@ -751,15 +758,6 @@ job_is_cancelled (struct job *job)
   return c;
 }
 
-static uint64_t
-now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
 /* The speed limit as a schedule: each copy moves the earliest time of
  * the next one on by its size over the speed, and the copier waits
  * for that time (woken early by a cancel or a new speed).
@@ -770,20 +768,13 @@ job_rate_limit (struct job *job, uint64_t bytes)
   pthread_mutex_lock (&job->lock);
   atomic_fetch_add (&job->offset, bytes);
   if (job->speed > 0) {
-    uint64_t now = now_ns ();
+    uint64_t now = monotonic_ns ();
     if (job->next_ns < now)
       job->next_ns = now;
     job->next_ns += (uint64_t) ((double) bytes * 1e9 / job->speed);
     while (job->speed > 0 && !job->cancel_requested &&
-           !job->stop_requested && (now = now_ns ()) < job->next_ns) {
-      struct timespec until;
-      uint64_t ns;
-      clock_gettime (CLOCK_REALTIME, &until);
-      ns = until.tv_nsec + MIN (job->next_ns - now, SLICE_NS);
-      until.tv_sec += ns / 1000000000ULL;
-      until.tv_nsec = ns % 1000000000ULL;
-      pthread_cond_timedwait (&job->cond, &job->lock, &until);
-    }
+           !job->stop_requested && (now = monotonic_ns ()) < job->next_ns)
+      timedwait_ns (job, MIN (job->next_ns - now, SLICE_NS));
   }
   pthread_mutex_unlock (&job->lock);
 }

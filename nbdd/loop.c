@@ -27,15 +27,6 @@ static bool quit;
 static uint64_t woke_ns;        /* when the last wait ended */
 static bool woke_busy;          /* and whether it found anything */
 
-static uint64_t
-now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
 /* libev calls this after each wait, with the events it found pending:
  * the moment the wait ended, before any callback runs.
  */
@@ -43,7 +34,7 @@ static void
 invoke_pending (struct ev_loop *loop)
 {
   woke_busy = ev_pending_count (loop) > 0;
-  woke_ns = now_ns ();
+  woke_ns = monotonic_ns ();
   ev_invoke_pending (loop);
 }
 
@@ -89,7 +80,7 @@ loop_run (struct ev_loop *loop)
   ev_set_invoke_pending_cb (loop, invoke_pending);
   quit = false;
   while (!quit) {
-    uint64_t start = now_ns ();
+    uint64_t start = monotonic_ns ();
 
     if (poll_ns > 0 && workers_outstanding () == 0) {
       polls++;
@@ -97,7 +88,7 @@ loop_run (struct ev_loop *loop)
         woke_busy = false;
         if (!ev_run (loop, EVRUN_NOWAIT) || quit)
           goto out;
-      } while (!woke_busy && now_ns () - start < poll_ns);
+      } while (!woke_busy && monotonic_ns () - start < poll_ns);
       if (woke_busy) {
         polls_paid++;
         continue;               /* it paid: look again after this event */
