@@ -149,10 +149,12 @@ def test_a_mirror_the_guest_outpaces_holds_back(nbdd_server, tmp_path,
         assert rate > 2 * speed / GRANULE, rate
         assert copied <= speed * WINDOW / 2, (copied, rate)
         assert not j["ready"], j
-        # It knew how fast the guest was (the writers reach their pace
-        # in the first second, which an early judgement may have seen).
+        # It judged the guest faster than itself, and no faster than it
+        # is (a judgement in the first second, while the writers were
+        # still reaching their pace, may see much less than the test
+        # measured later).
         est = estimates(srv)
-        assert est and rate / 3 < max(est) < rate * 3, (est, rate)
+        assert est and speed / GRANULE < max(est) < rate * 3, (est, rate)
         finish(q, tgt, model)
 
 
