@@ -476,30 +476,24 @@ complete (struct job *job, const struct job_graph_ops *ops, bool pivot,
   return 0;
 }
 
-static bool
-thread_finished (struct job *job)
-{
-  bool f;
-
-  pthread_mutex_lock (&job->lock);
-  f = job->finished;
-  pthread_mutex_unlock (&job->lock);
-  return f;
-}
-
 int
 job_cancel (struct job *job, bool force, const struct job_graph_ops *ops,
             struct error **errp)
 {
+  bool settled;
+
   if (not_concluded (job, "cancelled", errp) == -1)
     return -1;
+  pthread_mutex_lock (&job->lock);
+  settled = job->cancel_requested || job->finished;
+  pthread_mutex_unlock (&job->lock);
   /* Ready: the target was in sync; it is again at the end, as
    * block-job-complete leaves it, but nothing moves.  A failure there
    * ends the job as a failure, which its event says, as in QEMU: the
    * cancel itself succeeded.  A force given once stays.
    */
   if (!force && job->drv->complete != NULL && job->status == JOB_READY &&
-      !job_is_cancelled (job) && !thread_finished (job)) {
+      !settled) {
     struct error *err = NULL;
     int r = complete (job, ops, false, &err);
 
