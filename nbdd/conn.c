@@ -724,6 +724,7 @@ conn_request_get (struct conn *c, uint64_t count)
   req->out.pipe_left = 0;
   req->out.encrypt = false;
   req->bytes = 0;
+  req->ahead = 0;
   if (count > req->buf_cap) {
     void *nb;
     size_t cap = ROUND_UP (count, (uint64_t) 4096);
@@ -766,6 +767,10 @@ conn_request_put (struct conn *c, struct request *req)
   if (--c->in_flight == 0)
     ev_unref (c->loop);
   c->in_flight_bytes -= req->bytes;
+  if (req->ahead > 0) {
+    c->read_bytes_ahead -= req->ahead;
+    c->reads_ahead--;
+  }
   if (c->nr_free_reqs < MAX_FREE_REQS && !c->dead) {
     /* An idle connection holds little: big buffers and extent arrays
      * go back to the allocator.
@@ -998,11 +1003,15 @@ conn_update_reading (struct conn *c)
     c->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
 
   /* Encrypted replies waiting for the client count too: their
-   * requests are gone, their bytes are not.
+   * requests are gone, their bytes are not.  And READ data is read
+   * only a little ahead of the encryption (TLS_MAX_AHEAD_BYTES).
    */
   if (want && c->tls) {
     pthread_mutex_lock (&c->send_lock);
-    want = c->in_flight_bytes + c->queued_bytes < MAX_IN_FLIGHT_BYTES;
+    want = c->in_flight_bytes + c->queued_bytes < MAX_IN_FLIGHT_BYTES &&
+      c->queued_bytes < TLS_MAX_AHEAD_BYTES &&
+      (c->read_bytes_ahead + c->queued_bytes < TLS_MAX_AHEAD_BYTES ||
+       c->reads_ahead < TLS_MIN_READS);
     pthread_mutex_unlock (&c->send_lock);
   }
 

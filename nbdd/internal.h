@@ -38,6 +38,15 @@ struct conn;
 /* Per-connection back-pressure: stop reading requests past these. */
 #define MAX_IN_FLIGHT           256
 #define MAX_IN_FLIGHT_BYTES     (128u << 20)
+/* TLS: READ data read ahead of what the client takes.  A reply is
+ * cheapest to encrypt right after its read, by the same thread, while
+ * its buffer is still in the CPU's cache; reading further ahead only
+ * leaves buffers to go cold, and the encryption, not the disk, sets
+ * the pace.  At least TLS_MIN_READS reads still overlap, whatever
+ * their size.
+ */
+#define TLS_MAX_AHEAD_BYTES     (1u << 20)
+#define TLS_MIN_READS           2
 /* Block status: descriptors per reply. */
 #define MAX_EXTENTS             (1u << 16)
 /* Sparse READ replies: at most this many chunks per reply. */
@@ -340,6 +349,8 @@ struct conn {
   unsigned writes_in_flight;    /* WRITE/ZERO/TRIM at the workers */
   uint64_t inline_bytes;        /* read inline in this readable event */
   uint64_t in_flight_bytes;
+  uint64_t read_bytes_ahead;    /* TLS: READ data not yet encrypted */
+  unsigned reads_ahead;         /* ...and their READs */
   uint64_t nr_requests;         /* requests received, for the logs */
   uint64_t bytes_read;          /* READ and WRITE data, for query-connections */
   uint64_t bytes_written;
@@ -491,6 +502,7 @@ struct request {
   size_t status_len;            /* BLOCK_STATUS: reply bytes in buf */
   size_t status_last;           /* ...and where its last chunk starts */
   uint64_t bytes;               /* counted in conn->in_flight_bytes */
+  uint64_t ahead;               /* counted in conn->read_bytes_ahead */
   bool spliced;                 /* READ data went through a pipe */
   bool sent;                    /* a worker sent the whole reply */
   bool partial;                 /* a worker sent part of it */

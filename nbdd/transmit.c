@@ -296,6 +296,11 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
                          : MAX_EXTENTS * (sizeof (struct extent) + nctx *
                                           sizeof (struct nbd_block_descriptor_ext)));
   }
+  if (type == NBD_CMD_READ && err == NBD_SUCCESS && c->tls_up) {
+    req->ahead = count;
+    c->read_bytes_ahead += count;
+    c->reads_ahead++;
+  }
   req->type = type;
   req->flags = flags;
   req->cookie = cookie;

@@ -34,6 +34,7 @@ from helpers import (DATA, HOLE_ZERO, KiB, MiB, block_status, file_extents,
                      merge, pattern, read_file, run, sha256_file, wait_for)
 from nbdraw import Closed, NBDRaw
 from pki import PKI, write_file
+from qmp import QMP
 
 SIZE = 16 * MiB
 DATA_REGIONS = [(0, 64 * KiB), (1 * MiB + 512, 300 * KiB),
@@ -1041,18 +1042,38 @@ def test_close_notify(nbdd_server, pki, image):
     assert tls_closed(t) == b""
 
 
-def test_slow_reader(nbdd_server, pki, image):
+def taken_requests(admin):
+    """How many requests nbdd has read from its only connection."""
+    with QMP(admin) as q:
+        conns = q.cmd("query-connections")
+    assert len(conns) == 1, conns
+    return conns[0]["requests"]
+
+
+def test_slow_reader(nbdd_server, pki, image, tmp_path):
     """A client that sends 96 READs of 1 MiB before reading any reply
-    (more than nbdd queues for one connection) gets every reply,
-    intact, once it reads."""
-    srv = start(nbdd_server, image, certs=pki.server)
-    t = starttls(raw(srv), pki)
+    gets every reply, intact, once it reads.  Meanwhile nbdd has taken
+    only a few of them off the socket: it reads data about 1 MiB ahead
+    of what it has encrypted, and stops while 1 MiB of records waits
+    for the client, so a client that does not read costs it little
+    memory (the socket buffer holds a few more)."""
+    state = tmp_path / "state"
+    srv = start(nbdd_server, image, certs=pki.server,
+                extra=["--state-dir", str(state)])
+    t = starttls(raw(srv, tcp=False), pki)
     t.go_ok()
     n = 96
-    for i in range(n):
-        t.send_request(nr.CMD_READ, offset=(i * MiB) % SIZE, length=MiB,
-                       cookie=i)
-    time.sleep(0.3)
+    t.send(b"".join(NBDRaw.request_bytes(nr.CMD_READ, offset=(i * MiB) % SIZE,
+                                         length=MiB, cookie=i)
+                    for i in range(n)))
+    with open("/proc/sys/net/core/wmem_max") as f:
+        sndbuf = 2 * min(int(f.read()), 2 * MiB)   # as the kernel counts
+    most = 4 + -(-sndbuf // MiB)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        taken = taken_requests(str(state / "admin.sock"))
+        assert 2 <= taken <= most, (taken, most)
+        time.sleep(0.05)
     assert srv.alive()
     img = read_file(image)
     seen = set()
