@@ -693,6 +693,29 @@ conn_flush (struct conn *c)
     conn_update_reading (c);
 }
 
+/* TLS connections with READ data not yet encrypted (loop thread). */
+static unsigned tls_readers;
+
+void
+conn_read_ahead (struct conn *c, struct request *req)
+{
+  req->ahead = req->count;
+  c->read_bytes_ahead += req->count;
+  if (c->reads_ahead++ == 0)
+    tls_readers++;
+}
+
+/* How much READ data a TLS connection may read ahead: its share of
+ * TLS_AHEAD_BYTES, and no less than TLS_MIN_AHEAD_BYTES.
+ */
+static uint64_t
+tls_ahead_limit (void)
+{
+  uint64_t share = TLS_AHEAD_BYTES / (tls_readers > 0 ? tls_readers : 1);
+
+  return MAX (share, (uint64_t) TLS_MIN_AHEAD_BYTES);
+}
+
 /* Requests are recycled per connection, with their buffers. */
 struct request *
 conn_request_get (struct conn *c, uint64_t count)
@@ -769,7 +792,8 @@ conn_request_put (struct conn *c, struct request *req)
   c->in_flight_bytes -= req->bytes;
   if (req->ahead > 0) {
     c->read_bytes_ahead -= req->ahead;
-    c->reads_ahead--;
+    if (--c->reads_ahead == 0)
+      tls_readers--;
   }
   if (c->nr_free_reqs < MAX_FREE_REQS && !c->dead) {
     /* An idle connection holds little: big buffers and extent arrays
@@ -1008,9 +1032,10 @@ conn_update_reading (struct conn *c)
    */
   if (want && c->tls) {
     pthread_mutex_lock (&c->send_lock);
+    uint64_t limit = tls_ahead_limit ();
     want = c->in_flight_bytes + c->queued_bytes < MAX_IN_FLIGHT_BYTES &&
-      c->queued_bytes < TLS_MAX_AHEAD_BYTES &&
-      (c->read_bytes_ahead + c->queued_bytes < TLS_MAX_AHEAD_BYTES ||
+      c->queued_bytes < limit &&
+      (c->read_bytes_ahead + c->queued_bytes < limit ||
        c->reads_ahead < TLS_MIN_READS);
     pthread_mutex_unlock (&c->send_lock);
   }

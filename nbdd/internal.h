@@ -38,14 +38,16 @@ struct conn;
 /* Per-connection back-pressure: stop reading requests past these. */
 #define MAX_IN_FLIGHT           256
 #define MAX_IN_FLIGHT_BYTES     (128u << 20)
-/* TLS: READ data read ahead of what the client takes.  A reply is
- * cheapest to encrypt right after its read, by the same thread, while
- * its buffer is still in the CPU's cache; reading further ahead only
- * leaves buffers to go cold, and the encryption, not the disk, sets
- * the pace.  At least TLS_MIN_READS reads still overlap, whatever
- * their size.
+/* TLS: READ data read ahead of its encryption, shared by the TLS
+ * connections reading, each allowed at least TLS_MIN_AHEAD_BYTES.  A
+ * reply is cheapest to encrypt right after its read, by the same
+ * thread, while its buffer is still in the CPU's cache; reading
+ * further ahead only leaves buffers to go cold, and the encryption,
+ * not the disk, sets the pace.  At least TLS_MIN_READS reads still
+ * overlap, whatever their size.
  */
-#define TLS_MAX_AHEAD_BYTES     (1u << 20)
+#define TLS_AHEAD_BYTES         (4u << 20)
+#define TLS_MIN_AHEAD_BYTES     (1u << 20)
 #define TLS_MIN_READS           2
 /* Block status: descriptors per reply. */
 #define MAX_EXTENTS             (1u << 16)
@@ -405,6 +407,10 @@ void conn_flush (struct conn *c);
 void conn_close (struct conn *c, const char *why);
 /* Stop reading; close once every reply has gone out. */
 void conn_drain (struct conn *c);
+/* TLS: count a READ's data as read ahead of its encryption, until
+ * the request is put back.
+ */
+void conn_read_ahead (struct conn *c, struct request *req);
 /* Request back to the connection's pool (or freed). */
 struct request *conn_request_get (struct conn *c, uint64_t count);
 void conn_request_put (struct conn *c, struct request *req);

@@ -296,16 +296,13 @@ tx_on_request_header (struct conn *c, const unsigned char *buf)
                          : MAX_EXTENTS * (sizeof (struct extent) + nctx *
                                           sizeof (struct nbd_block_descriptor_ext)));
   }
-  if (type == NBD_CMD_READ && err == NBD_SUCCESS && c->tls_up) {
-    req->ahead = count;
-    c->read_bytes_ahead += count;
-    c->reads_ahead++;
-  }
   req->type = type;
   req->flags = flags;
   req->cookie = cookie;
   req->offset = offset;
   req->count = count;
+  if (type == NBD_CMD_READ && err == NBD_SUCCESS && c->tls_up)
+    conn_read_ahead (c, req);
   req->nbd_err = err;
   req->errmsg = msg;
   account (c, req);
