@@ -1,6 +1,7 @@
 """Block jobs: blockdev-mirror to a local node and to another nbdd over
 TLS, with a writer running the whole time; pause, resume, speed,
 cancel, complete, dismiss; and the operations a running job refuses."""
+import os
 import random
 import threading
 import time
@@ -677,8 +678,16 @@ def test_mirror_rides_out_a_remote_restart(nbdd_server, tmp_path):
             remote.stop()
             time.sleep(1)
             remote = Server(other, args, tcp=False)
+            # The restarted daemon listens on the same path: if the job
+            # still fails, the logs tell which side lost the other.
+            assert os.path.exists(remote.sock), remote.output()
             q.cmd("block-job-set-speed", device="m", speed=0)
-            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            try:
+                q.wait_event("BLOCK_JOB_READY", timeout=60)
+            except TimeoutError:
+                raise AssertionError(
+                    f"events: {q.events}\n--- local:\n{srv.output()}"
+                    f"\n--- remote:\n{remote.output()}") from None
             q.cmd("block-job-complete", device="m")
             ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
             assert "error" not in ev["data"]
