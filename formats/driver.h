@@ -421,6 +421,10 @@ int node_allocation_depth (struct node *node, uint64_t count,
  */
 void node_io_sleep_begin (void);
 void node_io_sleep_end (void);
+/* The daemon is shutting down: do not wait for a server to come back,
+ * fail the request.
+ */
+bool node_io_shutting_down (void);
 
 /* Resize a node (see the driver's truncate): 0 or -errno.  Control
  * path only, with no I/O in flight.  @size must be a multiple of the

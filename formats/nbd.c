@@ -442,7 +442,7 @@ conn_get (struct nbd_state *s, int *err)
     }
     if (s->attempts == attempts0)
       pthread_cond_wait (&s->changed, &s->lock);
-    else if (past (&deadline))
+    else if (past (&deadline) || node_io_shutting_down ())
       break;
     else
       pthread_cond_timedwait (&s->changed, &s->lock, &deadline);
@@ -451,7 +451,10 @@ conn_get (struct nbd_state *s, int *err)
     best->users++;
   if (waiting)
     s->waiting--;
-  if (best == NULL)
+  if (best == NULL && node_io_shutting_down ())
+    nbdd_warn ("%s (giving up: shutting down)",
+               s->last_error ? s->last_error : "nbd: no connection");
+  else if (best == NULL)
     nbdd_warn ("%s (giving up after %g s)",
                s->last_error ? s->last_error : "nbd: no connection",
                s->reconnect_delay);

@@ -189,6 +189,11 @@ int sidecar_sync (struct node *node, const char *name, uint64_t offset,
                                void *buf),
                   void *opaque, struct error **errp);
 
+/* io.c: the daemon is shutting down: drivers stop waiting for what
+ * may take long to come back (a remote server), and fail instead.
+ */
+void graph_begin_shutdown (void);
+
 /* io.c: the daemon's answer to node_io_sleep_begin/end (NULL: none). */
 void graph_set_sleep_hooks (void (*begin) (void), void (*end) (void));
 

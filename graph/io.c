@@ -755,6 +755,19 @@ node_truncate (struct node *node, uint64_t size)
 
 static void (*sleep_begin_hook) (void);
 static void (*sleep_end_hook) (void);
+static bool shutting_down;
+
+void
+graph_begin_shutdown (void)
+{
+  __atomic_store_n (&shutting_down, true, __ATOMIC_RELEASE);
+}
+
+bool
+node_io_shutting_down (void)
+{
+  return __atomic_load_n (&shutting_down, __ATOMIC_ACQUIRE);
+}
 
 /* Set while job threads may be sleeping too: atomic. */
 void

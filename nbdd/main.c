@@ -288,6 +288,7 @@ main (int argc, char **argv)
    * finish what they hold, then close exports and nodes.
    */
   shutting_down = true;
+  graph_begin_shutdown ();      /* no waiting for remote servers */
   admin_close ();
   listeners_close (loop);
   conns_close_all ("shutting down");

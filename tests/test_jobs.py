@@ -697,6 +697,49 @@ def test_mirror_rides_out_a_remote_restart(nbdd_server, tmp_path):
         remote.stop()
 
 
+def test_shutdown_does_not_wait_for_a_lost_remote(nbdd_server, tmp_path):
+    """SIGTERM while a mirror's remote target is down and its
+    reconnect-delay (300 s) runs: the copies waiting for the remote give
+    up, and nbdd exits at once (Server.stop allows 20 s) keeping the
+    job.  With the remote back, the next start picks the mirror up and
+    it completes, nothing lost."""
+    other = tmp_path / "other"
+    other.mkdir()
+    remote_img = make_image(other / "disk.img", SIZE)
+    args = blockdev_args(remote_img) + export_args()
+    remote = Server(other, args)
+    srv = start(nbdd_server, tmp_path)
+    model = bytearray(SIZE)
+    try:
+        with QMP(srv.admin) as q:
+            live_disk(q, tmp_path)
+            seed(srv, SIZE, model)
+            q.cmd_args("blockdev-add", {
+                "driver": "nbd", "node-name": "away", "reconnect-delay": 300,
+                "server": {"type": "unix", "path": remote.sock},
+                "export": "disk0"})
+            q.cmd("blockdev-mirror", job_id="m", device="disk0",
+                  target="away", sync="full", speed=8 * MiB)
+            time.sleep(1)
+            assert 0 < job(q, "m")["offset"] < SIZE
+            remote.stop()
+            time.sleep(0.5)             # a copy now waits for the remote
+        srv.stop()
+        assert "(giving up: shutting down)" in srv.output(), srv.output()
+        remote = Server(other, args, tcp=False)
+        srv = restart(srv, nbdd_server, tmp_path)
+        with QMP(srv.admin) as q:
+            q.cmd("block-job-set-speed", device="m", speed=0)
+            q.wait_event("BLOCK_JOB_READY", timeout=60)
+            q.cmd("block-job-complete", device="m")
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+            assert "error" not in ev["data"]
+        with open(remote_img, "rb") as f:
+            assert f.read() == model
+    finally:
+        remote.stop()
+
+
 def test_a_running_mirror_keeps_its_nodes(nbdd_server, tmp_path):
     """Graph changes under a mirror are refused, naming it; a complete
     that fails (the remote target gone after ready) fails the job and
