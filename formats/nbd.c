@@ -67,6 +67,10 @@
 #define MAX_CONNECTIONS 16
 #define MAX_RETRIES 5           /* connections dying under one request */
 #define RETRY_NS 200000000      /* between connection attempts */
+/* How often a request waiting for a connection looks whether nbdd is
+ * shutting down.
+ */
+#define SHUTDOWN_CHECK_NS 200000000
 #define CONNECT_TIMEOUT_S 10    /* for one attempt, handshake included */
 /* Requests in flight on a connection at most: each holds a sleeping
  * worker, and a server that stops answering must not cost a thread per
@@ -142,6 +146,13 @@ ms_until (const struct timespec *ts)
   ms = (ts->tv_sec - now.tv_sec) * 1000 +
     (ts->tv_nsec - now.tv_nsec) / 1000000;
   return ms > 0 ? (int) MIN (ms, INT32_MAX) : 0;
+}
+
+static bool
+before (const struct timespec *a, const struct timespec *b)
+{
+  return a->tv_sec < b->tv_sec ||
+    (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
 static bool
@@ -380,6 +391,16 @@ dispatcher (void *arg)
         retry_sleep (c, failures);
     }
     else if (c->dead) {
+      if (c->users > 0 && !dead (h)) {
+        /* Given up on while the handle lives (a reply said the server
+         * is shutting down): the requests still on it get their
+         * replies, or fail when it dies.
+         */
+        pthread_mutex_unlock (&s->lock);
+        poll_once (c, h);
+        pthread_mutex_lock (&s->lock);
+        continue;
+      }
       if (c->users > 0) {
         pthread_cond_wait (&s->changed, &s->lock);
         continue;
@@ -411,7 +432,7 @@ static struct nbd_conn *
 conn_get (struct nbd_state *s, int *err)
 {
   struct nbd_conn *best = NULL;
-  struct timespec deadline;
+  struct timespec deadline, soon;
   uint64_t attempts0 = 0;
   bool waiting = false;
 
@@ -440,12 +461,18 @@ conn_get (struct nbd_state *s, int *err)
       pthread_mutex_lock (&s->lock);
       continue;
     }
-    if (s->attempts == attempts0)
-      pthread_cond_wait (&s->changed, &s->lock);
-    else if (past (&deadline) || node_io_shutting_down ())
+    if (node_io_shutting_down ())
       break;
-    else
-      pthread_cond_timedwait (&s->changed, &s->lock, &deadline);
+    if (s->attempts != attempts0 && past (&deadline))
+      break;
+    /* Until an attempt is over (one at least, even with no delay) and
+     * then until the deadline, looking at the shutdown flag now and
+     * then: nobody wakes us for it.
+     */
+    deadline_after (&soon, SHUTDOWN_CHECK_NS);
+    pthread_cond_timedwait (&s->changed, &s->lock,
+                            s->attempts != attempts0 && before (&deadline, &soon)
+                            ? &deadline : &soon);
   }
   if (best)
     best->users++;
@@ -473,8 +500,10 @@ conn_put (struct nbd_state *s, struct nbd_conn *c, bool died)
     pthread_cond_broadcast (&s->changed);       /* room, or gone */
   if (died)
     mark_dead (c);
-  if (c->dead && c->users == 0)
+  if (c->dead && c->users == 0) {
     pthread_cond_broadcast (&s->changed);
+    wake (c);                   /* its dispatcher may be polling it */
+  }
   pthread_mutex_unlock (&s->lock);
 }
 

@@ -288,10 +288,11 @@ main (int argc, char **argv)
    * finish what they hold, then close exports and nodes.
    */
   shutting_down = true;
-  graph_begin_shutdown ();      /* no waiting for remote servers */
   admin_close ();
   listeners_close (loop);
   conns_close_all ("shutting down");
+  /* After the clients are gone: none of them is told EIO for it. */
+  graph_begin_shutdown ();      /* no waiting for remote servers */
   jobs_cancel_all ();
   workers_stop ();
   conns_flush_dirty ();

@@ -241,6 +241,52 @@ def test_requests_are_pipelined_on_a_connection(nbdd_server, tmp_path):
         kit.wait(10)
 
 
+def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path):
+    """The remote answers one WRITE with ESHUTDOWN while seven others
+    are in flight on the same connection (the spec's soft disconnect).
+    The node stops sending on that connection but still reads the
+    replies of the seven, then retries the eighth on a new connection:
+    every write succeeds and reads back.  (The remote is nbdkit's eval
+    plugin over a file; the first write at offset 0 fails, the others
+    take 300 ms.)"""
+    img = make_image(tmp_path / "kit.img", 16 * MiB)
+    mark, sock = tmp_path / "failed-once", str(tmp_path / "kit.sock")
+    kit = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "eval",
+         "thread_model=echo parallel", "get_size=echo %d" % (16 * MiB),
+         f"pread=dd if={img} iflag=skip_bytes,count_bytes skip=$4 "
+         "count=$3 status=none",
+         f'pwrite=if [ "$4" = 0 ] && mkdir {mark} 2>/dev/null; then '
+         'echo "ESHUTDOWN going away" >&2; exit 1; fi; sleep 0.3; '
+         f"dd of={img} oflag=seek_bytes conv=notrunc seek=$4 status=none"])
+    try:
+        wait_for_socket(sock, kit)
+        srv = start(nbdd_server, tmp_path)
+        with QMP(srv.admin) as q:
+            add_nbd(q, server={"type": "unix", "path": sock},
+                    connections=1)
+            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+                  name="via", writable=True)
+            h = srv.connect("via")
+            writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
+                      for i in range(1, 8)]
+            time.sleep(0.1)             # on the wire before the eighth
+            writes.append(h.aio_pwrite(b"\x01" * 4096, 0))
+            deadline = time.monotonic() + 30
+            while h.aio_in_flight() > 0:
+                assert time.monotonic() < deadline, "writes never answered"
+                h.poll(1000)
+            assert all(h.aio_command_completed(c) for c in writes)
+            assert mark.exists()
+            for i in range(8):
+                assert h.pread(4096, i * MiB) == bytes([i + 1]) * 4096, i
+            h.shutdown()
+            assert "ESHUTDOWN" not in srv.output()
+    finally:
+        kit.kill()
+        kit.wait(10)
+
+
 def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
                                                tmp_path):
     """Writes through the node while the remote restarts, from four
