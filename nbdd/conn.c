@@ -140,6 +140,7 @@ conn_free (struct conn *c)
   struct out_item *it;
 
   assert (c->in_flight == 0);
+  assert (c->reads_ahead == 0 && c->read_bytes_ahead == 0);
   while ((it = c->out_head) != NULL) {
     c->out_head = it->next;
     it->release (c, it);
@@ -699,6 +700,8 @@ static unsigned tls_readers;
 void
 conn_read_ahead (struct conn *c, struct request *req)
 {
+  if (req->count == 0)
+    return;                     /* nothing to read ahead, nothing to undo */
   req->ahead = req->count;
   c->read_bytes_ahead += req->count;
   if (c->reads_ahead++ == 0)
@@ -1028,7 +1031,7 @@ conn_update_reading (struct conn *c)
 
   /* Encrypted replies waiting for the client count too: their
    * requests are gone, their bytes are not.  And READ data is read
-   * only a little ahead of the encryption (TLS_MAX_AHEAD_BYTES).
+   * only a little ahead of the encryption (TLS_AHEAD_BYTES).
    */
   if (want && c->tls) {
     pthread_mutex_lock (&c->send_lock);
