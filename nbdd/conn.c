@@ -32,6 +32,10 @@
 
 #define MAX_IOV 64
 #define MAX_SEND_PER_EVENT (8u << 20)  /* fairness between clients */
+/* TLS: a worker encrypts replies under one hold of send_lock up to
+ * this much, then lets the loop in.
+ */
+#define TLS_BATCH_BYTES (64u << 10)
 #define MAX_FREE_REQS 128
 #define KEEP_BUF_CAP (16u << 20)        /* larger buffers are not kept */
 #define MAX_FREE_BYTES (32u << 20)      /* buffers kept per connection */
@@ -297,20 +301,11 @@ conn_queue (struct conn *c, struct out_item *item)
   item->pos = 0;
   item->encrypt = false;
   pthread_mutex_lock (&c->send_lock);
-  if (c->tls_up && c->out_head == NULL) {
-    /* The socket is free: encrypt now, the records go straight out. */
-    int r = tls_send (c, item->iov, item->niov);
-    pthread_mutex_unlock (&c->send_lock);
-    item->release (c, item);
-    if (r == -1)
-      conn_close (c, "TLS send failed");
-    else
-      conn_mark_dirty (c);
-    return;
-  }
-  /* Behind other output a reply waits in plaintext, and conn_flush
-   * encrypts it when its turn comes: nothing is encrypted (and copied)
-   * ahead of what the socket takes.
+  /* A TLS reply waits in plaintext, and conn_flush encrypts it when
+   * its turn comes, at the end of this event, with the other replies
+   * made meanwhile, so that their records leave in one write: at most
+   * a stage (256 KiB) of them is encrypted ahead of what the socket
+   * takes.
    */
   item->encrypt = c->tls_up;
   if (c->out_tail)
@@ -397,9 +392,9 @@ byte_chunk_release (struct conn *c, struct out_item *item)
 }
 
 /* Link a new chunk where conn_send_locked's overflow goes: at the
- * tail, or, while conn_flush encrypts the reply it took from the head
- * (c->push_front), in front of everything still queued, after what
- * that reply already put there (c->push_after).
+ * tail, or, while conn_flush encrypts the replies it took from the
+ * head (c->push_front), in front of everything still queued, after
+ * what those replies already put there (c->push_after).
  */
 static void
 link_chunk (struct conn *c, struct out_item *item)
@@ -597,22 +592,31 @@ conn_flush (struct conn *c)
     ssize_t r;
 
     if (head->encrypt) {
-      /* A TLS reply's turn: encrypt it now.  Its records go to the
-       * socket, and what does not fit goes back to the head.
+      /* TLS replies' turn: encrypt them now, the run of them at the
+       * head.  Their records go to the socket together, and what does
+       * not fit goes back to the head, in front of what is left.
        */
       bool full;
-      c->out_head = head->next;
-      if (c->out_head == NULL)
-        c->out_tail = NULL;
       c->push_front = true;
       c->push_after = NULL;
-      r = tls_send (c, head->iov, head->niov);
+      tls_send_begin (c);
+      r = 0;
+      do {
+        c->out_head = head->next;
+        if (c->out_head == NULL)
+          c->out_tail = NULL;
+        r = tls_send_part (c, head->iov, head->niov);
+        for (unsigned i = 0; i < head->niov; ++i)
+          sent_total += head->iov[i].iov_len;
+        head->release (c, head);
+        head = c->out_head;
+      } while (r == 0 && head && head->encrypt && c->push_after == NULL &&
+               sent_total < MAX_SEND_PER_EVENT);
+      if (tls_send_end (c) == -1)
+        r = -1;
       full = c->push_after != NULL;
       c->push_front = false;
       c->push_after = NULL;
-      for (unsigned i = 0; i < head->niov; ++i)
-        sent_total += head->iov[i].iov_len;
-      head->release (c, head);
       if (r == -1) {
         write_error = true;
         break;
@@ -921,21 +925,41 @@ conn_send_direct (struct request *first)
 
   if (c->tls_up) {
     /* Encrypt each reply whole, in turn: the records go out at once or
-     * are queued in order, so every reply counts as sent.  The lock is
-     * taken per reply so that the loop never waits for a whole batch.
-     * A reply that fails is left to the loop, which finds the session
-     * broken and closes the connection.
+     * are queued in order, so every reply counts as sent.  Small
+     * replies share a hold of the lock and their writes, up to
+     * TLS_BATCH_BYTES, so that the loop never waits for a long batch.
+     * A reply that fails (or, when the last write of a hold fails, its
+     * last reply) is left to the loop, which finds the session broken
+     * and closes the connection.
      */
-    for (req = first; req != end; req = req->next) {
-      int e;
+    for (req = first; req != end; ) {
+      struct request *last = NULL;
+      size_t batch = 0;
+      int e = 0;
       pthread_mutex_lock (&c->send_lock);
       /* Behind queued output it is for the loop to encrypt later. */
-      e = c->dead || c->out_head != NULL ? -1
-        : tls_send (c, req->iov, req->out.niov);
+      if (c->dead || c->out_head != NULL) {
+        pthread_mutex_unlock (&c->send_lock);
+        break;
+      }
+      tls_send_begin (c);
+      do {
+        e = tls_send_part (c, req->iov, req->out.niov);
+        if (e == -1)
+          break;
+        req->sent = true;
+        last = req;
+        for (unsigned k = 0; k < req->out.niov; ++k)
+          batch += req->iov[k].iov_len;
+        req = req->next;
+      } while (req != end && batch < TLS_BATCH_BYTES);
+      if (tls_send_end (c) == -1 && e == 0) {
+        e = -1;
+        last->sent = false;
+      }
       pthread_mutex_unlock (&c->send_lock);
       if (e == -1)
         break;
-      req->sent = true;
     }
     return nreq;
   }

@@ -378,8 +378,9 @@ struct conn {
   struct tls_session *tls;
   bool tls_up;                  /* handshake done */
   bool tls_broken;              /* a send failed: the session is unusable */
-  /* While conn_flush encrypts the head reply, overflow goes in front
-   * of the queue, after push_after (see conn_send_locked).
+  /* While conn_flush encrypts the run of replies at the head,
+   * overflow goes in front of the queue, after push_after (see
+   * conn_send_locked).
    */
   bool push_front;
   struct out_item *push_after;
@@ -481,8 +482,14 @@ bool tls_pending (struct conn *c);
  * nor in the socket (as far as the last read could tell).
  */
 bool tls_drained (struct conn *c);
-/* With send_lock held: encrypt and send (or queue) a reply. */
-int tls_send (struct conn *c, const struct iovec *iov, unsigned niov);
+/* With send_lock held throughout: encrypt replies, whose
+ * records leave in as few writes as they fit: tls_send_begin, then
+ * tls_send_part for each reply, then tls_send_end, which sends what is
+ * left (or queues it).  Each returns 0, or -1 if the session failed.
+ */
+void tls_send_begin (struct conn *c);
+int tls_send_part (struct conn *c, const struct iovec *iov, unsigned niov);
+int tls_send_end (struct conn *c);
 void tls_bye (struct conn *c);
 /* The client's PSK username or certificate subject, or NULL. */
 const char *tls_identity (const struct conn *c);

@@ -18,6 +18,7 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -388,10 +389,11 @@ tls_deinit (void)
   gnutls_priority_deinit (priority);
 }
 
-/* While tls_send encrypts a reply, its records gather here and go to
- * the socket together, a write per 256 KiB instead of one per 16 KiB
- * record.  They are sent before send_lock is dropped, so no record
- * encrypted later can overtake them.
+/* Between tls_send_begin and tls_send_end, the records of the replies
+ * encrypted gather here and go to the socket together, a write per
+ * 256 KiB instead of one per 16 KiB record.  They are sent before
+ * send_lock is dropped, so no record encrypted later can overtake
+ * them.
  */
 #define STAGE_SIZE (256u << 10)
 struct stage {
@@ -683,33 +685,50 @@ send_records (gnutls_session_t s, const struct iovec *iov, unsigned niov)
   return 0;
 }
 
-int
-tls_send (struct conn *c, const struct iovec *iov, unsigned niov)
+void
+tls_send_begin (struct conn *c)
 {
-  struct stage *st;
-  int r;
+  struct stage *st = stage_get ();
 
+  if (st) {
+    assert (st->c == NULL && st->len == 0);     /* every begin has an end */
+    st->c = c;
+    st->len = 0;
+  }
+}
+
+int
+tls_send_part (struct conn *c, const struct iovec *iov, unsigned niov)
+{
   /* A session that failed once may have sent half a record: it is
    * never used again.
    */
   if (c->tls_broken)
     return -1;
-  st = stage_get ();
-  if (st) {
-    st->c = c;
-    st->len = 0;
+  if (send_records (c->tls->s, iov, niov) == -1) {
+    c->tls_broken = true;
+    return -1;
   }
-  r = send_records (c->tls->s, iov, niov);
-  if (st) {
-    if (r == 0)
+  return 0;
+}
+
+int
+tls_send_end (struct conn *c)
+{
+  struct stage *st = stage_p;
+  int r = 0;
+
+  if (st && st->c == c) {
+    if (!c->tls_broken)
       r = stage_flush (st);
     st->c = NULL;
     st->len = 0;
   }
   if (r == -1)
     c->tls_broken = true;
-  return r;
+  return c->tls_broken ? -1 : 0;
 }
+
 
 void
 tls_bye (struct conn *c)
