@@ -425,6 +425,10 @@ void node_io_sleep_end (void);
  * fail the request.
  */
 bool node_io_shutting_down (void);
+/* An eventfd that becomes readable (for good) when it does, for a
+ * thread that sleeps in poll; -1 if it could not be made.
+ */
+int node_io_shutdown_fd (void);
 
 /* Resize a node (see the driver's truncate): 0 or -errno.  Control
  * path only, with no I/O in flight.  @size must be a multiple of the

@@ -55,6 +55,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 
 #include <libnbd.h>
 
@@ -67,10 +68,14 @@
 #define MAX_CONNECTIONS 16
 #define MAX_RETRIES 5           /* connections dying under one request */
 #define RETRY_NS 200000000      /* between connection attempts */
-/* How often a request waiting for a connection looks whether nbdd is
- * shutting down.
+/* How often a request waiting for a connection, or a dispatcher with
+ * requests in flight, looks whether nbdd is shutting down; and how
+ * long requests in flight then get to be answered before their
+ * connection is dropped (a server that never answers must not hold
+ * the shutdown up).
  */
 #define SHUTDOWN_CHECK_NS 200000000
+#define SHUTDOWN_GRACE_NS 3000000000ull
 #define CONNECT_TIMEOUT_S 10    /* for one attempt, handshake included */
 /* Requests in flight on a connection at most: each holds a sleeping
  * worker, and a server that stops answering must not cost a thread per
@@ -91,6 +96,11 @@ struct nbd_conn {
   bool dead;                    /* h died: no new requests on it */
   unsigned users;               /* requests holding h */
   atomic_bool stop;             /* the node is closing */
+
+  /* The dispatcher's own. */
+  bool grace_started;           /* nbdd shuts down with requests on h */
+  bool grace_over;              /* ...and h was dropped for them */
+  struct timespec grace_end;
 };
 
 struct nbd_state {
@@ -317,20 +327,23 @@ retry_sleep (struct nbd_conn *c, unsigned failures)
  * handle died.
  */
 static bool
-poll_once (struct nbd_conn *c, struct nbd_handle *h)
+poll_once (struct nbd_conn *c, struct nbd_handle *h, int timeout_ms)
 {
   int fd = nbd_aio_get_fd (h);
   unsigned dir = nbd_aio_get_direction (h);
-  struct pollfd fds[2] = {
+  /* Until nbdd shuts down, its start wakes us too (see end_grace). */
+  bool quitting = node_io_shutting_down ();
+  struct pollfd fds[3] = {
     { .fd = c->wake_fd, .events = POLLIN },
     { .fd = fd, .events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
                           ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
+    { .fd = quitting ? -1 : node_io_shutdown_fd (), .events = POLLIN },
   };
   uint64_t v;
 
   if (fd < 0 || dead (h))
     return true;
-  if (poll (fds, 2, -1) == -1) {
+  if (poll (fds, 3, timeout_ms) == -1) {
     if (errno == EINTR)
       return false;
     nbdd_warn ("nbd: %s: poll: %m: dropping the connection", c->s->name);
@@ -346,6 +359,41 @@ poll_once (struct nbd_conn *c, struct nbd_handle *h)
   else if (fds[1].revents & (POLLOUT | POLLHUP | POLLERR))
     nbd_aio_notify_write (h);
   return dead (h);
+}
+
+/* Under s->lock, on the dispatcher: how long it may sleep in poll.
+ * For ever, unless nbdd shuts down with requests on the connection:
+ * then end_grace must look at the clock.
+ */
+static int
+grace_timeout (struct nbd_conn *c)
+{
+  return c->users > 0 && node_io_shutting_down ()
+    ? SHUTDOWN_CHECK_NS / 1000000 : -1;
+}
+
+/* Under s->lock, on the dispatcher: once nbdd shuts down, the requests
+ * on @h get SHUTDOWN_GRACE_NS to be answered; past that the socket is
+ * shut, libnbd fails them, and they give up (no connection is waited
+ * for while shutting down).
+ */
+static void
+end_grace (struct nbd_conn *c, struct nbd_handle *h)
+{
+  if (c->users == 0 || !node_io_shutting_down ())
+    return;
+  if (!c->grace_started) {
+    c->grace_started = true;
+    deadline_after (&c->grace_end, SHUTDOWN_GRACE_NS);
+  }
+  else if (!c->grace_over && past (&c->grace_end)) {
+    c->grace_over = true;
+    nbdd_warn ("nbd: %s: %u request%s not answered as nbdd shuts down: "
+               "dropping the connection", c->s->name, c->users,
+               c->users == 1 ? "" : "s");
+    shutdown (nbd_aio_get_fd (h), SHUT_RDWR);
+    wake (c);
+  }
 }
 
 /* A connection's thread: (re)connects it when wanted, reads its
@@ -376,6 +424,7 @@ dispatcher (void *arg)
       if (h) {
         c->h = h;
         c->dead = false;
+        c->grace_started = c->grace_over = false;
         s->live++;
         failures = 0;
       }
@@ -396,9 +445,12 @@ dispatcher (void *arg)
          * is shutting down): the requests still on it get their
          * replies, or fail when it dies.
          */
+        int timeout = grace_timeout (c);
+
         pthread_mutex_unlock (&s->lock);
-        poll_once (c, h);
+        poll_once (c, h, timeout);
         pthread_mutex_lock (&s->lock);
+        end_grace (c, h);
         continue;
       }
       if (c->users > 0) {
@@ -411,13 +463,16 @@ dispatcher (void *arg)
       pthread_mutex_lock (&s->lock);
     }
     else {
+      int timeout = grace_timeout (c);
       bool died;
 
       pthread_mutex_unlock (&s->lock);
-      died = poll_once (c, h);
+      died = poll_once (c, h, timeout);
       pthread_mutex_lock (&s->lock);
       if (died)
         mark_dead (c);
+      else
+        end_grace (c, h);
     }
   }
   pthread_mutex_unlock (&s->lock);

@@ -37,9 +37,12 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
 
 #include "graph.h"
 #include "utils.h"
@@ -756,11 +759,32 @@ node_truncate (struct node *node, uint64_t size)
 static void (*sleep_begin_hook) (void);
 static void (*sleep_end_hook) (void);
 static bool shutting_down;
+static int shutdown_fd = -1;    /* readable once shutting_down */
+static pthread_once_t shutdown_fd_once = PTHREAD_ONCE_INIT;
+
+static void
+shutdown_fd_make (void)
+{
+  shutdown_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+int
+node_io_shutdown_fd (void)
+{
+  pthread_once (&shutdown_fd_once, shutdown_fd_make);
+  return shutdown_fd;
+}
 
 void
 graph_begin_shutdown (void)
 {
+  uint64_t one = 1;
+
   __atomic_store_n (&shutting_down, true, __ATOMIC_RELEASE);
+  if (node_io_shutdown_fd () >= 0) {
+    ssize_t r = write (shutdown_fd, &one, sizeof one);
+    (void) r;                   /* adding 1 to a fresh eventfd cannot fail */
+  }
 }
 
 bool

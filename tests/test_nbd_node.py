@@ -287,6 +287,35 @@ def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path):
         kit.wait(10)
 
 
+def test_shutdown_drops_a_server_that_never_answers(nbdd_server, tmp_path):
+    """A read through the node is in flight on a server that takes 10
+    minutes to answer (nbdkit with a delay) when nbdd is told to stop:
+    the request gets a few seconds, then the connection is dropped and
+    nbdd exits (Server.stop allows 20 s), saying why."""
+    sock = str(tmp_path / "kit.sock")
+    kit = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=delay",
+         "memory", "size=16M", "rdelay=600"])
+    try:
+        wait_for_socket(sock, kit)
+        srv = start(nbdd_server, tmp_path)
+        with QMP(srv.admin) as q:
+            add_nbd(q, server={"type": "unix", "path": sock},
+                    connections=1)
+            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+                  name="via")
+            h = srv.connect("via")
+            h.aio_pread(nbd.Buffer(4096), 0)
+            time.sleep(0.5)             # at nbdkit, for ten minutes
+        srv.stop()
+        assert re.search(r"nbd: .*: 1 request not answered as nbdd shuts "
+                         r"down: dropping the connection", srv.output()), \
+            srv.output()
+    finally:
+        kit.kill()
+        kit.wait(10)
+
+
 def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
                                                tmp_path):
     """Writes through the node while the remote restarts, from four
