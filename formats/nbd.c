@@ -327,17 +327,20 @@ retry_sleep (struct nbd_conn *c, unsigned failures)
  * handle died.
  */
 static bool
-poll_once (struct nbd_conn *c, struct nbd_handle *h, int timeout_ms)
+poll_once (struct nbd_conn *c, struct nbd_handle *h)
 {
   int fd = nbd_aio_get_fd (h);
   unsigned dir = nbd_aio_get_direction (h);
-  /* Until nbdd shuts down, its start wakes us too (see end_grace). */
-  bool quitting = node_io_shutting_down ();
+  /* Until nbdd shuts down, the start of it wakes us; from then on we
+   * look at the clock (end_grace).  Without the eventfd, always.
+   */
+  int quit_fd = node_io_shutting_down () ? -1 : node_io_shutdown_fd ();
+  int timeout_ms = quit_fd >= 0 ? -1 : SHUTDOWN_CHECK_NS / 1000000;
   struct pollfd fds[3] = {
     { .fd = c->wake_fd, .events = POLLIN },
     { .fd = fd, .events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
                           ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
-    { .fd = quitting ? -1 : node_io_shutdown_fd (), .events = POLLIN },
+    { .fd = quit_fd, .events = POLLIN },
   };
   uint64_t v;
 
@@ -346,8 +349,11 @@ poll_once (struct nbd_conn *c, struct nbd_handle *h, int timeout_ms)
   if (poll (fds, 3, timeout_ms) == -1) {
     if (errno == EINTR)
       return false;
+    /* Let libnbd find the socket closed and fail what is on it. */
     nbdd_warn ("nbd: %s: poll: %m: dropping the connection", c->s->name);
-    return true;
+    shutdown (fd, SHUT_RDWR);
+    nbd_aio_notify_read (h);
+    return dead (h);
   }
   if ((fds[0].revents & POLLIN) &&
       read (c->wake_fd, &v, sizeof v) == -1 && errno != EAGAIN)
@@ -361,17 +367,6 @@ poll_once (struct nbd_conn *c, struct nbd_handle *h, int timeout_ms)
   return dead (h);
 }
 
-/* Under s->lock, on the dispatcher: how long it may sleep in poll.
- * For ever, unless nbdd shuts down with requests on the connection:
- * then end_grace must look at the clock.
- */
-static int
-grace_timeout (struct nbd_conn *c)
-{
-  return c->users > 0 && node_io_shutting_down ()
-    ? SHUTDOWN_CHECK_NS / 1000000 : -1;
-}
-
 /* Under s->lock, on the dispatcher: once nbdd shuts down, the requests
  * on @h get SHUTDOWN_GRACE_NS to be answered; past that the socket is
  * shut, libnbd fails them, and they give up (no connection is waited
@@ -380,18 +375,29 @@ grace_timeout (struct nbd_conn *c)
 static void
 end_grace (struct nbd_conn *c, struct nbd_handle *h)
 {
-  if (c->users == 0 || !node_io_shutting_down ())
+  int fd;
+
+  if (!node_io_shutting_down () || dead (h))
     return;
+  if (c->users == 0) {
+    c->grace_started = false;   /* the next request has its own */
+    return;
+  }
   if (!c->grace_started) {
     c->grace_started = true;
     deadline_after (&c->grace_end, SHUTDOWN_GRACE_NS);
   }
-  else if (!c->grace_over && past (&c->grace_end)) {
+  else if (!c->grace_over && past (&c->grace_end) &&
+           (fd = nbd_aio_get_fd (h)) >= 0) {
     c->grace_over = true;
     nbdd_warn ("nbd: %s: %u request%s not answered as nbdd shuts down: "
                "dropping the connection", c->s->name, c->users,
                c->users == 1 ? "" : "s");
-    shutdown (nbd_aio_get_fd (h), SHUT_RDWR);
+    /* libnbd finds the socket closed at the next poll.  (Only a worker
+     * could close it in between, by killing the handle; at shutdown no
+     * new socket can take its number.)
+     */
+    shutdown (fd, SHUT_RDWR);
     wake (c);
   }
 }
@@ -413,7 +419,10 @@ dispatcher (void *arg)
     if (h == NULL) {
       struct error *e = NULL;
 
-      if (s->waiting == 0 && s->live == 0) {
+      /* Nobody to connect for, or nbdd shuts down (and nobody waits
+       * for a connection any more).
+       */
+      if ((s->waiting == 0 && s->live == 0) || node_io_shutting_down ()) {
         pthread_cond_wait (&s->changed, &s->lock);
         continue;
       }
@@ -445,10 +454,8 @@ dispatcher (void *arg)
          * is shutting down): the requests still on it get their
          * replies, or fail when it dies.
          */
-        int timeout = grace_timeout (c);
-
         pthread_mutex_unlock (&s->lock);
-        poll_once (c, h, timeout);
+        poll_once (c, h);
         pthread_mutex_lock (&s->lock);
         end_grace (c, h);
         continue;
@@ -463,11 +470,10 @@ dispatcher (void *arg)
       pthread_mutex_lock (&s->lock);
     }
     else {
-      int timeout = grace_timeout (c);
       bool died;
 
       pthread_mutex_unlock (&s->lock);
-      died = poll_once (c, h, timeout);
+      died = poll_once (c, h);
       pthread_mutex_lock (&s->lock);
       if (died)
         mark_dead (c);
@@ -505,6 +511,8 @@ conn_get (struct nbd_state *s, int *err)
       pthread_cond_wait (&s->changed, &s->lock);
       continue;
     }
+    if (node_io_shutting_down ())
+      break;                    /* no connection is waited for */
     if (!waiting) {
       waiting = true;
       s->waiting++;
@@ -637,6 +645,8 @@ run (struct nbd_state *s, issue_fn issue, void *args)
       return 0;
     if (!died)
       return -rq.error;         /* the server's answer */
+    if (node_io_shutting_down ())
+      return -EIO;              /* no other connection is waited for */
     if (try >= MAX_RETRIES) {
       nbdd_warn ("nbd: %s: connections keep dying under a request: "
                  "giving up", s->name);

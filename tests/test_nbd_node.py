@@ -287,26 +287,33 @@ def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path):
         kit.wait(10)
 
 
-def test_shutdown_drops_a_server_that_never_answers(nbdd_server, tmp_path):
+@pytest.mark.parametrize("connections", [1, 2])
+def test_shutdown_drops_a_server_that_never_answers(nbdd_server, tmp_path,
+                                                     connections):
     """A read through the node is in flight on a server that takes 10
     minutes to answer (nbdkit with a delay) when nbdd is told to stop:
     the request gets a few seconds, then the connection is dropped and
-    nbdd exits (Server.stop allows 20 s), saying why."""
-    sock = str(tmp_path / "kit.sock")
+    nbdd exits (Server.stop allows 20 s), saying why.  With a second
+    connection idle, the failed read is not tried again there."""
+    sock, log = str(tmp_path / "kit.sock"), tmp_path / "kit.log"
     kit = subprocess.Popen(
-        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=delay",
-         "memory", "size=16M", "rdelay=600"])
+        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=log",
+         "--filter=delay", "memory", "size=16M", f"logfile={log}",
+         "rdelay=600"])
     try:
         wait_for_socket(sock, kit)
         srv = start(nbdd_server, tmp_path)
         with QMP(srv.admin) as q:
             add_nbd(q, server={"type": "unix", "path": sock},
-                    connections=1)
+                    connections=connections)
             q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
                   name="via")
             h = srv.connect("via")
             h.aio_pread(nbd.Buffer(4096), 0)
-            time.sleep(0.5)             # at nbdkit, for ten minutes
+            deadline = time.monotonic() + 10
+            while not re.search(r"Read id=", log.read_text()):
+                assert time.monotonic() < deadline, "the read never came"
+                time.sleep(0.05)
         srv.stop()
         assert re.search(r"nbd: .*: 1 request not answered as nbdd shuts "
                          r"down: dropping the connection", srv.output()), \
