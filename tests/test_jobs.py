@@ -652,45 +652,62 @@ def test_jobs_after_a_restart(tmp_path):
         srv.stop()
 
 
+def remote_target(tmp_path):
+    """Another nbdd, in tmp_path/other, serving an empty disk: the
+    server, its image, and the arguments to start it again."""
+    other = tmp_path / "other"
+    other.mkdir()
+    img = make_image(other / "disk.img", SIZE)
+    args = blockdev_args(img) + export_args()
+    return Server(other, args), img, args
+
+
+def mirror_under_way(q, srv, tmp_path, remote, model, reconnect_delay):
+    """The live disk, seeded (into @model), mirrored to @remote at
+    8 MiB/s through an nbd node: returns with the copy under way."""
+    live_disk(q, tmp_path)
+    seed(srv, SIZE, model)
+    q.cmd_args("blockdev-add", {
+        "driver": "nbd", "node-name": "away",
+        "reconnect-delay": reconnect_delay,
+        "server": {"type": "unix", "path": remote.sock}, "export": "disk0"})
+    q.cmd("blockdev-mirror", job_id="m", device="disk0", target="away",
+          sync="full", speed=8 * MiB)
+    time.sleep(1)
+    assert 0 < job(q, "m")["offset"] < SIZE
+
+
+def mirror_completes(q, srv, remote):
+    """Full speed, ready, complete: no error.  A missing READY shows the
+    events and both daemons' logs, to tell which side lost the other."""
+    q.cmd("block-job-set-speed", device="m", speed=0)
+    try:
+        q.wait_event("BLOCK_JOB_READY", timeout=60)
+    except TimeoutError:
+        raise AssertionError(
+            f"events: {q.events}\n--- local:\n{srv.output()}"
+            f"\n--- remote:\n{remote.output()}") from None
+    q.cmd("block-job-complete", device="m")
+    ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in ev["data"]
+
+
 def test_mirror_rides_out_a_remote_restart(nbdd_server, tmp_path):
     """The destination appliance restarts in the middle of a mirror: the
     nbd node waits for it (reconnect-delay) and the mirror goes on to
     the end, nothing lost."""
-    other = tmp_path / "other"
-    other.mkdir()
-    remote_img = make_image(other / "disk.img", SIZE)
-    args = blockdev_args(remote_img) + export_args()
-    remote = Server(other, args)
+    remote, remote_img, args = remote_target(tmp_path)
     srv = start(nbdd_server, tmp_path)
     model = bytearray(SIZE)
     try:
         with QMP(srv.admin) as q:
-            live_disk(q, tmp_path)
-            seed(srv, SIZE, model)
-            q.cmd_args("blockdev-add", {
-                "driver": "nbd", "node-name": "away", "reconnect-delay": 20,
-                "server": {"type": "unix", "path": remote.sock},
-                "export": "disk0"})
-            q.cmd("blockdev-mirror", job_id="m", device="disk0",
-                  target="away", sync="full", speed=8 * MiB)
-            time.sleep(1)
-            assert 0 < job(q, "m")["offset"] < SIZE
+            mirror_under_way(q, srv, tmp_path, remote, model, 20)
             remote.stop()
             time.sleep(1)
-            remote = Server(other, args, tcp=False)
-            # The restarted daemon listens on the same path: if the job
-            # still fails, the logs tell which side lost the other.
+            remote = Server(remote.dir, args, tcp=False)
+            # The restarted daemon listens on the same path.
             assert os.path.exists(remote.sock), remote.output()
-            q.cmd("block-job-set-speed", device="m", speed=0)
-            try:
-                q.wait_event("BLOCK_JOB_READY", timeout=60)
-            except TimeoutError:
-                raise AssertionError(
-                    f"events: {q.events}\n--- local:\n{srv.output()}"
-                    f"\n--- remote:\n{remote.output()}") from None
-            q.cmd("block-job-complete", device="m")
-            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
-            assert "error" not in ev["data"]
+            mirror_completes(q, srv, remote)
         with open(remote_img, "rb") as f:
             assert f.read() == model
     finally:
@@ -703,37 +720,20 @@ def test_shutdown_does_not_wait_for_a_lost_remote(nbdd_server, tmp_path):
     up, and nbdd exits at once (Server.stop allows 20 s) keeping the
     job.  With the remote back, the next start picks the mirror up and
     it completes, nothing lost."""
-    other = tmp_path / "other"
-    other.mkdir()
-    remote_img = make_image(other / "disk.img", SIZE)
-    args = blockdev_args(remote_img) + export_args()
-    remote = Server(other, args)
+    remote, remote_img, args = remote_target(tmp_path)
     srv = start(nbdd_server, tmp_path)
     model = bytearray(SIZE)
     try:
         with QMP(srv.admin) as q:
-            live_disk(q, tmp_path)
-            seed(srv, SIZE, model)
-            q.cmd_args("blockdev-add", {
-                "driver": "nbd", "node-name": "away", "reconnect-delay": 300,
-                "server": {"type": "unix", "path": remote.sock},
-                "export": "disk0"})
-            q.cmd("blockdev-mirror", job_id="m", device="disk0",
-                  target="away", sync="full", speed=8 * MiB)
-            time.sleep(1)
-            assert 0 < job(q, "m")["offset"] < SIZE
+            mirror_under_way(q, srv, tmp_path, remote, model, 300)
             remote.stop()
             time.sleep(0.5)             # a copy now waits for the remote
         srv.stop()
         assert "(giving up: shutting down)" in srv.output(), srv.output()
-        remote = Server(other, args, tcp=False)
+        remote = Server(remote.dir, args, tcp=False)
         srv = restart(srv, nbdd_server, tmp_path)
         with QMP(srv.admin) as q:
-            q.cmd("block-job-set-speed", device="m", speed=0)
-            q.wait_event("BLOCK_JOB_READY", timeout=60)
-            q.cmd("block-job-complete", device="m")
-            ev = q.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
-            assert "error" not in ev["data"]
+            mirror_completes(q, srv, remote)
         with open(remote_img, "rb") as f:
             assert f.read() == model
     finally:

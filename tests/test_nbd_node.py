@@ -199,49 +199,71 @@ def most_in_flight(log):
     return most
 
 
-def test_requests_are_pipelined_on_a_connection(nbdd_server, tmp_path):
+@pytest.fixture
+def nbdkit(tmp_path):
+    """Factory: nbdkit(args) serves on a unix socket in tmp_path and
+    returns its path; killed when the test ends (it would wait for
+    nbdd's connection)."""
+    kits = []
+
+    def make(args):
+        sock = str(tmp_path / "kit.sock")
+        kit = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U",
+                                sock] + args)
+        kits.append(kit)
+        wait_for_socket(sock, kit)
+        return sock
+
+    yield make
+    for kit in kits:
+        kit.kill()
+        kit.wait(10)
+
+
+def through_node(nbdd_server, tmp_path, sock, connections, writable=True):
+    """nbdd with an nbd node on the server at @sock, exported as
+    'via'."""
+    srv = start(nbdd_server, tmp_path)
+    with QMP(srv.admin) as q:
+        add_nbd(q, server={"type": "unix", "path": sock},
+                connections=connections)
+        q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
+              name="via", writable=writable)
+    return srv
+
+
+def test_requests_are_pipelined_on_a_connection(nbdd_server, tmp_path,
+                                                 nbdkit):
     """Requests through the node do not wait for each other: eight reads
     and eight writes in flight go out together on the node's one
     connection, and each is answered with its own data.  (The remote is
     nbdkit, with a delay on every request and a log of when each starts
     and ends.)"""
-    sock, log = str(tmp_path / "kit.sock"), tmp_path / "kit.log"
-    kit = subprocess.Popen(
-        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=log",
-         "--filter=delay", "memory", "size=16M", f"logfile={log}",
-         "rdelay=200ms", "wdelay=200ms"])
-    try:
-        wait_for_socket(sock, kit)
-        srv = start(nbdd_server, tmp_path)
-        with QMP(srv.admin) as q:
-            add_nbd(q, server={"type": "unix", "path": sock},
-                    connections=1)
-            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
-                  name="via", writable=True)
-            h = srv.connect("via")
-            writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
-                      for i in range(8)]
-            while h.aio_in_flight() > 0:
-                h.poll(-1)
-            assert all(h.aio_command_completed(c) for c in writes)
-            bufs = [nbd.Buffer(4096) for _ in range(8)]
-            reads = [h.aio_pread(b, i * MiB) for i, b in enumerate(bufs)]
-            while h.aio_in_flight() > 0:
-                h.poll(-1)
-            assert all(h.aio_command_completed(c) for c in reads)
-            for i, b in enumerate(bufs):
-                assert b.to_bytearray() == bytes([i + 1]) * 4096
-            h.shutdown()
-            text = log.read_text()
-            assert len(set(re.findall(r"connection=(\d+) Connect",
-                                      text))) == 1
-            assert most_in_flight(text) >= 4, text
-    finally:
-        kit.kill()              # it would wait for nbdd's connection
-        kit.wait(10)
+    log = tmp_path / "kit.log"
+    sock = nbdkit(["--filter=log", "--filter=delay", "memory", "size=16M",
+                   f"logfile={log}", "rdelay=200ms", "wdelay=200ms"])
+    srv = through_node(nbdd_server, tmp_path, sock, connections=1)
+    h = srv.connect("via")
+    writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
+              for i in range(8)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in writes)
+    bufs = [nbd.Buffer(4096) for _ in range(8)]
+    reads = [h.aio_pread(b, i * MiB) for i, b in enumerate(bufs)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in reads)
+    for i, b in enumerate(bufs):
+        assert b.to_bytearray() == bytes([i + 1]) * 4096
+    h.shutdown()
+    text = log.read_text()
+    assert len(set(re.findall(r"connection=(\d+) Connect", text))) == 1
+    assert most_in_flight(text) >= 4, text
 
 
-def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path):
+def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path,
+                                                nbdkit):
     """The remote answers one WRITE with ESHUTDOWN while seven others
     are in flight on the same connection (the spec's soft disconnect).
     The node stops sending on that connection but still reads the
@@ -250,77 +272,55 @@ def test_a_server_that_says_it_is_shutting_down(nbdd_server, tmp_path):
     plugin over a file; the first write at offset 0 fails, the others
     take 300 ms.)"""
     img = make_image(tmp_path / "kit.img", 16 * MiB)
-    mark, sock = tmp_path / "failed-once", str(tmp_path / "kit.sock")
-    kit = subprocess.Popen(
-        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "eval",
-         "thread_model=echo parallel", "get_size=echo %d" % (16 * MiB),
+    mark = tmp_path / "failed-once"
+    sock = nbdkit(
+        ["eval", "thread_model=echo parallel",
+         "get_size=echo %d" % (16 * MiB),
          f"pread=dd if={img} iflag=skip_bytes,count_bytes skip=$4 "
          "count=$3 status=none",
          f'pwrite=if [ "$4" = 0 ] && mkdir {mark} 2>/dev/null; then '
          'echo "ESHUTDOWN going away" >&2; exit 1; fi; sleep 0.3; '
          f"dd of={img} oflag=seek_bytes conv=notrunc seek=$4 status=none"])
-    try:
-        wait_for_socket(sock, kit)
-        srv = start(nbdd_server, tmp_path)
-        with QMP(srv.admin) as q:
-            add_nbd(q, server={"type": "unix", "path": sock},
-                    connections=1)
-            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
-                  name="via", writable=True)
-            h = srv.connect("via")
-            writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
-                      for i in range(1, 8)]
-            time.sleep(0.1)             # on the wire before the eighth
-            writes.append(h.aio_pwrite(b"\x01" * 4096, 0))
-            deadline = time.monotonic() + 30
-            while h.aio_in_flight() > 0:
-                assert time.monotonic() < deadline, "writes never answered"
-                h.poll(1000)
-            assert all(h.aio_command_completed(c) for c in writes)
-            assert mark.exists()
-            for i in range(8):
-                assert h.pread(4096, i * MiB) == bytes([i + 1]) * 4096, i
-            h.shutdown()
-            assert "ESHUTDOWN" not in srv.output()
-    finally:
-        kit.kill()
-        kit.wait(10)
+    srv = through_node(nbdd_server, tmp_path, sock, connections=1)
+    h = srv.connect("via")
+    writes = [h.aio_pwrite(bytes([i + 1]) * 4096, i * MiB)
+              for i in range(1, 8)]
+    time.sleep(0.1)                     # on the wire before the eighth
+    writes.append(h.aio_pwrite(b"\x01" * 4096, 0))
+    deadline = time.monotonic() + 30
+    while h.aio_in_flight() > 0:
+        assert time.monotonic() < deadline, "writes never answered"
+        h.poll(1000)
+    assert all(h.aio_command_completed(c) for c in writes)
+    assert mark.exists()
+    for i in range(8):
+        assert h.pread(4096, i * MiB) == bytes([i + 1]) * 4096, i
+    h.shutdown()
+    assert "ESHUTDOWN" not in srv.output()
 
 
 @pytest.mark.parametrize("connections", [1, 2])
 def test_shutdown_drops_a_server_that_never_answers(nbdd_server, tmp_path,
-                                                     connections):
+                                                     nbdkit, connections):
     """A read through the node is in flight on a server that takes 10
     minutes to answer (nbdkit with a delay) when nbdd is told to stop:
     the request gets a few seconds, then the connection is dropped and
     nbdd exits (Server.stop allows 20 s), saying why.  With a second
     connection idle, the failed read is not tried again there."""
-    sock, log = str(tmp_path / "kit.sock"), tmp_path / "kit.log"
-    kit = subprocess.Popen(
-        ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "--filter=log",
-         "--filter=delay", "memory", "size=16M", f"logfile={log}",
-         "rdelay=600"])
-    try:
-        wait_for_socket(sock, kit)
-        srv = start(nbdd_server, tmp_path)
-        with QMP(srv.admin) as q:
-            add_nbd(q, server={"type": "unix", "path": sock},
-                    connections=connections)
-            q.cmd("block-export-add", type="nbd", id="e", node_name="rem",
-                  name="via")
-            h = srv.connect("via")
-            h.aio_pread(nbd.Buffer(4096), 0)
-            deadline = time.monotonic() + 10
-            while not re.search(r"Read id=", log.read_text()):
-                assert time.monotonic() < deadline, "the read never came"
-                time.sleep(0.05)
-        srv.stop()
-        assert re.search(r"nbd: .*: 1 request not answered as nbdd shuts "
-                         r"down: dropping the connection", srv.output()), \
-            srv.output()
-    finally:
-        kit.kill()
-        kit.wait(10)
+    log = tmp_path / "kit.log"
+    sock = nbdkit(["--filter=log", "--filter=delay", "memory", "size=16M",
+                   f"logfile={log}", "rdelay=600"])
+    srv = through_node(nbdd_server, tmp_path, sock, connections,
+                       writable=False)
+    h = srv.connect("via")
+    h.aio_pread(nbd.Buffer(4096), 0)
+    deadline = time.monotonic() + 10
+    while not re.search(r"Read id=", log.read_text()):
+        assert time.monotonic() < deadline, "the read never came"
+        time.sleep(0.05)
+    srv.stop()
+    assert re.search(r"nbd: .*: 1 request not answered as nbdd shuts down: "
+                     r"dropping the connection", srv.output()), srv.output()
 
 
 def test_remote_that_goes_away_and_comes_back(nbdd_server, remote,
