@@ -194,6 +194,11 @@ def test_write_blocking_mirror_catches_up_while_the_guest_writes(
                   node_name="disk0", name="src")
             run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
                  srv.uri("src"), remote_img])
+            # qemu-img has exited, but nbdd may not have seen its
+            # connection close yet (a safe delete refuses until then).
+            wait_for("qemu-img's connection to close", lambda: {
+                e["id"]: e for e in q.cmd("query-block-exports")}[
+                    "src"]["connections"] == 0)
             q.cmd("block-export-del", id="src")
     finally:
         srv.stop()
