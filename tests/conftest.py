@@ -97,6 +97,22 @@ def export_args(node="disk0", name="disk0", writable=True, description=None):
     return ["--export", spec]
 
 
+def thread_stacks(pid):
+    """Where each thread of @pid is, if gdb is installed: for a daemon
+    that does not exit, the place it is stuck."""
+    if shutil.which("gdb") is None:
+        return ""
+    try:
+        r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex",
+                            "thread apply all bt 12"], capture_output=True,
+                           text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "\n(gdb timed out)"
+    return "\n--- threads:\n" + "\n".join(
+        line for line in r.stdout.splitlines()
+        if line.startswith(("Thread ", "#")))
+
+
 class Server:
     """A running nbdd with a unix socket and a TCP listener on
     127.0.0.1.  It exits with the test process (--exit-with-parent)."""
@@ -156,10 +172,11 @@ class Server:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
+                stacks = thread_stacks(self.proc.pid)
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError("nbdd did not exit on SIGTERM:\n" +
-                                     self.output())
+                                     self.output() + stacks)
         self.log.close()
         out = self.output()
         assert "ERROR: AddressSanitizer" not in out, out
