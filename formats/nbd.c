@@ -171,8 +171,7 @@ past (const struct timespec *ts)
   struct timespec now;
 
   clock_gettime (CLOCK_MONOTONIC, &now);
-  return now.tv_sec > ts->tv_sec ||
-    (now.tv_sec == ts->tv_sec && now.tv_nsec >= ts->tv_nsec);
+  return !before (&now, ts);
 }
 
 /* Drive libnbd's handshake on @h to its end: at most
